@@ -1,0 +1,49 @@
+"""snaplook: "shop the look" retrieval for fashion, from video frames to a cosine k-NN gallery.
+
+The public API is re-exported here and imported lazily, so ``import snaplook`` (and
+``snaplook --help``) stays instant; TensorFlow loads only when a model is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS = {
+    "SnaplookError": "snaplook.errors",
+    "find_images": "snaplook.io_utils",
+    "find_videos": "snaplook.io_utils",
+    "read_image": "snaplook.io_utils",
+    "resize_to_square": "snaplook.transform_utils",
+    "preprocess_caffe": "snaplook.transform_utils",
+    "Embedder": "snaplook.features",
+    "embed_images": "snaplook.features",
+    "embed_arrays": "snaplook.features",
+    "iter_embeddings": "snaplook.features",
+    "build_index": "snaplook.index",
+    "load_index": "snaplook.index",
+    "query_index": "snaplook.index",
+    "write_query_results": "snaplook.index",
+    "cosine_knn": "snaplook.index",
+    "Index": "snaplook.index",
+    "plot_retrieval_grid": "snaplook.plot_utils",
+    "plot_tsne": "snaplook.plot_utils",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'snaplook' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

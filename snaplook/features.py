@@ -1,0 +1,528 @@
+"""Backbones, weight resolution and streaming batched embedding of images.
+
+The backbone is a Keras application without its classifier, followed by global pooling:
+ResNet50 (ImageNet) by default, 2048-d. TensorFlow and Keras load inside the functions
+that need them, on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snaplook.errors import SnaplookError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "resnet50"
+DEFAULT_WEIGHTS = "imagenet"
+DEFAULT_POOLING = "avg"
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_SEED = 0
+POOLINGS = ("avg", "max")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A Keras application used as a feature extractor.
+
+    Attributes:
+        name: snaplook's name for it (``--backbone``).
+        constructor: attribute of ``keras.applications``.
+        input_size: side of the square input in pixels.
+        preprocessing: key of ``transform_utils.PREPROCESSORS``.
+        feature_dim: length of the pooled feature vector.
+        weights_file: file name of the ImageNet no-top weights in Keras' cache.
+        weights_origin: URL Keras downloads them from (None: let Keras resolve it).
+        weights_md5: MD5 Keras checks the download against.
+    """
+
+    name: str
+    constructor: str
+    input_size: int
+    preprocessing: str
+    feature_dim: int
+    weights_file: str
+    weights_origin: str | None = None
+    weights_md5: str | None = None
+
+
+_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone(
+            "resnet50",
+            "ResNet50",
+            224,
+            "caffe",
+            2048,
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            _KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "4d473c1dd8becc155b73f8504c6f6626",
+        ),
+        Backbone(
+            "vgg16",
+            "VGG16",
+            224,
+            "caffe",
+            512,
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "mobilenet_v2",
+            "MobileNetV2",
+            224,
+            "tf",
+            1280,
+            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        ),
+        Backbone(
+            "densenet121",
+            "DenseNet121",
+            224,
+            "torch",
+            1024,
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "efficientnet_b0",
+            "EfficientNetB0",
+            224,
+            "none",
+            1280,
+            "efficientnetb0_notop.h5",
+        ),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look up a backbone by name.
+
+    Raises:
+        SnaplookError: unknown name (the message lists the known ones).
+    """
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKBONES))
+        raise SnaplookError(f"unknown backbone {name!r}; choose one of: {known}.") from None
+
+
+def keras_cache_dir() -> Path:
+    """Folder where Keras caches downloaded weights (``$KERAS_HOME/models``)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def cached_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path | None:
+    """Path of the backbone's ImageNet weights in Keras' cache, or None if not cached."""
+    path = keras_cache_dir() / get_backbone(backbone).weights_file
+    return path if path.is_file() else None
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow prints C++ info lines (CUDA probing, CPU features) at import; a CLI user
+    # should see only snaplook's own messages.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def import_keras() -> Any:
+    """Import Keras (TensorFlow backend) quietly and return the module."""
+    _quiet_tensorflow()
+    import keras
+
+    return keras
+
+
+def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
+    """Return the path of the ImageNet no-top weights, downloading them into Keras' cache.
+
+    Raises:
+        SnaplookError: the download failed (offline); the message says where to put the
+            file and how to pass ``--weights PATH``.
+    """
+    spec = get_backbone(backbone)
+    cached = cached_imagenet_weights(backbone)
+    if cached is not None:
+        return cached
+    keras = import_keras()
+    origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
+    try:
+        path = keras.utils.get_file(
+            spec.weights_file, origin, cache_subdir="models", file_hash=spec.weights_md5
+        )
+    except Exception as exc:  # Keras raises a bare Exception on any fetch failure
+        raise SnaplookError(_offline_message(spec, exc)) from exc
+    return Path(path)
+
+
+def _offline_message(spec: Backbone, exc: BaseException) -> str:
+    target = keras_cache_dir() / spec.weights_file
+    origin = spec.weights_origin or "the Keras applications release"
+    return (
+        f"could not fetch the ImageNet weights for {spec.name} ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else 'no network?'}). Download {origin} on a "
+        f"machine with network access and copy it to {target}, or pass --weights PATH "
+        "(or --weights random for a pipeline test without meaningful results)."
+    )
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Which weights a backbone carries, resolved from ``--weights``.
+
+    Attributes:
+        kind: "imagenet", "random" or "file".
+        path: the weights file for "file" (and for "imagenet" once fetched).
+        seed: the seed for "random".
+    """
+
+    kind: str
+    path: Path | None = None
+    seed: int = DEFAULT_SEED
+
+    @classmethod
+    def parse(cls, weights: str | Path, *, seed: int = DEFAULT_SEED) -> WeightsSpec:
+        """Read a ``--weights`` value: "imagenet", "random" or a path to a weights file.
+
+        Raises:
+            SnaplookError: a path that does not exist.
+        """
+        text = str(weights)
+        if text in ("imagenet", "random"):
+            return cls(kind=text, seed=seed)
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise SnaplookError(
+                f"weights file {path} not found; pass --weights imagenet, random, or the path "
+                "of a Keras weights file (.weights.h5 or the Keras ImageNet notop .h5)."
+            )
+        return cls(kind="file", path=path.resolve())
+
+
+@dataclass
+class Embedder:
+    """Turns images into feature vectors with a Keras backbone and global pooling.
+
+    Weights load on the first call to :meth:`embed`, not in ``__init__``.
+
+    Args:
+        backbone: name in :data:`BACKBONES`, default="resnet50".
+        weights: "imagenet", "random" or a weights file path.
+        pooling: "avg" or "max" global pooling, default="avg".
+        seed: seed for ``weights="random"``, default=0.
+        resize_mode: "pad" or "crop" (see ``transform_utils.resize_to_square``).
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | Path = DEFAULT_WEIGHTS
+    pooling: str = DEFAULT_POOLING
+    seed: int = DEFAULT_SEED
+    resize_mode: str = "pad"
+    spec_: Backbone = field(init=False, repr=False)
+    weights_: WeightsSpec = field(init=False, repr=False)
+    model_: Any = field(init=False, default=None, repr=False)
+    weights_sha256_: str | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from snaplook.transform_utils import RESIZE_MODES
+
+        self.spec_ = get_backbone(self.backbone)
+        if self.pooling not in POOLINGS:
+            raise SnaplookError(f"unknown pooling {self.pooling!r}; choose avg or max.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise SnaplookError(f"unknown resize mode {self.resize_mode!r}; choose pad or crop.")
+        self.weights_ = WeightsSpec.parse(self.weights, seed=self.seed)
+
+    @property
+    def input_size(self) -> int:
+        return self.spec_.input_size
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec_.feature_dim
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights_.kind == "random"
+
+    def identity(self) -> dict[str, Any]:
+        """What produced the features, as recorded in ``meta.json`` and feature caches."""
+        from snaplook.io_utils import file_sha256
+
+        weights: dict[str, Any] = {"name": self.weights_.kind}
+        if self.weights_.kind == "random":
+            weights["seed"] = self.weights_.seed
+        else:
+            path = self.weights_.path or cached_imagenet_weights(self.backbone)
+            if path is not None:
+                if self.weights_sha256_ is None:
+                    self.weights_sha256_ = file_sha256(path)
+                weights["sha256"] = self.weights_sha256_
+                if self.weights_.kind == "file":
+                    weights["path"] = str(path)
+        return {
+            "backbone": self.backbone,
+            "weights": weights,
+            "input_size": self.input_size,
+            "preprocessing": self.spec_.preprocessing,
+            "resize": self.resize_mode,
+            "pooling": self.pooling,
+            "feature_dim": self.feature_dim,
+        }
+
+    def load(self) -> Any:
+        """Build the Keras model and load its weights (once); return it."""
+        if self.model_ is None:
+            self.model_ = build_model(self.backbone, self.weights_, pooling=self.pooling)
+        return self.model_
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Fit one RGB uint8 image into the model's square input (uint8, not preprocessed)."""
+        from snaplook.transform_utils import resize_to_square
+
+        return resize_to_square(image, self.input_size, mode=self.resize_mode)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embed a batch of prepared images.
+
+        Args:
+            images: ndarray of shape (n, s, s, 3), uint8 RGB, s = ``input_size``.
+
+        Returns:
+            ndarray of shape (n, feature_dim), float32 (not normalised).
+        """
+        import numpy as np
+
+        from snaplook.transform_utils import PREPROCESSORS
+
+        if len(images) == 0:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
+        model = self.load()
+        batch = PREPROCESSORS[self.spec_.preprocessing](images)
+        out = model(batch, training=False)
+        return np.asarray(out, dtype=np.float32).reshape(len(images), -1)
+
+
+def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_POOLING) -> Any:
+    """Build ``backbone`` without its top, with global pooling, carrying ``weights``.
+
+    Raises:
+        SnaplookError: ImageNet weights unavailable offline, or a weights file that does
+            not fit the backbone.
+    """
+    spec = get_backbone(backbone)
+    keras = import_keras()
+    constructor = getattr(keras.applications, spec.constructor)
+    kwargs = dict(include_top=False, input_shape=(spec.input_size, spec.input_size, 3))
+    if weights.kind == "random":
+        # Seeds Python, NumPy and TensorFlow: the same seed gives the same initial weights.
+        keras.utils.set_random_seed(weights.seed)
+        return constructor(weights=None, pooling=pooling, **kwargs)
+    if weights.kind == "imagenet":
+        path = fetch_imagenet_weights(backbone)
+    else:
+        path = weights.path
+    model = constructor(weights=None, pooling=pooling, **kwargs)
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:
+        raise SnaplookError(
+            f"cannot load weights from {path} into {backbone} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a Keras weights file "
+            f"for {backbone} without its top (e.g. {spec.weights_file})."
+        ) from exc
+    return model
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch of embedded images.
+
+    Attributes:
+        paths: the images embedded, in order.
+        sizes: (width, height) of each image as decoded.
+        features: ndarray of shape (len(paths), feature_dim), float32.
+    """
+
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    features: np.ndarray
+
+
+@dataclass
+class Skipped:
+    """An input that was skipped, with the reason (the error message)."""
+
+    path: Path
+    reason: str
+
+
+def iter_embeddings(
+    paths: Sequence[str | Path],
+    embedder: Embedder,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_skip: Callable[[Skipped], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Iterator[EmbeddedBatch]:
+    """Decode and embed images in batches, streaming: memory does not grow with ``paths``.
+
+    Unreadable images are skipped (``on_skip`` is told why) and the batch goes on.
+
+    Args:
+        paths: image files, embedded in this order.
+        embedder: the model.
+        batch_size: images per forward pass, default=32.
+        on_skip: called with each :class:`Skipped` input.
+        on_progress: called with the number of inputs handled (embedded or skipped) so far
+            after each batch.
+
+    Yields:
+        :class:`EmbeddedBatch` per batch (batches of only skipped images are not yielded).
+    """
+    import numpy as np
+
+    from snaplook.io_utils import read_image_with_size
+
+    if batch_size < 1:
+        raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
+    done = 0
+    for start in range(0, len(paths), batch_size):
+        chunk = [Path(p) for p in paths[start : start + batch_size]]
+        good: list[Path] = []
+        sizes: list[tuple[int, int]] = []
+        arrays: list[np.ndarray] = []
+        for path in chunk:
+            try:
+                image, size = read_image_with_size(path, min_size=embedder.input_size)
+            except SnaplookError as exc:
+                logger.warning("skipped %s", exc)
+                if on_skip is not None:
+                    on_skip(Skipped(path, str(exc)))
+                continue
+            good.append(path)
+            sizes.append(size)
+            arrays.append(embedder.prepare(image))
+        if good:
+            features = embedder.embed(np.stack(arrays))
+            yield EmbeddedBatch(good, sizes, features)
+        done += len(chunk)
+        if on_progress is not None:
+            on_progress(done)
+
+
+def embed_images(
+    paths: Sequence[str | Path],
+    embedder: Embedder,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_skip: Callable[[Skipped], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, list[Path]]:
+    """Embed images into one feature matrix (for query sets and scripting).
+
+    Returns:
+        (features, paths): ndarray of shape (n_ok, feature_dim) float32, and the paths
+        that were embedded (skipped ones left out), in input order.
+    """
+    import numpy as np
+
+    feats: list[np.ndarray] = []
+    kept: list[Path] = []
+    for batch in iter_embeddings(
+        paths, embedder, batch_size=batch_size, on_skip=on_skip, on_progress=on_progress
+    ):
+        feats.append(batch.features)
+        kept.extend(batch.paths)
+    if not feats:
+        return np.zeros((0, embedder.feature_dim), dtype=np.float32), kept
+    return np.concatenate(feats), kept
+
+
+def embed_arrays(
+    images: Sequence[np.ndarray], embedder: Embedder, *, batch_size: int = 32
+) -> np.ndarray:
+    """Embed in-memory RGB uint8 images of any size (crops, video frames).
+
+    Returns:
+        ndarray of shape (len(images), feature_dim), float32.
+    """
+    import numpy as np
+
+    out = [np.zeros((0, embedder.feature_dim), dtype=np.float32)]
+    for start in range(0, len(images), batch_size):
+        batch = np.stack([embedder.prepare(im) for im in images[start : start + batch_size]])
+        out.append(embedder.embed(batch))
+    return np.concatenate(out)
+
+
+@dataclass
+class FeaturesResult:
+    """What :func:`write_features` wrote."""
+
+    features_path: Path
+    manifest_path: Path
+    shape: tuple[int, int]
+    skipped: list[Skipped]
+
+
+def write_features(
+    images: str | Path,
+    output: str | Path,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path = DEFAULT_WEIGHTS,
+    pooling: str = DEFAULT_POOLING,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> FeaturesResult:
+    """Embed images and write the raw feature matrix and a manifest beside it.
+
+    Writes ``output`` (float32 (n, d), not normalised, ``allow_pickle=False``) and
+    ``<output stem>.manifest.csv`` (row, path, width, height, bytes, mtime, sha1),
+    both atomically.
+
+    Raises:
+        SnaplookError: no images, or none readable.
+    """
+    from snaplook.io_utils import find_images, manifest_row, save_npy_atomic, write_manifest
+
+    images, output = Path(images), Path(output)
+    paths = find_images(images)
+    if not paths:
+        raise SnaplookError(f"{images}: no images found.")
+    root = images if images.is_dir() else images.parent
+    embedder = Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
+    if on_start is not None:
+        on_start(len(paths))
+    skipped: list[Skipped] = []
+    feats, rows = [], []
+    for batch in iter_embeddings(
+        paths, embedder, batch_size=batch_size, on_skip=skipped.append, on_progress=on_progress
+    ):
+        feats.append(batch.features)
+        for path, size in zip(batch.paths, batch.sizes):
+            rows.append(manifest_row(path, root, len(rows), size))
+    if not rows:
+        raise SnaplookError(f"{images}: none of the {len(paths)} images could be read.")
+    import numpy as np
+
+    matrix = np.concatenate(feats)
+    manifest_path = output.with_name(output.stem + ".manifest.csv")
+    save_npy_atomic(output, matrix)
+    write_manifest(manifest_path, rows)
+    return FeaturesResult(output, manifest_path, tuple(matrix.shape), skipped)

@@ -1,0 +1,649 @@
+"""The on-disk gallery index and exact cosine k-nearest-neighbour search over it.
+
+An index is a folder: ``features.npy`` (float32 (n, d), rows L2-normalised),
+``manifest.csv`` (one row per image) and ``meta.json`` (what produced the features);
+see DESIGN.md. Nothing is pickled; search is rebuilt from ``features.npy`` at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snaplook import __version__
+from snaplook.errors import SnaplookError
+from snaplook.features import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_POOLING,
+    DEFAULT_SEED,
+    DEFAULT_WEIGHTS,
+    Embedder,
+    Skipped,
+)
+from snaplook.io_utils import ManifestRow
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INDEX_DIR = Path("output/index")
+DEFAULT_K = 5
+#: Version of the index folder layout; an index from a newer snaplook is refused.
+INDEX_FORMAT_VERSION = 1
+SKIPPED_HEADER = ("path", "reason")
+#: Gallery rows per GEMM block in search: bounds the similarity matrix to
+#: n_queries x 8192 float32 whatever the gallery size.
+SEARCH_BLOCK_ROWS = 8192
+
+
+@dataclass
+class BuildSummary:
+    """What :func:`build_index` did.
+
+    Attributes:
+        out: the index folder.
+        n_indexed: rows in ``features.npy``.
+        n_embedded: images embedded in this run (the rest were reused by ``--update``).
+        skipped: inputs that could not be read.
+        seconds: wall time of the run.
+    """
+
+    out: Path
+    n_indexed: int
+    n_embedded: int
+    skipped: list[Skipped]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def build_index(
+    root: str | Path,
+    out: str | Path = DEFAULT_INDEX_DIR,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path = DEFAULT_WEIGHTS,
+    pooling: str = DEFAULT_POOLING,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    update: bool = False,
+    embedder: Embedder | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> BuildSummary:
+    """Embed every image under ``root`` and write an index folder at ``out``.
+
+    The folder is written beside ``out`` under a temporary name and renamed into place
+    when complete, so an interrupted run leaves the previous index untouched.
+
+    Args:
+        root: gallery folder (searched recursively) or one image.
+        out: index folder to write, default="output/index".
+        backbone, weights, pooling, seed: the :class:`~snaplook.features.Embedder` to use
+            (ignored when ``embedder`` is given).
+        batch_size: images per forward pass, default=32.
+        update: reuse rows of the existing index at ``out`` for files whose size and
+            mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
+            The result equals a full rebuild.
+        on_start: called once with the number of images found.
+        on_progress: called with the number of images handled so far.
+
+    Returns:
+        :class:`BuildSummary`.
+
+    Raises:
+        SnaplookError: no images under ``root``; ``--update`` against an index built
+            with other settings; weights that cannot be loaded.
+    """
+    import numpy as np
+
+    from snaplook.features import iter_embeddings
+    from snaplook.io_utils import (
+        find_images,
+        make_temp_dir,
+        manifest_row,
+        replace_dir,
+        write_csv_atomic,
+        write_json_atomic,
+        write_manifest,
+    )
+
+    started = time.perf_counter()
+    root, out = Path(root), Path(out)
+    embedder = embedder or Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
+    paths = find_images(root)
+    if not paths:
+        raise SnaplookError(
+            f"{root}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)."
+        )
+    root_dir = root if root.is_dir() else root.parent
+    identity = embedder.identity()
+
+    reuse: dict[str, tuple[ManifestRow, int]] = {}
+    old_features = None
+    if update and (out / "meta.json").exists():
+        old = load_index(out)
+        _check_same_model(old.meta, identity, out)
+        old_features = old.features
+        reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
+
+    if on_start is not None:
+        on_start(len(paths))
+    skipped: list[Skipped] = []
+    tmp = make_temp_dir(out)
+    try:
+        # Rows are written in gallery order; each is either copied from the old index
+        # or embedded now, so --update gives the same file as a full rebuild.
+        plan: list[tuple[Path, ManifestRow | None, int | None]] = []
+        for path in paths:
+            rel = _rel(path, root_dir)
+            hit = reuse.get(rel)
+            plan.append((path, *_reusable(path, hit)) if hit else (path, None, None))
+        to_embed = [p for p, old_row, _ in plan if old_row is None]
+
+        handled_reused = len(paths) - len(to_embed)
+        if on_progress is not None and handled_reused:
+            on_progress(handled_reused)
+        chunk_files: list[tuple[list[Path], list[tuple[int, int]], Path]] = []
+        for n, batch in enumerate(
+            iter_embeddings(
+                to_embed,
+                embedder,
+                batch_size=batch_size,
+                on_skip=skipped.append,
+                on_progress=(lambda done: on_progress(handled_reused + done))
+                if on_progress
+                else None,
+            )
+        ):
+            # Batches go to disk as they come: memory does not grow with the gallery.
+            chunk = tmp / f"chunk-{n:06d}.npy"
+            np.save(chunk, batch.features.astype(np.float32), allow_pickle=False)
+            chunk_files.append((batch.paths, batch.sizes, chunk))
+
+        embedded_at: dict[Path, tuple[int, int, tuple[int, int]]] = {}
+        for c, (bpaths, bsizes, _) in enumerate(chunk_files):
+            for j, (p, s) in enumerate(zip(bpaths, bsizes)):
+                embedded_at[p] = (c, j, s)
+
+        skipped_set = {s.path for s in skipped}
+        rows: list[ManifestRow] = []
+        sources: list[tuple[str, int, int]] = []  # ("old", i, 0) or ("new", chunk, j)
+        for path, old_row, old_i in plan:
+            if path in skipped_set:
+                continue
+            if old_row is not None:
+                rows.append(_replace_row(old_row, len(rows)))
+                sources.append(("old", old_i, 0))
+            else:
+                c, j, size = embedded_at[path]
+                rows.append(manifest_row(path, root_dir, len(rows), size))
+                sources.append(("new", c, j))
+        if not rows:
+            raise SnaplookError(
+                f"{root}: none of the {len(paths)} images could be read; see the warnings "
+                "above for why."
+            )
+        _write_features(tmp / "features.npy", sources, old_features, chunk_files, embedder)
+        for _, _, chunk in chunk_files:
+            chunk.unlink()
+        write_manifest(tmp / "manifest.csv", rows)
+        write_csv_atomic(
+            tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
+        )
+        meta = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "snaplook_version": __version__,
+            **identity,
+            "count": len(rows),
+            "metric": "cosine",
+            "l2_normalized": True,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "root": str(root_dir.resolve()),
+            "skipped": len(skipped),
+        }
+        write_json_atomic(tmp / "meta.json", meta)
+        replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildSummary(
+        out=out,
+        n_indexed=len(rows),
+        n_embedded=len(to_embed) - len(skipped),
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _rel(path: Path, root: Path) -> str:
+    from snaplook.io_utils import relative_or_absolute
+
+    return relative_or_absolute(path, root)
+
+
+def _reusable(path: Path, hit: tuple[ManifestRow, int]) -> tuple[ManifestRow | None, int | None]:
+    from snaplook.io_utils import file_sha1
+
+    row, i = hit
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    if st.st_size != row.bytes:
+        return None, None
+    if abs(st.st_mtime - row.mtime) < 1e-6:
+        return row, i
+    # Same size, other mtime (a copy, a touch): the content decides.
+    if file_sha1(path) == row.sha1:
+        return dataclasses.replace(row, mtime=st.st_mtime), i
+    return None, None
+
+
+def _replace_row(row: ManifestRow, new_row: int) -> ManifestRow:
+    return dataclasses.replace(row, row=new_row)
+
+
+def _write_features(
+    target: Path,
+    sources: list[tuple[str, int, int]],
+    old_features: np.ndarray | None,
+    chunk_files: list[tuple[list[Path], list[tuple[int, int]], Path]],
+    embedder: Embedder,
+) -> None:
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    dim = embedder.feature_dim
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(len(sources), dim))
+    loaded: dict[int, np.ndarray] = {}
+    for i, (kind, a, b) in enumerate(sources):
+        if kind == "old":
+            out[i] = old_features[a]  # already normalised
+        else:
+            if a not in loaded:
+                loaded.clear()  # chunks are visited in order: keep one in memory
+                loaded[a] = l2_normalize(np.load(chunk_files[a][2], allow_pickle=False))
+            out[i] = loaded[a][b]
+    out.flush()
+    del out
+
+
+def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
+    for key in ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling"):
+        if meta.get(key) != identity.get(key):
+            raise SnaplookError(
+                f"{out} was built with {key}={meta.get(key)!r}, not {identity.get(key)!r}; "
+                "--update needs the same settings. Rebuild without --update or pass the "
+                "index's settings."
+            )
+
+
+@dataclass
+class Index:
+    """A loaded index: L2-normalised gallery features, their manifest and meta.
+
+    Attributes:
+        path: the index folder.
+        features: ndarray of shape (n, d), float32, unit rows (memory-mapped).
+        manifest: one :class:`ManifestRow` per row of ``features``.
+        meta: the parsed ``meta.json``.
+    """
+
+    path: Path
+    features: np.ndarray
+    manifest: list[ManifestRow]
+    meta: dict[str, Any]
+    root_: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root_ = Path(self.meta.get("root", self.path))
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def gallery_path(self, row: int) -> Path:
+        """Absolute path of the gallery image in ``row`` (resolved under the indexed root)."""
+        rel = Path(self.manifest[row].path)
+        return rel if rel.is_absolute() else self.root_ / rel
+
+    def embedder(self, **overrides: Any) -> Embedder:
+        """An :class:`Embedder` identical to the one that built this index."""
+        return embedder_from_meta(self.meta, **overrides)
+
+    def search(self, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`)."""
+        return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+
+
+def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
+    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+    weights_meta = meta.get("weights", {})
+    kind = weights_meta.get("name", "imagenet")
+    weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
+    kwargs: dict[str, Any] = dict(
+        backbone=meta.get("backbone", DEFAULT_BACKBONE),
+        weights=weights,
+        pooling=meta.get("pooling", DEFAULT_POOLING),
+        seed=int(weights_meta.get("seed", DEFAULT_SEED)),
+        resize_mode=meta.get("resize", "pad"),
+    )
+    kwargs.update(overrides)
+    embedder = Embedder(**kwargs)
+    want = weights_meta.get("sha256")
+    if want and kind == "file":
+        got = embedder.identity()["weights"].get("sha256")
+        if got != want:
+            raise SnaplookError(
+                f"weights file {weights} has changed since the index was built (sha256 "
+                f"{got[:12] if got else None} != {want[:12]}); rebuild the index."
+            )
+    return embedder
+
+
+def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> Index:
+    """Load and validate an index folder.
+
+    Raises:
+        SnaplookError: missing folder or file, unreadable or newer-format ``meta.json``,
+            a pickled or non-float32 ``features.npy``, or counts that disagree.
+    """
+    from snaplook.io_utils import load_npy, read_manifest
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SnaplookError(
+            f"{path}: no index here; build one with `snaplook index DIR --out {path}`."
+        )
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise SnaplookError(f"{meta_path} is missing: not a complete index; rebuild it.")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnaplookError(f"{meta_path} is not valid JSON ({exc}); rebuild the index.") from exc
+    if not isinstance(meta, dict):
+        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise SnaplookError(f"{meta_path} has no format_version; rebuild the index.")
+    if version > INDEX_FORMAT_VERSION:
+        raise SnaplookError(
+            f"{path} has index format {version}, newer than this snaplook understands "
+            f"({INDEX_FORMAT_VERSION}); upgrade snaplook or rebuild the index."
+        )
+    features = load_npy(path / "features.npy", mmap=mmap)
+    if features.dtype.name != "float32" or features.ndim != 2:
+        raise SnaplookError(
+            f"{path / 'features.npy'} holds {features.dtype} of shape {features.shape}, "
+            "expected float32 (n, d); rebuild the index."
+        )
+    manifest = read_manifest(path / "manifest.csv")
+    count = meta.get("count")
+    if not (len(manifest) == features.shape[0] == count):
+        raise SnaplookError(
+            f"{path}: features.npy has {features.shape[0]} rows, manifest.csv "
+            f"{len(manifest)}, meta.json says {count}; the index is inconsistent, rebuild it."
+        )
+    dim = meta.get("feature_dim")
+    if dim is not None and features.shape[1] != dim:
+        raise SnaplookError(
+            f"{path}: features.npy has dimension {features.shape[1]}, meta.json says {dim}; "
+            "rebuild the index."
+        )
+    return Index(path=path, features=features, manifest=manifest, meta=meta)
+
+
+def cosine_knn(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    *,
+    k: int = DEFAULT_K,
+    normalized_gallery: bool = False,
+    block_rows: int = SEARCH_BLOCK_ROWS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine k-nearest neighbours by blocked inner products.
+
+    Equivalent to scikit-learn ``NearestNeighbors(metric="cosine", algorithm="brute")``
+    but the gallery is normalised once (at index time), not on every call, and is read
+    in blocks so a memory-mapped gallery never has to fit in RAM.
+
+    Args:
+        queries: ndarray of shape (m, d).
+        gallery: ndarray of shape (n, d); unit rows if ``normalized_gallery``.
+        k: neighbours per query, clamped to n.
+        block_rows: gallery rows per GEMM block.
+
+    Returns:
+        (distances, indices): ndarrays of shape (m, min(k, n)); distances are cosine
+        distances 1 - cos in [0, 2], ascending; equal distances are listed by gallery row.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    q = l2_normalize(np.atleast_2d(queries))
+    n = gallery.shape[0]
+    k = min(int(k), n)
+    m = q.shape[0]
+    if k < 1 or m == 0:
+        return np.zeros((m, 0), dtype=np.float32), np.zeros((m, 0), dtype=np.int64)
+    best_sim = np.full((m, k), -np.inf, dtype=np.float32)
+    best_idx = np.zeros((m, k), dtype=np.int64)
+    for start in range(0, n, block_rows):
+        block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+        if not normalized_gallery:
+            block = l2_normalize(block)
+        sims = q @ block.T
+        cand_sim = np.concatenate([best_sim, sims], axis=1)
+        cand_idx = np.concatenate(
+            [best_idx, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], axis=1
+        )
+        if cand_sim.shape[1] > k:
+            part = np.argpartition(-cand_sim, k - 1, axis=1)[:, :k]
+            cand_sim = np.take_along_axis(cand_sim, part, axis=1)
+            cand_idx = np.take_along_axis(cand_idx, part, axis=1)
+        best_sim, best_idx = cand_sim, cand_idx
+    order = np.lexsort((best_idx, -best_sim), axis=1)
+    best_sim = np.take_along_axis(best_sim, order, axis=1)
+    best_idx = np.take_along_axis(best_idx, order, axis=1)
+    distances = np.clip(1.0 - best_sim, 0.0, 2.0).astype(np.float32)
+    return distances, best_idx
+
+
+@dataclass
+class Hit:
+    """One retrieved gallery image."""
+
+    rank: int
+    row: int
+    path: Path
+    distance: float
+
+
+@dataclass
+class QueryResult:
+    """The k nearest gallery images of one query, nearest first."""
+
+    query: Path
+    hits: list[Hit]
+
+
+@dataclass
+class QuerySummary:
+    """What :func:`query_index` did."""
+
+    results: list[QueryResult]
+    k: int
+    skipped: list[Skipped]
+    out: Path | None = None
+    grids: list[Path] = field(default_factory=list)
+
+
+def check_k(k: int, index: Index) -> int:
+    """Validate ``k`` and clamp it to the gallery size (with a warning)."""
+    if k < 1:
+        raise SnaplookError(f"-k must be at least 1, got {k}.")
+    if k > len(index):
+        logger.warning(
+            "k=%d is larger than the gallery (%d images); using k=%d", k, len(index), len(index)
+        )
+        return len(index)
+    return k
+
+
+def query_index(
+    queries: str | Path | Sequence[str | Path],
+    index: Index | str | Path = DEFAULT_INDEX_DIR,
+    *,
+    k: int = DEFAULT_K,
+    backbone: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    embedder: Embedder | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> QuerySummary:
+    """Embed query images the way the index was built and find their k nearest neighbours.
+
+    Args:
+        queries: an image, a folder of images, or a list of image paths.
+        index: a loaded :class:`Index` or its folder, default="output/index".
+        k: neighbours per query, default=5 (clamped to the gallery size with a warning).
+        backbone: if given, must equal the index's backbone.
+        batch_size: images per forward pass.
+        embedder: use this embedder instead of rebuilding the index's (it must match).
+
+    Returns:
+        :class:`QuerySummary` with one :class:`QueryResult` per readable query.
+
+    Raises:
+        SnaplookError: no query images, backbone mismatch, missing/corrupt index.
+    """
+    from snaplook.features import embed_images
+    from snaplook.io_utils import find_images
+
+    if not isinstance(index, Index):
+        index = load_index(index)
+    if backbone is not None and backbone != index.meta.get("backbone"):
+        raise SnaplookError(
+            f"{index.path} was built with backbone {index.meta.get('backbone')!r}; "
+            f"querying it with {backbone!r} would compare unrelated features. Drop --backbone "
+            "or use an index built with it."
+        )
+    k = check_k(k, index)
+    if isinstance(queries, (str, Path)):
+        paths = find_images(queries)
+        if not paths:
+            raise SnaplookError(f"{queries}: no query images found.")
+    else:
+        paths = [Path(p) for p in queries]
+    embedder = embedder or index.embedder()
+    if on_start is not None:
+        on_start(len(paths))
+    skipped: list[Skipped] = []
+    features, kept = embed_images(
+        paths, embedder, batch_size=batch_size, on_skip=skipped.append, on_progress=on_progress
+    )
+    distances, rows = index.search(features, k=k)
+    results = [
+        QueryResult(
+            query=q,
+            hits=[
+                Hit(rank=r + 1, row=int(row), path=index.gallery_path(int(row)), distance=float(d))
+                for r, (row, d) in enumerate(zip(rows[i], distances[i]))
+            ],
+        )
+        for i, q in enumerate(kept)
+    ]
+    return QuerySummary(results=results, k=k, skipped=skipped)
+
+
+def write_query_results(
+    summary: QuerySummary,
+    out: str | Path,
+    *,
+    index: Index,
+    plot: bool = True,
+    title_note: str = "",
+    on_progress: Callable[[int], None] | None = None,
+) -> QuerySummary:
+    """Write ``results.csv``, ``results.json`` and (if ``plot``) one grid PNG per query.
+
+    Files are written atomically; grids are named after the query file
+    (``<stem>_grid.png``, with its parent folders joined by ``__`` when queries come from
+    several folders).
+
+    Returns:
+        ``summary`` with ``out`` and ``grids`` filled in.
+    """
+    from snaplook.io_utils import write_csv_atomic, write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        (str(r.query), h.rank, str(h.path), f"{h.distance:.6f}")
+        for r in summary.results
+        for h in r.hits
+    ]
+    write_csv_atomic(out / "results.csv", ("query", "rank", "path", "distance"), rows)
+    write_json_atomic(
+        out / "results.json",
+        {
+            "index": str(index.path),
+            "backbone": index.meta.get("backbone"),
+            "weights": index.meta.get("weights"),
+            "k": summary.k,
+            "results": [
+                {
+                    "query": str(r.query),
+                    "hits": [
+                        {"rank": h.rank, "path": str(h.path), "distance": round(h.distance, 6)}
+                        for h in r.hits
+                    ],
+                }
+                for r in summary.results
+            ],
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
+        },
+    )
+    summary.out = out
+    summary.grids = []
+    if plot:
+        from snaplook.plot_utils import plot_retrieval_grid
+
+        names = _grid_names([r.query for r in summary.results])
+        for n, (result, name) in enumerate(zip(summary.results, names)):
+            title = f"{index.meta.get('backbone')} · k={summary.k}{title_note}"
+            grid = out / name
+            plot_retrieval_grid(
+                result.query,
+                [h.path for h in result.hits],
+                grid,
+                distances=[h.distance for h in result.hits],
+                title=title,
+            )
+            summary.grids.append(grid)
+            if on_progress is not None:
+                on_progress(n + 1)
+    return summary
+
+
+def _grid_names(queries: Sequence[Path]) -> list[str]:
+    stems = [q.stem for q in queries]
+    if len(set(stems)) == len(stems):
+        return [f"{s}_grid.png" for s in stems]
+    return [f"{'__'.join(q.with_suffix('').parts[-3:])}_grid.png" for q in queries]

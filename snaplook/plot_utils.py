@@ -1,0 +1,238 @@
+"""Matplotlib figures of results it is given: retrieval grids, t-SNE maps, recall curves.
+
+Headless (Agg backend); every function writes a PNG atomically and returns its path.
+Nothing here computes results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HIT_COLOUR = "#1a9641"
+MISS_COLOUR = "#d7191c"
+THUMB_SIZE = 224
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _thumbnail(image: str | Path | np.ndarray, size: int = THUMB_SIZE) -> np.ndarray:
+    """An RGB uint8 thumbnail, or a grey placeholder when the file cannot be read."""
+    import numpy as np
+
+    from snaplook.errors import SnaplookError
+    from snaplook.io_utils import read_image
+    from snaplook.transform_utils import resize_to_square
+
+    if isinstance(image, (str, Path)):
+        try:
+            image = read_image(image, min_size=size)
+        except SnaplookError as exc:
+            logger.warning("cannot draw %s", exc)
+            return np.full((size, size, 3), 200, dtype=np.uint8)
+    return resize_to_square(image, size, mode="pad")
+
+
+def _save(fig: Any, out: str | Path, *, dpi: int = 100) -> Path:
+    from snaplook.io_utils import atomic_path
+
+    plt = _pyplot()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _outline(ax: Any, colour: str, width: float = 6) -> None:
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(width)
+
+
+def plot_retrieval_grid(
+    query: str | Path | np.ndarray,
+    results: Sequence[str | Path | np.ndarray],
+    out: str | Path,
+    *,
+    distances: Sequence[float] | None = None,
+    hits: Sequence[bool] | None = None,
+    labels: Sequence[str] | None = None,
+    query_label: str | None = None,
+    title: str = "",
+) -> Path:
+    """Draw one row: the query, then its results with rank and distance.
+
+    Args:
+        query: query image (path or RGB uint8 array).
+        results: retrieved images, nearest first.
+        out: PNG path to write.
+        distances: cosine distance per result, shown under it.
+        hits: per result, True outlines it green (same item), False red; None: no colour.
+        labels: text per result (e.g. item id), shown under it.
+        query_label: text under the query.
+        title: figure title.
+
+    Returns:
+        ``out``.
+    """
+    plt = _pyplot()
+    n = len(results) + 1
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.9), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(_thumbnail(query))
+    axes[0].set_title("query", fontsize=10, fontweight="bold")
+    if query_label:
+        axes[0].set_xlabel(query_label, fontsize=8)
+    _outline(axes[0], "#2b83ba", 3)
+    for i, (ax, res) in enumerate(zip(axes[1:], results)):
+        ax.imshow(_thumbnail(res))
+        text = f"#{i + 1}"
+        if distances is not None:
+            text += f"  d={distances[i]:.3f}"
+        ax.set_title(text, fontsize=9)
+        sub = [Path(res).name if isinstance(res, (str, Path)) else ""]
+        if labels is not None:
+            sub = [str(labels[i])]
+        ax.set_xlabel(sub[0][:28], fontsize=7)
+        if hits is not None:
+            _outline(ax, HIT_COLOUR if hits[i] else MISS_COLOUR)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def plot_retrieval_rows(
+    rows: Sequence[dict[str, Any]],
+    out: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Several retrieval rows in one figure (e.g. the worst queries of an evaluation).
+
+    Args:
+        rows: dicts with keys ``query`` (path/array), ``results`` (list), and optional
+            ``distances``, ``hits``, ``labels``, ``query_label``.
+        out: PNG path to write.
+    """
+    plt = _pyplot()
+    if not rows:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no queries", ha="center", va="center")
+        return _save(fig, out)
+    ncols = 1 + max(len(r["results"]) for r in rows)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(1.9 * ncols, 2.2 * len(rows)), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        axes[r][0].imshow(_thumbnail(row["query"], 160))
+        axes[r][0].set_ylabel(str(row.get("query_label", ""))[:24], fontsize=7)
+        _outline(axes[r][0], "#2b83ba", 3)
+        for c in range(1, ncols):
+            ax = axes[r][c]
+            if c - 1 >= len(row["results"]):
+                ax.axis("off")
+                continue
+            ax.imshow(_thumbnail(row["results"][c - 1], 160))
+            parts = [f"#{c}"]
+            if row.get("distances") is not None:
+                parts.append(f"{row['distances'][c - 1]:.3f}")
+            ax.set_title(" ".join(parts), fontsize=7)
+            if row.get("labels") is not None:
+                ax.set_xlabel(str(row["labels"][c - 1])[:20], fontsize=6)
+            if row.get("hits") is not None:
+                _outline(ax, HIT_COLOUR if row["hits"][c - 1] else MISS_COLOUR, 4)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def plot_tsne(
+    features: np.ndarray,
+    images: Sequence[str | Path | np.ndarray],
+    out: str | Path,
+    *,
+    seed: int = 0,
+    thumb_size: int = 48,
+    title: str = "t-SNE of the gallery",
+) -> Path:
+    """Map embeddings to 2-D with t-SNE and draw each image's thumbnail at its point.
+
+    Args:
+        features: ndarray of shape (n, d), n >= 2.
+        images: n images (paths or arrays), in the order of ``features``.
+        out: PNG path to write.
+        seed: t-SNE random state (the map is deterministic for a given seed).
+    """
+    import numpy as np
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    from sklearn.manifold import TSNE
+
+    plt = _pyplot()
+    features = np.asarray(features, dtype=np.float32)
+    n = len(features)
+    if n < 2:
+        raise ValueError("t-SNE needs at least 2 points")
+    perplexity = float(min(30, max(1, (n - 1) // 3)))
+    coords = TSNE(
+        n_components=2, perplexity=perplexity, random_state=seed, init="pca", metric="cosine"
+    ).fit_transform(features)
+    fig, ax = plt.subplots(figsize=(10, 10))
+    ax.scatter(coords[:, 0], coords[:, 1], s=2, alpha=0)
+    for (x, y), image in zip(coords, images):
+        box = OffsetImage(_thumbnail(image, thumb_size), zoom=1.0)
+        ax.add_artist(AnnotationBbox(box, (x, y), frameon=False))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def plot_recall_curve(
+    curves: dict[str, dict[int, float]],
+    out: str | Path,
+    *,
+    title: str = "Recall@K",
+    ylabel: str = "Recall@K (hit rate)",
+) -> Path:
+    """Draw Recall@K against K, one line per named setting.
+
+    Args:
+        curves: name -> {k: recall in [0, 1]}.
+        out: PNG path to write.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ks = sorted(curve)
+        ax.plot(ks, [curve[k] for k in ks], marker="o", label=name)
+    ax.set_xlabel("K")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if len(curves) > 1 or any(curves):
+        ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -1,0 +1,82 @@
+"""Shared fixtures: generated images, paths into ../shared/testdata, log hygiene.
+
+Topic-specific fixtures (generated videos, In-shop trees, bad-input corpus) live in
+their own test modules or helper files, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO.parent / "shared" / "testdata"
+REQUIRE_TESTDATA = os.environ.get("SNAPLOOK_REQUIRE_TESTDATA") == "1"
+
+
+def testdata_path(*parts: str) -> Path:
+    """A path under ../shared/testdata; skips when absent, fails in CI (REQUIRE_TESTDATA)."""
+    path = TESTDATA.joinpath(*parts)
+    if not path.exists():
+        message = f"real test media not found at {path} (see ../shared/testdata/PROVENANCE.md)"
+        if REQUIRE_TESTDATA:
+            pytest.fail(message + "; SNAPLOOK_REQUIRE_TESTDATA=1 requires it")
+        pytest.skip(message)
+    return path
+
+
+def make_image(path: Path, colour: tuple[int, int, int], *, size=(64, 48), seed: int = 0) -> Path:
+    """Write a small image: a coloured rectangle with a seeded noise texture."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = np.full((h, w, 3), colour, dtype=np.float32)
+    arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] *= 0.6
+    arr += rng.normal(0, 12, arr.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """12 small generated images (6 colours x 2 variants) in two sub-folders."""
+    colours = [(200, 30, 30), (30, 160, 60), (30, 60, 200), (220, 200, 40), (20, 20, 20), (230, 130, 170)]
+    root = tmp_path / "gallery"
+    for i, colour in enumerate(colours):
+        for v in range(2):
+            sub = "tops" if i % 2 == 0 else "bottoms"
+            make_image(root / sub / f"item{i:02d}_v{v}.png", colour, seed=i * 10 + v)
+    return root
+
+
+@pytest.fixture
+def people_dir() -> Path:
+    return testdata_path("people")
+
+
+@pytest.fixture
+def real_video() -> Path:
+    return testdata_path("video", "one-by-one-person-detection.mp4")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_error_logs: the test expects ERROR log records")
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_unexpected_error_logs(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture):
+    """Fail a test that logs at ERROR or above, unless marked ``allow_error_logs``."""
+    caplog.set_level(logging.WARNING, logger="snaplook")
+    yield
+    if request.node.get_closest_marker("allow_error_logs"):
+        return
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    if errors:
+        pytest.fail("unexpected ERROR log: " + "; ".join(r.getMessage() for r in errors))
