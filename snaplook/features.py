@@ -526,3 +526,222 @@ def write_features(
     save_npy_atomic(output, matrix)
     write_manifest(manifest_path, rows)
     return FeaturesResult(output, manifest_path, tuple(matrix.shape), skipped)
+
+
+# --- feature cache (issue 5) ---
+
+#: Default folder of :func:`embed_cached`'s ``<key>.npy`` / ``<key>.json`` pairs.
+DEFAULT_CACHE_DIR = Path("output/cache/features")
+#: Bumped when the cache layout or the meaning of a cached row changes.
+CACHE_FORMAT_VERSION = 1
+#: Images per checkpoint chunk: an interrupted embedding resumes from the last chunk.
+CACHE_CHUNK_IMAGES = 512
+
+ImageRef = tuple[str | Path, tuple[int, int, int, int] | None]
+
+
+def feature_cache_key(
+    images: Sequence[ImageRef], embedder: Embedder
+) -> tuple[str, list[dict[str, Any]]]:
+    """The cache key of embedding ``images`` with ``embedder``, and the entries it covers.
+
+    The key is a SHA-256 over the sorted set of (absolute path, file size, mtime, crop box)
+    and ``embedder.identity()`` (backbone, weights and their hash, preprocessing, pooling):
+    any changed file, box or model gives a new key.
+
+    Returns:
+        (key, entries): 32 hex characters, and one dict (path, box, bytes, mtime_ns) per
+        distinct (path, box), sorted; cached rows follow this order.
+    """
+    import hashlib
+    import json
+
+    unique = sorted(
+        {(str(Path(p).resolve()), tuple(b) if b else None) for p, b in images},
+        key=lambda e: (e[0], e[1] or ()),
+    )
+    entries: list[dict[str, Any]] = []
+    for path, box in unique:
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        entries.append(
+            {"path": path, "box": list(box) if box else None, "bytes": size, "mtime_ns": mtime}
+        )
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "identity": embedder.identity(),
+        "images": [[e["path"], e["box"], e["bytes"], e["mtime_ns"]] for e in entries],
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8"))
+    return digest.hexdigest()[:32], entries
+
+
+def _read_for_embedding(path: str, box: list[int] | None, embedder: Embedder) -> np.ndarray:
+    from snaplook.io_utils import read_image_with_size
+    from snaplook.transform_utils import crop_box
+
+    # A box is in the file's pixel coordinates, so decode at full scale to crop it.
+    image, _ = read_image_with_size(path, min_size=None if box else embedder.input_size)
+    if box:
+        try:
+            image = crop_box(image, tuple(box))
+        except ValueError:
+            logger.warning("%s: box %s lies outside the image; using the whole image", path, box)
+    return embedder.prepare(image)
+
+
+def _embed_chunk(
+    entries: Sequence[dict[str, Any]],
+    embedder: Embedder,
+    batch_size: int,
+    on_done: Callable[[int], None],
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    import numpy as np
+
+    out = np.zeros((len(entries), embedder.feature_dim), dtype=np.float32)
+    skipped: list[dict[str, Any]] = []
+    for start in range(0, len(entries), batch_size):
+        rows, arrays = [], []
+        for i, entry in enumerate(entries[start : start + batch_size], start=start):
+            try:
+                arrays.append(_read_for_embedding(entry["path"], entry["box"], embedder))
+                rows.append(i)
+            except SnaplookError as exc:
+                logger.warning("skipped %s", exc)
+                skipped.append({"row": i, "path": entry["path"], "reason": str(exc)})
+        if arrays:
+            out[rows] = embedder.embed(np.stack(arrays))
+        on_done(min(start + batch_size, len(entries)))
+    return out, skipped
+
+
+def embed_cached(
+    images: Sequence[ImageRef],
+    embedder: Embedder,
+    *,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_skip: Callable[[Skipped], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Embed images (optionally cropped to a box), reusing an on-disk cache of the result.
+
+    The cache is ``cache_dir/<key>.npy`` (float32 rows in the sorted order of the distinct
+    (path, box) pairs, ``allow_pickle=False``) and ``<key>.json`` (identity of the
+    embedder, the images with size/mtime/box, the unreadable ones and why), both written
+    atomically; see :func:`feature_cache_key`. A second call with the same files, boxes
+    and embedder loads them instead of embedding. While embedding, every
+    ``CACHE_CHUNK_IMAGES`` images are checkpointed in ``cache_dir/<key>.parts/``, so an
+    interrupted run resumes where it stopped.
+
+    Unreadable images (missing, corrupt, not an image) get a row of zeros and are
+    reported through ``on_skip`` on every call, cached or not; their count is in the
+    ``.json`` under ``"skipped"``.
+
+    Args:
+        images: (path, box) pairs; box is (x, y, w, h) in pixels or None for the whole
+            image. Duplicates are embedded once.
+        embedder: the model; its ``identity()`` is part of the key.
+        cache_dir: folder of the cache, default="output/cache/features".
+        batch_size: images per forward pass, default=32.
+        on_skip: called with a :class:`Skipped` for each distinct unreadable image.
+        on_start: called once with the number of distinct images to embed (0 on a hit).
+        on_progress: called with the number of distinct images embedded so far.
+
+    Returns:
+        ndarray of shape (len(images), feature_dim), float32, not normalised, in the order
+        of ``images``; zeros for unreadable images.
+    """
+    import json
+    import shutil
+    import time
+
+    import numpy as np
+
+    from snaplook.io_utils import load_npy, save_npy_atomic, write_json_atomic
+
+    if batch_size < 1:
+        raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
+    cache_dir = Path(cache_dir)
+    key, entries = feature_cache_key(images, embedder)
+    npy_path, json_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    matrix: np.ndarray | None = None
+    skipped: list[dict[str, Any]] = []
+    if npy_path.is_file() and json_path.is_file():
+        try:
+            record = json.loads(json_path.read_text(encoding="utf-8"))
+            loaded = load_npy(npy_path)
+            if loaded.shape == (len(entries), embedder.feature_dim) and record.get("key") == key:
+                matrix, skipped = loaded, list(record.get("skipped", []))
+                logger.info("loaded cached features %s", npy_path)
+        except (SnaplookError, ValueError, OSError) as exc:
+            logger.warning("ignoring unreadable feature cache %s (%s)", npy_path, exc)
+    if matrix is None:
+        if on_start is not None:
+            on_start(len(entries))
+        started = time.perf_counter()
+        parts_dir = cache_dir / f"{key}.parts"
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        chunks: list[np.ndarray] = []
+        for c, start in enumerate(range(0, len(entries), CACHE_CHUNK_IMAGES)):
+            chunk = entries[start : start + CACHE_CHUNK_IMAGES]
+            part_npy, part_json = parts_dir / f"{c:06d}.npy", parts_dir / f"{c:06d}.json"
+            feats = None
+            if part_npy.is_file() and part_json.is_file():
+                try:
+                    feats = load_npy(part_npy)
+                    part_skipped = json.loads(part_json.read_text(encoding="utf-8"))
+                    if feats.shape != (len(chunk), embedder.feature_dim):
+                        feats = None
+                except (SnaplookError, ValueError, OSError):
+                    feats = None
+            if feats is None:
+                feats, part_skipped = _embed_chunk(
+                    chunk,
+                    embedder,
+                    batch_size,
+                    lambda done, s=start: on_progress(s + done) if on_progress else None,
+                )
+                for s in part_skipped:
+                    s["row"] += start
+                save_npy_atomic(part_npy, feats)
+                write_json_atomic(part_json, part_skipped)
+            elif on_progress is not None:
+                on_progress(start + len(chunk))
+            chunks.append(feats)
+            skipped.extend(part_skipped)
+        matrix = (
+            np.concatenate(chunks)
+            if chunks
+            else np.zeros((0, embedder.feature_dim), dtype=np.float32)
+        )
+        save_npy_atomic(npy_path, matrix)
+        write_json_atomic(
+            json_path,
+            {
+                "format": CACHE_FORMAT_VERSION,
+                "key": key,
+                "identity": embedder.identity(),
+                "shape": list(matrix.shape),
+                "n_images": len(entries),
+                "n_skipped": len(skipped),
+                "cropped": sum(e["box"] is not None for e in entries),
+                "seconds": round(time.perf_counter() - started, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "images": entries,
+                "skipped": skipped,
+            },
+        )
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    elif on_start is not None:
+        on_start(0)
+    if on_skip is not None:
+        for s in skipped:
+            on_skip(Skipped(Path(s["path"]), s["reason"]))
+    row_of = {(e["path"], tuple(e["box"]) if e["box"] else None): i for i, e in enumerate(entries)}
+    order = [row_of[(str(Path(p).resolve()), tuple(b) if b else None)] for p, b in images]
+    return np.asarray(matrix[order], dtype=np.float32)
