@@ -231,7 +231,8 @@ def index_cmd(
         )
     _console().print(
         f"Indexed {summary.n_indexed} images into {summary.out} "
-        f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s)."
+        f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
+        f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''})."
     )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 

@@ -55,6 +55,8 @@ class BuildSummary:
         n_embedded: images embedded in this run (the rest were reused by ``--update``).
         skipped: inputs that could not be read.
         seconds: wall time of the run.
+        n_resumed: images embedded by an interrupted earlier run and taken from its
+            checkpoint (not counted in ``n_embedded``).
     """
 
     out: Path
@@ -62,6 +64,7 @@ class BuildSummary:
     n_embedded: int
     skipped: list[Skipped]
     seconds: float
+    n_resumed: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -84,8 +87,14 @@ def build_index(
 ) -> BuildSummary:
     """Embed every image under ``root`` and write an index folder at ``out``.
 
-    The folder is written beside ``out`` under a temporary name and renamed into place
-    when complete, so an interrupted run leaves the previous index untouched.
+    The folder is assembled under a temporary name and renamed into place when complete,
+    so an interrupted run leaves the previous index untouched. Finished batches are
+    checkpointed in ``<out>.partial/``: a run that is killed or interrupted and started
+    again with the same images and settings embeds only the batches that were not
+    finished, and writes the same ``features.npy`` bytes as an uninterrupted run. The
+    checkpoint is removed on success. ``<out>.lock`` (holding the pid) keeps a second run
+    from writing the same index at the same time. In the main thread, Ctrl-C stops the
+    run after the current batch (``KeyboardInterrupt``), keeping the checkpoint.
 
     Args:
         root: gallery folder (searched recursively) or one image.
@@ -104,14 +113,16 @@ def build_index(
 
     Raises:
         SnaplookError: no images under ``root``; ``--update`` against an index built
-            with other settings; weights that cannot be loaded.
+            with other settings; weights that cannot be loaded; another run holds the
+            lock on ``out``.
+        KeyboardInterrupt: Ctrl-C; finished batches are kept for the next run.
     """
-    import numpy as np
+    import shutil
 
-    from snaplook.features import iter_embeddings
     from snaplook.io_utils import (
+        deferred_sigint,
+        exclusive_lock,
         find_images,
-        make_temp_dir,
         manifest_row,
         replace_dir,
         write_csv_atomic,
@@ -121,6 +132,8 @@ def build_index(
 
     started = time.perf_counter()
     root, out = Path(root), Path(out)
+    if batch_size < 1:
+        raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
     embedder = embedder or Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
     paths = find_images(root)
     if not paths:
@@ -130,19 +143,22 @@ def build_index(
     root_dir = root if root.is_dir() else root.parent
     identity = embedder.identity()
 
-    reuse: dict[str, tuple[ManifestRow, int]] = {}
-    old_features = None
-    if update and (out / "meta.json").exists():
-        old = load_index(out)
-        _check_same_model(old.meta, identity, out)
-        old_features = old.features
-        reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
+    with (
+        exclusive_lock(out.with_name(out.name + ".lock"), what=f"the index {out}"),
+        deferred_sigint() as interrupted,
+    ):
+        reuse: dict[str, tuple[ManifestRow, int]] = {}
+        old_features = None
+        old_stamp = None
+        if update and (out / "meta.json").exists():
+            old = load_index(out)
+            _check_same_model(old.meta, identity, out)
+            old_features = old.features
+            old_stamp = [old.meta.get("created"), len(old.manifest)]
+            reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
 
-    if on_start is not None:
-        on_start(len(paths))
-    skipped: list[Skipped] = []
-    tmp = make_temp_dir(out)
-    try:
+        if on_start is not None:
+            on_start(len(paths))
         # Rows are written in gallery order; each is either copied from the old index
         # or embedded now, so --update gives the same file as a full rebuild.
         plan: list[tuple[Path, ManifestRow | None, int | None]] = []
@@ -152,80 +168,115 @@ def build_index(
             plan.append((path, *_reusable(path, hit)) if hit else (path, None, None))
         to_embed = [p for p, old_row, _ in plan if old_row is None]
 
-        handled_reused = len(paths) - len(to_embed)
-        if on_progress is not None and handled_reused:
-            on_progress(handled_reused)
-        chunk_files: list[tuple[list[Path], list[tuple[int, int]], Path]] = []
-        for n, batch in enumerate(
-            iter_embeddings(
-                to_embed,
-                embedder,
-                batch_size=batch_size,
-                on_skip=skipped.append,
-                on_progress=(lambda done: on_progress(handled_reused + done))
-                if on_progress
-                else None,
-            )
-        ):
-            # Batches go to disk as they come: memory does not grow with the gallery.
-            chunk = tmp / f"chunk-{n:06d}.npy"
-            np.save(chunk, batch.features.astype(np.float32), allow_pickle=False)
-            chunk_files.append((batch.paths, batch.sizes, chunk))
-
-        embedded_at: dict[Path, tuple[int, int, tuple[int, int]]] = {}
-        for c, (bpaths, bsizes, _) in enumerate(chunk_files):
-            for j, (p, s) in enumerate(zip(bpaths, bsizes)):
-                embedded_at[p] = (c, j, s)
-
-        skipped_set = {s.path for s in skipped}
-        rows: list[ManifestRow] = []
-        sources: list[tuple[str, int, int]] = []  # ("old", i, 0) or ("new", chunk, j)
-        for path, old_row, old_i in plan:
-            if path in skipped_set:
-                continue
-            if old_row is not None:
-                rows.append(_replace_row(old_row, len(rows)))
-                sources.append(("old", old_i, 0))
-            else:
-                c, j, size = embedded_at[path]
-                rows.append(manifest_row(path, root_dir, len(rows), size))
-                sources.append(("new", c, j))
-        if not rows:
-            raise SnaplookError(
-                f"{root}: none of the {len(paths)} images could be read; see the warnings "
-                "above for why."
-            )
-        _write_features(tmp / "features.npy", sources, old_features, chunk_files, embedder)
-        for _, _, chunk in chunk_files:
-            chunk.unlink()
-        write_manifest(tmp / "manifest.csv", rows)
-        write_csv_atomic(
-            tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
+        checkpoint = _Checkpoint(
+            out.with_name(out.name + ".partial"),
+            {
+                "format": _CHECKPOINT_FORMAT,
+                "root": str(root_dir.resolve()),
+                "identity": identity,
+                "batch_size": batch_size,
+                "update_from": old_stamp,
+                "reused": [[_rel(p, root_dir), i] for p, r, i in plan if r is not None],
+                "embed": [[_rel(p, root_dir), *_stat(p)] for p in to_embed],
+            },
+            n_images=len(to_embed),
+            feature_dim=embedder.feature_dim,
         )
-        meta = {
-            "format_version": INDEX_FORMAT_VERSION,
-            "snaplook_version": __version__,
-            **identity,
-            "count": len(rows),
-            "metric": "cosine",
-            "l2_normalized": True,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "root": str(root_dir.resolve()),
-            "skipped": len(skipped),
-        }
-        write_json_atomic(tmp / "meta.json", meta)
-        replace_dir(tmp, out)
-    except BaseException:
-        import shutil
+        try:
+            records = checkpoint.resume()
+            n_resumed = sum(len(r.rows) for r in records.values())
+            done_before = len(paths) - len(to_embed) + sum(r.size for r in records.values())
+            if on_progress is not None and done_before:
+                on_progress(done_before)
+            if interrupted():
+                raise KeyboardInterrupt
+            records.update(
+                _embed_batches(
+                    to_embed,
+                    embedder,
+                    checkpoint,
+                    first=len(records),
+                    batch_size=batch_size,
+                    interrupted=interrupted,
+                    on_progress=(lambda done: on_progress(done_before + done))
+                    if on_progress
+                    else None,
+                )
+            )
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            embedded_at: dict[Path, tuple[int, int, tuple[int, int]]] = {}
+            skipped: list[Skipped] = []
+            for b in range(checkpoint.n_batches):
+                for j, (pos, w, h) in enumerate(records[b].rows):
+                    embedded_at[to_embed[pos]] = (b, j, (w, h))
+                skipped.extend(Skipped(to_embed[pos], why) for pos, why in records[b].skipped)
+
+            rows: list[ManifestRow] = []
+            sources: list[tuple[str, int, int]] = []  # ("old", i, 0) or ("new", batch, j)
+            for path, old_row, old_i in plan:
+                if old_row is not None:
+                    rows.append(_replace_row(old_row, len(rows)))
+                    sources.append(("old", old_i, 0))
+                elif path in embedded_at:
+                    b, j, size = embedded_at[path]
+                    rows.append(manifest_row(path, root_dir, len(rows), size))
+                    sources.append(("new", b, j))
+            if not rows:
+                checkpoint.remove()
+                raise SnaplookError(
+                    f"{root}: none of the {len(paths)} images could be read; see the warnings "
+                    "above for why."
+                )
+            tmp = checkpoint.folder / "assembling"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _write_features(
+                tmp / "features.npy",
+                sources,
+                old_features,
+                [checkpoint.chunk_path(b) for b in range(checkpoint.n_batches)],
+                embedder,
+            )
+            write_manifest(tmp / "manifest.csv", rows)
+            write_csv_atomic(
+                tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
+            )
+            meta = {
+                "format_version": INDEX_FORMAT_VERSION,
+                "snaplook_version": __version__,
+                **identity,
+                "count": len(rows),
+                "metric": "cosine",
+                "l2_normalized": True,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "root": str(root_dir.resolve()),
+                "skipped": len(skipped),
+            }
+            write_json_atomic(tmp / "meta.json", meta)
+            if old_features is not None:
+                del old_features, old  # release the memory map before replacing its folder
+            replace_dir(tmp, out)
+        except KeyboardInterrupt:
+            logger.warning(
+                "stopped: %d of %d images are checkpointed in %s; run the same command again "
+                "to resume.",
+                checkpoint.n_checkpointed(),
+                len(to_embed),
+                checkpoint.folder,
+            )
+            raise
+        except BaseException:
+            shutil.rmtree(checkpoint.folder / "assembling", ignore_errors=True)
+            checkpoint.remove_if_empty()
+            raise
+        checkpoint.remove()
     return BuildSummary(
         out=out,
         n_indexed=len(rows),
-        n_embedded=len(to_embed) - len(skipped),
+        n_embedded=len(embedded_at) - n_resumed,
         skipped=skipped,
         seconds=time.perf_counter() - started,
+        n_resumed=n_resumed,
     )
 
 
@@ -261,7 +312,7 @@ def _write_features(
     target: Path,
     sources: list[tuple[str, int, int]],
     old_features: np.ndarray | None,
-    chunk_files: list[tuple[list[Path], list[tuple[int, int]], Path]],
+    chunk_files: Sequence[Path],
     embedder: Embedder,
 ) -> None:
     import numpy as np
@@ -277,10 +328,250 @@ def _write_features(
         else:
             if a not in loaded:
                 loaded.clear()  # chunks are visited in order: keep one in memory
-                loaded[a] = l2_normalize(np.load(chunk_files[a][2], allow_pickle=False))
+                loaded[a] = l2_normalize(np.load(chunk_files[a], allow_pickle=False))
             out[i] = loaded[a][b]
     out.flush()
     del out
+
+
+#: Layout version of the ``<out>.partial/`` checkpoint folder of :func:`build_index`.
+_CHECKPOINT_FORMAT = 1
+
+
+def _stat(path: Path) -> list[int | None]:
+    try:
+        st = path.stat()
+    except OSError:
+        return [None, None]
+    return [st.st_size, st.st_mtime_ns]
+
+
+@dataclass
+class _BatchRecord:
+    """One finished batch: (position, width, height) per embedded input, (position, reason)
+    per skipped one; positions index the run's list of images to embed."""
+
+    size: int
+    rows: list[tuple[int, int, int]]
+    skipped: list[tuple[int, str]]
+
+
+class _Checkpoint:
+    """Finished batches of one :func:`build_index` run, kept in ``<out>.partial/``.
+
+    ``plan.json`` records what the run does (images to embed with size and mtime, reused
+    rows, embedder identity, batch size). Each finished batch leaves ``batch-NNNNNN.npy``
+    (raw float32 features of its readable images) and then ``batch-NNNNNN.json`` (rows,
+    sizes, skipped inputs, SHA-256 of the .npy), both written atomically: a batch counts
+    as finished only once its .json is in place. Batch ``b`` always holds inputs
+    ``b*batch_size`` to ``(b+1)*batch_size - 1``, so a resumed run feeds the network the
+    same batches as an uninterrupted one and gets the same bytes.
+    """
+
+    def __init__(
+        self, folder: Path, plan: dict[str, Any], *, n_images: int, feature_dim: int
+    ) -> None:
+        self.folder = folder
+        self.plan = json.loads(json.dumps(plan, default=str))
+        self.batch_size = int(plan["batch_size"])
+        self.n_images = n_images
+        self.feature_dim = feature_dim
+        self.n_batches = -(-n_images // self.batch_size)
+        self.n_done = 0
+
+    def batch_positions(self, b: int) -> range:
+        return range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_images))
+
+    def chunk_path(self, b: int) -> Path:
+        return self.folder / f"batch-{b:06d}.npy"
+
+    def _record_path(self, b: int) -> Path:
+        return self.folder / f"batch-{b:06d}.json"
+
+    def resume(self) -> dict[int, _BatchRecord]:
+        """Batches finished by an earlier run with the same plan; start afresh otherwise."""
+        from snaplook.io_utils import write_json_atomic
+
+        plan_path = self.folder / "plan.json"
+        if self.folder.exists() or self.folder.is_symlink():
+            try:
+                old_plan = json.loads(plan_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old_plan = None
+            if old_plan != self.plan:
+                logger.warning(
+                    "%s holds an interrupted run with other images or settings; starting "
+                    "afresh.",
+                    self.folder,
+                )
+                self.remove()
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True)
+            write_json_atomic(plan_path, self.plan)
+            return {}
+        for stale in self.folder.glob(".*.tmp"):  # a write cut short by a kill
+            stale.unlink(missing_ok=True)
+        records: dict[int, _BatchRecord] = {}
+        for b in range(self.n_batches):
+            record = self._load(b)
+            if record is None:
+                break
+            records[b] = record
+        self.n_done = sum(r.size for r in records.values())
+        if records:
+            logger.warning(
+                "resuming from %s: %d of %d batches (%d images) were already done.",
+                self.folder,
+                len(records),
+                self.n_batches,
+                self.n_done,
+            )
+        return records
+
+    def _load(self, b: int) -> _BatchRecord | None:
+        from snaplook.io_utils import file_sha256, load_npy
+
+        try:
+            doc = json.loads(self._record_path(b).read_text(encoding="utf-8"))
+            record = _BatchRecord(
+                size=int(doc["size"]),
+                rows=[(int(p), int(w), int(h)) for p, w, h in doc["rows"]],
+                skipped=[(int(p), str(why)) for p, why in doc["skipped"]],
+            )
+            positions = sorted([r[0] for r in record.rows] + [s[0] for s in record.skipped])
+            if positions != list(self.batch_positions(b)) or record.size != len(positions):
+                return None
+            if record.rows:
+                if file_sha256(self.chunk_path(b)) != doc["sha256"]:
+                    return None
+                shape = load_npy(self.chunk_path(b), mmap=True).shape
+                if shape != (len(record.rows), self.feature_dim):
+                    return None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, SnaplookError) as exc:
+            logger.info("batch %d in %s is damaged (%s); embedding it again", b, self.folder, exc)
+            return None
+        return record
+
+    def save(self, b: int, features: np.ndarray | None, record: _BatchRecord) -> None:
+        """Write batch ``b``'s features, then its record (the commit point)."""
+        import numpy as np
+
+        from snaplook.io_utils import file_sha256, save_npy_atomic, write_json_atomic
+
+        digest = None
+        if record.rows:
+            save_npy_atomic(self.chunk_path(b), np.asarray(features, dtype=np.float32))
+            digest = file_sha256(self.chunk_path(b))
+        write_json_atomic(
+            self._record_path(b),
+            {
+                "batch": b,
+                "size": record.size,
+                "rows": record.rows,
+                "skipped": record.skipped,
+                "sha256": digest,
+            },
+        )
+        self.n_done += record.size
+
+    def n_checkpointed(self) -> int:
+        return self.n_done
+
+    def remove(self) -> None:
+        import shutil
+
+        if self.folder.is_symlink() or self.folder.is_file():
+            self.folder.unlink()
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def remove_if_empty(self) -> None:
+        if self.folder.is_dir() and not any(self.folder.glob("batch-*.json")):
+            self.remove()
+
+
+def _embed_batches(
+    to_embed: Sequence[Path],
+    embedder: Embedder,
+    checkpoint: _Checkpoint,
+    *,
+    first: int,
+    batch_size: int,
+    interrupted: Callable[[], bool],
+    on_progress: Callable[[int], None] | None,
+) -> dict[int, _BatchRecord]:
+    """Embed batches ``first``.. of ``to_embed``, checkpointing each as it finishes.
+
+    Raises ``KeyboardInterrupt`` after the batch during which Ctrl-C was pressed.
+    """
+    import numpy as np
+
+    from snaplook.features import iter_embeddings
+
+    start = first * batch_size
+    position = {Path(p): start + i for i, p in enumerate(to_embed[start:])}
+    skips: list[Skipped] = []  # on_skip may be called from a decoding thread
+    rows: dict[int, list[tuple[int, int, int]]] = {}
+    feats: dict[int, list[np.ndarray]] = {}
+    handled: dict[int, int] = {}
+    records: dict[int, _BatchRecord] = {}
+    next_b = first
+    n_skips_seen = 0
+
+    def count(pos: int) -> int:
+        b = pos // batch_size
+        handled[b] = handled.get(b, 0) + 1
+        return b
+
+    def flush() -> None:
+        nonlocal next_b, n_skips_seen
+        new, n_skips_seen = skips[n_skips_seen:], len(skips)
+        for s in new:
+            count(position[Path(s.path)])
+        while next_b < checkpoint.n_batches and handled.get(next_b, 0) == len(
+            checkpoint.batch_positions(next_b)
+        ):
+            b = next_b
+            skipped = sorted(
+                (position[Path(s.path)], s.reason)
+                for s in skips
+                if position[Path(s.path)] // batch_size == b
+            )
+            record = _BatchRecord(len(checkpoint.batch_positions(b)), rows.pop(b, []), skipped)
+            batch_feats = feats.pop(b, [])
+            checkpoint.save(b, np.stack(batch_feats) if batch_feats else None, record)
+            records[b] = record
+            next_b += 1
+
+    batches = iter_embeddings(
+        list(to_embed[start:]),
+        embedder,
+        batch_size=batch_size,
+        on_skip=skips.append,
+        on_progress=on_progress,
+    )
+    try:
+        for batch in batches:
+            for path, (w, h), feature in zip(batch.paths, batch.sizes, batch.features):
+                pos = position[Path(path)]
+                b = count(pos)
+                rows.setdefault(b, []).append((pos, int(w), int(h)))
+                feats.setdefault(b, []).append(feature)
+            flush()
+            if interrupted():
+                raise KeyboardInterrupt
+        flush()
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if next_b != checkpoint.n_batches:
+        raise RuntimeError(
+            f"embedding returned {next_b} of {checkpoint.n_batches} batches; this is a bug."
+        )
+    return records
 
 
 def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:

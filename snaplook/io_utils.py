@@ -16,7 +16,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -385,3 +385,122 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         ]
     except (KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as exc:
         raise SnaplookError(f"{path} is malformed ({exc}); rebuild the index.") from exc
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, *, what: str) -> Iterator[Path]:
+    """Hold the lock file ``path`` (holding our pid) for the duration of the block.
+
+    The file is created with ``O_CREAT | O_EXCL``, so only one process can hold it. A
+    lock left by a process that no longer runs (killed, crashed) is taken over.
+
+    Args:
+        path: the lock file, e.g. ``output/index.lock``.
+        what: what the lock protects, for the message, e.g. "index output/index".
+
+    Raises:
+        SnaplookError: another live process holds the lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _take_lock(path, what)
+    try:
+        yield path
+    finally:
+        if _lock_owner(path) == (os.getpid(), _hostname()):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _lock_owner(path: Path) -> tuple[int, str] | None:
+    try:
+        pid, _, host = path.read_text(encoding="utf-8").strip().partition(" ")
+        return int(pid), host
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _take_lock(path: Path, what: str) -> None:
+    import time
+
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is None:
+                # Empty or garbled: a process may be between creating and writing it.
+                try:
+                    young = time.time() - path.stat().st_mtime < 10
+                except FileNotFoundError:
+                    continue
+                if young:
+                    time.sleep(0.2)
+                    continue
+            else:
+                pid, host = owner
+                if host != _hostname() or _pid_alive(pid):
+                    raise SnaplookError(
+                        f"{what} is being written by another snaplook process (pid {pid}"
+                        f"{'' if host == _hostname() else ' on ' + host}); wait for it to "
+                        f"finish. If that process is gone, delete {path}."
+                    ) from None
+            logger.warning(
+                "taking over the stale lock %s (its process %s is not running)",
+                path,
+                owner[0] if owner else "?",
+            )
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()} {_hostname()}\n")
+        return
+    raise SnaplookError(f"cannot take the lock {path} for {what}; delete it if no run is active.")
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """Within the block, the first Ctrl-C (SIGINT) only raises a flag; a second one stops at once.
+
+    Yields a function that says whether Ctrl-C was pressed, so a long loop can stop at a
+    safe point (between batches) by raising ``KeyboardInterrupt`` itself. Outside the
+    main thread (signals cannot be handled there) the flag never rises.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        logger.warning("Ctrl-C: stopping after the current batch (press it again to stop now).")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
