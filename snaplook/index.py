@@ -651,7 +651,9 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
 
     Raises:
         SnaplookError: missing folder or file, unreadable or newer-format ``meta.json``,
-            a pickled or non-float32 ``features.npy``, or counts that disagree.
+            a pickled or non-float32 ``features.npy``, counts that disagree, manifest rows
+            out of order or with paths that climb out of the indexed root (``..``), or
+            NaN/infinite features.
     """
     from snaplook.io_utils import load_npy, read_manifest
 
@@ -696,7 +698,45 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
             f"{path}: features.npy has dimension {features.shape[1]}, meta.json says {dim}; "
             "rebuild the index."
         )
+    _check_manifest(path, manifest)
+    _check_finite(path, features)
     return Index(path=path, features=features, manifest=manifest, meta=meta)
+
+
+def _check_manifest(path: Path, manifest: Sequence[ManifestRow]) -> None:
+    from pathlib import PurePosixPath
+
+    outside = 0
+    for i, row in enumerate(manifest):
+        if row.row != i:
+            raise SnaplookError(
+                f"{path / 'manifest.csv'}: line {i + 2} is row {row.row}, expected {i} (rows "
+                "must be 0..n-1 in order); the index is inconsistent, rebuild it."
+            )
+        rel = PurePosixPath(row.path)
+        if not row.path or (".." in rel.parts and not rel.is_absolute()):
+            raise SnaplookError(
+                f"{path / 'manifest.csv'}: row {i} has path {row.path!r}, which is empty or "
+                "climbs out of the indexed root with '..'; refusing this index, rebuild it."
+            )
+        outside += rel.is_absolute()
+    if outside:
+        # snaplook itself records files reached through a symlink out of the root this
+        # way; they are only ever read (shown in grids), never written.
+        logger.info("%s: %d manifest paths lie outside the indexed root", path, outside)
+
+
+def _check_finite(path: Path, features: np.ndarray) -> None:
+    import numpy as np
+
+    for start in range(0, features.shape[0], SEARCH_BLOCK_ROWS):
+        block = np.asarray(features[start : start + SEARCH_BLOCK_ROWS])
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise SnaplookError(
+                f"{path / 'features.npy'}: row {bad} holds NaN or infinite values; the index "
+                "is corrupt, rebuild it."
+            )
 
 
 def cosine_knn(
