@@ -13,9 +13,9 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,8 @@ def _find_files(root: Path, extensions: frozenset[str]) -> list[Path]:
     # os.walk without followlinks never enters a symlinked folder, so a symlink loop
     # cannot make discovery spin; symlinked files are still listed.
     for dirpath, dirnames, filenames in os.walk(root, onerror=_log_walk_error):
-        dirnames.sort()
+        # Hidden folders (.git, .thumbnails, snaplook's own .<name>.tmp) hold no gallery.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if Path(name).suffix.lower() in extensions and not name.startswith("."):
                 found.append(Path(dirpath) / name)
@@ -210,9 +211,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _make_temp(path, folder=False)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -303,7 +302,23 @@ def make_temp_dir(final_dir: str | Path) -> Path:
     """Create an empty temporary folder beside ``final_dir`` (same file system)."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    return _make_temp(final_dir, folder=True)
+
+
+def _make_temp(final: Path, *, folder: bool) -> Path:
+    # Not tempfile.mkstemp/mkdtemp: they create 0600/0700 entries, and the rename would
+    # hand the user an index or results only they can read. os.open/os.mkdir honour umask.
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if folder:
+                tmp.mkdir(mode=0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise SnaplookError(f"{final.parent}: cannot create a temporary file there.")
 
 
 def relative_or_absolute(path: str | Path, root: str | Path) -> str:
