@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from snaplook import __version__
 from snaplook import features as _features
 from snaplook import index as _index
+from snaplook import video as _video
 from snaplook.errors import SnaplookError
 
 logger = logging.getLogger("snaplook")
@@ -363,3 +364,68 @@ def demo_cmd(
         f"Demo done: {built.n_indexed} gallery images indexed in {index_dir}; "
         f"{len(summary.grids)} retrieval grids in {summary.out}."
     )
+
+
+# --- extract (issue 3) ---
+
+
+@app.command("extract")
+def extract_cmd(
+    video: Annotated[Path, typer.Argument(help="Video file, or a folder of videos.")],
+    every: Annotated[
+        float,
+        typer.Option(
+            "--every", help="Seconds between interval frames; 0 with --scenes: scenes only."
+        ),
+    ] = _video.DEFAULT_EVERY,
+    scenes: Annotated[
+        bool, typer.Option("--scenes", help="Also keep the sharpest frame of each scene.")
+    ] = False,
+    max_frames: Annotated[
+        int | None, typer.Option("--max-frames", min=1, help="Stop after N kept frames per video.")
+    ] = None,
+    dedup: Annotated[
+        int | None,
+        typer.Option(
+            "--dedup",
+            min=0,
+            max=64,
+            help="Drop a frame within THRESHOLD dHash bits (of 64) of the last kept one, "
+            f"colours alike (try {_video.DEFAULT_DEDUP}).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Root folder; frames go in <out>/<video-stem>/.")
+    ] = _video.DEFAULT_OUT_ROOT,
+    image_format: Annotated[
+        str, typer.Option("--format", help=f"One of: {', '.join(_video.IMAGE_FORMATS)}.")
+    ] = _video.DEFAULT_FORMAT,
+    quality: Annotated[
+        int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")
+    ] = _video.DEFAULT_QUALITY,
+    quiet: QuietOpt = False,
+) -> None:
+    """Extract frames at an interval and/or on scene changes, with frame numbers and times."""
+    with _progress("Extracting", quiet=quiet, unit="s") as (on_start, on_progress):
+        results = _video.extract_videos(
+            video,
+            out_root=out,
+            every=every,
+            scenes=scenes,
+            max_frames=max_frames,
+            dedup=dedup,
+            image_format=image_format,
+            quality=quality,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    console = _console()
+    for r in results:
+        if r.error:
+            _err(f"Skipped {r.video}: {r.error}")
+        else:
+            console.print(
+                f"{r.video.name}: kept {len(r.frames)} of {r.n_decoded} frames "
+                f"({r.duration_s:.1f} s of video, {r.frames_per_second:.0f} frames/s) "
+                f"in {r.out}/ with {_video.FRAMES_CSV}."
+            )
