@@ -31,6 +31,13 @@ _EXPORTS = {
     "Index": "snaplook.index",
     "plot_retrieval_grid": "snaplook.plot_utils",
     "plot_tsne": "snaplook.plot_utils",
+    "Frame": "snaplook.video",
+    "Scene": "snaplook.video",
+    "VideoFrames": "snaplook.video",
+    "iter_frames": "snaplook.video",
+    "extract_frames": "snaplook.video",
+    "extract_videos": "snaplook.video",
+    "detect_scenes": "snaplook.video",
 }
 
 __all__ = ["__version__", *_EXPORTS]
