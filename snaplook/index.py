@@ -141,6 +141,7 @@ def build_index(
             f"{root}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)."
         )
     root_dir = root if root.is_dir() else root.parent
+    _check_out(out)
     identity = embedder.identity()
 
     with (
@@ -278,6 +279,17 @@ def build_index(
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
     )
+
+
+def _check_out(out: Path) -> None:
+    # The index replaces ``out`` whole: never let that be a user's file or folder.
+    if out.exists() and not out.is_dir():
+        raise SnaplookError(f"--out {out} is a file, not an index folder; pass another path.")
+    if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
+        raise SnaplookError(
+            f"--out {out} is a folder that is not a snaplook index (no meta.json); refusing "
+            "to replace it. Pass a new or empty folder."
+        )
 
 
 def _rel(path: Path, root: Path) -> str:
