@@ -7,11 +7,17 @@ can be scored; :func:`evaluate` runs a whole evaluation and writes a report fold
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -345,36 +351,20 @@ def _load_folders(root: Path) -> Split:
 
 def _attach_boxes(split: Split, bbox: Path, *, strict: bool) -> Split:
     boxes = read_bbox_file(bbox)
-    unboxed = 0
 
     def with_box(samples: list[Sample]) -> list[Sample]:
-        nonlocal unboxed
-        out = []
-        for s in samples:
-            box = boxes.get(s.path)
-            unboxed += box is None
-            out.append(Sample(s.path, s.item, s.category, box))
-        return out
+        return [dataclasses.replace(s, box=boxes.get(s.path)) for s in samples]
 
     query = with_box(split.query)
     gallery = query if split.leave_one_out else with_box(split.gallery)
-    evaluated_unboxed = unboxed
-    train = with_box(split.train)
-    unboxed = evaluated_unboxed
+    unboxed = len({s.path for s in query + gallery if s.box is None})
     if unboxed:
         message = f"{bbox}: {unboxed} evaluated image(s) have no box"
         if strict:
             raise SnaplookError(message + " (--strict); check that it matches the partition file.")
         logger.warning("%s; they are used uncropped", message)
-    return Split(
-        split.root,
-        train,
-        query,
-        gallery,
-        split.protocol,
-        partition=split.partition,
-        bbox=bbox,
-        missing=split.missing,
+    return dataclasses.replace(
+        split, train=with_box(split.train), query=query, gallery=gallery, bbox=bbox
     )
 
 
@@ -398,13 +388,1193 @@ def _drop_missing(split: Split, *, strict: bool) -> Split:
         if strict:
             raise SnaplookError(message + "; --strict stops here. Check the dataset root.")
         logger.warning("%s; they are left out and counted in the report", message)
-    return Split(
-        split.root,
-        train,
-        query,
-        gallery,
-        split.protocol,
-        partition=split.partition,
-        bbox=split.bbox,
-        missing=missing,
+    return dataclasses.replace(split, train=train, query=query, gallery=gallery, missing=missing)
+
+
+# --- metrics -------------------------------------------------------------------------
+
+DEFAULT_KS = (1, 5, 10, 20, 30, 50)
+#: How gallery images at exactly the same distance are ordered. "pessimistic" puts the
+#: query's non-matching images before its matching ones (a tie never helps a score, so a
+#: collapsed embedding cannot score well by luck of order); "gallery-order" keeps the
+#: gallery order (what a stable argsort, e.g. ``cosine_knn``, returns).
+TIE_RULES = ("pessimistic", "gallery-order")
+DEFAULT_TIES = "pessimistic"
+#: Feature normalisations before ranking: "l2" ranks by cosine distance; "centered"
+#: subtracts the gallery mean first, then L2 (cosine around the gallery centre); "none"
+#: ranks raw features by Euclidean distance.
+NORMALIZATIONS = ("l2", "centered", "none")
+DEFAULT_NORMALIZATION = "l2"
+#: Working memory for one block of the query x gallery ranking, in bytes.
+RANKING_BLOCK_BYTES = 256 * 1024 * 1024
+#: Nearest gallery images kept per query (for grids).
+DEFAULT_TOP_N = 5
+
+METRIC_DEFINITIONS = {
+    "recall_at_k": (
+        "Recall@K (DeepFashion hit rate): the share of queries with at least one image of "
+        "the same item among their K nearest gallery images."
+    ),
+    "map": (
+        "mAP: the mean over queries of average precision over the full gallery ranking "
+        "(precision at the rank of each same-item image, averaged over those images)."
+    ),
+    "map_at_r": (
+        "MAP@R: like AP, but only the first R ranks count, R being the query's number of "
+        "same-item gallery images (Musgrave et al., 2020); 1.0 means they are all first."
+    ),
+    "mmfashion_recall_at_k": (
+        "MMFashion averaged recall@K: the share of the query's same-item gallery images "
+        "found in its top K, averaged over queries (MMFashion's retrieval_eval.py); it is "
+        "not the hit rate and is lower whenever an item has more than one gallery image."
+    ),
+}
+
+
+@dataclasses.dataclass
+class QueryMetrics:
+    """Per-query retrieval results.
+
+    Attributes:
+        ks: the cut-offs, ascending.
+        n_relevant: ndarray of shape (m,), int: same-item gallery images per query.
+        first_hit_rank: ndarray of shape (m,), int: 1-based rank of the first same-item
+            image, 0 when the query has none (such queries are excluded from means).
+        ap: ndarray of shape (m,), float: average precision (NaN without same-item image).
+        map_at_r: ndarray of shape (m,), float: precision@R-based AP (NaN likewise).
+        mmfashion_recall: ndarray of shape (m, len(ks)), float: same-item images found in
+            the top K over ``n_relevant`` (NaN likewise).
+        tied_first_hit: ndarray of shape (m,), bool: the first same-item image is at
+            exactly the distance of a non-matching one (the tie rule decided its rank).
+        top_index: ndarray of shape (m, t), int: gallery rows of the t nearest, in rank
+            order (-1 pads when the gallery is smaller).
+        top_distance: ndarray of shape (m, t), float32: their distances.
+        ties: the tie rule used.
+    """
+
+    ks: tuple[int, ...]
+    n_relevant: np.ndarray
+    first_hit_rank: np.ndarray
+    ap: np.ndarray
+    map_at_r: np.ndarray
+    mmfashion_recall: np.ndarray
+    tied_first_hit: np.ndarray
+    top_index: np.ndarray
+    top_distance: np.ndarray
+    ties: str = DEFAULT_TIES
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        """ndarray of shape (m,), bool: queries with at least one same-item gallery image."""
+        return self.n_relevant > 0
+
+    def hits(self) -> np.ndarray:
+        """ndarray of shape (m, len(ks)), bool: a same-item image within the top K."""
+        import numpy as np
+
+        ks = np.asarray(self.ks)
+        return (self.first_hit_rank[:, None] > 0) & (self.first_hit_rank[:, None] <= ks)
+
+    def summary(self, mask: np.ndarray | None = None) -> dict[str, Any]:
+        """Mean metrics over the evaluated queries (those with a same-item gallery image).
+
+        Args:
+            mask: ndarray of shape (m,), bool: restrict to these queries (e.g. a category).
+
+        Returns:
+            dict with ``n_queries``, ``n_evaluated``, ``n_without_match``,
+            ``recall_at_k`` {k: hit rate}, ``map``, ``map_at_r``,
+            ``mmfashion_recall_at_k`` {k: value}, ``tied_first_hit``; means are None when
+            no query is evaluated.
+        """
+        import numpy as np
+
+        m = len(self.n_relevant)
+        mask = np.ones(m, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        use = mask & self.evaluated
+        n = int(use.sum())
+
+        def mean(values: np.ndarray) -> float | None:
+            return float(np.mean(values[use])) if n else None
+
+        hits = self.hits()
+        return {
+            "n_queries": int(mask.sum()),
+            "n_evaluated": n,
+            "n_without_match": int((mask & ~self.evaluated).sum()),
+            "recall_at_k": {k: mean(hits[:, j]) for j, k in enumerate(self.ks)},
+            "map": mean(self.ap),
+            "map_at_r": mean(self.map_at_r),
+            "mmfashion_recall_at_k": {
+                k: mean(self.mmfashion_recall[:, j]) for j, k in enumerate(self.ks)
+            },
+            "tied_first_hit": int((use & self.tied_first_hit).sum()),
+        }
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(sorted({int(k) for k in ks}))
+    if not out or out[0] < 1:
+        raise SnaplookError(f"K values must be positive integers, got {list(ks)}.")
+    return out
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in TIE_RULES:
+        raise SnaplookError(f"unknown tie rule {ties!r}; choose one of: {', '.join(TIE_RULES)}.")
+
+
+def _rank_block(
+    distances: np.ndarray,
+    relevant: np.ndarray,
+    ks: tuple[int, ...],
+    ties: str,
+    top_n: int,
+) -> dict[str, np.ndarray]:
+    """Metrics of one block of queries from its (b, n) distances and relevance mask."""
+    import numpy as np
+
+    b, n = distances.shape
+    if ties == "pessimistic":
+        # lexsort orders by the last key first: distance, then non-matching (False) first.
+        order = np.lexsort((relevant, distances), axis=1)
+    else:
+        order = np.argsort(distances, axis=1, kind="stable")
+    rel = np.take_along_axis(relevant, order, axis=1)
+    n_rel = rel.sum(axis=1)
+    has = n_rel > 0
+    safe = np.maximum(n_rel, 1)
+    cum = np.cumsum(rel, axis=1, dtype=np.int32)
+    positions = np.arange(1, n + 1, dtype=np.float32)
+    precision = cum.astype(np.float32) / positions
+    with np.errstate(invalid="ignore"):
+        ap = np.where(has, (precision * rel).sum(axis=1) / safe, np.nan)
+        within_r = positions[None, :] <= n_rel[:, None]
+        map_r = np.where(has, (precision * (rel & within_r)).sum(axis=1) / safe, np.nan)
+        cols = np.minimum(np.asarray(ks), n) - 1
+        mm = (
+            np.where(has[:, None], cum[:, cols] / safe[:, None], np.nan)
+            if n
+            else np.full((b, len(ks)), np.nan)
+        )
+    first = np.where(has, rel.argmax(axis=1) + 1, 0)
+    sorted_d = np.take_along_axis(distances, order, axis=1)
+    first_d = sorted_d[np.arange(b), np.maximum(first - 1, 0)]
+    tied = has & ((distances == first_d[:, None]) & ~relevant).any(axis=1)
+    t = min(top_n, n)
+    top_index = np.full((b, top_n), -1, dtype=np.int64)
+    top_distance = np.full((b, top_n), np.nan, dtype=np.float32)
+    top_index[:, :t] = order[:, :t]
+    top_distance[:, :t] = sorted_d[:, :t]
+    return {
+        "n_relevant": n_rel.astype(np.int64),
+        "first_hit_rank": first.astype(np.int64),
+        "ap": ap.astype(np.float64),
+        "map_at_r": map_r.astype(np.float64),
+        "mmfashion_recall": np.asarray(mm, dtype=np.float64),
+        "tied_first_hit": tied,
+        "top_index": top_index,
+        "top_distance": top_distance,
+    }
+
+
+def _concat_blocks(
+    blocks: list[dict[str, np.ndarray]], ks: tuple[int, ...], ties: str, top_n: int
+) -> QueryMetrics:
+    import numpy as np
+
+    if not blocks:
+        empty = np.zeros(0, dtype=np.int64)
+        return QueryMetrics(
+            ks,
+            empty,
+            empty,
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros((0, len(ks))),
+            np.zeros(0, dtype=bool),
+            np.zeros((0, top_n), dtype=np.int64),
+            np.zeros((0, top_n), dtype=np.float32),
+            ties,
+        )
+    merged = {key: np.concatenate([blk[key] for blk in blocks]) for key in blocks[0]}
+    return QueryMetrics(ks=ks, ties=ties, **merged)
+
+
+def rank_metrics(
+    distances: np.ndarray,
+    query_ids: Sequence[Any],
+    gallery_ids: Sequence[Any],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = DEFAULT_TIES,
+    exclude: np.ndarray | None = None,
+    top_n: int = DEFAULT_TOP_N,
+) -> QueryMetrics:
+    """Per-query retrieval metrics from a query x gallery distance matrix and labels.
+
+    A gallery image is relevant to a query when their ids are equal. Smaller distance
+    ranks first; equal distances follow ``ties``.
+
+    Args:
+        distances: ndarray of shape (m, n), any distance (smaller = more similar).
+        query_ids: m labels.
+        gallery_ids: n labels.
+        ks: cut-offs for Recall@K, default=(1, 5, 10, 20, 30, 50).
+        ties: "pessimistic" (default) or "gallery-order", see :data:`TIE_RULES`.
+        exclude: ndarray of shape (m, n), bool: pairs left out of the ranking (e.g. each
+            query itself in leave-one-out); default none.
+        top_n: nearest gallery images kept per query, default=5.
+
+    Returns:
+        :class:`QueryMetrics`; call ``.summary()`` for the means.
+
+    Raises:
+        SnaplookError: shapes that do not match the labels, bad ``ks`` or ``ties``.
+    """
+    import numpy as np
+
+    ks = _check_ks(ks)
+    _check_ties(ties)
+    distances = np.asarray(distances, dtype=np.float64)
+    q = np.asarray(query_ids)
+    g = np.asarray(gallery_ids)
+    if distances.ndim != 2 or distances.shape != (len(q), len(g)):
+        raise SnaplookError(
+            f"distances has shape {distances.shape}, expected ({len(q)}, {len(g)}) "
+            "(queries x gallery)."
+        )
+    relevant = q[:, None] == g[None, :]
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        distances = np.where(exclude, np.inf, distances)
+        relevant = relevant & ~exclude
+    return _concat_blocks([_rank_block(distances, relevant, ks, ties, top_n)], ks, ties, top_n)
+
+
+def recall_at_k(
+    distances: np.ndarray,
+    query_ids: Sequence[Any],
+    gallery_ids: Sequence[Any],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = DEFAULT_TIES,
+) -> dict[int, float | None]:
+    """Recall@K as the DeepFashion hit rate (see :data:`METRIC_DEFINITIONS`).
+
+    Queries without a same-item gallery image are excluded from the mean.
+
+    Returns:
+        {k: share of queries with a same-item image in their top k}.
+    """
+    return rank_metrics(distances, query_ids, gallery_ids, ks=ks, ties=ties).summary()[
+        "recall_at_k"
+    ]
+
+
+def mean_average_precision(
+    distances: np.ndarray,
+    query_ids: Sequence[Any],
+    gallery_ids: Sequence[Any],
+    *,
+    ties: str = DEFAULT_TIES,
+) -> float | None:
+    """mAP over the full ranking (see :data:`METRIC_DEFINITIONS`)."""
+    return rank_metrics(distances, query_ids, gallery_ids, ks=(1,), ties=ties).summary()["map"]
+
+
+def map_at_r(
+    distances: np.ndarray,
+    query_ids: Sequence[Any],
+    gallery_ids: Sequence[Any],
+    *,
+    ties: str = DEFAULT_TIES,
+) -> float | None:
+    """MAP@R (see :data:`METRIC_DEFINITIONS`)."""
+    metrics = rank_metrics(distances, query_ids, gallery_ids, ks=(1,), ties=ties)
+    return metrics.summary()["map_at_r"]
+
+
+def mmfashion_recall_at_k(
+    distances: np.ndarray,
+    query_ids: Sequence[Any],
+    gallery_ids: Sequence[Any],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = DEFAULT_TIES,
+) -> dict[int, float | None]:
+    """MMFashion's averaged recall@K (see :data:`METRIC_DEFINITIONS`); not the hit rate."""
+    metrics = rank_metrics(distances, query_ids, gallery_ids, ks=ks, ties=ties)
+    return metrics.summary()["mmfashion_recall_at_k"]
+
+
+def normalize_features(
+    query_feats: np.ndarray,
+    gallery_feats: np.ndarray,
+    *,
+    normalization: str = DEFAULT_NORMALIZATION,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a :data:`NORMALIZATIONS` setting to query and gallery features.
+
+    Returns:
+        (queries, gallery): float32 arrays of the input shapes.
+
+    Raises:
+        SnaplookError: unknown normalisation.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    q = np.asarray(query_feats, dtype=np.float32)
+    g = np.asarray(gallery_feats, dtype=np.float32)
+    if normalization == "l2":
+        return l2_normalize(q), l2_normalize(g)
+    if normalization == "centered":
+        centre = g.mean(axis=0, keepdims=True) if len(g) else 0.0
+        return l2_normalize(q - centre), l2_normalize(g - centre)
+    if normalization == "none":
+        return q, g
+    raise SnaplookError(
+        f"unknown normalisation {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}."
     )
+
+
+def _block_distances(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray | None) -> np.ndarray:
+    import numpy as np
+
+    dots = q @ g.T
+    if g_sq is None:  # unit rows: cosine distance
+        return np.clip(1.0 - dots, 0.0, 2.0)
+    q_sq = np.einsum("ij,ij->i", q, q)[:, None]
+    return np.sqrt(np.maximum(q_sq + g_sq[None, :] - 2.0 * dots, 0.0))
+
+
+def evaluate_embeddings(
+    query_feats: np.ndarray,
+    query_ids: Sequence[Any],
+    gallery_feats: np.ndarray,
+    gallery_ids: Sequence[Any],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = DEFAULT_TIES,
+    normalization: str = DEFAULT_NORMALIZATION,
+    leave_one_out: bool = False,
+    top_n: int = DEFAULT_TOP_N,
+    block_bytes: int = RANKING_BLOCK_BYTES,
+    on_progress: Callable[[int], None] | None = None,
+) -> QueryMetrics:
+    """Score embeddings: rank the gallery for every query, in blocks, and measure.
+
+    Memory stays bounded: queries are processed in blocks so that one block's distances
+    and ranking take about ``block_bytes`` (In-shop: 14,218 x 12,612 in ~25 blocks).
+
+    Args:
+        query_feats: ndarray of shape (m, d).
+        query_ids: m item ids.
+        gallery_feats: ndarray of shape (n, d).
+        gallery_ids: n item ids.
+        ks: cut-offs, default=(1, 5, 10, 20, 30, 50).
+        ties: tie rule, default="pessimistic" (see :data:`TIE_RULES`).
+        normalization: "l2" (cosine, default), "centered" or "none" (Euclidean).
+        leave_one_out: queries and gallery are the same images (same order); each
+            query's own row is left out of its ranking.
+        top_n: nearest gallery images kept per query, default=5.
+        block_bytes: working-memory budget per block, default=256 MiB.
+        on_progress: called with the number of queries ranked so far.
+
+    Returns:
+        :class:`QueryMetrics`; ``.summary()`` gives the means.
+
+    Raises:
+        SnaplookError: feature and id counts that disagree, different dimensions, or an
+            unknown ``ties`` / ``normalization``.
+    """
+    import numpy as np
+
+    ks = _check_ks(ks)
+    _check_ties(ties)
+    q_ids = np.asarray(query_ids)
+    g_ids = np.asarray(gallery_ids)
+    query_feats = np.atleast_2d(np.asarray(query_feats))
+    gallery_feats = np.atleast_2d(np.asarray(gallery_feats))
+    if len(query_feats) != len(q_ids) or len(gallery_feats) != len(g_ids):
+        raise SnaplookError(
+            f"{len(query_feats)} query features for {len(q_ids)} query ids and "
+            f"{len(gallery_feats)} gallery features for {len(g_ids)} gallery ids; they must "
+            "match one to one."
+        )
+    if len(query_feats) and len(gallery_feats) and query_feats.shape[1] != gallery_feats.shape[1]:
+        raise SnaplookError(
+            f"query features are {query_feats.shape[1]}-d but gallery features "
+            f"{gallery_feats.shape[1]}-d."
+        )
+    if leave_one_out and len(query_feats) != len(gallery_feats):
+        raise SnaplookError("leave_one_out needs the same images as queries and gallery.")
+    q, g = normalize_features(query_feats, gallery_feats, normalization=normalization)
+    g_sq = np.einsum("ij,ij->i", g, g) if normalization == "none" else None
+    m, n = len(q), len(g)
+    # Per (query, gallery) cell the ranking holds about 64 bytes: distances, sort order,
+    # sorted distances, relevance, cumulative hits, precision and temporaries.
+    rows = max(1, int(block_bytes // max(1, 64 * n)))
+    blocks = []
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        dist = _block_distances(q[start:stop], g, g_sq)
+        relevant = q_ids[start:stop, None] == g_ids[None, :]
+        if leave_one_out:
+            own = np.arange(start, stop)
+            dist[own - start, own] = np.inf
+            relevant[own - start, own] = False
+        blocks.append(_rank_block(dist, relevant, ks, ties, top_n))
+        if on_progress is not None:
+            on_progress(stop)
+    return _concat_blocks(blocks, ks, ties, top_n)
+
+
+# --- evaluation runs and reports -----------------------------------------------------
+
+CROPS = ("none", "gt")
+DEFAULT_CROP = "none"
+DEFAULT_OUT_ROOT = Path("output/eval")
+#: Queries drawn in each of the worst and random grids.
+DEFAULT_N_EXAMPLES = 8
+DEFAULT_SEED = 0
+PER_QUERY_HEADER = (
+    "query",
+    "item",
+    "category",
+    "status",
+    "n_relevant",
+    "first_hit_rank",
+    "ap",
+    "map_at_r",
+)
+
+
+@dataclass
+class Report:
+    """One evaluation: its configuration, counts, metrics and the files written.
+
+    Attributes:
+        config: what was evaluated and how (protocol, files, backbone, weights identity,
+            preprocessing, pooling, normalisation, crop, ks, tie rule, ...).
+        counts: images and queries: listed, missing, unreadable, evaluated, excluded.
+        metrics: overall means (see :meth:`QueryMetrics.summary`).
+        per_category: category -> the same means over its queries.
+        per_query: one dict per query (the rows of ``per_query.csv``).
+        out: the report folder, or None when nothing was written.
+        files: name -> path of each file written.
+        seconds: {"embedding": ..., "ranking": ...} wall times.
+    """
+
+    config: dict[str, Any]
+    counts: dict[str, int]
+    metrics: dict[str, Any]
+    per_category: dict[str, dict[str, Any]]
+    per_query: list[dict[str, Any]]
+    out: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def recall_at_k(self) -> dict[int, float | None]:
+        """{k: hit rate}: the DeepFashion Recall@K."""
+        return self.metrics["recall_at_k"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``report.json``."""
+        return {
+            "snaplook_report": 1,
+            "config": self.config,
+            "counts": self.counts,
+            "metrics": _json_metrics(self.metrics),
+            "definitions": METRIC_DEFINITIONS,
+            "per_category": {c: _json_metrics(m) for c, m in self.per_category.items()},
+            "seconds": self.seconds,
+            "files": {name: path.name for name, path in self.files.items()},
+        }
+
+
+def _json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = dict(metrics)
+    for key in ("recall_at_k", "mmfashion_recall_at_k"):
+        out[key] = {str(k): v for k, v in metrics[key].items()}
+    return out
+
+
+@dataclass
+class Comparison:
+    """Several settings evaluated on the same split (``compare.md`` / ``compare.json``).
+
+    Attributes:
+        reports: one :class:`Report` per setting, in the order run.
+        out: the folder written.
+        files: name -> path of the comparison files (empty for a single setting).
+    """
+
+    reports: list[Report]
+    out: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _setting_name(backbone: str, pooling: str, normalization: str) -> str:
+    return f"{backbone}-{pooling}-{normalization}"
+
+
+def evaluate(
+    root: str | Path,
+    *,
+    protocol: str = DEFAULT_PROTOCOL,
+    partition: str | Path | None = None,
+    bbox: str | Path | None = None,
+    crop: str = DEFAULT_CROP,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    pooling: str | None = None,
+    normalization: str = DEFAULT_NORMALIZATION,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = DEFAULT_TIES,
+    out: str | Path | None = None,
+    strict: bool = False,
+    subset: str = DEFAULT_C2S_SUBSET,
+    seed: int = DEFAULT_SEED,
+    batch_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    n_examples: int = DEFAULT_N_EXAMPLES,
+    embedder: Any = None,
+    split: Split | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Report:
+    """Evaluate one backbone on a retrieval protocol and write a report folder.
+
+    Loads the split (:func:`load_split`), embeds query and gallery images through the
+    feature cache (``features.embed_cached``), ranks the gallery for every query in
+    blocks (:func:`evaluate_embeddings`) and writes, atomically, into ``out``:
+    ``report.json``, ``per_query.csv``, ``recall_at_k.png``, ``worst_queries.png``,
+    ``random_queries.png`` and ``report.md``.
+
+    Args:
+        root: dataset root (see :func:`load_split`).
+        protocol: "inshop" (default), "consumer2shop" or "folders".
+        partition: partition file; default: found under ``root``.
+        bbox: box file; default for ``crop="gt"``: ``list_bbox_<protocol>.txt`` under
+            ``root`` or ``root/Anno``.
+        crop: "none" (whole image, default) or "gt" (crop to the ground-truth box).
+        backbone, weights, pooling, seed: the embedder (ignored when ``embedder`` is
+            given); defaults: resnet50, imagenet, avg, 0.
+        normalization: "l2" (cosine, default), "centered" or "none" (Euclidean).
+        ks: Recall@K cut-offs, default=(1, 5, 10, 20, 30, 50).
+        ties: tie rule, default="pessimistic" (see :data:`TIE_RULES`).
+        out: report folder (replaced atomically when complete); default
+            ``output/eval/<root name>-<protocol>-<backbone>-<pooling>-<normalization>``.
+        strict: fail on listed-but-missing or unreadable images instead of counting them.
+        subset: Consumer-to-shop status evaluated, default="test".
+        batch_size: images per forward pass, default=32.
+        cache_dir: feature cache folder, default="output/cache/features".
+        n_examples: queries in the worst and in the random grid, default=8.
+        embedder: a ready :class:`~snaplook.features.Embedder` (or anything with its
+            ``identity``/``prepare``/``embed``/``input_size``/``feature_dim``).
+        split: an already loaded :class:`Split` (skips reading the partition again).
+        on_start: called with the number of images to embed (0 when cached).
+        on_progress: called with the number embedded so far.
+
+    Returns:
+        :class:`Report`.
+
+    Raises:
+        SnaplookError: bad protocol files, missing images with ``strict``, unknown
+            settings, unloadable weights, no query with a same-item gallery image.
+    """
+    import time
+
+    import numpy as np
+
+    from snaplook import features as feats
+    from snaplook.io_utils import make_temp_dir, replace_dir
+
+    ks = _check_ks(ks)
+    _check_ties(ties)
+    if crop not in CROPS:
+        raise SnaplookError(f"unknown crop {crop!r}; choose none or gt.")
+    if normalization not in NORMALIZATIONS:
+        raise SnaplookError(
+            f"unknown normalisation {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}."
+        )
+    root = Path(root)
+    if split is None:
+        split = load_split(
+            root,
+            protocol=protocol,
+            partition=partition,
+            bbox=_resolve_bbox(root, protocol, bbox, crop),
+            strict=strict,
+            subset=subset,
+        )
+    if embedder is None:
+        embedder = feats.Embedder(
+            backbone or feats.DEFAULT_BACKBONE,
+            weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
+            pooling=pooling or feats.DEFAULT_POOLING,
+            seed=seed,
+        )
+    identity = embedder.identity()
+    name = _setting_name(identity["backbone"], identity["pooling"], normalization)
+    out = (
+        Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}-{name}"
+    )
+
+    # Embed every distinct evaluated image once (queries and gallery may share images).
+    def ref(s: Sample) -> tuple[Path, tuple[int, int, int, int] | None]:
+        return split.root / s.path, s.box if crop == "gt" else None
+
+    images = split.query if split.leave_one_out else split.query + split.gallery
+    skipped: list[Any] = []
+    started = time.perf_counter()
+    matrix = feats.embed_cached(
+        [ref(s) for s in images],
+        embedder,
+        cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
+        batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
+        on_skip=skipped.append,
+        on_start=on_start,
+        on_progress=on_progress,
+    )
+    embed_seconds = time.perf_counter() - started
+    unreadable = {str(s.path) for s in skipped}
+    if unreadable and strict:
+        raise SnaplookError(
+            f"{len(unreadable)} evaluated image(s) could not be read (first: "
+            f"{sorted(unreadable)[0]}); --strict stops here."
+        )
+    readable = np.array([str(ref(s)[0].resolve()) not in unreadable for s in images])
+    n_q = len(split.query)
+    q_ok = readable[:n_q]
+    g_ok = readable[:n_q] if split.leave_one_out else readable[n_q:]
+    q_feats = matrix[:n_q]
+    g_feats = q_feats if split.leave_one_out else matrix[n_q:]
+    q_rows = np.flatnonzero(q_ok)
+    g_rows = np.flatnonzero(g_ok)
+
+    started = time.perf_counter()
+    metrics = evaluate_embeddings(
+        q_feats[q_rows],
+        [split.query[i].item for i in q_rows],
+        g_feats[g_rows],
+        [split.gallery[i].item for i in g_rows],
+        ks=ks,
+        ties=ties,
+        normalization=normalization,
+        leave_one_out=split.leave_one_out,
+    )
+    rank_seconds = time.perf_counter() - started
+    if not metrics.evaluated.any():
+        raise SnaplookError(
+            f"none of the {len(q_rows)} readable queries has an image of its item in the "
+            "gallery; check the partition file and --protocol."
+        )
+
+    per_query = _per_query_rows(split, q_rows, metrics, q_ok)
+    categories = np.array([split.query[i].category for i in q_rows])
+    per_category = {c: metrics.summary(categories == c) for c in sorted(set(categories.tolist()))}
+    summary = metrics.summary()
+    counts = {
+        **split.counts(),
+        "unreadable_query_images": int((~q_ok).sum()),
+        "unreadable_gallery_images": int((~g_ok).sum()),
+        "queries_ranked": len(q_rows),
+        "gallery_images_searched": len(g_rows) - (1 if split.leave_one_out else 0),
+        "queries_without_gallery_match": summary["n_without_match"],
+        "queries_evaluated": summary["n_evaluated"],
+        "queries_with_tied_first_hit": summary["tied_first_hit"],
+    }
+    config = {
+        "root": str(root.resolve()),
+        "image_root": str(split.root.resolve()),
+        "protocol": split.protocol,
+        "partition": str(split.partition.resolve()) if split.partition else None,
+        "bbox": str(split.bbox.resolve()) if split.bbox else None,
+        "subset": subset if split.protocol == "consumer2shop" else None,
+        "crop": crop,
+        "backbone": identity["backbone"],
+        "weights": identity["weights"],
+        "input_size": identity.get("input_size"),
+        "preprocessing": identity.get("preprocessing"),
+        "resize": identity.get("resize"),
+        "pooling": identity["pooling"],
+        "feature_dim": identity.get("feature_dim"),
+        "normalization": normalization,
+        "distance": "euclidean" if normalization == "none" else "cosine",
+        "ks": list(ks),
+        "ties": ties,
+        "leave_one_out": split.leave_one_out,
+        "setting": name,
+        "snaplook_version": _version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    report = Report(
+        config=config,
+        counts=counts,
+        metrics=summary,
+        per_category=per_category,
+        per_query=per_query,
+        out=out,
+        seconds={"embedding": round(embed_seconds, 3), "ranking": round(rank_seconds, 3)},
+    )
+    tmp = make_temp_dir(out)
+    try:
+        _write_report(report, tmp, split, q_rows, g_rows, metrics, n_examples=n_examples, seed=seed)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.files = {name: out / path.name for name, path in report.files.items()}
+    return report
+
+
+def _version() -> str:
+    from snaplook import __version__
+
+    return __version__
+
+
+def _resolve_bbox(
+    root: Path, protocol: str, bbox: str | Path | None, crop: str
+) -> str | Path | None:
+    if bbox is not None or crop != "gt":
+        return bbox
+    if protocol == "folders":
+        raise SnaplookError("--crop gt needs boxes; the folders protocol has none (use --bbox).")
+    found = find_annotation(root, BBOX_FILES[protocol])
+    if found is None:
+        raise SnaplookError(
+            f"--crop gt needs {BBOX_FILES[protocol]}; not found in {root} or {root / 'Anno'}. "
+            "Pass it with --bbox, or use --crop none."
+        )
+    return found
+
+
+def _per_query_rows(
+    split: Split, q_rows: np.ndarray, metrics: QueryMetrics, q_ok: np.ndarray
+) -> list[dict[str, Any]]:
+    import math
+
+    rows: list[dict[str, Any]] = []
+    position = {int(r): i for i, r in enumerate(q_rows)}
+    for i, s in enumerate(split.query):
+        row: dict[str, Any] = {"query": s.path, "item": s.item, "category": s.category}
+        j = position.get(i)
+        if j is None:
+            row.update(status="unreadable", n_relevant="", first_hit_rank="", ap="", map_at_r="")
+        elif metrics.n_relevant[j] == 0:
+            row.update(
+                status="no_gallery_match", n_relevant=0, first_hit_rank="", ap="", map_at_r=""
+            )
+        else:
+            ap, mr = float(metrics.ap[j]), float(metrics.map_at_r[j])
+            row.update(
+                status="ok",
+                n_relevant=int(metrics.n_relevant[j]),
+                first_hit_rank=int(metrics.first_hit_rank[j]),
+                ap=round(ap, 6) if not math.isnan(ap) else "",
+                map_at_r=round(mr, 6) if not math.isnan(mr) else "",
+            )
+        rows.append(row)
+    return rows
+
+
+def _grid_rows(
+    split: Split,
+    q_rows: np.ndarray,
+    g_rows: np.ndarray,
+    metrics: QueryMetrics,
+    chosen: Sequence[int],
+) -> list[dict[str, Any]]:
+    rows = []
+    for j in chosen:
+        query = split.query[int(q_rows[j])]
+        top = [int(t) for t in metrics.top_index[j] if t >= 0]
+        gallery = [split.gallery[int(g_rows[t])] for t in top]
+        rank = int(metrics.first_hit_rank[j])
+        rows.append(
+            {
+                "query": split.root / query.path,
+                "results": [split.root / g.path for g in gallery],
+                "distances": [float(d) for d in metrics.top_distance[j][: len(top)]],
+                "hits": [g.item == query.item for g in gallery],
+                "labels": [g.item for g in gallery],
+                "query_label": f"{query.item} (hit@{rank})" if rank else query.item,
+            }
+        )
+    return rows
+
+
+def _write_report(
+    report: Report,
+    folder: Path,
+    split: Split,
+    q_rows: np.ndarray,
+    g_rows: np.ndarray,
+    metrics: QueryMetrics,
+    *,
+    n_examples: int,
+    seed: int,
+) -> None:
+    import numpy as np
+
+    from snaplook.io_utils import write_csv_atomic, write_json_atomic, write_text_atomic
+    from snaplook.plot_utils import plot_recall_curve, plot_retrieval_rows
+
+    files: dict[str, Path] = {}
+    evaluated = np.flatnonzero(metrics.evaluated)
+    # Worst first: lowest AP, then the latest first hit, then partition order.
+    worst = sorted(
+        evaluated.tolist(), key=lambda j: (metrics.ap[j], -metrics.first_hit_rank[j], j)
+    )[:n_examples]
+    rng = np.random.default_rng(seed)
+    pick = min(n_examples, len(evaluated))
+    random_rows = sorted(rng.choice(evaluated, size=pick, replace=False).tolist()) if pick else []
+    note = (
+        " · random weights: not a quality claim"
+        if report.config["weights"].get("name") == "random"
+        else ""
+    )
+    setting = report.config["setting"]
+    files["per_query_csv"] = folder / "per_query.csv"
+    write_csv_atomic(
+        files["per_query_csv"],
+        PER_QUERY_HEADER,
+        ([row[c] for c in PER_QUERY_HEADER] for row in report.per_query),
+    )
+    files["recall_png"] = plot_recall_curve(
+        {setting: {k: v or 0.0 for k, v in report.recall_at_k.items()}},
+        folder / "recall_at_k.png",
+        title=f"Recall@K (hit rate), {split.protocol}{note}",
+    )
+    files["worst_png"] = plot_retrieval_rows(
+        _grid_rows(split, q_rows, g_rows, metrics, worst),
+        folder / "worst_queries.png",
+        title=f"{len(worst)} worst queries (lowest AP){note}",
+    )
+    files["random_png"] = plot_retrieval_rows(
+        _grid_rows(split, q_rows, g_rows, metrics, random_rows),
+        folder / "random_queries.png",
+        title=f"{len(random_rows)} random queries (seed {seed}){note}",
+    )
+    files["report_md"] = folder / "report.md"
+    files["report_json"] = folder / "report.json"
+    report.files = files
+    write_json_atomic(files["report_json"], report.to_dict())
+    write_text_atomic(files["report_md"], render_report_md(report))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def render_report_md(report: Report) -> str:
+    """The Markdown page that ties a report's numbers, definitions and figures together."""
+    c, n, m = report.config, report.counts, report.metrics
+    ks = c["ks"]
+    weights = c["weights"]
+    wtext = weights.get("name", "?")
+    if weights.get("sha256"):
+        wtext += f" (sha256 {weights['sha256'][:12]}…)"
+    lines = [
+        f"# Retrieval evaluation: {c['protocol']}, {c['setting']}",
+        "",
+    ]
+    if weights.get("name") == "random":
+        lines += [
+            "> **Random weights**: these numbers test the pipeline, not retrieval quality.",
+            "",
+        ]
+    lines += [
+        "## Configuration",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| dataset root | `{c['root']}` |",
+        f"| protocol | {c['protocol']}"
+        + (" (leave-one-out: every image queries all others)" if c["leave_one_out"] else "")
+        + (f", subset {c['subset']}" if c.get("subset") else "")
+        + " |",
+        f"| partition file | `{c['partition']}` |",
+        f"| crop | {c['crop']}"
+        + (f" (boxes from `{c['bbox']}`)" if c["crop"] == "gt" else "")
+        + " |",
+        f"| backbone | {c['backbone']}, input {c['input_size']} px ({c['resize']}), "
+        f"preprocessing {c['preprocessing']}, {c['pooling']} pooling, {c['feature_dim']}-d |",
+        f"| weights | {wtext} |",
+        f"| normalisation / distance | {c['normalization']} / {c['distance']} |",
+        f"| tie rule | {c['ties']} |",
+        "",
+        "## Counts",
+        "",
+        "| | count |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {key.replace('_', ' ')} | {value} |" for key, value in n.items()]
+    lines += [
+        "",
+        f"Queries whose item has no gallery image ({n['queries_without_gallery_match']}) are "
+        "listed in `per_query.csv` with status `no_gallery_match` and left out of every mean; "
+        f"{n['missing_images']} listed image(s) were missing and "
+        f"{n['unreadable_query_images'] + n['unreadable_gallery_images']} unreadable.",
+        "",
+        "## Metrics",
+        "",
+        "| metric | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "| --- | " + " | ".join("---:" for _ in ks) + " |",
+        "| Recall@K (hit rate, %) | " + " | ".join(_fmt(m["recall_at_k"][k]) for k in ks) + " |",
+        "| MMFashion averaged recall@K (%) | "
+        + " | ".join(_fmt(m["mmfashion_recall_at_k"][k]) for k in ks)
+        + " |",
+        "",
+        f"mAP (full ranking): **{_fmt(m['map'])}%** · MAP@R: **{_fmt(m['map_at_r'])}%** "
+        f"· over {m['n_evaluated']} queries.",
+        "",
+        "Definitions:",
+        "",
+    ]
+    lines += [f"- {text}" for text in METRIC_DEFINITIONS.values()]
+    lines += [
+        f"- Ties ({c['ties']}): "
+        + (
+            "gallery images at exactly the same distance as a same-item image are ranked "
+            "before it, so a tie never helps"
+            if c["ties"] == "pessimistic"
+            else "gallery images at the same distance keep their gallery order"
+        )
+        + f"; {n['queries_with_tied_first_hit']} quer(ies) had their first hit tied.",
+        "",
+        "![Recall@K](recall_at_k.png)",
+        "",
+        "## Per category",
+        "",
+        "| category | queries | " + " | ".join(f"R@{k}" for k in ks) + " | mAP | MAP@R |",
+        "| --- | ---: | " + " | ".join("---:" for _ in ks) + " | ---: | ---: |",
+    ]
+    for cat, cm in report.per_category.items():
+        lines.append(
+            f"| {cat} | {cm['n_evaluated']} | "
+            + " | ".join(_fmt(cm["recall_at_k"][k]) for k in ks)
+            + f" | {_fmt(cm['map'])} | {_fmt(cm['map_at_r'])} |"
+        )
+    lines += [
+        "",
+        "## Failures and samples",
+        "",
+        "Each row: the query (blue), then its nearest gallery images with rank and "
+        "distance, outlined green for the same item and red otherwise.",
+        "",
+        "Worst queries (lowest AP):",
+        "",
+        "![worst queries](worst_queries.png)",
+        "",
+        "Random queries:",
+        "",
+        "![random queries](random_queries.png)",
+        "",
+        "Per-query results (first hit rank, AP, MAP@R): `per_query.csv`; every number above: "
+        "`report.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def inshop(root: str | Path, **kwargs: Any) -> Report:
+    """Evaluate on DeepFashion In-shop Clothes Retrieval (see :func:`evaluate`).
+
+    Example::
+
+        report = snaplook.evaluate.inshop("data/In-shop", crop="gt", weights="imagenet")
+        report.recall_at_k[1], report.metrics["map"]
+    """
+    return evaluate(root, protocol="inshop", **kwargs)
+
+
+def consumer2shop(root: str | Path, **kwargs: Any) -> Report:
+    """Evaluate on DeepFashion Consumer-to-shop Clothes Retrieval (see :func:`evaluate`)."""
+    return evaluate(root, protocol="consumer2shop", **kwargs)
+
+
+def folders(root: str | Path, **kwargs: Any) -> Report:
+    """Leave-one-out evaluation of ``root/<label>/<images>`` (see :func:`evaluate`)."""
+    return evaluate(root, protocol="folders", **kwargs)
+
+
+def evaluate_settings(
+    root: str | Path,
+    *,
+    protocol: str = DEFAULT_PROTOCOL,
+    backbones: Sequence[str] = (),
+    poolings: Sequence[str] = (),
+    normalizations: Sequence[str] = (),
+    weights: str | Path | None = None,
+    partition: str | Path | None = None,
+    bbox: str | Path | None = None,
+    crop: str = DEFAULT_CROP,
+    strict: bool = False,
+    subset: str = DEFAULT_C2S_SUBSET,
+    out: str | Path | None = None,
+    on_setting: Callable[[str, int, int], None] | None = None,
+    **kwargs: Any,
+) -> Comparison:
+    """Evaluate every combination of backbones x poolings x normalisations on one split.
+
+    With one combination this is :func:`evaluate` writing into ``out``. With several,
+    each report goes to ``out/<backbone>-<pooling>-<normalization>/`` and ``out`` gets
+    ``compare.md`` and ``compare.json`` (one row per setting). Features are cached per
+    backbone and pooling, so normalisations do not re-embed.
+
+    Args:
+        root: dataset root.
+        protocol: see :func:`load_split`.
+        backbones: default=("resnet50",).
+        poolings: default=("avg",).
+        normalizations: default=("l2",).
+        weights: "imagenet", "random" or a weights file (a file fits one backbone only).
+        partition, bbox, crop, strict, subset: see :func:`evaluate`.
+        out: output folder; default ``output/eval/<root name>-<protocol>``.
+        on_setting: called with (setting name, index, total) before each setting.
+        **kwargs: passed on to :func:`evaluate` (ks, ties, seed, batch_size, cache_dir,
+            n_examples, on_start, on_progress).
+
+    Returns:
+        :class:`Comparison`.
+    """
+    import itertools
+
+    from snaplook import features as feats
+    from snaplook.io_utils import write_json_atomic, write_text_atomic
+
+    root = Path(root)
+    backbones = list(dict.fromkeys(backbones or [feats.DEFAULT_BACKBONE]))
+    poolings = list(dict.fromkeys(poolings or [feats.DEFAULT_POOLING]))
+    normalizations = list(dict.fromkeys(normalizations or [DEFAULT_NORMALIZATION]))
+    for b in backbones:
+        feats.get_backbone(b)
+    for p in poolings:
+        if p not in feats.POOLINGS:
+            raise SnaplookError(f"unknown pooling {p!r}; choose avg or max.")
+    for nz in normalizations:
+        if nz not in NORMALIZATIONS:
+            raise SnaplookError(
+                f"unknown normalisation {nz!r}; choose one of: {', '.join(NORMALIZATIONS)}."
+            )
+    split = load_split(
+        root,
+        protocol=protocol,
+        partition=partition,
+        bbox=_resolve_bbox(root, protocol, bbox, crop),
+        strict=strict,
+        subset=subset,
+    )
+    out = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}"
+    combos = list(itertools.product(backbones, poolings, normalizations))
+    single = len(combos) == 1
+    reports: list[Report] = []
+    for i, (b, p, nz) in enumerate(combos):
+        name = _setting_name(b, p, nz)
+        if on_setting is not None:
+            on_setting(name, i, len(combos))
+        embedder = feats.Embedder(
+            b,
+            weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
+            pooling=p,
+            seed=kwargs.get("seed", DEFAULT_SEED),
+        )
+        reports.append(
+            evaluate(
+                root,
+                split=split,
+                embedder=embedder,
+                normalization=nz,
+                crop=crop,
+                strict=strict,
+                subset=subset,
+                out=out if single else out / name,
+                **kwargs,
+            )
+        )
+    comparison = Comparison(reports, out)
+    if not single:
+        table = compare_reports(reports)
+        comparison.files = {"compare_json": out / "compare.json", "compare_md": out / "compare.md"}
+        write_json_atomic(comparison.files["compare_json"], table)
+        write_text_atomic(comparison.files["compare_md"], render_compare_md(table))
+    return comparison
+
+
+def compare_reports(reports: Sequence[Report]) -> dict[str, Any]:
+    """One row per report: setting, backbone, pooling, normalisation and the main metrics."""
+    rows = []
+    for r in reports:
+        rows.append(
+            {
+                "setting": r.config["setting"],
+                "backbone": r.config["backbone"],
+                "weights": r.config["weights"],
+                "pooling": r.config["pooling"],
+                "normalization": r.config["normalization"],
+                "recall_at_k": {str(k): v for k, v in r.metrics["recall_at_k"].items()},
+                "map": r.metrics["map"],
+                "map_at_r": r.metrics["map_at_r"],
+                "mmfashion_recall_at_k": {
+                    str(k): v for k, v in r.metrics["mmfashion_recall_at_k"].items()
+                },
+                "queries_evaluated": r.counts["queries_evaluated"],
+                "report": f"{r.config['setting']}/report.md",
+            }
+        )
+    first = reports[0].config if reports else {}
+    return {
+        "protocol": first.get("protocol"),
+        "root": first.get("root"),
+        "crop": first.get("crop"),
+        "ks": first.get("ks", []),
+        "ties": first.get("ties"),
+        "definitions": METRIC_DEFINITIONS,
+        "settings": rows,
+    }
+
+
+def render_compare_md(table: dict[str, Any]) -> str:
+    """``compare.md``: one row per setting, the best value of each column in bold."""
+    ks = table["ks"]
+    rows = table["settings"]
+    columns = [f"R@{k}" for k in ks] + ["mAP", "MAP@R"]
+
+    def values(row: dict[str, Any]) -> list[float | None]:
+        return [row["recall_at_k"][str(k)] for k in ks] + [row["map"], row["map_at_r"]]
+
+    best = [
+        max((v for v in col if v is not None), default=None)
+        for col in zip(*(values(r) for r in rows))
+    ]
+    lines = [
+        f"# Comparison: {table['protocol']} ({table['root']}), crop {table['crop']}",
+        "",
+        "Recall@K is the DeepFashion hit rate, in %; mAP over the full ranking; MAP@R; "
+        f"ties {table['ties']}. Each setting's report.md has the definitions and failures.",
+        "",
+        "| setting | queries | " + " | ".join(columns) + " | report |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | --- |",
+    ]
+    for row in rows:
+        cells = []
+        for v, b in zip(values(row), best):
+            text = _fmt(v)
+            cells.append(f"**{text}**" if v is not None and v == b and len(rows) > 1 else text)
+        lines.append(
+            f"| {row['setting']} | {row['queries_evaluated']} | "
+            + " | ".join(cells)
+            + f" | [{row['report']}]({row['report']}) |"
+        )
+    if any(r["weights"].get("name") == "random" for r in rows):
+        lines += ["", "Random weights: these numbers test the pipeline, not retrieval quality."]
+    return "\n".join(lines) + "\n"
