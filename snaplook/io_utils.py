@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,11 @@ def read_image_with_size(
     if not data:
         raise SnaplookError(f"{path}: empty file (0 bytes).")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            # Pillow warns on stderr from 89 Mpx; MAX_IMAGE_PIXELS below is the real limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as img:
             width, height = img.size
             if width < 1 or height < 1:
                 raise SnaplookError(f"{path}: image has no pixels ({width}x{height}).")
@@ -324,10 +329,15 @@ def _make_temp(final: Path, *, folder: bool) -> Path:
 def relative_or_absolute(path: str | Path, root: str | Path) -> str:
     """``path`` relative to ``root`` in POSIX form when it is under it, else absolute."""
     path, root = Path(path), Path(root)
+    # Lexically first: a symlink in a gallery keeps its own name (resolving would name its
+    # target, twice for two links to one file), and a symlink loop cannot make it fail.
+    absolute = Path(os.path.abspath(path))
+    with contextlib.suppress(ValueError):
+        return absolute.relative_to(os.path.abspath(root)).as_posix()
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
+    except (ValueError, OSError, RuntimeError):
+        return absolute.as_posix()
 
 
 MANIFEST_HEADER = ("row", "path", "width", "height", "bytes", "mtime", "sha1")
