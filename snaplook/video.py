@@ -407,9 +407,11 @@ def _scan(
     scene_window_s: float,
     stats: _Stats,
     on_progress: Callable[[int], None] | None,
+    cap: Any = None,
 ) -> Iterator[Frame]:
     cv2 = _import_cv2()
-    cap = _open_video(video)
+    if cap is None:
+        cap = _open_video(video)
     try:
         clock = _Clock(video, _video_fps(cap, video))
         detector = _CutDetector(scene_threshold, min_scene_s) if scenes else None
@@ -551,18 +553,23 @@ def iter_frames(
             for its sharpest frame.
         on_progress: called with the video time reached, in whole seconds.
 
-    Yields:
-        :class:`Frame` with ``image`` set: ndarray of shape (H, W, 3), dtype uint8, RGB.
+    Returns:
+        Iterator of :class:`Frame` with ``image`` set: ndarray of shape (H, W, 3), dtype
+        uint8, RGB. The video stays open until the iterator is exhausted or closed.
 
     Raises:
-        SnaplookError: bad options (``every`` <= 0 without ``scenes``), missing file, a file
-            that is not a video, or a video with no decodable frames.
+        SnaplookError: at the call, bad options (``every`` <= 0 without ``scenes``), a
+            missing file or a file that is not a video; while iterating, a video with no
+            decodable frames.
     """
     every = _check_options(
         every, scenes, max_frames, dedup, scene_threshold, min_scene_s, scene_window_s
     )
-    yield from _scan(
+    # Opened here, not in the generator, so a bad path fails at the call, not at first use.
+    cap = _open_video(Path(video))
+    return _scan(
         Path(video),
+        cap=cap,
         every=every,
         scenes=scenes,
         max_frames=max_frames,

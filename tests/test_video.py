@@ -230,6 +230,13 @@ def test_extract_frames_bad_options_raise(cut_clip: Path, kwargs: dict, message:
         extract_frames(cut_clip, **kwargs)
 
 
+def test_iter_frames_bad_input_fails_at_the_call(cut_clip: Path, tmp_path: Path) -> None:
+    with pytest.raises(SnaplookError, match="--every must be > 0"):
+        iter_frames(cut_clip, every=0)
+    with pytest.raises(SnaplookError, match="no such file"):
+        iter_frames(tmp_path / "missing.mp4")
+
+
 def test_extract_videos_folder_writes_one_folder_per_video(tmp_path: Path) -> None:
     src = tmp_path / "videos"
     src.mkdir()
