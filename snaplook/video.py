@@ -865,8 +865,11 @@ def extract_videos(
             if single:
                 raise
             durations.append(None)
-    if on_start is not None and all(d is not None for d in durations):
-        on_start(math.ceil(sum(d or 0.0 for d in durations)))
+    total_s = None
+    if all(d is not None for d in durations):
+        total_s = math.ceil(sum(d or 0.0 for d in durations))
+        if on_start is not None:
+            on_start(total_s)
     results: list[VideoFrames] = []
     done_s = 0.0
     for video, out_dir, duration in zip(videos, out_dirs, durations):
@@ -901,6 +904,8 @@ def extract_videos(
         done_s += duration if duration is not None else result.duration_s
         if on_progress is not None:
             on_progress(int(done_s))
+    if on_progress is not None and total_s is not None:
+        on_progress(total_s)
     if all(r.error for r in results):
         raise SnaplookError(f"{root}: no video could be read; first error: {results[0].error}")
     return results

@@ -237,6 +237,18 @@ def test_iter_frames_bad_input_fails_at_the_call(cut_clip: Path, tmp_path: Path)
         iter_frames(tmp_path / "missing.mp4")
 
 
+def test_extract_videos_reports_progress_in_video_seconds(cut_clip: Path, tmp_path: Path) -> None:
+    totals: list[int] = []
+    done: list[int] = []
+    results = extract_videos(
+        cut_clip, out_root=tmp_path, on_start=totals.append, on_progress=done.append
+    )
+    assert totals == [SECONDS]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == SECONDS
+    assert set(range(SECONDS)) <= set(done)
+    assert results[0].out == tmp_path / "cuts" and results[0].n_decoded == SECONDS * FPS
+
+
 def test_extract_videos_folder_writes_one_folder_per_video(tmp_path: Path) -> None:
     src = tmp_path / "videos"
     src.mkdir()
