@@ -1,0 +1,185 @@
+"""Every bad input of the generated corpus (tests/corpus.py) through the command that reads it.
+
+The expected outcome of each case is a row of tests/corpus_cases.csv. The image cases
+share one gallery that is indexed once (random weights), then each case is looked up in
+the index's manifest.csv / skipped.csv; the other cases run their own command, which
+fails before any model is built. No case may print a Python traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import Case, build_corpus, read_cases  # noqa: E402
+
+from snaplook.cli import app  # noqa: E402
+
+CASES = read_cases()
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+#: Cases that need file permissions to bite: root reads a chmod 000 file anyway.
+PERMISSION_CASES = {"img_unreadable", "vid_unreadable"}
+
+
+def _commands() -> set[str]:
+    import typer.main
+
+    return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def _invoke(args: list[str], cwd: Path) -> object:
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, args)
+    finally:
+        os.chdir(old)
+
+
+def _check_clean(result: object) -> None:
+    out = result.output  # type: ignore[attr-defined]
+    assert "Traceback" not in out, out
+    assert "unexpected" not in out, out  # the catch-all for non-SnaplookError failures
+    assert "PWNED" not in out, out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def gallery_index(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Index the whole image corpus once; return what happened to each file."""
+    out = tmp_path_factory.mktemp("gallery_index") / "index"
+    result = _invoke(
+        [
+            "index",
+            str(corpus / "gallery"),
+            "--out",
+            str(out),
+            "--weights",
+            "random",
+            "--batch-size",
+            "16",
+            "-q",
+        ],
+        corpus,
+    )
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        manifest = {r["path"]: (int(r["width"]), int(r["height"])) for r in csv.DictReader(fh)}
+    with open(out / "skipped.csv", newline="", encoding="utf-8") as fh:
+        skipped = {
+            Path(r["path"]).relative_to(corpus / "gallery").as_posix(): r["reason"]
+            for r in csv.DictReader(fh)
+        }
+    return {"result": result, "out": out, "manifest": manifest, "skipped": skipped}
+
+
+def test_corpus_table_covers_every_kind() -> None:
+    kinds = {c.kind for c in CASES}
+    assert kinds == {"image", "gallery", "query", "index", "video", "partition"}
+    assert len(CASES) >= 30
+    assert len({c.case for c in CASES}) == len(CASES)
+
+
+def test_index_corpus_gallery_exits_0_and_lists_skips(gallery_index: dict) -> None:
+    from snaplook.index import load_index
+
+    result = gallery_index["result"]
+    _check_clean(result)
+    assert result.exit_code == 0, result.output
+    n_skipped = len(gallery_index["skipped"])
+    assert f"Skipped {n_skipped} unreadable file(s)" in result.output
+    index = load_index(gallery_index["out"])
+    assert len(index) == len(gallery_index["manifest"])
+    assert index.features.shape == (len(index), 2048)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind == "image"], ids=lambda c: c.case)
+def test_index_image_case(case: Case, gallery_index: dict, corpus: Path) -> None:
+    if case.case in PERMISSION_CASES and AS_ROOT:
+        pytest.skip("running as root: chmod 000 does not stop root from reading the file")
+    manifest, skipped = gallery_index["manifest"], gallery_index["skipped"]
+    if case.expect == "indexed":
+        assert case.target in manifest, f"{case.target} not in manifest.csv; skipped: {skipped}"
+        if re.fullmatch(r"\d+x\d+", case.message):
+            w, h = (int(v) for v in case.message.split("x"))
+            assert manifest[case.target] == (w, h)
+    elif case.expect == "skipped":
+        assert case.target in skipped, f"{case.target} not in skipped.csv"
+        assert case.message in skipped[case.target]
+        assert case.target not in manifest
+    else:
+        assert case.expect == "ignored"
+        listed = [*manifest, *skipped]
+        assert case.target not in listed
+        if (corpus / "gallery" / case.target).is_symlink():  # not entered either
+            assert not [p for p in listed if p.startswith(case.target + "/")]
+
+
+def _run_case(case: Case, corpus: Path, tmp_path: Path) -> object:
+    """Build the command line of a non-image case and run it in its kind's folder."""
+    target, *extra = shlex.split(case.target)
+    folder = (
+        corpus
+        / {
+            "gallery": "galleries",
+            "query": "queries",
+            "index": "indexes",
+            "video": "videos",
+            "partition": "partitions",
+        }[case.kind]
+    )
+    if case.command == "index":
+        if "--out" not in extra:
+            extra += ["--out", str(tmp_path / "index")]
+        args = ["index", target, *extra, "--weights", "random", "-q"]
+    elif case.command == "query":
+        if case.kind == "query":
+            args = ["query", target, "--index", str(corpus / "indexes" / "valid"), *extra]
+        else:
+            args = ["query", str(corpus / "gallery" / "ok_plain.jpg"), "--index", target]
+        args += ["--out", str(tmp_path / "results"), "-q"]
+    elif case.command == "extract":
+        args = ["extract", target, "--out", str(tmp_path / "frames"), "-q", *extra]
+    else:
+        args = [
+            "evaluate",
+            target,
+            "--protocol",
+            "inshop",
+            "--weights",
+            "random",
+            "--out",
+            str(tmp_path / "eval"),
+            "-q",
+            *extra,
+        ]
+    return _invoke(args, folder)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind != "image"], ids=lambda c: c.case)
+def test_command_case(case: Case, corpus: Path, tmp_path: Path) -> None:
+    if case.command not in _commands():
+        pytest.skip(f"command not implemented: snaplook {case.command}")
+    if case.case in PERMISSION_CASES and AS_ROOT:
+        pytest.skip("running as root: chmod 000 does not stop root from reading the file")
+    before = {p: p.read_bytes() for p in (corpus / "galleries").rglob("*") if p.is_file()}
+    result = _run_case(case, corpus, tmp_path)
+    _check_clean(result)
+    assert result.exit_code == case.exit_code, result.output
+    assert case.message in result.output
+    if case.expect == "refused":
+        assert "Error: " in result.stderr
+    # Refused or not, no input file was changed or removed.
+    assert {p: p.read_bytes() for p in (corpus / "galleries").rglob("*") if p.is_file()} == before
