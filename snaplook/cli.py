@@ -12,14 +12,17 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from typer.core import TyperGroup
 
 from snaplook import __version__
+from snaplook import artists as _artists
+from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
+from snaplook import look as _look
 from snaplook import video as _video
 from snaplook.errors import SnaplookError
 
@@ -68,7 +71,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Plain (click) help: Typer's rich help imports rich.markdown, markdown-it and pygments,
+    # which took --help from ~0.15 s to ~0.45 s (issue 6: --help within 0.3 s).
+    rich_markup_mode=None,
 )
 
 _state: dict[str, bool] = {"quiet": False, "verbose": False}
@@ -181,6 +186,13 @@ BackboneOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+RuntimeOpt = Annotated[
+    Literal["auto", "litert", "keras"],  # snaplook.features.RUNTIMES
+    typer.Option(
+        "--runtime",
+        help="auto (LiteRT on a CPU, Keras on a GPU), litert or keras; same features either way.",
+    ),
+]
 
 
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
@@ -215,16 +227,16 @@ def index_cmd(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
+    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
+    embedder = _features.Embedder(backbone, weights=weights, seed=seed, runtime=runtime)
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _index.build_index(
             gallery,
             out,
-            backbone=backbone,
-            weights=weights,
-            seed=seed,
+            embedder=embedder,
             batch_size=batch_size,
             update=update,
             on_start=on_start,
@@ -250,6 +262,7 @@ def features_cmd(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
+    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     quiet: QuietOpt = False,
 ) -> None:
     """Write raw (not normalised) features and a manifest for scripting."""
@@ -261,6 +274,7 @@ def features_cmd(
             weights=weights,
             seed=seed,
             batch_size=batch_size,
+            runtime=runtime,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -284,6 +298,7 @@ def query_cmd(
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the k nearest gallery images of each query; write grids, results.csv and .json."""
@@ -295,6 +310,7 @@ def query_cmd(
             k=k,
             backbone=backbone,
             batch_size=batch_size,
+            embedder=loaded.embedder(runtime=runtime),
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -381,6 +397,15 @@ def extract_cmd(
     scenes: Annotated[
         bool, typer.Option("--scenes", help="Also keep the sharpest frame of each scene.")
     ] = False,
+    scene_threshold: Annotated[
+        float,
+        typer.Option(
+            "--scene-threshold",
+            min=0.01,
+            max=1.0,
+            help="Smallest colour-histogram distance (0-1) between frames that is a cut.",
+        ),
+    ] = _video.DEFAULT_SCENE_THRESHOLD,
     max_frames: Annotated[
         int | None, typer.Option("--max-frames", min=1, help="Stop after N kept frames per video.")
     ] = None,
@@ -412,6 +437,7 @@ def extract_cmd(
             out_root=out,
             every=every,
             scenes=scenes,
+            scene_threshold=scene_threshold,
             max_frames=max_frames,
             dedup=dedup,
             image_format=image_format,
@@ -429,3 +455,427 @@ def extract_cmd(
                 f"({r.duration_s:.1f} s of video, {r.frames_per_second:.0f} frames/s) "
                 f"in {r.out}/ with {_video.FRAMES_CSV}."
             )
+
+
+# --- crop, look (issue 4) ---
+
+MaxArtistsOpt = Annotated[int, typer.Option("--max-artists", min=1, help="Lead artists to keep.")]
+MinSizeOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-size",
+        min=0.0,
+        max=0.99,
+        help="Ignore people shorter than this fraction of the frame.",
+    ),
+]
+ClothesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--clothes/--no-clothes", help="Also cut out the clothes and upper/lower garment crops."
+    ),
+]
+DetectorOpt = Annotated[
+    str,
+    typer.Option(
+        "--detector", help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file."
+    ),
+]
+
+
+def _print_artists(selection: Any, rows: list[Any], out: Path) -> None:
+    console = _console()
+    frames = len(selection.frames)
+    if not selection.artists:
+        console.print(
+            f"No people found in {frames} frame(s); wrote empty artists.csv and "
+            f"detections.csv in {out}."
+        )
+        return
+    from rich.table import Table
+
+    table = Table(
+        title=f"Lead artists ({selection.n_frames_with_people}/{frames} frames with people)"
+    )
+    for col in ("artist", "score", "screen time", "size", "frames", "crops"):
+        table.add_column(col, justify="right")
+    for a in selection.artists:
+        n_files = sum(1 for r in rows if r.artist == a.artist)
+        table.add_row(
+            str(a.artist),
+            f"{a.score:.3f}",
+            f"{a.screen_time:.0%}",
+            f"{a.size:.2f}",
+            str(len(a.frames)),
+            str(n_files),
+        )
+    console.print(table)
+    console.print(f"Wrote {len(rows)} crops and artists.csv in {out}.")
+
+
+@app.command("crop")
+def crop_cmd(
+    frames: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="Frames folder from `snaplook extract`, or a folder of images."
+        ),
+    ],
+    max_artists: MaxArtistsOpt = _artists.DEFAULT_MAX_ARTISTS,
+    min_size: MinSizeOpt = _artists.DEFAULT_MIN_SIZE,
+    clothes: ClothesOpt = True,
+    detector: DetectorOpt = _artists.DEFAULT_DETECTOR,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
+    with _progress("Detecting", quiet=quiet, unit="frame") as (on_start, on_progress):
+        summary = _artists.crop_artists(
+            frames,
+            out=out,
+            max_artists=max_artists,
+            min_size=min_size,
+            clothes=clothes,
+            detector=detector,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    _print_artists(summary.selection, summary.rows, summary.out)
+    if summary.skipped:
+        _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
+
+
+@app.command("look")
+def look_cmd(
+    video: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Video file.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per crop.")] = _index.DEFAULT_K,
+    index: Annotated[
+        Path, typer.Option("--index", help="Index folder.")
+    ] = _index.DEFAULT_INDEX_DIR,
+    every: Annotated[
+        float, typer.Option("--every", min=0.001, help="Seconds between examined frames.")
+    ] = _look.DEFAULT_EVERY,
+    max_frames: Annotated[
+        int | None, typer.Option("--max-frames", min=1, help="Stop after N frames.")
+    ] = None,
+    max_artists: MaxArtistsOpt = _artists.DEFAULT_MAX_ARTISTS,
+    min_size: MinSizeOpt = _artists.DEFAULT_MIN_SIZE,
+    clothes: ClothesOpt = True,
+    detector: DetectorOpt = _artists.DEFAULT_DETECTOR,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Results folder [default: output/looks/<video-stem>]."),
+    ] = None,
+    crops_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--crops-out", help="Crops folder [default: output/lead_artist/<video-stem>]."
+        ),
+    ] = None,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest gallery items."""
+    with _progress("Looking", quiet=quiet, unit="s") as (on_start, on_progress):
+        summary = _look.look(
+            video,
+            index=index,
+            k=k,
+            out=out,
+            crops_out=crops_out,
+            every=every,
+            max_frames=max_frames,
+            max_artists=max_artists,
+            min_size=min_size,
+            clothes=clothes,
+            detector=detector,
+            plot=not no_plot,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    _print_artists(summary.selection, summary.crops, summary.crops_out)
+    if summary.crops:
+        _console().print(
+            f"Queried {len(summary.crops)} crops (k={summary.k}) in {summary.seconds:.1f} s: "
+            f"looks.csv, looks_fused.csv and {len(summary.grids)} grids in {summary.out}."
+        )
+    else:
+        _console().print(
+            f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}."
+        )
+
+
+# --- evaluate (issue 5) ---
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    root: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            help="Dataset root (In-shop / Consumer-to-shop "
+            "benchmark folder, or ROOT/<label>/<images> for folders).",
+        ),
+    ],
+    protocol: Annotated[
+        str, typer.Option("--protocol", help="inshop, consumer2shop or folders (leave-one-out).")
+    ] = _evaluate.DEFAULT_PROTOCOL,
+    partition: Annotated[
+        Path | None,
+        typer.Option(
+            "--partition",
+            dir_okay=False,
+            help="list_eval_partition.txt (default: found in ROOT or ROOT/Eval).",
+        ),
+    ] = None,
+    bbox: Annotated[
+        Path | None,
+        typer.Option(
+            "--bbox",
+            dir_okay=False,
+            help="Box file (default with --crop gt: "
+            "list_bbox_<protocol>.txt in ROOT or ROOT/Anno).",
+        ),
+    ] = None,
+    crop: Annotated[
+        str, typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image.")
+    ] = _evaluate.DEFAULT_CROP,
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backbone",
+            help="Backbone(s); repeat or comma-separate to compare "
+            f"(default: {_features.DEFAULT_BACKBONE}).",
+        ),
+    ] = None,
+    weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
+    pooling: Annotated[
+        list[str] | None,
+        typer.Option("--pooling", help="avg and/or max; repeat to compare (default: avg)."),
+    ] = None,
+    norm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--norm",
+            help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
+        ),
+    ] = None,
+    k: Annotated[str, typer.Option("--k", help="Recall@K cut-offs, comma-separated.")] = ",".join(
+        map(str, _evaluate.DEFAULT_KS)
+    ),
+    ties: Annotated[
+        str, typer.Option("--ties", help="pessimistic (a tie never helps) or gallery-order.")
+    ] = _evaluate.DEFAULT_TIES,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report folder (default: output/eval/<root>-<protocol>)."),
+    ] = None,
+    subset: Annotated[
+        str, typer.Option("--subset", help="Consumer-to-shop split evaluated: test or val.")
+    ] = _evaluate.DEFAULT_C2S_SUBSET,
+    examples: Annotated[
+        int, typer.Option("--examples", min=0, help="Queries in the worst and random grids.")
+    ] = _evaluate.DEFAULT_N_EXAMPLES,
+    cache_dir: Annotated[
+        Path, typer.Option("--cache-dir", help="Feature cache folder.")
+    ] = _features.DEFAULT_CACHE_DIR,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 if a listed image is missing or unreadable.")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for --weights random and the random grid.")
+    ] = _features.DEFAULT_SEED,
+    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score retrieval on DeepFashion In-shop, Consumer-to-shop or labelled folders.
+
+    Writes report.json, per_query.csv, figures and report.md; several settings: compare.md.
+    """
+    ks = _evaluate.parse_ks(k)
+    with _progress("Embedding", quiet=quiet) as (on_start, on_progress):
+        result = _evaluate.evaluate_settings(
+            root,
+            protocol=protocol,
+            partition=partition,
+            bbox=bbox,
+            crop=crop,
+            backbones=_evaluate.split_values(backbone),
+            weights=weights,
+            poolings=_evaluate.split_values(pooling),
+            normalizations=_evaluate.split_values(norm),
+            ks=ks,
+            ties=ties,
+            out=out,
+            strict=strict,
+            subset=subset,
+            seed=seed,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            n_examples=examples,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    _print_evaluation(result, ks)
+
+
+def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Retrieval (Recall@K = hit rate, %)")
+    table.add_column("setting")
+    table.add_column("queries", justify="right")
+    for k in ks:
+        table.add_column(f"R@{k}", justify="right")
+    table.add_column("mAP", justify="right")
+    table.add_column("MAP@R", justify="right")
+    for report in result.reports:
+        m = report.metrics
+        cells = [m["recall_at_k"][k] for k in ks] + [m["map"], m["map_at_r"]]
+        table.add_row(
+            report.config["setting"],
+            str(report.counts["queries_evaluated"]),
+            *("n/a" if v is None else f"{100 * v:.2f}" for v in cells),
+        )
+    console = _console()
+    console.print(table)
+    counts = result.reports[0].counts
+    notes = [
+        f"{counts['missing_images']} listed image(s) missing",
+        f"{counts['unreadable_query_images'] + counts['unreadable_gallery_images']} unreadable",
+        f"{counts['queries_without_gallery_match']} queries without a gallery match (excluded)",
+    ]
+    console.print("; ".join(notes) + ".")
+    if result.reports[0].config["weights"].get("name") == "random":
+        _err("Random weights: these numbers test the pipeline, not retrieval quality.")
+    written = (
+        "compare.md, compare.json and one report per setting"
+        if result.files
+        else ("report.md, report.json, per_query.csv and figures")
+    )
+    console.print(f"Wrote {written} in {result.out}.")
+
+
+# --- train (issue 8) ---
+
+from snaplook import train as _train  # noqa: E402  (light: stdlib only at import)
+
+
+@app.command("train")
+def train_cmd(
+    root: Annotated[Path, typer.Argument(help="Dataset root (as for `snaplook evaluate`).")],
+    protocol: Annotated[
+        str, typer.Option("--protocol", help="inshop, consumer2shop or folders.")
+    ] = _evaluate.DEFAULT_PROTOCOL,
+    partition: Annotated[
+        Path | None,
+        typer.Option("--partition", exists=True, dir_okay=False, help="Partition file."),
+    ] = None,
+    bbox: Annotated[
+        Path | None,
+        typer.Option("--bbox", exists=True, dir_okay=False, help="Crop training images to boxes."),
+    ] = None,
+    loss: Annotated[
+        str, typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor.")
+    ] = _train.DEFAULT_LOSS,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")] = _train.DEFAULT_DIM,
+    hidden: Annotated[
+        int, typer.Option("--hidden", min=0, help="Hidden ReLU layer width (0: none).")
+    ] = _train.DEFAULT_HIDDEN,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Maximum epochs.")
+    ] = _train.DEFAULT_EPOCHS,
+    batch: Annotated[
+        str, typer.Option("--batch", help="P items x K images per batch, e.g. 16x4.")
+    ] = "{}x{}".format(*_train.DEFAULT_BATCH),
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = _train.DEFAULT_LR,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of training items held out.")
+    ] = _train.DEFAULT_VAL_FRACTION,
+    patience: Annotated[
+        int, typer.Option("--patience", min=1, help="Stop after N epochs without a better R@1.")
+    ] = _train.DEFAULT_PATIENCE,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds training and --weights random.")] = 0,
+    backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
+    weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Head folder [default: output/heads/<name>]."),
+    ] = None,
+    cache_dir: Annotated[
+        Path, typer.Option("--cache-dir", help="Feature cache (shared with evaluate).")
+    ] = _features.DEFAULT_CACHE_DIR,
+    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a small embedding head (triplet / Proxy-Anchor) on cached backbone features."""
+    console = _console()
+
+    def on_epoch(r: Any) -> None:
+        if not (quiet or _state["quiet"]):
+            val = "n/a" if r.val_recall_at_1 is None else f"{100 * r.val_recall_at_1:.2f}%"
+            best = "  *best" if r.best else ""
+            console.print(
+                f"epoch {r.epoch:3d}/{epochs}  loss {r.loss:.4f}  val R@1 {val}  "
+                f"({r.seconds:.1f} s){best}"
+            )
+
+    with _progress("Embedding train split", quiet=quiet) as (on_start, on_progress):
+        summary = _train.train_head(
+            root,
+            protocol=protocol,
+            partition=partition,
+            bbox=bbox,
+            backbone=backbone,
+            weights=weights,
+            loss=loss,
+            dim=dim,
+            hidden=hidden,
+            epochs=epochs,
+            batch=_train.parse_batch(batch),
+            lr=lr,
+            val_fraction=val_fraction,
+            patience=patience,
+            seed=seed,
+            out=out,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            on_start=on_start,
+            on_progress=on_progress,
+            on_epoch=on_epoch,
+        )
+    _print_training(summary)
+    if summary.interrupted:
+        _err(f"Interrupted: kept the best head so far in {summary.out}.")
+        raise typer.Exit(130)
+
+
+def _print_training(summary: Any) -> None:
+    info = summary.head.info
+    counts, val = info["counts"], info["val_metrics"]
+    r1 = val["recall_at_1"]
+    raw = val["raw_recall_at_1"]
+    line = (
+        f"Best epoch {info['best_epoch']} of {info['epochs_run']}"
+        + (" (stopped early)" if info["stopped_early"] else "")
+        + (
+            f": val R@1 {100 * r1:.2f}% (raw features {100 * raw:.2f}%)"
+            if r1 is not None and raw is not None
+            else ""
+        )
+    )
+    console = _console()
+    console.print(line)
+    console.print(
+        f"Trained on {counts['train_images']} images of {counts['train_items']} items, validated "
+        f"on {counts['val_images']} images of {counts['val_items']} held-out items "
+        f"({summary.n_embedded} images embedded, the rest from the cache)."
+    )
+    console.print(
+        f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out}."
+    )

@@ -61,10 +61,12 @@ _ANALYSIS_WIDTH = 160
 # is meant to see.
 _SHARPNESS_WIDTH = 320
 _HIST_BINS = (16, 4, 4)  # H, S, V
-# Adaptive part of the cut threshold: mean + K * std of the distances in the current
-# scene over the last N frames, so fast motion raises the bar.
+# Adaptive part of the cut threshold (as PySceneDetect's AdaptiveDetector): a cut must also
+# be RATIO times the mean distance of the scene's last N frames, so fast motion raises the
+# bar. A mean, not mean + k * std: one spike (a flash, a suppressed cut) would blow up a
+# std and hide the next real cut for N frames.
 _ADAPTIVE_FRAMES = 50
-_ADAPTIVE_K = 6.0
+_ADAPTIVE_RATIO = 3.0
 # Two frames whose dHash bits match are still different if their colours are not alike
 # (a flat red frame and a flat blue one have the same all-zero hash).
 _DEDUP_MAX_HIST_DISTANCE = 0.25
@@ -309,10 +311,8 @@ class _CutDetector:
             return True
         distance = cv2.compareHist(prev, hist, cv2.HISTCMP_BHATTACHARYYA)
         bar = self.threshold
-        if len(self.recent) >= 5:
-            mean = sum(self.recent) / len(self.recent)
-            var = sum((d - mean) ** 2 for d in self.recent) / len(self.recent)
-            bar = max(bar, mean + _ADAPTIVE_K * math.sqrt(var))
+        if self.recent:
+            bar = max(bar, _ADAPTIVE_RATIO * sum(self.recent) / len(self.recent))
         if distance >= bar and time_s - self.scene_start_s >= self.min_scene_s:
             self.scene_start_s = time_s
             self.recent.clear()
@@ -490,7 +490,9 @@ def _scan(
                 if bgr is None:
                     ok, bgr = cap.retrieve()
                     bgr = bgr if ok else None
-                if bgr is not None:
+                if bgr is None:
+                    logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
+                else:
                     pick = _Pick(frame_no, t, bgr, {"interval"})
                     (held if window_end > -math.inf else ready).append(pick)
             if ready:
@@ -542,8 +544,8 @@ def iter_frames(
         scenes: bool, default=False. Also keep one frame per scene: the sharpest
             (variance of the Laplacian) in the scene's first ``scene_window_s`` seconds. A
             cut is an HSV-histogram (Bhattacharyya) distance between consecutive frames of
-            at least ``scene_threshold`` and well above the scene's recent distances, at
-            least ``min_scene_s`` after the previous cut.
+            at least ``scene_threshold`` and 3 times the mean of the scene's last 50
+            distances, at least ``min_scene_s`` after the previous cut.
         max_frames: int or None, default=None. Stop after this many kept frames.
         dedup: int or None, default=None. Drop a frame whose 64-bit dHash is within this
             many bits of the last kept frame's and whose colours are alike.

@@ -108,6 +108,18 @@ def test_detect_scenes_finds_cuts_within_one_frame(cut_clip: Path) -> None:
     assert scenes[-1].end_frame == SECONDS * FPS
 
 
+def test_detect_scenes_flash_does_not_hide_the_next_cut(tmp_path: Path) -> None:
+    # A one-frame white flash at 1.0 s, back to red at 1.1 s (within the 0.5 s minimum scene
+    # length, so not a cut), then a real cut to blue at 2.5 s.
+    white = (250, 250, 250)
+    clip = write_clip(
+        tmp_path / "flash.mp4", [(0.0, RED), (1.0, white), (1.1, RED), (2.5, BLUE)], seconds=4
+    )
+    starts = [s.start_frame for s in detect_scenes(clip)]
+    assert len(starts) == 3 and starts[:2] == [0, 10]
+    assert abs(starts[2] - 25) <= 1
+
+
 def test_detect_scenes_static_clip_is_one_scene(static_clip: Path) -> None:
     scenes = detect_scenes(static_clip)
     assert [(s.start_frame, s.end_frame) for s in scenes] == [(0, SECONDS * FPS)]
