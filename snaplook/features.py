@@ -159,8 +159,14 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
     keras = import_keras()
     origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
     try:
+        # cache_dir given: Keras reads $KERAS_HOME only at import (and may fall back to
+        # /tmp/.keras); the file must land where keras_cache_dir() and the messages say.
         path = keras.utils.get_file(
-            spec.weights_file, origin, cache_subdir="models", file_hash=spec.weights_md5
+            spec.weights_file,
+            origin,
+            cache_subdir="models",
+            file_hash=spec.weights_md5,
+            cache_dir=str(keras_cache_dir().parent),
         )
     except Exception as exc:  # Keras raises a bare Exception on any fetch failure
         raise SnaplookError(_offline_message(spec, exc)) from exc
@@ -258,14 +264,21 @@ class Embedder:
         return self.weights_.kind == "random"
 
     def identity(self) -> dict[str, Any]:
-        """What produced the features, as recorded in ``meta.json`` and feature caches."""
+        """What produced the features, as recorded in ``meta.json`` and feature caches.
+
+        Raises:
+            SnaplookError: ImageNet weights neither cached nor downloadable (offline).
+        """
         from snaplook.io_utils import file_sha256
 
         weights: dict[str, Any] = {"name": self.weights_.kind}
         if self.weights_.kind == "random":
             weights["seed"] = self.weights_.seed
         else:
-            path = self.weights_.path or cached_imagenet_weights(self.backbone)
+            # ImageNet weights are resolved (fetched once) here, so an index records their
+            # SHA-256 even on the run that downloads them and a later --update matches it;
+            # offline this fails before any image is decoded.
+            path = self.weights_.path or fetch_imagenet_weights(self.backbone)
             if path is not None:
                 if self.weights_sha256_ is None:
                     self.weights_sha256_ = file_sha256(path)

@@ -15,6 +15,10 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# runtime="auto" means LiteRT on a CPU, whose first use per backbone + weights converts the
+# Keras model (30-60 s); the suite runs the Keras reference runtime, and
+# tests/test_runtime.py checks that LiteRT gives the same features.
+os.environ.setdefault("SNAPLOOK_RUNTIME", "keras")
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
@@ -47,7 +51,14 @@ def make_image(path: Path, colour: tuple[int, int, int], *, size=(64, 48), seed:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """12 small generated images (6 colours x 2 variants) in two sub-folders."""
-    colours = [(200, 30, 30), (30, 160, 60), (30, 60, 200), (220, 200, 40), (20, 20, 20), (230, 130, 170)]
+    colours = [
+        (200, 30, 30),
+        (30, 160, 60),
+        (30, 60, 200),
+        (220, 200, 40),
+        (20, 20, 20),
+        (230, 130, 170),
+    ]
     root = tmp_path / "gallery"
     for i, colour in enumerate(colours):
         for v in range(2):
@@ -71,10 +82,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _fail_on_unexpected_error_logs(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture):
+def _fail_on_unexpected_error_logs(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+):
     """Fail a test that logs at ERROR or above, unless marked ``allow_error_logs``."""
+    # A CLI run (CliRunner) installs its own handler on the "snaplook" logger and stops
+    # propagation; restore the logger afterwards so later tests' caplog still sees records.
+    logger = logging.getLogger("snaplook")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
     caplog.set_level(logging.WARNING, logger="snaplook")
     yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
     if request.node.get_closest_marker("allow_error_logs"):
         return
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]

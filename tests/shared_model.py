@@ -1,0 +1,41 @@
+"""One seeded random ResNet50 per test process, shared by the tests that only need *a* model.
+
+Building a ResNet50 costs seconds on a CPU; with ``--weights random`` the network is a
+pure function of its seed (test_features.py checks that with fresh builds), so tests of
+plumbing (index folders, CLI output, --update) reuse one model per (backbone, seed,
+pooling) instead of building one per command. They also pin the Keras runtime, so their
+results do not depend on a converted-model cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from snaplook import features
+
+_MODELS: dict[tuple[str, int, str], Any] = {}
+_REAL_BUILD_MODEL = features.build_model
+
+
+def build_model_shared(backbone: str, weights: features.WeightsSpec, *, pooling: str = "avg"):
+    """``features.build_model``, but random-weight models are built once and reused."""
+    if weights.kind != "random":
+        return _REAL_BUILD_MODEL(backbone, weights, pooling=pooling)
+    key = (backbone, weights.seed, pooling)
+    if key not in _MODELS:
+        _MODELS[key] = _REAL_BUILD_MODEL(backbone, weights, pooling=pooling)
+    return _MODELS[key]
+
+
+def build_model_fresh(backbone: str, weights: features.WeightsSpec, *, pooling: str = "avg"):
+    """The real ``features.build_model`` (a new network every call)."""
+    return _REAL_BUILD_MODEL(backbone, weights, pooling=pooling)
+
+
+@pytest.fixture
+def shared_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedders in this test reuse the process-wide random models, on the Keras runtime."""
+    monkeypatch.setattr(features, "build_model", build_model_shared)
+    monkeypatch.setenv("SNAPLOOK_RUNTIME", "keras")
