@@ -1578,3 +1578,29 @@ def render_compare_md(table: dict[str, Any]) -> str:
     if any(r["weights"].get("name") == "random" for r in rows):
         lines += ["", "Random weights: these numbers test the pipeline, not retrieval quality."]
     return "\n".join(lines) + "\n"
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """Read a ``--k`` value such as "1,5,10" into sorted distinct cut-offs.
+
+    Raises:
+        SnaplookError: an empty list, or a value that is not a positive integer.
+    """
+    values = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise SnaplookError(f"--k: {part!r} is not a positive integer; use e.g. --k 1,5,10.")
+        values.append(int(part))
+    if not values:
+        raise SnaplookError("--k: no values; use e.g. --k 1,5,10,20,30,50.")
+    return _check_ks(values)
+
+
+def split_values(values: Sequence[str] | None) -> list[str]:
+    """Flatten repeated and comma-separated option values ("a,b" "c" -> a, b, c)."""
+    out: list[str] = []
+    for value in values or ():
+        out.extend(v.strip() for v in value.split(",") if v.strip())
+    return list(dict.fromkeys(out))

@@ -1,0 +1,499 @@
+"""Tests for snaplook.evaluate: protocol files, metrics, the feature cache, `snaplook evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+from typer.testing import CliRunner
+
+from snaplook import evaluate as ev
+from snaplook.errors import SnaplookError
+from snaplook.features import Embedder, embed_cached
+
+HEADER = "image_name item_id evaluation_status"
+BBOX_HEADER = "image_name clothes_type pose_type x_1 y_1 x_2 y_2"
+#: item -> (category, colour); the last item has a query but no gallery image.
+ITEMS = {
+    "id_00000001": ("Dresses", (200, 30, 30)),
+    "id_00000002": ("Dresses", (30, 160, 60)),
+    "id_00000003": ("Dresses", (30, 60, 200)),
+    "id_00000004": ("Dresses", (220, 200, 40)),
+    "id_00000005": ("Tees", (20, 20, 20)),
+    "id_00000006": ("Tees", (230, 130, 170)),
+    "id_00000007": ("Tees", (120, 240, 240)),
+    "id_00000008": ("Tees", (90, 60, 30)),
+}
+NO_GALLERY_ITEM = "id_00000008"
+MISSING_IMAGE = "img/Tees/id_00000007/03_3_back.jpg"
+
+
+def write_listing(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text(f"{len(rows)}\n{header}\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def make_inshop_tree(root: Path) -> Path:
+    """A tiny DeepFashion In-shop tree: img/<category>/<item>/<file>.jpg, partition, boxes.
+
+    8 items, 1 query each; 2 gallery images per item except the last (none); one listed
+    gallery image is missing on disk; 2 training items.
+    """
+    rows: list[str] = []
+    boxes: list[str] = []
+
+    def add(item: str, category: str, colour, name: str, status: str, seed: int) -> None:
+        rel = f"img/{category}/{item}/{name}"
+        rows.append(f"{rel} {item} {status}")
+        boxes.append(f"{rel} 1 1 4 3 60 45")
+        if rel != MISSING_IMAGE:
+            make_image(root / rel, colour, size=(64, 48), seed=seed)
+
+    for n, (item, (category, colour)) in enumerate(ITEMS.items()):
+        add(item, category, colour, "01_1_front.jpg", "query", 100 + n)
+        if item != NO_GALLERY_ITEM:
+            add(item, category, colour, "02_2_side.jpg", "gallery", 200 + n)
+            add(item, category, colour, "03_3_back.jpg", "gallery", 300 + n)
+    for n, item in enumerate(("id_00000090", "id_00000091")):
+        for v in range(2):
+            add(item, "Tees", (10 * n, 100, 100), f"0{v}_1_front.jpg", "train", 400 + 2 * n + v)
+    write_listing(root / "list_eval_partition.txt", HEADER, rows)
+    write_listing(root / "list_bbox_inshop.txt", BBOX_HEADER, boxes)
+    return root
+
+
+@pytest.fixture(scope="module")
+def inshop_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_inshop_tree(tmp_path_factory.mktemp("inshop"))
+
+
+class FakeEmbedder:
+    """Embedder stand-in: the mean colour of the image, and a count of embedded images."""
+
+    input_size = 16
+    feature_dim = 3
+
+    def __init__(self, tag: str = "fake") -> None:
+        self.tag = tag
+        self.embedded = 0
+
+    def identity(self) -> dict:
+        return {"backbone": self.tag, "weights": {"name": "none"}, "pooling": "avg"}
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        from snaplook.transform_utils import resize_to_square
+
+        return resize_to_square(image, self.input_size, mode="crop")
+
+    def embed(self, images) -> np.ndarray:
+        self.embedded += len(images)
+        return np.stack([im.reshape(-1, 3).mean(axis=0) for im in images]).astype(np.float32)
+
+
+# --- metrics: hand-computed cases -------------------------------------------------------
+
+
+def test_rank_metrics_hand_computed_single_query():
+    # Ranking by distance: g0 (other), g1 (same), g2 (other), g3 (same), g4 (other).
+    distances = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    m = ev.rank_metrics(distances, ["a"], ["b", "a", "c", "a", "d"], ks=(1, 2, 3, 4))
+    assert m.first_hit_rank.tolist() == [2]
+    assert m.n_relevant.tolist() == [2]
+    # AP = (1/2 + 2/4) / 2; MAP@R with R = 2: (0 + 1/2) / 2.
+    assert m.ap[0] == pytest.approx(0.5)
+    assert m.map_at_r[0] == pytest.approx(0.25)
+    assert m.hits().tolist() == [[False, True, True, True]]
+    assert m.mmfashion_recall[0].tolist() == pytest.approx([0.0, 0.5, 0.5, 1.0])
+    assert m.top_index[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_rank_metrics_ties_pessimistic_ranks_matches_after_tied_others():
+    # The same item (g0) and another item (g1) at exactly the same distance.
+    distances = np.array([[0.5, 0.5, 0.9]])
+    pessimistic = ev.rank_metrics(distances, ["a"], ["a", "b", "c"], ks=(1,))
+    assert pessimistic.first_hit_rank.tolist() == [2]
+    assert pessimistic.ap[0] == pytest.approx(0.5)
+    assert pessimistic.tied_first_hit.tolist() == [True]
+    assert pessimistic.summary()["recall_at_k"] == {1: 0.0}
+    in_order = ev.rank_metrics(distances, ["a"], ["a", "b", "c"], ks=(1,), ties="gallery-order")
+    assert in_order.first_hit_rank.tolist() == [1]
+    assert in_order.ap[0] == pytest.approx(1.0)
+    # Gallery order: the tie goes to whichever comes first in the gallery.
+    later = ev.rank_metrics(distances, ["a"], ["b", "a", "c"], ks=(1,), ties="gallery-order")
+    assert later.first_hit_rank.tolist() == [2]
+
+
+def test_rank_metrics_all_distances_equal_scores_like_worst_case():
+    # A collapsed embedding: every distance ties; pessimistic puts the 1 match last of 4.
+    m = ev.rank_metrics(np.zeros((2, 4)), ["a", "b"], ["a", "x", "y", "b"], ks=(1, 3, 4))
+    assert m.first_hit_rank.tolist() == [4, 4]
+    assert m.summary()["recall_at_k"] == {1: 0.0, 3: 0.0, 4: 1.0}
+    assert m.ap.tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_recall_at_k_excludes_queries_without_gallery_match():
+    distances = np.array([[0.1, 0.9], [0.2, 0.3], [0.5, 0.6]])
+    m = ev.rank_metrics(distances, ["a", "b", "zzz"], ["a", "b"], ks=(1, 2))
+    s = m.summary()
+    assert (s["n_queries"], s["n_evaluated"], s["n_without_match"]) == (3, 2, 1)
+    assert s["recall_at_k"] == {1: 0.5, 2: 1.0}
+    assert m.first_hit_rank.tolist() == [1, 2, 0]
+    assert np.isnan(m.ap[2])
+    assert ev.recall_at_k(distances, ["a", "b", "zzz"], ["a", "b"], ks=(1, 2)) == s["recall_at_k"]
+    assert ev.mean_average_precision(distances, ["a", "b", "zzz"], ["a", "b"]) == pytest.approx(
+        0.75
+    )
+
+
+def test_mmfashion_recall_differs_from_hit_rate_with_several_matches():
+    # 3 same-item gallery images, one of them first: hit rate 1, MMFashion recall@1 = 1/3.
+    distances = np.array([[0.1, 0.5, 0.6, 0.7]])
+    ids = ["a", "x", "a", "a"]
+    assert ev.recall_at_k(distances, ["a"], ids, ks=(1,)) == {1: 1.0}
+    assert ev.mmfashion_recall_at_k(distances, ["a"], ids, ks=(1,))[1] == pytest.approx(1 / 3)
+    # MAP@R, R = 3: precision 1 at rank 1, ranks 2-3 miss/hit: (1 + 0 + 2/3) / 3.
+    assert ev.map_at_r(distances, ["a"], ids) == pytest.approx((1 + 2 / 3) / 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_metrics_ap_matches_sklearn_average_precision(seed):
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(seed)
+    distances = rng.random((25, 60))
+    query_ids = rng.integers(0, 6, 25)
+    gallery_ids = rng.integers(0, 6, 60)
+    m = ev.rank_metrics(distances, query_ids, gallery_ids)
+    for i in range(25):
+        relevant = gallery_ids == query_ids[i]
+        if relevant.any():
+            assert m.ap[i] == pytest.approx(average_precision_score(relevant, -distances[i]), 1e-6)
+
+
+def test_evaluate_embeddings_blocks_match_one_matrix_and_leave_one_out():
+    rng = np.random.default_rng(3)
+    q, g = rng.normal(size=(37, 8)), rng.normal(size=(53, 8))
+    qi, gi = rng.integers(0, 9, 37), rng.integers(0, 9, 53)
+    blocked = ev.evaluate_embeddings(q, qi, g, gi, block_bytes=64 * 53 * 5)  # 5-query blocks
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    whole = ev.rank_metrics(1 - qn @ gn.T, qi, gi)
+    assert blocked.first_hit_rank.tolist() == whole.first_hit_rank.tolist()
+    np.testing.assert_allclose(blocked.ap, whole.ap, rtol=1e-5)
+    # Leave-one-out: no query finds itself; a label seen once has no match.
+    loo = ev.evaluate_embeddings(g, gi, g, gi, leave_one_out=True, top_n=3)
+    assert not (loo.top_index == np.arange(53)[:, None]).any()
+    counts = np.bincount(gi)
+    assert loo.n_relevant.tolist() == (counts[gi] - 1).tolist()
+
+
+def test_evaluate_embeddings_mismatched_ids_raise():
+    with pytest.raises(SnaplookError, match="3 query features for 2 query ids"):
+        ev.evaluate_embeddings(np.zeros((3, 4)), [1, 2], np.zeros((2, 4)), [1, 2])
+
+
+def test_normalize_features_none_ranks_by_euclidean_distance():
+    q = np.array([[1.0, 0.0]])
+    g = np.array([[10.0, 0.0], [0.0, 1.0]])
+    # Cosine: g0 has the same direction; Euclidean: g1 is nearer.
+    assert ev.evaluate_embeddings(q, ["a"], g, ["a", "b"]).first_hit_rank.tolist() == [1]
+    raw = ev.evaluate_embeddings(q, ["a"], g, ["a", "b"], normalization="none")
+    assert raw.first_hit_rank.tolist() == [2]
+    assert raw.top_distance[0, :2].tolist() == pytest.approx([2**0.5, 9.0])
+
+
+# --- protocol files ---------------------------------------------------------------------
+
+
+def test_load_split_inshop_lists_items_categories_and_boxes(inshop_root):
+    split = ev.load_split(inshop_root, bbox=inshop_root / "list_bbox_inshop.txt")
+    assert split.counts() == {
+        "train_images": 4,
+        "query_images": 8,
+        "gallery_images": 13,
+        "query_items": 8,
+        "gallery_items": 7,
+        "missing_images": 1,
+    }
+    assert split.missing == [MISSING_IMAGE]
+    first = split.query[0]
+    assert first == ev.Sample(
+        "img/Dresses/id_00000001/01_1_front.jpg", "id_00000001", "Dresses", (4, 3, 56, 42)
+    )
+    assert {s.category for s in split.gallery} == {"Dresses", "Tees"}
+
+
+def test_load_split_strict_fails_on_missing_image(inshop_root):
+    with pytest.raises(SnaplookError, match="1 image.*missing.*--strict"):
+        ev.load_split(inshop_root, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["x", HEADER, "img/a/b/c.jpg id_1 query"], "line 1: expected the number of entries"),
+        (["1", "name id status", "img/a/b/c.jpg id_1 query"], "line 2: expected the header"),
+        (
+            ["2", HEADER, "img/a/b/c.jpg id_1 query", "img/a/b/d.jpg id_1"],
+            "line 4: expected 3 columns, found 2",
+        ),
+        (["1", HEADER, "img/a/b/c.jpg id_1 probe"], "line 3: unknown evaluation_status 'probe'"),
+        (
+            ["3", HEADER, "img/a/b/c.jpg id_1 query"],
+            "line 1: declares 3 entries but the file has 1",
+        ),
+    ],
+)
+def test_load_split_malformed_partition_names_the_line(tmp_path, lines, message):
+    (tmp_path / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SnaplookError, match=message):
+        ev.load_split(tmp_path)
+
+
+def test_load_split_missing_partition_says_how_to_pass_it(tmp_path):
+    with pytest.raises(SnaplookError, match="list_eval_partition.txt not found.*--partition"):
+        ev.load_split(tmp_path)
+
+
+def test_read_bbox_file_rejects_non_integer_corner(tmp_path):
+    path = write_listing(tmp_path / "b.txt", BBOX_HEADER, ["img/a/b/c.jpg 1 1 0 0 x 9"])
+    with pytest.raises(SnaplookError, match="line 3: box corners must be integers"):
+        ev.read_bbox_file(path)
+
+
+def test_load_split_consumer2shop_dedupes_queries_and_gallery(tmp_path):
+    header = "image_pair_name_1 image_pair_name_2 item_id evaluation_status"
+    rows = [
+        "img/T/id_1/comsumer_01.jpg img/T/id_1/shop_01.jpg id_1 test",
+        "img/T/id_1/comsumer_01.jpg img/T/id_1/shop_02.jpg id_1 test",
+        "img/T/id_2/comsumer_01.jpg img/T/id_2/shop_01.jpg id_2 train",
+        "img/T/id_3/comsumer_01.jpg img/T/id_3/shop_01.jpg id_3 val",
+    ]
+    write_listing(tmp_path / "list_eval_partition.txt", header, rows)
+    for row in rows:
+        for rel in row.split()[:2]:
+            make_image(tmp_path / rel, (10, 20, 30))
+    split = ev.load_split(tmp_path, protocol="consumer2shop")
+    assert [s.path for s in split.query] == ["img/T/id_1/comsumer_01.jpg"]
+    assert [s.path for s in split.gallery] == ["img/T/id_1/shop_01.jpg", "img/T/id_1/shop_02.jpg"]
+    assert len(split.train) == 2
+    val = ev.load_split(tmp_path, protocol="consumer2shop", subset="val")
+    assert [s.item for s in val.query] == ["id_3"]
+
+
+def test_load_split_folders_is_leave_one_out(image_folder):
+    split = ev.load_split(image_folder, protocol="folders")
+    assert split.leave_one_out
+    assert split.query is split.gallery
+    assert len(split.query) == 12
+    assert {s.item for s in split.query} == {"tops", "bottoms"}
+
+
+def test_parse_ks_sorts_and_rejects_bad_values():
+    assert ev.parse_ks("10, 1,5,5") == (1, 5, 10)
+    with pytest.raises(SnaplookError, match="'0' is not a positive integer"):
+        ev.parse_ks("1,0")
+
+
+# --- feature cache ----------------------------------------------------------------------
+
+
+def test_embed_cached_reuses_cache_and_zeroes_unreadable_images(tmp_path):
+    a = make_image(tmp_path / "a.png", (200, 0, 0))
+    b = make_image(tmp_path / "b.png", (0, 0, 200))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    images = [(b, None), (a, (0, 0, 32, 24)), (bad, None), (a, (0, 0, 32, 24))]
+    embedder = FakeEmbedder()
+    skipped = []
+    feats = embed_cached(images, embedder, cache_dir=tmp_path / "cache", on_skip=skipped.append)
+    assert feats.shape == (4, 3)
+    assert embedder.embedded == 2  # duplicates embedded once, the bad file not at all
+    assert feats[2].tolist() == [0.0, 0.0, 0.0]
+    assert feats[1].tolist() == feats[3].tolist()
+    assert feats[0][2] > 150 > feats[0][0]
+    assert [s.path.name for s in skipped] == ["bad.jpg"]
+    (npy,) = (tmp_path / "cache").glob("*.npy")
+    record = json.loads(npy.with_suffix(".json").read_text())
+    assert (record["n_images"], record["n_skipped"], record["cropped"]) == (3, 1, 1)
+    assert not list((tmp_path / "cache").glob("*.parts"))
+
+    again = FakeEmbedder()
+    skipped2 = []
+    feats2 = embed_cached(images, again, cache_dir=tmp_path / "cache", on_skip=skipped2.append)
+    assert again.embedded == 0
+    np.testing.assert_array_equal(feats, feats2)
+    assert len(skipped2) == 1
+
+    # A touched file, another box or another model is a new key.
+    os.utime(b, ns=(1, 1))
+    embed_cached(images, again, cache_dir=tmp_path / "cache")
+    assert again.embedded == 2
+    embed_cached(images, FakeEmbedder("other"), cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def test_evaluate_with_fake_embedder_on_folders(image_folder, tmp_path):
+    report = ev.folders(
+        image_folder,
+        embedder=FakeEmbedder(),
+        out=tmp_path / "report",
+        cache_dir=tmp_path / "cache",
+        ks=(1, 3),
+        n_examples=2,
+    )
+    assert report.counts["query_images"] == 12
+    assert report.counts["gallery_images_searched"] == 11
+    assert report.config["leave_one_out"] is True
+    assert set(report.per_category) == {"tops", "bottoms"}
+    assert report.recall_at_k[1] <= report.recall_at_k[3]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "per_query.csv",
+        "random_queries.png",
+        "recall_at_k.png",
+        "report.json",
+        "report.md",
+        "worst_queries.png",
+    ]
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def run_cli(args: list[str]):
+    from snaplook.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def cli_run(inshop_root, tmp_path_factory):
+    """One `snaplook evaluate` on the tiny tree with seeded random MobileNetV2 weights."""
+    work = tmp_path_factory.mktemp("eval")
+    out, cache = work / "report", work / "cache"
+    args = [
+        "evaluate",
+        str(inshop_root),
+        "--crop",
+        "gt",
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        "random",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--k",
+        "1,2,5,10",
+        "--examples",
+        "3",
+        "--quiet",
+    ]
+    return run_cli(args), out, cache, args
+
+
+def test_evaluate_cli_inshop_report_counts(cli_run):
+    result, out, _, _ = cli_run
+    assert result.exit_code == 0, result.output
+    assert "Random weights" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["query_images"] == 8
+    assert report["counts"]["gallery_images"] == 13
+    assert report["counts"]["missing_images"] == 1
+    assert report["counts"]["queries_without_gallery_match"] == 1
+    assert report["counts"]["queries_evaluated"] == 7
+    assert report["config"]["crop"] == "gt"
+    assert report["config"]["backbone"] == "mobilenet_v2"
+    assert report["config"]["weights"] == {"name": "random", "seed": 0}
+    assert report["config"]["preprocessing"] == "tf"
+    recalls = [report["metrics"]["recall_at_k"][k] for k in ("1", "2", "5", "10")]
+    assert recalls == sorted(recalls)
+    assert recalls[-1] == 1.0  # 13 gallery images, every item has 2: a hit within 10
+    assert set(report["per_category"]) == {"Dresses", "Tees"}
+    assert report["per_category"]["Tees"]["n_without_match"] == 1
+    md = (out / "report.md").read_text()
+    assert "DeepFashion hit rate" in md and "MMFashion averaged recall" in md
+    for name in ("recall_at_k.png", "worst_queries.png", "random_queries.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_evaluate_cli_per_query_csv_matches_report(cli_run):
+    _, out, _, _ = cli_run
+    report = json.loads((out / "report.json").read_text())
+    with open(out / "per_query.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [r["item"] for r in rows if r["status"] == "no_gallery_match"] == [NO_GALLERY_ITEM]
+    for k in (1, 2, 5, 10):
+        hit_rate = sum(int(r["first_hit_rank"]) <= k for r in ok) / len(ok)
+        assert report["metrics"]["recall_at_k"][str(k)] == pytest.approx(hit_rate)
+    assert report["metrics"]["map"] == pytest.approx(np.mean([float(r["ap"]) for r in ok]), 1e-5)
+
+
+def test_evaluate_cli_second_run_reuses_cached_features(cli_run, monkeypatch):
+    _, out, cache, args = cli_run
+    (npy,) = cache.glob("*.npy")
+    mtime = npy.stat().st_mtime_ns
+
+    def no_embedding(self, images):
+        raise AssertionError("embedded again instead of using the cache")
+
+    monkeypatch.setattr(Embedder, "embed", no_embedding)
+    args = [a if a != "1,2,5,10" else "1,3" for a in args]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert npy.stat().st_mtime_ns == mtime
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["metrics"]["recall_at_k"]) == ["1", "3"]
+
+
+def test_evaluate_cli_compares_settings(cli_run, tmp_path):
+    _, _, cache, args = cli_run
+    args = args[: args.index("--out")] + [
+        "--out",
+        str(tmp_path / "cmp"),
+        "--cache-dir",
+        str(cache),
+        "--norm",
+        "l2,none",
+        "--examples",
+        "1",
+        "--quiet",
+    ]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["setting"] for r in table["settings"]] == [
+        "mobilenet_v2-avg-l2",
+        "mobilenet_v2-avg-none",
+    ]
+    assert (tmp_path / "cmp" / "mobilenet_v2-avg-none" / "report.json").is_file()
+    assert "| mobilenet_v2-avg-none | 7 |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_evaluate_cli_malformed_partition_exits_1_naming_the_line(tmp_path):
+    write_listing(
+        tmp_path / "list_eval_partition.txt",
+        HEADER,
+        ["img/a/id_1/x.jpg id_1 query", "img/a/id_1/y.jpg id_1 gallery extra"],
+    )
+    result = run_cli(["evaluate", str(tmp_path), "--weights", "random"])
+    assert result.exit_code == 1
+    assert "line 4: expected 3 columns, found 4" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluate_cli_strict_fails_on_missing_image(inshop_root, tmp_path):
+    result = run_cli(
+        ["evaluate", str(inshop_root), "--weights", "random", "--strict", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "1 image(s) listed in" in result.output and "--strict" in result.output
+    assert "Traceback" not in result.output
