@@ -586,10 +586,17 @@ def feature_cache_key(
     payload = {
         "format": CACHE_FORMAT_VERSION,
         "identity": embedder.identity(),
+        # Keras and LiteRT agree only to float tolerance: keep their features apart.
+        "runtime": _embedder_runtime(embedder),
         "images": [[e["path"], e["box"], e["bytes"], e["mtime_ns"]] for e in entries],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8"))
     return digest.hexdigest()[:32], entries
+
+
+def _embedder_runtime(embedder: Any) -> str | None:
+    resolve = getattr(embedder, "resolved_runtime", None)
+    return resolve() if callable(resolve) else None
 
 
 def _read_for_embedding(path: str, box: list[int] | None, embedder: Embedder) -> np.ndarray:
@@ -739,6 +746,7 @@ def embed_cached(
                 "format": CACHE_FORMAT_VERSION,
                 "key": key,
                 "identity": embedder.identity(),
+                "runtime": _embedder_runtime(embedder),
                 "shape": list(matrix.shape),
                 "n_images": len(entries),
                 "n_skipped": len(skipped),
