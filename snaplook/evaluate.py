@@ -1104,6 +1104,7 @@ def evaluate(
         "resize": identity.get("resize"),
         "pooling": identity["pooling"],
         "feature_dim": identity.get("feature_dim"),
+        "runtime": _runtime(embedder),
         "normalization": normalization,
         "distance": "euclidean" if normalization == "none" else "cosine",
         "ks": list(ks),
@@ -1133,6 +1134,11 @@ def evaluate(
             shutil.rmtree(tmp, ignore_errors=True)
     report.files = {name: out / path.name for name, path in report.files.items()}
     return report
+
+
+def _runtime(embedder: Any) -> str | None:
+    resolve = getattr(embedder, "resolved_runtime", None)
+    return resolve() if callable(resolve) else None
 
 
 def _version() -> str:
