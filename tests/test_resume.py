@@ -307,8 +307,9 @@ def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Pa
         ],
     )
     assert result.exit_code == 0, result.output
-    m = re.search(r"\((\d+) embedded, .*?, (\d+) resumed from the checkpoint\)", result.stdout)
-    assert m, result.stdout
+    said = " ".join(result.stdout.split())  # rich wraps long lines
+    m = re.search(r"\((\d+) embedded, .*?, (\d+) resumed from the checkpoint\)", said)
+    assert m, said
     assert (int(m[1]), int(m[2])) == (N_IMAGES - rows_done, rows_done)
     assert not partial.exists() and not lock.exists()
 
