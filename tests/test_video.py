@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import struct
 from pathlib import Path
 
 import cv2
@@ -67,6 +68,50 @@ def write_clip(
     return path
 
 
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
+
+
+def make_vfr(src: Path, dst: Path, slow_from: int) -> Path:
+    """Copy an OpenCV-written mp4 so frames from ``slow_from`` on last twice as long (VFR).
+
+    cv2.VideoWriter only writes constant frame rates; this rewrites the one-entry sample
+    time table (``stts``) into two entries and scales the durations. The ``moov`` box sits
+    after ``mdat`` in OpenCV's files, so growing it moves no sample offsets.
+    """
+    data = bytearray(src.read_bytes())
+    boxes: dict[bytes, int] = {}
+    chain_to_stts: list[int] = []
+
+    def walk(off: int, end: int, chain: list[int]) -> None:
+        while off < end:
+            size, kind = struct.unpack(">I4s", data[off : off + 8])
+            boxes[kind] = off
+            if kind == b"stts":
+                chain_to_stts.extend(chain)
+            if kind in _MP4_CONTAINERS:
+                walk(off + 8, off + size, [*chain, off])
+            off += size
+
+    walk(0, len(data), [])
+    stts = boxes[b"stts"]
+    assert struct.unpack(">I", data[stts + 12 : stts + 16])[0] == 1
+    assert boxes[b"moov"] > boxes[b"mdat"]
+    count, delta = struct.unpack(">II", data[stts + 16 : stts + 24])
+    data[stts + 12 : stts + 24] = struct.pack(
+        ">IIIII", 2, slow_from, delta, count - slow_from, 2 * delta
+    )
+    for off in [*chain_to_stts, stts]:
+        data[off : off + 4] = struct.pack(">I", struct.unpack(">I", data[off : off + 4])[0] + 8)
+    scale = (2 * count - slow_from) / count
+    # Version-0 duration fields: mvhd, tkhd, elst in movie units, mdhd in media units.
+    for kind, at in ((b"mvhd", 24), (b"tkhd", 28), (b"mdhd", 24), (b"elst", 16)):
+        off = boxes[kind] + at
+        old = struct.unpack(">I", data[off : off + 4])[0]
+        data[off : off + 4] = struct.pack(">I", round(old * scale))
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 @pytest.fixture(scope="module")
 def cut_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 s at 10 fps: red 0-2 s, green 2-4 s, blue 4-6 s (cuts at frames 20 and 40)."""
@@ -96,6 +141,17 @@ def test_iter_frames_every_half_second_and_max_frames(cut_clip: Path) -> None:
     times = [f.time_s for f in iter_frames(cut_clip, every=0.5)]
     assert np.allclose(times, np.arange(0, SECONDS, 0.5), atol=1 / FPS)
     assert len(list(iter_frames(cut_clip, every=0.5, max_frames=3))) == 3
+
+
+def test_iter_frames_variable_frame_rate_uses_container_times(tmp_path: Path) -> None:
+    # 40 frames: 20 at 0.1 s, then 20 at 0.2 s (6 s). The container's average fps is 6.67,
+    # so frame number / fps would put frame 10 at 1.5 s; the container says 1.0 s.
+    cfr = write_clip(tmp_path / "cfr.mp4", [(0.0, RED), (2.0, GREEN)], seconds=4)
+    vfr = make_vfr(cfr, tmp_path / "vfr.mp4", slow_from=20)
+    frames = list(iter_frames(vfr, every=1.0))
+    assert [f.frame for f in frames] == [0, 10, 20, 25, 30, 35]
+    assert [f.time_s for f in frames] == pytest.approx([0, 1, 2, 3, 4, 5], abs=1e-6)
+    assert frame_filename(frames[3].frame, frames[3].time_s) == "f000025_t0003.000.jpg"
 
 
 def test_detect_scenes_finds_cuts_within_one_frame(cut_clip: Path) -> None:
