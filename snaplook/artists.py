@@ -730,9 +730,9 @@ def select_lead_artists(
     Detections in neighbouring frames are joined into one person when their boxes
     overlap (IoU >= ``min_iou``) and their torso colours agree (similarity >=
     ``min_similarity``), or, across gaps, when the colours agree strongly (>=
-    ``reid_similarity``). Each person is scored screen time x size x centrality. Frames
-    are consumed one at a time and only each person's best views are kept, so memory does
-    not grow with the video.
+    ``reid_similarity``) and the heights are within a third of each other. Each person
+    is scored screen time x size x centrality. Frames are consumed one at a time and only
+    each person's best views are kept, so memory does not grow with the video.
 
     Args:
         frames: :class:`FrameDetections` in time order (a generator is fine).
@@ -768,7 +768,10 @@ def select_lead_artists(
                 overlap = iou(track.last_box, det.box) if gap <= max_gap else 0.0
                 if sim < min_similarity:
                     continue
-                if overlap >= min_iou or sim >= reid_similarity:
+                # Rejoining without overlap also needs a similar size: two people in
+                # dark clothes look alike by colour alone (measured on the test video).
+                ratio = det.box[3] / max(1, track.last_box[3])
+                if overlap >= min_iou or (sim >= reid_similarity and 0.75 <= ratio <= 1.33):
                     pairs.append((overlap + sim, -gap, ti, di))
         assigned: dict[int, int] = {}
         used_tracks: set[int] = set()
