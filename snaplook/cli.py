@@ -873,8 +873,12 @@ def _print_training(summary: Any) -> None:
     console.print(line)
     console.print(
         f"Trained on {counts['train_images']} images of {counts['train_items']} items, validated "
-        f"on {counts['val_images']} images of {counts['val_items']} held-out items "
-        f"({summary.n_embedded} images embedded, the rest from the cache)."
+        f"on {counts['val_images']} images of {counts['val_items']} held-out items ("
+        + (
+            f"{summary.n_embedded} images embedded)."
+            if summary.n_embedded
+            else "all features from the cache)."
+        )
     )
     console.print(
         f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out}."

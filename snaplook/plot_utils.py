@@ -236,3 +236,60 @@ def plot_recall_curve(
     if len(curves) > 1 or any(curves):
         ax.legend(fontsize=8)
     return _save(fig, out)
+
+
+def plot_training_curves(
+    history: Sequence[dict[str, Any]],
+    out: str | Path,
+    *,
+    title: str = "Training",
+    baseline: float | None = None,
+) -> Path:
+    """Draw training loss and validation Recall@1 per epoch (two panels, best epoch marked).
+
+    Args:
+        history: one dict per epoch with "epoch", "loss", "val_recall_at_1" (None when
+            there is no validation) and optionally "best".
+        out: PNG path to write.
+        title: figure title.
+        baseline: validation Recall@1 of the raw features, drawn as a dashed line.
+    """
+    plt = _pyplot()
+    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", markersize=3)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    val = [h for h in history if h.get("val_recall_at_1") is not None]
+    if val:
+        ax_r1.plot(
+            [h["epoch"] for h in val],
+            [h["val_recall_at_1"] for h in val],
+            marker="o",
+            markersize=3,
+            label="head",
+        )
+        best = [h for h in val if h.get("best")]
+        if best:
+            b = best[-1]
+            ax_r1.scatter(
+                [b["epoch"]],
+                [b["val_recall_at_1"]],
+                s=80,
+                facecolors="none",
+                edgecolors=HIT_COLOUR,
+                label="best",
+            )
+    if baseline is not None:
+        ax_r1.axhline(baseline, linestyle="--", color="grey", label="raw features")
+    ax_r1.set_xlabel("epoch")
+    ax_r1.set_ylabel("validation Recall@1")
+    ax_r1.set_ylim(0, 1.02)
+    ax_r1.grid(alpha=0.3)
+    if val or baseline is not None:
+        ax_r1.legend(fontsize=8)
+    else:
+        ax_r1.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax_r1.transAxes)
+    fig.suptitle(title)
+    return _save(fig, out)

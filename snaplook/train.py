@@ -1,0 +1,1111 @@
+"""Learn a retrieval embedding on top of frozen backbone features: a small head.
+
+The head is a small Keras model on cached backbone features (L2 normalisation, centring
+on the training mean, an optional hidden layer, a linear projection, L2 normalisation),
+trained with batch-hard triplet loss or Proxy-Anchor loss over P items x K images per
+batch, validated every epoch on held-out training items by Recall@1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snaplook import __version__
+from snaplook.errors import SnaplookError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("triplet", "proxy-anchor")
+DEFAULT_LOSS = "triplet"
+DEFAULT_DIM = 512
+DEFAULT_HIDDEN = 0
+DEFAULT_EPOCHS = 30
+#: P items x K images per batch.
+DEFAULT_BATCH = (16, 4)
+#: Adam learning rate of the head (the Proxy-Anchor proxies learn PROXY_LR_SCALE x faster,
+#: as in Kim et al. 2020).
+DEFAULT_LR = 1e-3
+PROXY_LR_SCALE = 100.0
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_SEED = 0
+#: Epochs without a better validation Recall@1 before training stops.
+DEFAULT_PATIENCE = 5
+#: Triplet margin on Euclidean distances between unit vectors (range 0..2).
+DEFAULT_MARGIN = 0.2
+#: Proxy-Anchor scale and margin (Kim et al. 2020 defaults).
+DEFAULT_ALPHA = 32.0
+DEFAULT_DELTA = 0.1
+DEFAULT_HEADS_DIR = Path("output/heads")
+HEAD_WEIGHTS = "head.weights.h5"
+HEAD_JSON = "head.json"
+HEAD_FORMAT_VERSION = 1
+#: Rows per block when computing the validation nearest neighbours.
+_VAL_BLOCK = 4096
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _tf() -> Any:
+    from snaplook.features import import_keras
+
+    import_keras()  # quiet TensorFlow's start-up lines
+    import tensorflow as tf
+
+    return tf
+
+
+def _tf_graph() -> Any:
+    # Called while tf.function traces the losses: no os.environ access (AutoGraph warns).
+    import tensorflow as tf
+
+    return tf
+
+
+def pairwise_distances(embeddings: Any) -> Any:
+    """Euclidean distances between all rows of ``embeddings``.
+
+    Args:
+        embeddings: tensor or ndarray of shape (n, d).
+
+    Returns:
+        tensor of shape (n, n), float32; the diagonal is 0.
+    """
+    tf = _tf_graph()
+    e = tf.convert_to_tensor(embeddings, dtype=tf.float32)
+    sq = tf.reduce_sum(e * e, axis=1)
+    d2 = sq[:, None] - 2.0 * tf.matmul(e, e, transpose_b=True) + sq[None, :]
+    d2 = tf.maximum(d2, 0.0)
+    # sqrt has an infinite gradient at 0: take it only where the distance is positive.
+    zero = tf.cast(d2 <= 1e-12, tf.float32)
+    d = tf.sqrt(d2 + zero * 1e-12) * (1.0 - zero)
+    return tf.linalg.set_diag(d, tf.zeros(tf.shape(d)[0]))
+
+
+def mine_batch_hard(distances: Any, labels: Any) -> tuple[Any, Any, Any, Any]:
+    """For each anchor, the hardest positive (farthest same label) and hardest negative.
+
+    Args:
+        distances: tensor or ndarray of shape (n, n), pairwise distances.
+        labels: tensor or ndarray of shape (n,), integer labels.
+
+    Returns:
+        (positive_index, positive_distance, negative_index, negative_distance), each of
+        shape (n,). An anchor without a positive gets itself (distance 0); one without a
+        negative gets itself and distance +inf-like (1e9), so it adds no loss.
+    """
+    tf = _tf_graph()
+    d = tf.convert_to_tensor(distances, dtype=tf.float32)
+    y = tf.convert_to_tensor(labels)
+    n = tf.shape(d)[0]
+    same = tf.equal(y[:, None], y[None, :])
+    not_self = tf.logical_not(tf.eye(n, dtype=tf.bool))
+    pos_mask = tf.logical_and(same, not_self)
+    neg_mask = tf.logical_not(same)
+    big = tf.constant(1e9, tf.float32)
+    pos_d = tf.where(pos_mask, d, -1.0)
+    pos_i = tf.argmax(pos_d, axis=1, output_type=tf.int32)
+    has_pos = tf.reduce_any(pos_mask, axis=1)
+    neg_d = tf.where(neg_mask, d, big)
+    neg_i = tf.argmin(neg_d, axis=1, output_type=tf.int32)
+    has_neg = tf.reduce_any(neg_mask, axis=1)
+    self_i = tf.range(n, dtype=tf.int32)
+    pos_i = tf.where(has_pos, pos_i, self_i)
+    neg_i = tf.where(has_neg, neg_i, self_i)
+    pos_dist = tf.where(has_pos, tf.reduce_max(pos_d, axis=1), 0.0)
+    neg_dist = tf.where(has_neg, tf.reduce_min(neg_d, axis=1), big)
+    return pos_i, pos_dist, neg_i, neg_dist
+
+
+def triplet_batch_hard_loss(embeddings: Any, labels: Any, *, margin: float = DEFAULT_MARGIN) -> Any:
+    """Batch-hard triplet loss (Hermans et al. 2017): mean of relu(d(a,p) - d(a,n) + margin).
+
+    Each anchor is paired with its hardest positive and hardest negative in the batch
+    (see :func:`mine_batch_hard`).
+
+    Args:
+        embeddings: tensor of shape (n, d) (the head's unit vectors).
+        labels: tensor of shape (n,), integer item labels.
+        margin: float, default=0.2.
+
+    Returns:
+        scalar tensor.
+    """
+    tf = _tf_graph()
+    _, pos, _, neg = mine_batch_hard(pairwise_distances(embeddings), labels)
+    return tf.reduce_mean(tf.nn.relu(pos - neg + margin))
+
+
+def proxy_anchor_loss(
+    embeddings: Any,
+    labels: Any,
+    proxies: Any,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    delta: float = DEFAULT_DELTA,
+) -> Any:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020).
+
+    ``1/|P+| sum_{p in P+} log(1 + sum_{x in X+_p} exp(-alpha (s(x,p) - delta)))
+    + 1/|P| sum_{p in P} log(1 + sum_{x in X-_p} exp(alpha (s(x,p) + delta)))``, where
+    s is cosine similarity, P all proxies, P+ the proxies with a positive in the batch.
+
+    Args:
+        embeddings: tensor or ndarray of shape (n, d).
+        labels: tensor or ndarray of shape (n,), integer labels in [0, n_proxies).
+        proxies: tensor, variable or ndarray of shape (n_proxies, d).
+        alpha: float, default=32.
+        delta: float, default=0.1.
+
+    Returns:
+        scalar tensor.
+    """
+    tf = _tf_graph()
+    e = tf.math.l2_normalize(tf.convert_to_tensor(embeddings, dtype=tf.float32), axis=1)
+    p = tf.math.l2_normalize(tf.convert_to_tensor(proxies, dtype=tf.float32), axis=1)
+    sim = tf.matmul(e, p, transpose_b=True)  # (n, C)
+    pos = tf.one_hot(tf.convert_to_tensor(labels), tf.shape(p)[0], dtype=tf.float32)
+    neg = 1.0 - pos
+    pos_sum = tf.reduce_sum(tf.exp(-alpha * (sim - delta)) * pos, axis=0)
+    neg_sum = tf.reduce_sum(tf.exp(alpha * (sim + delta)) * neg, axis=0)
+    with_pos = tf.cast(tf.reduce_sum(pos, axis=0) > 0, tf.float32)
+    n_pos = tf.maximum(tf.reduce_sum(with_pos), 1.0)
+    pos_term = tf.reduce_sum(tf.math.log1p(pos_sum) * with_pos) / n_pos
+    neg_term = tf.reduce_mean(tf.math.log1p(neg_sum))
+    return pos_term + neg_term
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample_pk_batches(
+    labels: Sequence[int] | np.ndarray,
+    *,
+    p: int,
+    k: int,
+    n_batches: int,
+    seed: int = DEFAULT_SEED,
+) -> np.ndarray:
+    """Draw batches of P distinct items x K images each (seeded).
+
+    Items with fewer than K images are drawn with replacement; the others without.
+
+    Args:
+        labels: ndarray of shape (n,), integer item label of each image.
+        p: items per batch (at most the number of distinct labels).
+        k: images per item.
+        n_batches: batches to draw.
+        seed: int, default=0.
+
+    Returns:
+        ndarray of shape (n_batches, p * k), int64 row indices into ``labels``, grouped
+        item by item (K consecutive rows share a label).
+    """
+    import numpy as np
+
+    labels = np.asarray(labels)
+    items, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if p > len(items):
+        raise SnaplookError(f"P={p} items per batch, but only {len(items)} items to draw from.")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    width = int(counts.max())
+    # (n_items, width) table of row indices, padded with -1.
+    table = np.full((len(items), width), -1, dtype=np.int64)
+    col = np.arange(len(order)) - np.repeat(starts, counts)
+    table[inverse[order], col] = order
+    chosen = np.stack([rng.choice(len(items), size=p, replace=False) for _ in range(n_batches)])
+    flat = chosen.reshape(-1)
+    keys = rng.random((len(flat), width))
+    keys[table[flat] < 0] = np.inf
+    picks = np.argsort(keys, axis=1)[:, :k] if width >= k else np.zeros((len(flat), k), int)
+    short = counts[flat] < k
+    if short.any():
+        picks[short] = (rng.random((int(short.sum()), k)) * counts[flat][short, None]).astype(int)
+    rows = table[flat[:, None], picks]
+    return rows.reshape(n_batches, p * k)
+
+
+# --------------------------------------------------------------------------- head
+
+
+def _build_model(input_dim: int, dim: int, hidden: int, mean: np.ndarray | None) -> Any:
+    keras = _keras()
+    import numpy as np
+
+    class Center(keras.layers.Layer):
+        """Subtract a fixed mean (the training features' mean), stored with the weights."""
+
+        def build(self, input_shape: Any) -> None:
+            self.mean = self.add_weight(
+                shape=(input_shape[-1],), initializer="zeros", trainable=False, name="mean"
+            )
+
+        def call(self, x: Any) -> Any:
+            return x - self.mean
+
+    inputs = keras.Input(shape=(input_dim,), name="features")
+    x = keras.layers.UnitNormalization(name="l2_in")(inputs)
+    center = Center(name="center")
+    x = center(x)
+    # Re-normalising after centring (the "centre + L2" trick) spreads the features that
+    # a post-ReLU backbone packs into one orthant.
+    x = keras.layers.UnitNormalization(name="l2_centered")(x)
+    if hidden:
+        x = keras.layers.Dense(hidden, activation="relu", name="hidden")(x)
+    x = keras.layers.Dense(dim, name="projection")(x)
+    outputs = keras.layers.UnitNormalization(name="l2_out")(x)
+    model = keras.Model(inputs, outputs, name="snaplook_head")
+    if mean is not None:
+        center.mean.assign(np.asarray(mean, dtype=np.float32))
+    return model
+
+
+def _keras() -> Any:
+    from snaplook.features import import_keras
+
+    return import_keras()
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    from snaplook.transform_utils import l2_normalize
+
+    return l2_normalize(x)
+
+
+@dataclass
+class EpochRecord:
+    """One training epoch: mean loss, validation Recall@1, wall time, whether it is the best."""
+
+    epoch: int
+    loss: float
+    val_recall_at_1: float | None
+    seconds: float
+    best: bool = False
+
+
+@dataclass
+class Head:
+    """A trained embedding head: frozen-backbone features in, unit ``dim``-d vectors out.
+
+    Build one with :func:`fit_head` or :meth:`Head.load`.
+
+    Attributes:
+        config: architecture and training settings (input_dim, dim, hidden, loss, ...).
+        info: training record (best epoch, validation metrics, counts, source features).
+        history: one :class:`EpochRecord` per epoch run.
+        name: a short name (the folder name once saved).
+    """
+
+    config: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    history: list[EpochRecord] = field(default_factory=list)
+    name: str = "head"
+    model_: Any = field(default=None, repr=False)
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.config["input_dim"])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.config["dim"])
+
+    def transform(self, features: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+        """Map backbone features to the learned embedding.
+
+        Args:
+            features: ndarray of shape (n, input_dim), raw or normalised backbone features.
+            batch_size: rows per forward pass.
+
+        Returns:
+            ndarray of shape (n, dim), float32, unit rows.
+
+        Raises:
+            SnaplookError: ``features`` of another dimension than the head was trained on.
+        """
+        import numpy as np
+
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.input_dim:
+            raise SnaplookError(
+                f"head {self.name!r} takes {self.input_dim}-d features "
+                f"({self.config.get('source', {}).get('backbone', 'its backbone')}), got "
+                f"shape {features.shape}; use the backbone the head was trained on."
+            )
+        if len(features) == 0:
+            return np.zeros((0, self.output_dim), dtype=np.float32)
+        out = [
+            np.asarray(self.model_(features[i : i + batch_size], training=False))
+            for i in range(0, len(features), batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32)
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the head's weight values (independent of the HDF5 container)."""
+        import numpy as np
+
+        digest = hashlib.sha256()
+        for w in self.model_.get_weights():
+            digest.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+        return digest.hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """What an index records about the head: name, weights digest, dims, loss."""
+        return {
+            "name": self.name,
+            "sha256": self.weights_sha256(),
+            "input_dim": self.input_dim,
+            "dim": self.output_dim,
+            "loss": self.config.get("loss"),
+        }
+
+    def check_source(self, identity: dict[str, Any]) -> None:
+        """Refuse features from another backbone, pooling, dimension or weights.
+
+        Args:
+            identity: an :meth:`Embedder.identity` (without a head).
+
+        Raises:
+            SnaplookError: naming the first setting that differs.
+        """
+        source = self.config.get("source") or {}
+        if identity.get("feature_dim") != self.input_dim:
+            raise SnaplookError(
+                f"head {self.name!r} takes {self.input_dim}-d features, but backbone "
+                f"{identity.get('backbone')!r} gives {identity.get('feature_dim')}-d; pass "
+                f"--backbone {source.get('backbone', '?')} (the head's) or train a head for it."
+            )
+        for key in ("backbone", "pooling", "preprocessing", "input_size"):
+            if key in source and source[key] != identity.get(key):
+                raise SnaplookError(
+                    f"head {self.name!r} was trained on {key}={source[key]!r} features, not "
+                    f"{identity.get(key)!r}; use the head's settings or train a head for these."
+                )
+        want, got = source.get("weights") or {}, identity.get("weights") or {}
+        if want and _weights_key(want) != _weights_key(got):
+            raise SnaplookError(
+                f"head {self.name!r} was trained on features from weights {_describe(want)}, "
+                f"not {_describe(got)}; pass the same --weights (and --seed) it was trained with."
+            )
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``head.weights.h5`` and ``head.json`` into the folder ``out`` (atomically).
+
+        Returns:
+            the folder.
+        """
+        from snaplook.io_utils import atomic_path, write_json_atomic
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.name = out.name
+        with atomic_path(out / HEAD_WEIGHTS) as tmp:
+            # Keras insists on the .weights.h5 suffix.
+            tmp_named = tmp.with_name(tmp.name + ".weights.h5")
+            self.model_.save_weights(str(tmp_named))
+            tmp_named.replace(tmp)
+        write_json_atomic(out / HEAD_JSON, self.to_json())
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of ``head.json``."""
+        return {
+            "format_version": HEAD_FORMAT_VERSION,
+            "snaplook_version": __version__,
+            "name": self.name,
+            "weights_sha256": self.weights_sha256(),
+            **self.config,
+            **self.info,
+            "history": [vars(r) for r in self.history],
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> Head:
+        """Load a head folder (or its ``head.json`` / ``head.weights.h5``).
+
+        Raises:
+            SnaplookError: missing or malformed files, a newer format, weights that do not
+                fit the recorded architecture or whose digest changed.
+        """
+        path = Path(path)
+        folder = path.parent if path.is_file() else path
+        meta_path, weights_path = folder / HEAD_JSON, folder / HEAD_WEIGHTS
+        for p in (meta_path, weights_path):
+            if not p.is_file():
+                raise SnaplookError(
+                    f"{p} not found: --head takes a folder written by `snaplook train` "
+                    f"(with {HEAD_JSON} and {HEAD_WEIGHTS})."
+                )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SnaplookError(f"{meta_path} is not valid JSON ({exc}).") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+            raise SnaplookError(f"{meta_path} has no format_version; not a snaplook head.")
+        if meta["format_version"] > HEAD_FORMAT_VERSION:
+            raise SnaplookError(
+                f"{meta_path} has head format {meta['format_version']}, newer than this "
+                f"snaplook understands ({HEAD_FORMAT_VERSION}); upgrade snaplook."
+            )
+        try:
+            config = {key: meta[key] for key in _CONFIG_KEYS if key in meta}
+            input_dim, dim, hidden = int(meta["input_dim"]), int(meta["dim"]), int(meta["hidden"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnaplookError(f"{meta_path} lacks or garbles {exc}; retrain the head.") from exc
+        model = _build_model(input_dim, dim, hidden, None)
+        try:
+            model.load_weights(str(weights_path))
+        except Exception as exc:
+            raise SnaplookError(
+                f"cannot load {weights_path} into the head {meta_path} describes "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "retrain the head."
+            ) from exc
+        info = {k: v for k, v in meta.items() if k not in _CONFIG_KEYS and k not in _NOT_INFO}
+        history = [EpochRecord(**r) for r in meta.get("history", [])]
+        head = cls(config=config, info=info, history=history, name=folder.name, model_=model)
+        want = meta.get("weights_sha256")
+        if want and head.weights_sha256() != want:
+            raise SnaplookError(
+                f"{weights_path} does not match {meta_path} (weights digest changed); "
+                "retrain the head or restore both files together."
+            )
+        return head
+
+
+_CONFIG_KEYS = (
+    "input_dim",
+    "dim",
+    "hidden",
+    "loss",
+    "epochs",
+    "batch",
+    "lr",
+    "val_fraction",
+    "seed",
+    "patience",
+    "margin",
+    "alpha",
+    "delta",
+    "source",
+)
+_NOT_INFO = ("format_version", "snaplook_version", "name", "weights_sha256", "history")
+
+
+def _weights_key(weights: dict[str, Any]) -> tuple[Any, ...]:
+    kind = weights.get("name")
+    if kind == "random":
+        return (kind, weights.get("seed"))
+    return (kind if kind != "file" else "imagenet-or-file", weights.get("sha256"))
+
+
+def _describe(weights: dict[str, Any]) -> str:
+    kind = weights.get("name", "?")
+    if kind == "random":
+        return f"random (seed {weights.get('seed')})"
+    sha = weights.get("sha256")
+    return f"{kind}" + (f" (sha256 {sha[:12]})" if sha else "")
+
+
+def load_head(path: str | Path) -> Head:
+    """Load a head written by :meth:`Head.save` (see :meth:`Head.load`)."""
+    return Head.load(path)
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def recall_at_1_leave_one_out(features: np.ndarray, labels: Sequence[Any] | np.ndarray) -> float:
+    """Share of rows whose nearest other row (cosine) has the same label.
+
+    Args:
+        features: ndarray of shape (n, d).
+        labels: ndarray of shape (n,).
+
+    Returns:
+        float in [0, 1]; ties go to the lower row index.
+    """
+    import numpy as np
+
+    f = _l2(features)
+    labels = np.asarray(labels)
+    hits = 0
+    for start in range(0, len(f), _VAL_BLOCK):
+        sims = f[start : start + _VAL_BLOCK] @ f.T
+        rows = np.arange(start, start + len(sims))
+        sims[rows - start, rows] = -np.inf
+        hits += int((labels[np.argmax(sims, axis=1)] == labels[rows]).sum())
+    return hits / len(f) if len(f) else 0.0
+
+
+def split_train_val(
+    labels: np.ndarray, *, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a seeded share of the items (not images) for validation.
+
+    Returns:
+        (train_rows, val_rows): int64 row indices; no item is on both sides.
+    """
+    import numpy as np
+
+    items = np.unique(labels)
+    n_val = int(round(len(items) * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0:
+        n_val = min(max(n_val, 2), len(items) - 2)
+    rng = np.random.default_rng(seed + 1)
+    val_items = set(rng.choice(items, size=max(n_val, 0), replace=False).tolist())
+    is_val = np.fromiter((x in val_items for x in labels.tolist()), bool, len(labels))
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _usable_rows(ids: np.ndarray, k: int, p: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows of items with at least 2 images, after checking there are enough of them."""
+    import numpy as np
+
+    items, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    usable = counts >= 2
+    n_items, n_usable = len(items), int(usable.sum())
+    stats = {
+        "items": n_items,
+        "images": len(ids),
+        "usable_items": n_usable,
+        "dropped_single_image_items": n_items - n_usable,
+    }
+    if n_usable < 2 or n_usable * 2 < n_items:
+        raise SnaplookError(
+            f"only {n_usable} of {n_items} training items have 2 or more images; metric "
+            "learning needs several images per item (check the partition file and the "
+            "item ids)."
+        )
+    if n_usable < n_items:
+        logger.warning(
+            "%d training items have a single image and are left out (%d usable)",
+            n_items - n_usable,
+            n_usable,
+        )
+    median = int(np.median(counts[usable]))
+    if k > median:
+        raise SnaplookError(
+            f"--batch asks for K={k} images per item, but the median usable training item "
+            f"has {median} (max {int(counts.max())}); use K <= {median}, e.g. --batch "
+            f"{p}x{median}."
+        )
+    return np.flatnonzero(usable[inverse]), stats
+
+
+def fit_head(
+    train_feats: np.ndarray,
+    train_ids: Sequence[Any] | np.ndarray,
+    *,
+    loss: str = DEFAULT_LOSS,
+    dim: int = DEFAULT_DIM,
+    hidden: int = DEFAULT_HIDDEN,
+    epochs: int = DEFAULT_EPOCHS,
+    batch: tuple[int, int] = DEFAULT_BATCH,
+    lr: float = DEFAULT_LR,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
+    patience: int = DEFAULT_PATIENCE,
+    margin: float = DEFAULT_MARGIN,
+    source: dict[str, Any] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> Head:
+    """Train an embedding head on backbone features with item labels.
+
+    A seeded share of the items (``val_fraction``) is held out; after every epoch the
+    head's leave-one-out Recall@1 on them is measured, the best epoch's weights are
+    kept, and training stops when it has not improved for ``patience`` epochs. An epoch
+    is ``n_images / (P*K)`` batches. Ctrl-C (KeyboardInterrupt) stops training and
+    returns the best head so far (``head.info["interrupted"]`` is True).
+
+    Args:
+        train_feats: ndarray of shape (n, d), backbone features (raw or normalised).
+        train_ids: sequence of length n, the item id of each row.
+        loss: "triplet" (batch-hard) or "proxy-anchor", default="triplet".
+        dim: output dimension, default=512.
+        hidden: width of an optional ReLU hidden layer (0: none), default=0.
+        epochs: maximum epochs, default=30.
+        batch: (P items, K images per item), default=(16, 4).
+        lr: Adam learning rate, default=1e-3.
+        val_fraction: share of items held out for validation (0: none; then the last
+            epoch is kept), default=0.1.
+        seed: seeds the split, the sampler and the initial weights, default=0.
+        patience: epochs without improvement before stopping, default=5.
+        margin: triplet margin, default=0.2.
+        source: identity of the features (``Embedder.identity()``), recorded in the head.
+        on_epoch: called with each :class:`EpochRecord`.
+
+    Returns:
+        :class:`Head`.
+
+    Raises:
+        SnaplookError: bad settings, too few items with 2+ images, K larger than most
+            items have, P larger than the training items, ids and features of other lengths.
+    """
+    import numpy as np
+
+    feats = np.asarray(train_feats, dtype=np.float32)
+    ids = np.asarray([str(x) for x in train_ids])
+    _check_settings(
+        feats,
+        ids,
+        loss=loss,
+        dim=dim,
+        hidden=hidden,
+        epochs=epochs,
+        batch=batch,
+        lr=lr,
+        val_fraction=val_fraction,
+    )
+    p, k = batch
+    usable, counts = _usable_rows(ids, k, p)
+    feats, ids = feats[usable], ids[usable]
+    _, labels = np.unique(ids, return_inverse=True)
+    train_rows, val_rows = split_train_val(labels, val_fraction=val_fraction, seed=seed)
+    _, train_labels = np.unique(labels[train_rows], return_inverse=True)
+    n_train_items = int(train_labels.max()) + 1
+    if p > n_train_items:
+        raise SnaplookError(
+            f"--batch asks for P={p} items per batch, but only {n_train_items} items are left "
+            f"for training after holding out validation items; use P <= {n_train_items}."
+        )
+    x_train = feats[train_rows]
+    x_val, y_val = feats[val_rows], labels[val_rows]
+    counts.update(
+        train_items=n_train_items,
+        train_images=len(train_rows),
+        val_items=len(np.unique(y_val)),
+        val_images=len(val_rows),
+    )
+
+    keras = _keras()
+    tf = _tf()
+    keras.utils.set_random_seed(seed)
+    mean = _l2(x_train).mean(axis=0)
+    model = _build_model(feats.shape[1], dim, hidden, mean)
+    config = {
+        "input_dim": int(feats.shape[1]),
+        "dim": dim,
+        "hidden": hidden,
+        "loss": loss,
+        "epochs": epochs,
+        "batch": [p, k],
+        "lr": lr,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "patience": patience,
+        "margin": margin,
+        "alpha": DEFAULT_ALPHA,
+        "delta": DEFAULT_DELTA,
+        "source": source or {},
+    }
+    step = _make_step(
+        model,
+        x_train,
+        train_labels,
+        n_train_items,
+        loss=loss,
+        lr=lr,
+        margin=margin,
+        seed=seed,
+        tf=tf,
+        keras=keras,
+    )
+    n_batches = max(1, math.ceil(len(train_rows) / (p * k)))
+
+    def val_recall(m: Any) -> float | None:
+        if not len(val_rows):
+            return None
+        return recall_at_1_leave_one_out(np.asarray(m(x_val, training=False)), y_val)
+
+    raw_val = recall_at_1_leave_one_out(x_val, y_val) if len(val_rows) else None
+    history: list[EpochRecord] = []
+    best_r, best_epoch, best_weights = -1.0, 0, None
+    interrupted = False
+    stopped_early = False
+    try:
+        for epoch in range(1, epochs + 1):
+            started = time.perf_counter()
+            batches = sample_pk_batches(
+                train_labels, p=p, k=k, n_batches=n_batches, seed=seed * 100_003 + epoch
+            )
+            total = 0.0
+            for rows in batches:
+                total += float(step(tf.constant(rows, dtype=tf.int32)))
+            r1 = val_recall(model)
+            score = r1 if r1 is not None else float(epoch)
+            record = EpochRecord(epoch, total / n_batches, r1, time.perf_counter() - started)
+            if score > best_r:
+                best_r, best_epoch, best_weights = score, epoch, model.get_weights()
+                record.best = True
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if r1 is not None and epoch - best_epoch >= patience:
+                stopped_early = True
+                logger.info("validation Recall@1 stalled for %d epochs: stopping", patience)
+                break
+    except KeyboardInterrupt:
+        if best_weights is None:
+            raise
+        interrupted = True
+        logger.warning("interrupted: keeping the best head so far (epoch %d)", best_epoch)
+    model.set_weights(best_weights)
+    info = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "interrupted": interrupted,
+        "val_metrics": {
+            "recall_at_1": history[best_epoch - 1].val_recall_at_1,
+            "raw_recall_at_1": raw_val,
+            "protocol": "leave-one-out over held-out training items (cosine)",
+        },
+        "counts": counts,
+    }
+    return Head(config=config, info=info, history=history, model_=model)
+
+
+def _check_settings(feats: np.ndarray, ids: np.ndarray, **s: Any) -> None:
+    if feats.ndim != 2 or len(feats) != len(ids):
+        raise SnaplookError(
+            f"train_feats of shape {feats.shape} and {len(ids)} ids: expected (n, d) "
+            "features and one id per row."
+        )
+    if s["loss"] not in LOSSES:
+        raise SnaplookError(f"unknown loss {s['loss']!r}; choose one of: {', '.join(LOSSES)}.")
+    p, k = s["batch"]
+    if p < 2 or k < 2:
+        raise SnaplookError(
+            f"--batch {p}x{k}: need at least 2 items (P) and 2 images per item (K), e.g. 16x4."
+        )
+    if s["dim"] < 1 or s["hidden"] < 0 or s["epochs"] < 1 or not s["lr"] > 0:
+        raise SnaplookError(
+            f"--dim {s['dim']}, --hidden {s['hidden']}, --epochs {s['epochs']}, --lr {s['lr']}: "
+            "need dim >= 1, hidden >= 0, epochs >= 1 and lr > 0."
+        )
+    if not 0 <= s["val_fraction"] < 1:
+        raise SnaplookError(f"--val-fraction must be in [0, 1), got {s['val_fraction']}.")
+
+
+def _make_step(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_items: int,
+    *,
+    loss: str,
+    lr: float,
+    margin: float,
+    seed: int,
+    tf: Any,
+    keras: Any,
+) -> Callable[[Any], Any]:
+    feats = tf.constant(x)
+    labels = tf.constant(y.astype("int32"))
+    head_vars = model.trainable_variables
+    opt = keras.optimizers.Adam(learning_rate=lr)
+    opt.build(head_vars)
+    if loss == "triplet":
+
+        @tf.function
+        def step(rows: Any) -> Any:
+            xb, yb = tf.gather(feats, rows), tf.gather(labels, rows)
+            with tf.GradientTape() as tape:
+                value = triplet_batch_hard_loss(model(xb, training=True), yb, margin=margin)
+            opt.apply_gradients(zip(tape.gradient(value, head_vars), head_vars))
+            return value
+
+        return step
+
+    init = keras.initializers.HeUniform(seed=seed)
+    proxies = tf.Variable(init((n_items, model.output_shape[-1])), name="proxies")
+    proxy_opt = keras.optimizers.Adam(learning_rate=lr * PROXY_LR_SCALE)
+    proxy_opt.build([proxies])
+
+    @tf.function
+    def proxy_step(rows: Any) -> Any:
+        xb, yb = tf.gather(feats, rows), tf.gather(labels, rows)
+        with tf.GradientTape() as tape:
+            value = proxy_anchor_loss(model(xb, training=True), yb, proxies)
+        grads = tape.gradient(value, [*head_vars, proxies])
+        opt.apply_gradients(zip(grads[:-1], head_vars))
+        proxy_opt.apply_gradients([(grads[-1], proxies)])
+        return value
+
+    return proxy_step
+
+
+# --------------------------------------------------------------------------- from a dataset
+
+TRAINING_CSV_HEADER = ("epoch", "loss", "val_recall_at_1", "seconds", "best")
+
+
+@dataclass
+class TrainSummary:
+    """What :func:`train_head` did.
+
+    Attributes:
+        head: the trained (best-epoch) head.
+        out: the head folder written.
+        files: name -> path of each file written.
+        n_embedded: training images embedded in this run (0 when the cache was warm).
+        n_unreadable: training images that could not be read (left out).
+        seconds: {"embedding": ..., "training": ...}.
+    """
+
+    head: Head
+    out: Path
+    files: dict[str, Path]
+    n_embedded: int
+    n_unreadable: int
+    seconds: dict[str, float]
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.head.info.get("interrupted"))
+
+
+def default_head_dir(
+    root: str | Path, *, protocol: str, backbone: str, loss: str, dim: int
+) -> Path:
+    """``output/heads/<root name>-<protocol>-<backbone>-<loss>-d<dim>``."""
+    return DEFAULT_HEADS_DIR / f"{Path(root).name}-{protocol}-{backbone}-{loss}-d{dim}"
+
+
+def parse_batch(text: str) -> tuple[int, int]:
+    """Read a ``--batch`` value "PxK" (e.g. "16x4") into (P, K).
+
+    Raises:
+        SnaplookError: not two positive integers joined by x.
+    """
+    parts = text.lower().replace("×", "x").replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise SnaplookError(
+            f"--batch {text!r}: expected P items x K images per item, e.g. --batch 16x4."
+        )
+    return int(parts[0]), int(parts[1])
+
+
+def train_head(
+    root: str | Path,
+    *,
+    protocol: str = "inshop",
+    partition: str | Path | None = None,
+    bbox: str | Path | None = None,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    pooling: str | None = None,
+    loss: str = DEFAULT_LOSS,
+    dim: int = DEFAULT_DIM,
+    hidden: int = DEFAULT_HIDDEN,
+    epochs: int = DEFAULT_EPOCHS,
+    batch: tuple[int, int] = DEFAULT_BATCH,
+    lr: float = DEFAULT_LR,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    patience: int = DEFAULT_PATIENCE,
+    seed: int = DEFAULT_SEED,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    strict: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainSummary:
+    """Embed a dataset's training split (through the feature cache) and train a head on it.
+
+    The training images are those the protocol marks "train" (In-shop, Consumer-to-shop:
+    consumer and shop images of the train pairs); for "folders" every image is a training
+    image (``ROOT/<label>/<images>``: the label is the item). Test (query/gallery) items are
+    never seen: validation holds out a share of the training items. Writes, atomically,
+    into ``out``: ``head.weights.h5``, ``head.json``, ``training.csv`` and ``training.png``.
+    On Ctrl-C the best head so far is written and ``summary.interrupted`` is True.
+
+    Args:
+        root: dataset root (see :func:`snaplook.evaluate.load_split`).
+        protocol: "inshop" (default), "consumer2shop" or "folders".
+        partition, bbox, strict: see :func:`snaplook.evaluate.load_split`; with ``bbox``
+            the images are cropped to their boxes (the cache key includes the box).
+        backbone, weights, pooling, seed: the embedder (defaults: resnet50, imagenet, avg,
+            0); ``seed`` also seeds training.
+        loss, dim, hidden, epochs, batch, lr, val_fraction, patience: see :func:`fit_head`.
+        out: head folder; default :func:`default_head_dir`.
+        cache_dir: feature cache, default="output/cache/features".
+        batch_size: images per forward pass when embedding.
+        on_start, on_progress: embedding progress (on_start gets 0 when cached).
+        on_epoch: called with each :class:`EpochRecord`.
+
+    Returns:
+        :class:`TrainSummary`.
+
+    Raises:
+        SnaplookError: bad protocol files, no training images, the errors of
+            :func:`fit_head`.
+    """
+    import numpy as np
+
+    from snaplook import features as feats
+    from snaplook.evaluate import load_split
+    from snaplook.io_utils import make_temp_dir, replace_dir
+
+    root = Path(root)
+    embedder = feats.Embedder(
+        backbone or feats.DEFAULT_BACKBONE,
+        weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
+        pooling=pooling or feats.DEFAULT_POOLING,
+        seed=seed,
+    )
+    split = load_split(root, protocol=protocol, partition=partition, bbox=bbox, strict=strict)
+    samples = split.train if split.protocol != "folders" else split.query
+    if not samples:
+        raise SnaplookError(
+            f"{split.partition or root}: no training images (evaluation_status train); "
+            "a head is trained on the train split only, never on query/gallery items."
+        )
+    out = (
+        Path(out)
+        if out is not None
+        else default_head_dir(
+            root, protocol=split.protocol, backbone=embedder.backbone, loss=loss, dim=dim
+        )
+    )
+    identity = embedder.identity()
+    to_embed = [0]
+
+    def started(n: int) -> None:
+        to_embed[0] = n
+        if on_start is not None:
+            on_start(n)
+
+    t0 = time.perf_counter()
+    skipped: list[Any] = []
+    matrix = feats.embed_cached(
+        [(split.root / s.path, s.box) for s in samples],
+        embedder,
+        cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
+        batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
+        on_skip=skipped.append,
+        on_start=started,
+        on_progress=on_progress,
+    )
+    embed_seconds = time.perf_counter() - t0
+    unreadable = {str(Path(s.path).resolve()) for s in skipped}
+    if unreadable and strict:
+        raise SnaplookError(
+            f"{len(unreadable)} training image(s) could not be read (first: "
+            f"{sorted(unreadable)[0]}); --strict stops here."
+        )
+    keep = np.array([str((split.root / s.path).resolve()) not in unreadable for s in samples])
+    t0 = time.perf_counter()
+    head = fit_head(
+        matrix[keep],
+        [s.item for s, k in zip(samples, keep) if k],
+        loss=loss,
+        dim=dim,
+        hidden=hidden,
+        epochs=epochs,
+        batch=batch,
+        lr=lr,
+        val_fraction=val_fraction,
+        seed=seed,
+        patience=patience,
+        source={key: identity[key] for key in _SOURCE_KEYS if key in identity},
+        on_epoch=on_epoch,
+    )
+    train_seconds = time.perf_counter() - t0
+    head.info["dataset"] = {
+        "root": str(root.resolve()),
+        "protocol": split.protocol,
+        "partition": str(split.partition.resolve()) if split.partition else None,
+        "bbox": str(split.bbox.resolve()) if split.bbox else None,
+        "unreadable_images": int((~keep).sum()),
+    }
+    head.info["seconds"] = {
+        "embedding": round(embed_seconds, 3),
+        "training": round(train_seconds, 3),
+    }
+    tmp = make_temp_dir(out)
+    try:
+        files = write_head_outputs(head, tmp)
+        head.name = out.name
+        from snaplook.io_utils import write_json_atomic
+
+        write_json_atomic(tmp / HEAD_JSON, head.to_json())  # with the final name
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return TrainSummary(
+        head=head,
+        out=out,
+        files={name: out / path.name for name, path in files.items()},
+        n_embedded=to_embed[0],
+        n_unreadable=int((~keep).sum()),
+        seconds={"embedding": embed_seconds, "training": train_seconds},
+    )
+
+
+_SOURCE_KEYS = (
+    "backbone",
+    "weights",
+    "input_size",
+    "preprocessing",
+    "resize",
+    "pooling",
+    "feature_dim",
+)
+
+
+def write_head_outputs(head: Head, out: str | Path) -> dict[str, Path]:
+    """Save the head and its training record: head files, ``training.csv``, ``training.png``.
+
+    Returns:
+        name -> path of each file written.
+    """
+    from snaplook.io_utils import write_csv_atomic
+    from snaplook.plot_utils import plot_training_curves
+
+    out = Path(out)
+    head.save(out)
+    rows = [
+        (
+            r.epoch,
+            f"{r.loss:.6f}",
+            "" if r.val_recall_at_1 is None else f"{r.val_recall_at_1:.6f}",
+            f"{r.seconds:.3f}",
+            int(r.best),
+        )
+        for r in head.history
+    ]
+    write_csv_atomic(out / "training.csv", TRAINING_CSV_HEADER, rows)
+    plot_training_curves(
+        [vars(r) for r in head.history],
+        out / "training.png",
+        title=f"{head.config.get('loss')} head, dim {head.output_dim} "
+        f"(best epoch {head.info.get('best_epoch')})",
+        baseline=(head.info.get("val_metrics") or {}).get("raw_recall_at_1"),
+    )
+    return {
+        "weights": out / HEAD_WEIGHTS,
+        "head_json": out / HEAD_JSON,
+        "training_csv": out / "training.csv",
+        "training_png": out / "training.png",
+    }
