@@ -41,6 +41,16 @@ _EXPORTS = {
     "extract_frames": "snaplook.video",
     "extract_videos": "snaplook.video",
     "detect_scenes": "snaplook.video",
+    # `look` itself is not re-exported: `snaplook.look` is its module's name
+    # (use `from snaplook.look import look`).
+    "PersonDetector": "snaplook.artists",
+    "Detection": "snaplook.artists",
+    "FrameDetections": "snaplook.artists",
+    "detect_people": "snaplook.artists",
+    "select_lead_artists": "snaplook.artists",
+    "extract_clothes": "snaplook.artists",
+    "write_lead_artists": "snaplook.artists",
+    "crop_artists": "snaplook.artists",
 }
 
 __all__ = ["__version__", *_EXPORTS]

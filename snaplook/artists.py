@@ -1205,7 +1205,8 @@ def crop_artists(
 
     Args:
         source: a folder written by ``snaplook extract`` (its ``frames.csv`` gives frame
-            numbers and times) or any folder of images (taken as frames in sorted order).
+            numbers and times), any folder of images (taken as frames in sorted order) or
+            one image.
         out: folder to write, default ``output/lead_artist/<folder name>``.
         max_artists: people to keep, default=2.
         min_size: minimum person height as a fraction of the frame height.
@@ -1229,7 +1230,8 @@ def crop_artists(
         )
     source = Path(source)
     frames = list_frames(source)
-    out = Path(out) if out is not None else DEFAULT_LEAD_ARTIST_ROOT / source.name
+    name = source.stem if source.is_file() else source.name
+    out = Path(out) if out is not None else DEFAULT_LEAD_ARTIST_ROOT / name
     person_detector = PersonDetector(detector, min_size=min_size)
     person_detector._load()  # a bad --detector fails before any frame is read
     skipped: list[tuple[Path, str]] = []
