@@ -152,7 +152,8 @@ def _parse_listing(
     if not lines:
         raise SnaplookError(f"{path}: empty file; expected a DeepFashion {what}.")
     first = lines[0].split()
-    if len(first) != 1 or not first[0].isdigit():
+    # isdigit() alone accepts '²' and other Unicode digits that int() refuses.
+    if len(first) != 1 or not (first[0].isascii() and first[0].isdigit()):
         raise SnaplookError(
             f"{path}, line 1: expected the number of entries, found {lines[0].strip()[:80]!r}. "
             f"Is this a DeepFashion {what}?"
@@ -1596,7 +1597,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
-        if not part.isdigit() or int(part) < 1:
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:
             raise SnaplookError(f"--k: {part!r} is not a positive integer; use e.g. --k 1,5,10.")
         values.append(int(part))
     if not values:

@@ -895,7 +895,9 @@ def parse_batch(text: str) -> tuple[int, int]:
         SnaplookError: not two positive integers joined by x.
     """
     parts = text.lower().replace("×", "x").replace("*", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(
+        p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts
+    ):
         raise SnaplookError(
             f"--batch {text!r}: expected P items x K images per item, e.g. --batch 16x4."
         )
