@@ -1,0 +1,230 @@
+"""Property tests: whatever bytes or text a reader is fed, it fails only with SnaplookError.
+
+Readers covered: the image reader (random bytes, and damaged real images of every
+format), the DeepFashion partition and box file parsers (random text), and the index
+loader (random meta.json and manifest.csv). A failure of any other type would reach the
+user as "unexpected ..." instead of one clear line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from snaplook.errors import SnaplookError
+from snaplook.io_utils import read_image_with_size
+
+SETTINGS = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
+WORK = Path(tempfile.mkdtemp(prefix="snaplook-safety-"))
+
+
+def _encoded(fmt: str, mode: str = "RGB", **kwargs: object) -> bytes:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+#: One small valid file per format the reader may meet; the fuzzer damages them.
+SEEDS = {
+    "jpeg": _encoded("JPEG"),
+    "progressive_jpeg": _encoded("JPEG", progressive=True),
+    "cmyk_jpeg": _encoded("JPEG", "CMYK"),
+    "png": _encoded("PNG"),
+    "palette_png": _encoded("PNG", "P"),
+    "gif": _encoded("GIF", "P"),
+    "bmp": _encoded("BMP"),
+    "webp": _encoded("WEBP"),
+    "tiff": _encoded("TIFF"),
+}
+
+
+def _read(data: bytes, name: str = "x.jpg") -> None:
+    path = WORK / name
+    path.write_bytes(data)
+    try:
+        image, (w, h) = read_image_with_size(path, min_size=8)
+    except SnaplookError as exc:
+        assert str(path) in str(exc)  # the message names the file
+        return
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert w >= 1 and h >= 1
+
+
+@SETTINGS
+@given(data=st.binary(max_size=4096))
+def test_read_image_random_bytes_raise_only_snaplook_error(data: bytes) -> None:
+    _read(data)
+
+
+@SETTINGS
+@given(
+    fmt=st.sampled_from(sorted(SEEDS)),
+    cut=st.one_of(st.none(), st.integers(min_value=0, max_value=4096)),
+    flips=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=4096), st.integers(0, 255)), max_size=6
+    ),
+)
+def test_read_image_damaged_files_raise_only_snaplook_error(
+    fmt: str, cut: int | None, flips: list[tuple[int, int]]
+) -> None:
+    data = bytearray(SEEDS[fmt])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    _read(bytes(data))
+
+
+# --- DeepFashion listings ----------------------------------------------------------------
+
+_TOKENS = st.sampled_from(
+    [
+        "4",
+        "2",
+        "0",
+        "-1",
+        "\u00b2",
+        "\u0663",
+        "1e3",
+        "image_name",
+        "item_id",
+        "evaluation_status",
+        "image_pair_name_1",
+        "image_pair_name_2",
+        "query",
+        "gallery",
+        "train",
+        "test",
+        "val",
+        "img/A/B/id_00000001/01_1_front.jpg",
+        "id_00000001",
+        "x_1",
+        "y_1",
+        "x_2",
+        "y_2",
+        "10",
+        "20",
+        "5",
+        "../../etc/passwd",
+        "/abs.jpg",
+        "",
+        " ",
+    ]
+)
+_LINES = st.lists(st.lists(_TOKENS, max_size=6).map(" ".join), max_size=8).map("\n".join)
+
+
+@pytest.fixture(scope="module")
+def dataset_root() -> Path:
+    root = WORK / "inshop"
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _load_split(text: str, root: Path, protocol: str) -> None:
+    evaluate = pytest.importorskip("snaplook.evaluate", reason="snaplook.evaluate not built yet")
+    partition = root / "list_eval_partition.txt"
+    partition.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        evaluate.load_split(root, protocol=protocol, partition=partition)
+    except SnaplookError:
+        pass
+
+
+@SETTINGS
+@given(text=st.one_of(st.text(max_size=400), _LINES))
+def test_load_split_random_partition_raises_only_snaplook_error(
+    text: str, dataset_root: Path
+) -> None:
+    _load_split(text, dataset_root, "inshop")
+
+
+@SETTINGS
+@given(text=_LINES)
+def test_load_split_consumer2shop_random_partition_raises_only_snaplook_error(
+    text: str, dataset_root: Path
+) -> None:
+    _load_split(text, dataset_root, "consumer2shop")
+
+
+@SETTINGS
+@given(text=st.one_of(st.text(max_size=300), _LINES))
+def test_read_bbox_file_random_text_raises_only_snaplook_error(text: str) -> None:
+    evaluate = pytest.importorskip("snaplook.evaluate", reason="snaplook.evaluate not built yet")
+    path = WORK / "list_bbox_inshop.txt"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        evaluate.read_bbox_file(path)
+    except SnaplookError:
+        pass
+
+
+# --- index loading ------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+_META_KEYS = ["format_version", "count", "feature_dim", "root", "backbone", "weights"]
+
+
+@pytest.fixture(scope="module")
+def index_dir() -> Path:
+    path = WORK / "index"
+    path.mkdir(exist_ok=True)
+    np.save(path / "features.npy", np.eye(2, 4, dtype=np.float32), allow_pickle=False)
+    return path
+
+
+@SETTINGS
+@given(
+    meta=st.one_of(
+        _JSON,
+        st.fixed_dictionaries({}, optional={k: _JSON for k in _META_KEYS}),
+        st.fixed_dictionaries(
+            {"format_version": st.integers(-2, 3), "count": st.integers(-1, 3)},
+            optional={"feature_dim": st.integers(-1, 5) | _JSON},
+        ),
+    ),
+    manifest=st.one_of(
+        st.text(max_size=200),
+        st.lists(
+            st.lists(
+                st.sampled_from(
+                    ["0", "1", "2", "a.jpg", "../x.jpg", "/abs.jpg", "", "1.5", "nan", "64", "x"]
+                ),
+                min_size=0,
+                max_size=8,
+            ).map(",".join),
+            max_size=4,
+        ).map(lambda rows: "\n".join(["row,path,width,height,bytes,mtime,sha1", *rows])),
+    ),
+)
+def test_load_index_random_meta_and_manifest_raise_only_snaplook_error(
+    meta: object, manifest: str, index_dir: Path
+) -> None:
+    from snaplook.index import load_index
+
+    (index_dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (index_dir / "manifest.csv").write_text(manifest, encoding="utf-8", errors="surrogatepass")
+    try:
+        index = load_index(index_dir)
+    except SnaplookError:
+        return
+    assert len(index) == index.features.shape[0] == 2
