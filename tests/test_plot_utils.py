@@ -1,0 +1,109 @@
+"""Tests for snaplook.plot_utils: figures render headless (Agg) to PNGs of plausible size."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from snaplook.plot_utils import (
+    plot_recall_curve,
+    plot_retrieval_grid,
+    plot_retrieval_rows,
+    plot_tsne,
+)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    colours = [(200, 30, 30), (30, 160, 60), (30, 60, 200), (220, 200, 40), (20, 20, 20)]
+    return [make_image(tmp_path / "img" / f"{i}.png", c, seed=i) for i, c in enumerate(colours)]
+
+
+def test_plot_retrieval_grid_writes_one_row_png(tmp_path: Path, images: list[Path]) -> None:
+    import matplotlib
+
+    out = plot_retrieval_grid(
+        images[0],
+        images[1:4],
+        tmp_path / "grids" / "q_grid.png",
+        distances=[0.01, 0.2, 0.35],
+        hits=[True, False, True],
+        labels=["id_01", "id_02", "id_01"],
+        query_label="id_01",
+        title="resnet50 · k=3 · random weights",
+    )
+
+    assert out == tmp_path / "grids" / "q_grid.png"
+    width, height = _png_size(out)
+    # 4 panels at 2.2 x 2.9 inches, 100 dpi, tight bounding box.
+    assert 600 <= width <= 900
+    assert 200 <= height <= 320
+    assert matplotlib.get_backend().lower() == "agg"
+    assert [p.name for p in out.parent.iterdir()] == ["q_grid.png"]  # no temp file left
+
+
+def test_plot_retrieval_grid_arrays_and_unreadable_result(
+    tmp_path: Path, images: list[Path], caplog
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"")
+    query = np.full((40, 90, 3), 128, dtype=np.uint8)
+
+    out = plot_retrieval_grid(query, [images[1], broken], tmp_path / "g.png")
+
+    width, height = _png_size(out)
+    assert 400 <= width <= 680
+    assert 200 <= height <= 320
+    assert "cannot draw" in caplog.text and "broken.jpg" in caplog.text
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "cannot draw" in r.msg)
+
+
+def test_plot_retrieval_rows_size_grows_with_rows(tmp_path: Path, images: list[Path]) -> None:
+    rows = [
+        {"query": images[0], "results": images[1:4], "distances": [0.1, 0.2, 0.3]},
+        {"query": images[1], "results": images[2:4], "hits": [True, False], "labels": ["a", "b"]},
+    ]
+
+    out = plot_retrieval_rows(rows, tmp_path / "rows.png", title="worst queries")
+    empty = plot_retrieval_rows([], tmp_path / "empty.png")
+
+    width, height = _png_size(out)
+    assert 550 <= width <= 800  # 4 columns at 1.9 inches
+    assert 300 <= height <= 460  # 2 rows at 2.2 inches
+    assert _png_size(empty)[0] <= 420
+
+
+def test_plot_recall_curve_writes_png(tmp_path: Path) -> None:
+    curves = {"raw": {1: 0.2, 5: 0.5, 10: 0.7}, "head": {1: 0.3, 5: 0.6, 10: 0.8}}
+
+    out = plot_recall_curve(curves, tmp_path / "recall.png")
+
+    width, height = _png_size(out)
+    assert 450 <= width <= 620
+    assert 300 <= height <= 420
+
+
+def test_plot_tsne_writes_png(tmp_path: Path, images: list[Path]) -> None:
+    features = np.random.default_rng(0).normal(size=(len(images), 16)).astype(np.float32)
+
+    out = plot_tsne(features, images, tmp_path / "tsne.png", thumb_size=32)
+
+    width, height = _png_size(out)
+    assert 700 <= width <= 1000
+    assert 700 <= height <= 1000
+
+
+def test_plot_tsne_needs_two_points(tmp_path: Path, images: list[Path]) -> None:
+    with pytest.raises(ValueError, match="at least 2 points"):
+        plot_tsne(np.zeros((1, 4)), images[:1], tmp_path / "t.png")
