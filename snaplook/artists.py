@@ -721,7 +721,7 @@ def select_lead_artists(
     crops_per_artist: int = DEFAULT_CROPS_PER_ARTIST,
     max_gap: int = 3,
     min_iou: float = 0.2,
-    min_similarity: float = 0.5,
+    min_similarity: float = 0.65,
     reid_similarity: float = 0.8,
     on_progress: Callable[[int], None] | None = None,
 ) -> Selection:
@@ -1042,6 +1042,23 @@ class ArtistRow:
         )
 
 
+def check_output_dir(out: str | Path, marker: str) -> None:
+    """Refuse to replace ``out`` unless it is missing, empty, or an earlier result.
+
+    Raises:
+        SnaplookError: ``out`` is a file, or a non-empty folder without ``marker`` (a
+            folder snaplook did not write would be deleted by the atomic replace).
+    """
+    out = Path(out)
+    if out.is_file():
+        raise SnaplookError(f"{out} is a file; pass a folder for the results.")
+    if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):
+        raise SnaplookError(
+            f"{out} holds files but no {marker}: it is not an earlier snaplook result and "
+            "would be replaced whole. Pass an empty or new folder."
+        )
+
+
 def write_lead_artists(
     selection: Selection, out: str | Path, *, clothes: bool = True
 ) -> list[ArtistRow]:
@@ -1056,6 +1073,10 @@ def write_lead_artists(
 
     Returns:
         The rows of ``artists.csv`` (paths point into ``out``).
+
+    Raises:
+        SnaplookError: ``out`` is a file or a folder of something else (see
+            :func:`check_output_dir`).
     """
     import shutil
 
@@ -1065,6 +1086,7 @@ def write_lead_artists(
     from snaplook.transform_utils import crop_box
 
     out = Path(out)
+    check_output_dir(out, "artists.csv")
     tmp = make_temp_dir(out)
     rows: list[ArtistRow] = []
     try:
@@ -1078,16 +1100,23 @@ def write_lead_artists(
                     face = None
                     if crop.face is not None:
                         face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
-                    found = extract_clothes(crop.patch, local, face=face)
-                    files.append(("person", found.person, crop.box))
-                    for kind, part, part_box in (
-                        ("upper", found.upper, found.upper_box),
-                        ("lower", found.lower, found.lower_box),
-                    ):
-                        if part is not None and part_box is not None:
-                            frame_box = (part_box[0] + ox, part_box[1] + oy, *part_box[2:])
-                            files.append((kind, part, frame_box))
-                else:
+                    try:
+                        found = extract_clothes(crop.patch, local, face=face)
+                    except SnaplookError as exc:  # a sliver of a box at the frame edge
+                        logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
+                        found = None
+                    if found is not None:
+                        files.append(("person", found.person, crop.box))
+                        for kind, part, part_box in (
+                            ("upper", found.upper, found.upper_box),
+                            ("lower", found.lower, found.lower_box),
+                        ):
+                            if part is not None and part_box is not None:
+                                frame_box = (part_box[0] + ox, part_box[1] + oy, *part_box[2:])
+                                files.append((kind, part, frame_box))
+                if not files:
+                    if local[2] < 1 or local[3] < 1:
+                        continue
                     files.append(("person", crop_box(crop.patch, local), crop.box))
                 for kind, pixels, frame_box in files:
                     name = f"{stem}_{kind}.png"
@@ -1232,6 +1261,7 @@ def crop_artists(
     frames = list_frames(source)
     name = source.stem if source.is_file() else source.name
     out = Path(out) if out is not None else DEFAULT_LEAD_ARTIST_ROOT / name
+    check_output_dir(out, "artists.csv")
     person_detector = PersonDetector(detector, min_size=min_size)
     person_detector._load()  # a bad --detector fails before any frame is read
     skipped: list[tuple[Path, str]] = []

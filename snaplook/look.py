@@ -193,11 +193,13 @@ def look(
         and no grids; that is not an error.
 
     Raises:
-        SnaplookError: missing or broken index, bad ``k``, unreadable video, bad detector.
+        SnaplookError: missing or broken index, bad ``k``, unreadable video, bad detector,
+            an output folder that holds something else.
     """
     from snaplook.artists import (
         FrameDetections,
         PersonDetector,
+        check_output_dir,
         select_lead_artists,
         write_lead_artists,
     )
@@ -212,6 +214,8 @@ def look(
     k = check_k(k, loaded)
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
     crops_out = Path(crops_out) if crops_out is not None else DEFAULT_LEAD_ARTIST_ROOT / video.stem
+    check_output_dir(out, "looks.csv")
+    check_output_dir(crops_out, "artists.csv")
     person_detector = PersonDetector(detector, min_size=min_size)
     person_detector._load()  # a bad --detector fails before the video is decoded
     if on_start is not None:

@@ -163,7 +163,9 @@ def _draw_figure(image, x, y, h, torso, legs) -> tuple[int, int, int, int]:
     """Paint a standing figure (skin head and arms, coloured torso and legs); return its box."""
     w = int(0.4 * h)
     cx = x + w // 2
-    cv2.ellipse(image, (cx, y + int(0.065 * h)), (int(0.1 * h), int(0.065 * h)), 0, 0, 360, SKIN, -1)
+    cv2.ellipse(
+        image, (cx, y + int(0.065 * h)), (int(0.1 * h), int(0.065 * h)), 0, 0, 360, SKIN, -1
+    )
     top, hip = y + int(0.14 * h), y + int(0.5 * h)
     image[top:hip, x + int(0.15 * w) : x + int(0.85 * w)] = torso
     image[top : y + int(0.45 * h), x : x + int(0.15 * w)] = SKIN  # arms
@@ -185,7 +187,9 @@ def test_select_lead_artists_most_present_and_largest_is_artist_1():
         if i not in (0, 9):  # the lead: 8 of 10 frames, large and central
             dets.append(_given(_draw_figure(image, 120 + i, 20, 200, (200, 30, 30), (30, 40, 150))))
         if i < 4:  # a passer-by: 4 frames, small, at the side
-            dets.append(_given(_draw_figure(image, 10 + 3 * i, 130, 100, (30, 160, 60), (90, 90, 90))))
+            dets.append(
+                _given(_draw_figure(image, 10 + 3 * i, 130, 100, (30, 160, 60), (90, 90, 90)))
+            )
         frames.append(FrameDetections(frame=10 * i, time_s=i * 0.5, image=image, detections=dets))
     sel = select_lead_artists(frames, max_artists=2, crops_per_artist=3)
     assert sel.n_tracks == 2
@@ -348,3 +352,18 @@ def test_crop_cli_folder_without_images_fails(tmp_path):
     assert result.exit_code == 1
     assert "no images found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_crop_cli_refuses_to_replace_a_foreign_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_frame()).save(folder / "a.png")
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["crop", str(folder), "--out", str(precious)])
+    assert result.exit_code == 1
+    assert "holds files but no artists.csv" in result.output
+    assert (precious / "notes.txt").read_text() == "keep me"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from typer.testing import CliRunner
 
-from conftest import make_image
 from snaplook.artists import ARTISTS_HEADER
 from snaplook.cli import app
 from snaplook.look import FUSED_HEADER, LOOKS_HEADER, fuse_hits
