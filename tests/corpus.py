@@ -224,7 +224,11 @@ def build_queries(root: Path) -> None:
     (root / "empty").mkdir(parents=True, exist_ok=True)
 
 
-def _valid_index(path: Path, n: int = 3, dim: int = 2048) -> None:
+#: The corpus tests read inputs, not features: the light backbone keeps them quick.
+BACKBONE = "mobilenet_v2"
+
+
+def _valid_index(path: Path, n: int = 3, dim: int = 1280) -> None:
     """A small valid index (random unit features) in the current format, without TF."""
     from snaplook import __version__
     from snaplook.features import Embedder
@@ -243,7 +247,7 @@ def _valid_index(path: Path, n: int = 3, dim: int = 2048) -> None:
     meta = {
         "format_version": INDEX_FORMAT_VERSION,
         "snaplook_version": __version__,
-        **Embedder("resnet50", weights="random").identity(),
+        **Embedder(BACKBONE, weights="random").identity(),
         "count": n,
         "metric": "cosine",
         "l2_normalized": True,

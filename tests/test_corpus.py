@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import Case, build_corpus, read_cases  # noqa: E402
+from corpus import BACKBONE, Case, build_corpus, read_cases  # noqa: E402
 
 from snaplook.cli import app  # noqa: E402
 
@@ -67,6 +67,8 @@ def gallery_index(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
             str(corpus / "gallery"),
             "--out",
             str(out),
+            "--backbone",
+            BACKBONE,
             "--weights",
             "random",
             "--batch-size",
@@ -102,7 +104,7 @@ def test_index_corpus_gallery_exits_0_and_lists_skips(gallery_index: dict) -> No
     assert f"Skipped {n_skipped} unreadable file(s)" in result.output
     index = load_index(gallery_index["out"])
     assert len(index) == len(gallery_index["manifest"])
-    assert index.features.shape == (len(index), 2048)
+    assert index.features.shape == (len(index), 1280)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.kind == "image"], ids=lambda c: c.case)
@@ -143,7 +145,7 @@ def _run_case(case: Case, corpus: Path, tmp_path: Path) -> object:
     if case.command == "index":
         if "--out" not in extra:
             extra += ["--out", str(tmp_path / "index")]
-        args = ["index", target, *extra, "--weights", "random", "-q"]
+        args = ["index", target, *extra, "--backbone", BACKBONE, "--weights", "random", "-q"]
     elif case.command == "query":
         if case.kind == "query":
             args = ["query", target, "--index", str(corpus / "indexes" / "valid"), *extra]
@@ -158,6 +160,8 @@ def _run_case(case: Case, corpus: Path, tmp_path: Path) -> object:
             target,
             "--protocol",
             "inshop",
+            "--backbone",
+            BACKBONE,
             "--weights",
             "random",
             "--crop",
