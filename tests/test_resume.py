@@ -128,6 +128,37 @@ def test_build_index_resumes_after_failure_byte_identical(tmp_path: Path) -> Non
     assert not partial.exists()
 
 
+def test_build_index_update_resumes_byte_identical(tmp_path: Path) -> None:
+    gallery = _gallery(tmp_path / "g", 6)
+    for out in ("ref", "out"):
+        build_index(gallery, tmp_path / out, embedder=FakeEmbedder(), batch_size=BATCH)
+    rng = np.random.default_rng(1)
+    for i in range(9):  # new files; the old rows are copied, not embedded again
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(
+            gallery / f"new_{i}.png"
+        )
+    ref = build_index(
+        gallery, tmp_path / "ref", embedder=FakeEmbedder(), batch_size=BATCH, update=True
+    )
+    assert (ref.n_embedded, ref.n_indexed) == (9, 15)
+    with pytest.raises(RuntimeError):
+        build_index(
+            gallery,
+            tmp_path / "out",
+            embedder=FakeEmbedder(on_batch=_crash_at(1)),
+            batch_size=BATCH,
+            update=True,
+        )
+    summary = build_index(
+        gallery, tmp_path / "out", embedder=FakeEmbedder(), batch_size=BATCH, update=True
+    )
+    # to embed: the text file (skipped again) and 9 new files; batch 0 held 3 of them.
+    assert (summary.n_resumed, summary.n_embedded, summary.n_indexed) == (3, 6, 15)
+    assert (tmp_path / "out" / "features.npy").read_bytes() == (
+        tmp_path / "ref" / "features.npy"
+    ).read_bytes()
+
+
 def test_build_index_other_plan_starts_afresh(tmp_path: Path, caplog) -> None:
     gallery = _gallery(tmp_path / "g", 9)
     with pytest.raises(RuntimeError):

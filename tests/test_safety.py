@@ -228,3 +228,21 @@ def test_load_index_random_meta_and_manifest_raise_only_snaplook_error(
     except SnaplookError:
         return
     assert len(index) == index.features.shape[0] == 2
+
+
+# --- nothing is unpickled -------------------------------------------------------------------
+
+
+def test_package_never_unpickles() -> None:
+    """Every np.load passes allow_pickle=False; no pickle, joblib or Keras model loading."""
+    import re
+
+    import snaplook
+
+    package = Path(snaplook.__file__).parent
+    for source in sorted(package.glob("*.py")):
+        text = source.read_text(encoding="utf-8")
+        for call in re.findall(r"np\.load\([^)]*\)", text):
+            assert "allow_pickle=False" in call, f"{source.name}: {call}"
+        assert not re.search(r"^\s*(import|from) (pickle|joblib|dill|cloudpickle)\b", text, re.M)
+        assert "load_model(" not in text, source.name
