@@ -82,6 +82,7 @@ def build_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
     embedder: Embedder | None = None,
+    head: Any = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BuildSummary:
@@ -105,6 +106,8 @@ def build_index(
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
             The result equals a full rebuild.
+        head: a trained ``snaplook.train.Head``: the index stores its output and
+            ``meta.json`` records its identity (queries must then use the same head).
         on_start: called once with the number of images found.
         on_progress: called with the number of images handled so far.
 
@@ -135,6 +138,10 @@ def build_index(
     if batch_size < 1:
         raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
     embedder = embedder or Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
+    if head is not None:
+        from snaplook.features import with_head
+
+        embedder = with_head(embedder, head)
     paths = find_images(root)
     if not paths:
         raise SnaplookError(
@@ -175,6 +182,8 @@ def build_index(
                 "format": _CHECKPOINT_FORMAT,
                 "root": str(root_dir.resolve()),
                 "identity": identity,
+                # Runtimes agree to 1e-4, not to the bit: a resume must not mix them.
+                "runtime": _runtime_of(embedder),
                 "batch_size": batch_size,
                 "update_from": old_stamp,
                 "reused": [[_rel(p, root_dir), i] for p, r, i in plan if r is not None],
@@ -348,6 +357,11 @@ def _write_features(
 
 #: Layout version of the ``<out>.partial/`` checkpoint folder of :func:`build_index`.
 _CHECKPOINT_FORMAT = 1
+
+
+def _runtime_of(embedder: Embedder) -> str | None:
+    resolve = getattr(embedder, "resolved_runtime", None)
+    return resolve() if callable(resolve) else None
 
 
 def _stat(path: Path) -> list[int | None]:
@@ -587,7 +601,7 @@ def _embed_batches(
 
 
 def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
-    for key in ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling"):
+    for key in ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling", "head"):
         if meta.get(key) != identity.get(key):
             raise SnaplookError(
                 f"{out} was built with {key}={meta.get(key)!r}, not {identity.get(key)!r}; "
@@ -624,13 +638,59 @@ class Index:
         rel = Path(self.manifest[row].path)
         return rel if rel.is_absolute() else self.root_ / rel
 
-    def embedder(self, **overrides: Any) -> Embedder:
-        """An :class:`Embedder` identical to the one that built this index."""
-        return embedder_from_meta(self.meta, **overrides)
+    def embedder(self, *, head: Any = None, **overrides: Any) -> Embedder:
+        """An :class:`Embedder` identical to the one that built this index.
+
+        Raises:
+            SnaplookError: ``head`` is not the head the index was built with (or the
+                index has a head and none is given); see :func:`check_head`.
+        """
+        check_head(self.meta, head, self.path)
+        embedder = embedder_from_meta(self.meta, **overrides)
+        if head is None:
+            return embedder
+        from snaplook.features import with_head
+
+        return with_head(embedder, head)
 
     def search(self, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`)."""
         return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+
+
+def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
+    """Refuse to embed queries with another head (or none) than an index was built with.
+
+    Args:
+        meta: the index's ``meta.json``.
+        head: the ``snaplook.train.Head`` queries would go through, or None.
+        where: the index folder, for the message.
+
+    Raises:
+        SnaplookError: the index has a head and ``head`` is None or another one, or the
+            index has none and ``head`` is given.
+    """
+    want = meta.get("head")
+    got = head.identity() if head is not None else None
+    if want is None and got is None:
+        return
+    if want is None:
+        raise SnaplookError(
+            f"{where} was built without a head; querying it through head {got['name']!r} "
+            "would compare unrelated features. Drop --head, or rebuild the index with "
+            f"`snaplook index ... --head {got['name']}`."
+        )
+    described = f"head {want.get('name')!r} ({want.get('dim')}-d, sha256 {want['sha256'][:12]})"
+    if got is None:
+        raise SnaplookError(
+            f"{where} was built with {described}; its features are that head's output, so "
+            "queries need it too: pass --head with that head folder."
+        )
+    if got["sha256"] != want["sha256"]:
+        raise SnaplookError(
+            f"{where} was built with {described}, not head {got['name']!r} (sha256 "
+            f"{got['sha256'][:12]}); pass the index's head or rebuild the index with this one."
+        )
 
 
 def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
@@ -857,6 +917,7 @@ def query_index(
     backbone: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     embedder: Embedder | None = None,
+    head: Any = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
@@ -869,6 +930,8 @@ def query_index(
         backbone: if given, must equal the index's backbone.
         batch_size: images per forward pass.
         embedder: use this embedder instead of rebuilding the index's (it must match).
+        head: the ``snaplook.train.Head`` the index was built with, if any (required
+            then; see :func:`check_head`).
 
     Returns:
         :class:`QuerySummary` with one :class:`QueryResult` per readable query.
@@ -894,7 +957,9 @@ def query_index(
             raise SnaplookError(f"{queries}: no query images found.")
     else:
         paths = [Path(p) for p in queries]
-    embedder = embedder or index.embedder()
+    if embedder is not None:
+        check_head(index.meta, getattr(embedder, "head", None), index.path)
+    embedder = embedder or index.embedder(head=head)
     if on_start is not None:
         on_start(len(paths))
     skipped: list[Skipped] = []
