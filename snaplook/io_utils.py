@@ -284,14 +284,37 @@ def load_npy(path: str | Path, *, mmap: bool = False) -> np.ndarray:
         raise SnaplookError(f"{path}: cannot read .npy file ({exc}); it may be truncated.") from exc
 
 
-def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
+def replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, marker: str | None = None) -> None:
     """Move a finished ``tmp_dir`` onto ``final_dir``, replacing an older one.
 
     The old directory is renamed aside first and removed only after the new one is in
     place, so at every moment ``final_dir`` is either the old or the new complete result.
+
+    Args:
+        tmp_dir: the finished folder (from :func:`make_temp_dir`).
+        final_dir: where it goes.
+        marker: a file every result of this kind holds (``frames.csv``, ``meta.json``).
+            When given, an existing non-empty ``final_dir`` without it is not replaced:
+            it is the user's folder, not an older result.
+
+    Raises:
+        SnaplookError: ``final_dir`` is a file, or (with ``marker``) a folder that is not
+            an older result.
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    if final_dir.exists() and not final_dir.is_dir():
+        raise SnaplookError(f"{final_dir} is a file; refusing to replace it with a folder.")
+    if (
+        marker is not None
+        and final_dir.is_dir()
+        and not (final_dir / marker).is_file()
+        and any(final_dir.iterdir())
+    ):
+        raise SnaplookError(
+            f"{final_dir} exists and is not a snaplook output (no {marker}); refusing to "
+            "replace it. Choose another output folder or move it away."
+        )
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
