@@ -532,51 +532,89 @@ def _rank_block(
     ties: str,
     top_n: int,
 ) -> dict[str, np.ndarray]:
-    """Metrics of one block of queries from its (b, n) distances and relevance mask."""
+    """Metrics of one block of queries from its (b, n) distances and relevance mask.
+
+    Only each row's sorted distances are needed, not a full argsort: the rank of the j-th
+    same-item image is j plus the number of other images ranked before it, counted with
+    ``searchsorted`` (ties resolved by ``ties``). Excluded pairs carry distance +inf.
+    """
     import numpy as np
 
     b, n = distances.shape
-    if ties == "pessimistic":
-        # lexsort orders by the last key first: distance, then non-matching (False) first.
-        order = np.lexsort((relevant, distances), axis=1)
-    else:
-        order = np.argsort(distances, axis=1, kind="stable")
-    rel = np.take_along_axis(relevant, order, axis=1)
-    n_rel = rel.sum(axis=1)
-    has = n_rel > 0
-    safe = np.maximum(n_rel, 1)
-    cum = np.cumsum(rel, axis=1, dtype=np.int32)
-    positions = np.arange(1, n + 1, dtype=np.float32)
-    precision = cum.astype(np.float32) / positions
-    with np.errstate(invalid="ignore"):
-        ap = np.where(has, (precision * rel).sum(axis=1) / safe, np.nan)
-        within_r = positions[None, :] <= n_rel[:, None]
-        map_r = np.where(has, (precision * (rel & within_r)).sum(axis=1) / safe, np.nan)
-        cols = np.minimum(np.asarray(ks), n) - 1
-        mm = (
-            np.where(has[:, None], cum[:, cols] / safe[:, None], np.nan)
-            if n
-            else np.full((b, len(ks)), np.nan)
-        )
-    first = np.where(has, rel.argmax(axis=1) + 1, 0)
-    sorted_d = np.take_along_axis(distances, order, axis=1)
-    first_d = sorted_d[np.arange(b), np.maximum(first - 1, 0)]
-    tied = has & ((distances == first_d[:, None]) & ~relevant).any(axis=1)
-    t = min(top_n, n)
+    kk = np.asarray(ks)
+    n_rel = np.zeros(b, dtype=np.int64)
+    first = np.zeros(b, dtype=np.int64)
+    ap = np.full(b, np.nan)
+    map_r = np.full(b, np.nan)
+    mm = np.full((b, len(ks)), np.nan)
+    tied = np.zeros(b, dtype=bool)
     top_index = np.full((b, top_n), -1, dtype=np.int64)
     top_distance = np.full((b, top_n), np.nan, dtype=np.float32)
-    top_index[:, :t] = order[:, :t]
-    top_distance[:, :t] = sorted_d[:, :t]
-    return {
-        "n_relevant": n_rel.astype(np.int64),
-        "first_hit_rank": first.astype(np.int64),
-        "ap": ap.astype(np.float64),
-        "map_at_r": map_r.astype(np.float64),
-        "mmfashion_recall": np.asarray(mm, dtype=np.float64),
-        "tied_first_hit": tied,
-        "top_index": top_index,
-        "top_distance": top_distance,
-    }
+    if n == 0:
+        return _block_dict(n_rel, first, ap, map_r, mm, tied, top_index, top_distance)
+    sorted_d = np.sort(distances, axis=1)
+    t = min(top_n, n)
+    threshold = sorted_d[:, t - 1 : t]
+    positions = np.arange(n)
+    for i in range(b):
+        row, rel_row = distances[i], relevant[i]
+        cols = np.flatnonzero(rel_row)
+        # Nearest images for the grids, ordered by the same tie rule as the metrics.
+        near = np.flatnonzero((row <= threshold[i]) & np.isfinite(row))
+        second = rel_row[near] if ties == "pessimistic" else near
+        near = near[np.lexsort((second, row[near]))][:t]
+        top_index[i, : len(near)] = near
+        top_distance[i, : len(near)] = row[near]
+        if len(cols) == 0:
+            continue
+        d_rel = row[cols]
+        order = np.lexsort((cols, d_rel))  # by distance, then gallery order
+        d_rel, cols = d_rel[order], cols[order]
+        count = len(cols)
+        j = np.arange(1, count + 1)
+        if ties == "pessimistic":
+            # Others at distance <= d: all images at <= d minus same-item ones at <= d.
+            others = np.searchsorted(sorted_d[i], d_rel, "right") - np.searchsorted(
+                d_rel, d_rel, "right"
+            )
+        else:
+            others = np.searchsorted(sorted_d[i], d_rel, "left") - np.searchsorted(
+                d_rel, d_rel, "left"
+            )
+            n_equal = np.searchsorted(sorted_d[i], d_rel, "right") - np.searchsorted(
+                sorted_d[i], d_rel, "left"
+            )
+            rel_equal = np.searchsorted(d_rel, d_rel, "right") - np.searchsorted(
+                d_rel, d_rel, "left"
+            )
+            for m in np.flatnonzero(n_equal > rel_equal):  # a tie with another item
+                others[m] += np.count_nonzero((row == d_rel[m]) & ~rel_row & (positions < cols[m]))
+        ranks = others + j
+        n_rel[i] = count
+        first[i] = ranks[0]
+        precision = j / ranks
+        ap[i] = precision.mean()
+        map_r[i] = precision[ranks <= count].sum() / count
+        mm[i] = (ranks[None, :] <= kk[:, None]).sum(axis=1) / count
+        equal_first = np.searchsorted(sorted_d[i], d_rel[0], "right") - np.searchsorted(
+            sorted_d[i], d_rel[0], "left"
+        )
+        tied[i] = equal_first > np.count_nonzero(d_rel == d_rel[0])
+    return _block_dict(n_rel, first, ap, map_r, mm, tied, top_index, top_distance)
+
+
+def _block_dict(*arrays: np.ndarray) -> dict[str, np.ndarray]:
+    names = (
+        "n_relevant",
+        "first_hit_rank",
+        "ap",
+        "map_at_r",
+        "mmfashion_recall",
+        "tied_first_hit",
+        "top_index",
+        "top_distance",
+    )
+    return dict(zip(names, arrays))
 
 
 def _concat_blocks(
@@ -768,7 +806,7 @@ def evaluate_embeddings(
     """Score embeddings: rank the gallery for every query, in blocks, and measure.
 
     Memory stays bounded: queries are processed in blocks so that one block's distances
-    and ranking take about ``block_bytes`` (In-shop: 14,218 x 12,612 in ~25 blocks).
+    and ranking take about ``block_bytes`` (In-shop: 14,218 x 12,612 in 16 blocks).
 
     Args:
         query_feats: ndarray of shape (m, d).
@@ -815,9 +853,9 @@ def evaluate_embeddings(
     q, g = normalize_features(query_feats, gallery_feats, normalization=normalization)
     g_sq = np.einsum("ij,ij->i", g, g) if normalization == "none" else None
     m, n = len(q), len(g)
-    # Per (query, gallery) cell the ranking holds about 64 bytes: distances, sort order,
-    # sorted distances, relevance, cumulative hits, precision and temporaries.
-    rows = max(1, int(block_bytes // max(1, 64 * n)))
+    # Per (query, gallery) cell a block holds about 24 bytes: the product and distances
+    # (float32), sorted distances, the relevance mask and temporaries.
+    rows = max(1, int(block_bytes // max(1, 24 * n)))
     blocks = []
     for start in range(0, m, rows):
         stop = min(m, start + rows)
@@ -945,6 +983,7 @@ def evaluate(
     n_examples: int = DEFAULT_N_EXAMPLES,
     embedder: Any = None,
     split: Split | None = None,
+    head: Any = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Report:
@@ -978,6 +1017,8 @@ def evaluate(
         embedder: a ready :class:`~snaplook.features.Embedder` (or anything with its
             ``identity``/``prepare``/``embed``/``input_size``/``feature_dim``).
         split: an already loaded :class:`Split` (skips reading the partition again).
+        head: a trained ``snaplook.train.Head``: the cached backbone features are mapped
+            through it before ranking (the setting name gets ``+<head name>``).
         on_start: called with the number of images to embed (0 when cached).
         on_progress: called with the number embedded so far.
 
@@ -1022,6 +1063,12 @@ def evaluate(
         )
     identity = embedder.identity()
     name = _setting_name(identity["backbone"], identity["pooling"], normalization)
+    if head is not None:
+        # The cache holds backbone features; the head is applied after it, so raw and
+        # head settings share one embedding.
+        head.check_source(identity)
+        identity = {**identity, "feature_dim": head.output_dim, "head": head.identity()}
+        name += f"+{head.name}"
     out = (
         Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}-{name}"
     )
@@ -1042,6 +1089,8 @@ def evaluate(
         on_start=on_start,
         on_progress=on_progress,
     )
+    if head is not None:
+        matrix = head.transform(matrix)
     embed_seconds = time.perf_counter() - started
     unreadable = {str(s.path) for s in skipped}
     if unreadable and strict:
@@ -1105,6 +1154,7 @@ def evaluate(
         "resize": identity.get("resize"),
         "pooling": identity["pooling"],
         "feature_dim": identity.get("feature_dim"),
+        "head": identity.get("head"),
         "runtime": _runtime(embedder),
         "normalization": normalization,
         "distance": "euclidean" if normalization == "none" else "cosine",
@@ -1428,6 +1478,7 @@ def evaluate_settings(
     strict: bool = False,
     subset: str = DEFAULT_C2S_SUBSET,
     out: str | Path | None = None,
+    head: Any = None,
     on_setting: Callable[[str, int, int], None] | None = None,
     **kwargs: Any,
 ) -> Comparison:
@@ -1447,6 +1498,8 @@ def evaluate_settings(
         weights: "imagenet", "random" or a weights file (a file fits one backbone only).
         partition, bbox, crop, strict, subset: see :func:`evaluate`.
         out: output folder; default ``output/eval/<root name>-<protocol>``.
+        head: a trained ``snaplook.train.Head``: every setting is evaluated twice, on the
+            raw features and through the head (same cached features), side by side.
         on_setting: called with (setting name, index, total) before each setting.
         **kwargs: passed on to :func:`evaluate` (ks, ties, seed, batch_size, cache_dir,
             n_examples, on_start, on_progress).
@@ -1482,11 +1535,12 @@ def evaluate_settings(
         subset=subset,
     )
     out = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}"
-    combos = list(itertools.product(backbones, poolings, normalizations))
+    heads = [None, head] if head is not None else [None]
+    combos = list(itertools.product(backbones, poolings, normalizations, heads))
     single = len(combos) == 1
     reports: list[Report] = []
-    for i, (b, p, nz) in enumerate(combos):
-        name = _setting_name(b, p, nz)
+    for i, (b, p, nz, h) in enumerate(combos):
+        name = _setting_name(b, p, nz) + (f"+{h.name}" if h is not None else "")
         if on_setting is not None:
             on_setting(name, i, len(combos))
         embedder = feats.Embedder(
@@ -1500,6 +1554,7 @@ def evaluate_settings(
                 root,
                 split=split,
                 embedder=embedder,
+                head=h,
                 normalization=nz,
                 crop=crop,
                 strict=strict,

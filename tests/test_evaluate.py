@@ -175,6 +175,52 @@ def test_rank_metrics_ap_matches_sklearn_average_precision(seed):
             assert m.ap[i] == pytest.approx(average_precision_score(relevant, -distances[i]), 1e-6)
 
 
+def naive_metrics(distances, query_ids, gallery_ids, k, ties):
+    """Reference: sort each row in Python with the tie rule as an explicit key."""
+    out = []
+    for i, qid in enumerate(query_ids):
+        rel = [g == qid for g in gallery_ids]
+        if ties == "pessimistic":
+            order = sorted(range(len(rel)), key=lambda c: (distances[i][c], rel[c], c))
+        else:
+            order = sorted(range(len(rel)), key=lambda c: (distances[i][c], c))
+        hits = [rel[c] for c in order]
+        ranks = [p + 1 for p, h in enumerate(hits) if h]
+        if not ranks:
+            out.append(None)
+            continue
+        precision = [(j + 1) / r for j, r in enumerate(ranks)]
+        r_count = len(ranks)
+        out.append(
+            (
+                ranks[0],
+                sum(precision) / r_count,
+                sum(p for p, r in zip(precision, ranks) if r <= r_count) / r_count,
+                sum(r <= k for r in ranks) / r_count,
+                order[:5],
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "gallery-order"])
+def test_rank_metrics_match_naive_sort_with_many_ties(ties):
+    rng = np.random.default_rng(7)
+    distances = rng.integers(0, 4, (30, 40)) / 4.0  # only 4 distinct values: ties everywhere
+    query_ids = rng.integers(0, 5, 30)
+    gallery_ids = rng.integers(0, 5, 40)
+    m = ev.rank_metrics(distances, query_ids, gallery_ids, ks=(3,), ties=ties)
+    for i, ref in enumerate(naive_metrics(distances, query_ids, gallery_ids, 3, ties)):
+        if ref is None:
+            assert m.first_hit_rank[i] == 0 and np.isnan(m.ap[i])
+            continue
+        assert m.first_hit_rank[i] == ref[0]
+        assert m.ap[i] == pytest.approx(ref[1])
+        assert m.map_at_r[i] == pytest.approx(ref[2])
+        assert m.mmfashion_recall[i, 0] == pytest.approx(ref[3])
+        assert m.top_index[i].tolist() == ref[4]
+
+
 def test_evaluate_embeddings_blocks_match_one_matrix_and_leave_one_out():
     rng = np.random.default_rng(3)
     q, g = rng.normal(size=(37, 8)), rng.normal(size=(53, 8))
@@ -336,6 +382,29 @@ def test_embed_cached_reuses_cache_and_zeroes_unreadable_images(tmp_path):
     assert again.embedded == 2
     embed_cached(images, FakeEmbedder("other"), cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def test_embed_cached_resumes_from_checkpoint_after_interruption(tmp_path, monkeypatch):
+    import snaplook.features as features
+
+    monkeypatch.setattr(features, "CACHE_CHUNK_IMAGES", 2)
+    images = [(make_image(tmp_path / f"{i}.png", (40 * i, 0, 0)), None) for i in range(5)]
+
+    class Interrupted(FakeEmbedder):
+        def embed(self, batch):
+            if self.embedded >= 2:
+                raise KeyboardInterrupt
+            return super().embed(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_cached(images, Interrupted(), cache_dir=tmp_path / "cache", batch_size=1)
+    (parts,) = (tmp_path / "cache").glob("*.parts")
+    assert sorted(p.name for p in parts.glob("*.npy")) == ["000000.npy"]
+    resumed = FakeEmbedder()
+    feats = embed_cached(images, resumed, cache_dir=tmp_path / "cache", batch_size=1)
+    assert resumed.embedded == 3  # the first chunk of 2 came from the checkpoint
+    np.testing.assert_allclose(feats, embed_cached(images, FakeEmbedder(), cache_dir=tmp_path))
+    assert not parts.exists()
 
 
 def test_evaluate_with_fake_embedder_on_folders(image_folder, tmp_path):
