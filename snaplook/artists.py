@@ -357,6 +357,25 @@ class PersonDetector:
         return [d for d in out if d.box[2] > 0 and d.box[3] > 0]
 
 
+def make_detector(
+    detector: PersonDetector | str | Path = DEFAULT_DETECTOR, *, min_size: float = DEFAULT_MIN_SIZE
+) -> PersonDetector:
+    """A :class:`PersonDetector` with its models loaded now, so a bad one fails early.
+
+    Args:
+        detector: a :class:`PersonDetector` (returned as is, loaded), "builtin" or the
+            path of a YOLO-style ONNX model.
+        min_size: minimum person height as a fraction of the frame height.
+
+    Raises:
+        SnaplookError: the ONNX model is missing or unreadable.
+    """
+    if not isinstance(detector, PersonDetector):
+        detector = PersonDetector(detector, min_size=min_size)
+    detector._load()
+    return detector
+
+
 def _cascade(name: str) -> Any:
     import cv2
 
@@ -657,7 +676,7 @@ def torso_histogram(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
 
 
 def _similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """1 - Bhattacharyya distance of two normalised histograms, in [0, 1]."""
+    """Bhattacharyya coefficient of two normalised histograms: 1 same colours, 0 disjoint."""
     import numpy as np
 
     bc = float(np.sum(np.sqrt(np.clip(a, 0, None) * np.clip(b, 0, None))))
@@ -1135,7 +1154,7 @@ def write_lead_artists(
                     )
         write_csv_atomic(tmp / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
         write_csv_atomic(tmp / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, marker="artists.csv")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1225,7 +1244,7 @@ def crop_artists(
     max_artists: int = DEFAULT_MAX_ARTISTS,
     min_size: float = DEFAULT_MIN_SIZE,
     clothes: bool = True,
-    detector: str | Path = DEFAULT_DETECTOR,
+    detector: PersonDetector | str | Path = DEFAULT_DETECTOR,
     crops_per_artist: int = DEFAULT_CROPS_PER_ARTIST,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -1240,7 +1259,8 @@ def crop_artists(
         max_artists: people to keep, default=2.
         min_size: minimum person height as a fraction of the frame height.
         clothes: also cut out the clothes (GrabCut, skin removed) and upper/lower crops.
-        detector: "builtin" or the path of a YOLO-style ONNX model.
+        detector: "builtin", the path of a YOLO-style ONNX model, or a configured
+            :class:`PersonDetector`.
         crops_per_artist: best views kept per artist.
         on_start: called with the number of frames.
         on_progress: called with the number of frames done.
@@ -1262,8 +1282,7 @@ def crop_artists(
     name = source.stem if source.is_file() else source.name
     out = Path(out) if out is not None else DEFAULT_LEAD_ARTIST_ROOT / name
     check_output_dir(out, "artists.csv")
-    person_detector = PersonDetector(detector, min_size=min_size)
-    person_detector._load()  # a bad --detector fails before any frame is read
+    person_detector = make_detector(detector, min_size=min_size)  # fails before any frame
     skipped: list[tuple[Path, str]] = []
     if on_start is not None:
         on_start(len(frames))
