@@ -1177,7 +1177,7 @@ def evaluate(
     tmp = make_temp_dir(out)
     try:
         _write_report(report, tmp, split, q_rows, g_rows, metrics, n_examples=n_examples, seed=seed)
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, marker="report.json")
     finally:
         if tmp.exists():
             import shutil

@@ -265,7 +265,7 @@ def build_index(
             write_json_atomic(tmp / "meta.json", meta)
             if old_features is not None:
                 del old_features, old  # release the memory map before replacing its folder
-            replace_dir(tmp, out)
+            replace_dir(tmp, out, marker="meta.json")
         except KeyboardInterrupt:
             logger.warning(
                 "stopped: %d of %d images are checkpointed in %s; run the same command again "
@@ -426,8 +426,7 @@ class _Checkpoint:
                 old_plan = None
             if old_plan != self.plan:
                 logger.warning(
-                    "%s holds an interrupted run with other images or settings; starting "
-                    "afresh.",
+                    "%s holds an interrupted run with other images or settings; starting over.",
                     self.folder,
                 )
                 self.remove()

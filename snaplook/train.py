@@ -1049,7 +1049,7 @@ def train_head(
         from snaplook.io_utils import write_json_atomic
 
         write_json_atomic(tmp / HEAD_JSON, head.to_json())  # with the final name
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, marker=HEAD_JSON)
     finally:
         if tmp.exists():
             import shutil

@@ -685,7 +685,7 @@ def _extract_one(
                     for f in frames
                 ),
             )
-            replace_dir(tmp, out)
+            replace_dir(tmp, out, marker=FRAMES_CSV)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -172,7 +172,7 @@ def test_build_index_other_plan_starts_afresh(tmp_path: Path, caplog) -> None:
     embedder = FakeEmbedder()
     build_index(gallery, tmp_path / "out", embedder=embedder, batch_size=3)  # other batches
     assert embedder.n_batches == 3  # 9 images in batches of 3 (the 4th: the text file)
-    assert "starting afresh" in caplog.text
+    assert "starting over" in caplog.text
     ref = build_index(gallery, tmp_path / "ref", embedder=FakeEmbedder(), batch_size=3)
     assert ref.n_indexed == 9
     assert (tmp_path / "out" / "features.npy").read_bytes() == (
