@@ -193,6 +193,14 @@ RuntimeOpt = Annotated[
         help="auto (LiteRT on a CPU, Keras on a GPU), litert or keras; same features either way.",
     ),
 ]
+HeadOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--head",
+        exists=True,
+        help="A head folder from `snaplook train`: features go through it.",
+    ),
+]
 
 
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
@@ -228,6 +236,7 @@ def index_cmd(
         int, typer.Option("--seed", help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
@@ -237,6 +246,7 @@ def index_cmd(
             gallery,
             out,
             embedder=embedder,
+            head=_load_head(head),
             batch_size=batch_size,
             update=update,
             on_start=on_start,
@@ -299,6 +309,7 @@ def query_cmd(
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the k nearest gallery images of each query; write grids, results.csv and .json."""
@@ -310,7 +321,7 @@ def query_cmd(
             k=k,
             backbone=backbone,
             batch_size=batch_size,
-            embedder=loaded.embedder(runtime=runtime),
+            embedder=loaded.embedder(runtime=runtime, head=_load_head(head)),
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -576,6 +587,7 @@ def look_cmd(
         ),
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
+    head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Shop the look of a video: frames -> lead artists -> clothes -> k nearest gallery items."""
@@ -593,6 +605,7 @@ def look_cmd(
             clothes=clothes,
             detector=detector,
             plot=not no_plot,
+            head=_load_head(head),
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -691,6 +704,7 @@ def evaluate_cmd(
         int, typer.Option("--seed", help="Seed for --weights random and the random grid.")
     ] = _features.DEFAULT_SEED,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score retrieval on DeepFashion In-shop, Consumer-to-shop or labelled folders.
@@ -718,6 +732,7 @@ def evaluate_cmd(
             batch_size=batch_size,
             cache_dir=cache_dir,
             n_examples=examples,
+            head=_load_head(head),
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -764,6 +779,10 @@ def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
 # --- train (issue 8) ---
 
 from snaplook import train as _train  # noqa: E402  (light: stdlib only at import)
+
+
+def _load_head(path: Path | None) -> Any:
+    return None if path is None else _train.load_head(path)
 
 
 @app.command("train")

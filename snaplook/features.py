@@ -1023,3 +1023,64 @@ def embed_cached(
     row_of = {(e["path"], tuple(e["box"]) if e["box"] else None): i for i, e in enumerate(entries)}
     order = [row_of[(str(Path(p).resolve()), tuple(b) if b else None)] for p, b in images]
     return np.asarray(matrix[order], dtype=np.float32)
+
+
+# --- embedding heads (issue 8) ---
+
+
+@dataclass
+class HeadEmbedder:
+    """An :class:`Embedder` followed by a trained head (``snaplook.train.Head``).
+
+    ``embed`` returns the head's output (unit rows of the head's dimension) and
+    ``identity`` adds the head's identity under ``"head"`` (with ``feature_dim`` the head's
+    dimension), so indexes, caches and reports built through it record the head. Anything
+    else is delegated to ``base``. Built by :func:`with_head`.
+
+    Args:
+        base: the backbone embedder.
+        head: a ``snaplook.train.Head`` (anything with ``transform``, ``identity``,
+            ``output_dim`` and ``check_source``).
+    """
+
+    base: Embedder
+    head: Any
+
+    def __post_init__(self) -> None:
+        self.head.check_source(self.base.identity())
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("base", "head"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.head.output_dim)
+
+    def identity(self) -> dict[str, Any]:
+        """The backbone's identity with ``feature_dim`` and ``head`` of the head."""
+        identity = self.base.identity()
+        return {**identity, "feature_dim": self.feature_dim, "head": self.head.identity()}
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embed prepared images with the backbone, then map them through the head.
+
+        Returns:
+            ndarray of shape (n, head dim), float32, unit rows.
+        """
+        return self.head.transform(self.base.embed(images))
+
+
+def with_head(embedder: Embedder, head: Any | None) -> Embedder | HeadEmbedder:
+    """``embedder`` followed by ``head`` (a :class:`HeadEmbedder`), or ``embedder`` if no head.
+
+    Raises:
+        SnaplookError: the head was trained on features of another backbone, pooling,
+            dimension or weights.
+    """
+    if head is None:
+        return embedder
+    if isinstance(embedder, HeadEmbedder):
+        embedder = embedder.base
+    return HeadEmbedder(embedder, head)

@@ -157,6 +157,7 @@ def look(
     crops_per_artist: int = DEFAULT_CROPS_PER_ARTIST,
     plot: bool = True,
     batch_size: int = 16,
+    head: Any = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LookSummary:
@@ -185,6 +186,8 @@ def look(
         crops_per_artist: best views per artist.
         plot: draw the grids.
         batch_size: crops per forward pass.
+        head: the ``snaplook.train.Head`` the index was built with, if any (see
+            :func:`snaplook.index.check_head`).
         on_start: called once with the video duration in whole seconds (0 if unknown).
         on_progress: called with the video time reached, in whole seconds.
 
@@ -203,7 +206,7 @@ def look(
         select_lead_artists,
         write_lead_artists,
     )
-    from snaplook.index import check_k, load_index
+    from snaplook.index import check_head, check_k, load_index
     from snaplook.video import iter_frames, probe_duration
 
     started = time.perf_counter()
@@ -212,6 +215,7 @@ def look(
         raise SnaplookError(f"{video}: no such video file; check the path.")
     loaded = index if not isinstance(index, (str, Path)) else load_index(index)
     k = check_k(k, loaded)
+    check_head(loaded.meta, head, loaded.path)  # before the video is decoded
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
     crops_out = Path(crops_out) if crops_out is not None else DEFAULT_LEAD_ARTIST_ROOT / video.stem
     check_output_dir(out, "looks.csv")
@@ -235,12 +239,14 @@ def look(
     summary = LookSummary(
         video=video, out=out, crops_out=crops_out, selection=selection, crops=crops, k=k
     )
-    _query_crops(summary, loaded, plot=plot, batch_size=batch_size)
+    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, head=head)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _query_crops(summary: LookSummary, index: Index, *, plot: bool, batch_size: int) -> None:
+def _query_crops(
+    summary: LookSummary, index: Index, *, plot: bool, batch_size: int, head: Any = None
+) -> None:
     import shutil
 
     from snaplook.features import embed_arrays
@@ -254,7 +260,7 @@ def _query_crops(summary: LookSummary, index: Index, *, plot: bool, batch_size: 
         grids: list[tuple[str, Any]] = []
         if crops:
             images = [read_image(c.path) for c in crops]
-            features = embed_arrays(images, index.embedder(), batch_size=batch_size)
+            features = embed_arrays(images, index.embedder(head=head), batch_size=batch_size)
             distances, rows = index.search(features, k=k)
             for crop, crop_rows, crop_dists in zip(crops, rows, distances):
                 for rank, (row, dist) in enumerate(zip(crop_rows, crop_dists), start=1):
