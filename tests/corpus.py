@@ -370,6 +370,9 @@ def build_videos(root: Path) -> None:
     video(root / "mixed" / "good.mp4", 20)
     _write(root / "mixed" / "broken.mp4", b"not a video\n")
     video(root / "name with spaces" / "-dash ünï.mp4", 20)
+    # `extract holiday/holiday.mp4 --out .` would write ./holiday/: the video's own folder.
+    video(root / "holiday" / "holiday.mp4", 10)
+    _write(root / "holiday" / "notes.txt", b"the user's notes\n")
 
 
 #: A valid DeepFashion In-shop ``list_eval_partition.txt`` for the images below.
