@@ -1243,12 +1243,27 @@ def _per_query_rows(
     return rows
 
 
+def _shown(root: Path, sample: Sample, crop: str) -> Path | np.ndarray:
+    """What the grids draw: the file, or with ``crop="gt"`` the box the model saw."""
+    from snaplook.io_utils import read_image
+    from snaplook.transform_utils import crop_box
+
+    path = root / sample.path
+    if crop != "gt" or sample.box is None:
+        return path
+    try:
+        return crop_box(read_image(path), sample.box)
+    except (SnaplookError, ValueError):
+        return path  # plot_utils draws a placeholder for a file it cannot read
+
+
 def _grid_rows(
     split: Split,
     q_rows: np.ndarray,
     g_rows: np.ndarray,
     metrics: QueryMetrics,
     chosen: Sequence[int],
+    crop: str,
 ) -> list[dict[str, Any]]:
     rows = []
     for j in chosen:
@@ -1258,8 +1273,8 @@ def _grid_rows(
         rank = int(metrics.first_hit_rank[j])
         rows.append(
             {
-                "query": split.root / query.path,
-                "results": [split.root / g.path for g in gallery],
+                "query": _shown(split.root, query, crop),
+                "results": [_shown(split.root, g, crop) for g in gallery],
                 "distances": [float(d) for d in metrics.top_distance[j][: len(top)]],
                 "hits": [g.item == query.item for g in gallery],
                 "labels": [g.item for g in gallery],
@@ -1312,12 +1327,12 @@ def _write_report(
         title=f"Recall@K (hit rate), {split.protocol}{note}",
     )
     files["worst_png"] = plot_retrieval_rows(
-        _grid_rows(split, q_rows, g_rows, metrics, worst),
+        _grid_rows(split, q_rows, g_rows, metrics, worst, report.config["crop"]),
         folder / "worst_queries.png",
         title=f"{len(worst)} worst queries (lowest AP){note}",
     )
     files["random_png"] = plot_retrieval_rows(
-        _grid_rows(split, q_rows, g_rows, metrics, random_rows),
+        _grid_rows(split, q_rows, g_rows, metrics, random_rows, report.config["crop"]),
         folder / "random_queries.png",
         title=f"{len(random_rows)} random queries (seed {seed}){note}",
     )
@@ -1426,7 +1441,8 @@ def render_report_md(report: Report) -> str:
         "## Failures and samples",
         "",
         "Each row: the query (blue), then its nearest gallery images with rank and "
-        "distance, outlined green for the same item and red otherwise.",
+        "distance, outlined green for the same item and red otherwise"
+        + (" (drawn as the ground-truth crops the model saw)." if c["crop"] == "gt" else "."),
         "",
         "Worst queries (lowest AP):",
         "",

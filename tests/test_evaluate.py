@@ -431,6 +431,22 @@ def test_evaluate_with_fake_embedder_on_folders(image_folder, tmp_path):
     ]
 
 
+def test_evaluate_counts_unreadable_images_and_strict_fails(image_folder, tmp_path):
+    (image_folder / "tops" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    kwargs = dict(embedder=FakeEmbedder(), cache_dir=tmp_path / "cache", ks=(1,), n_examples=1)
+    report = ev.folders(image_folder, out=tmp_path / "report", **kwargs)
+    # Leave-one-out: the broken file is neither a query nor a gallery image.
+    assert report.counts["query_images"] == 13
+    assert report.counts["unreadable_query_images"] == 1
+    assert report.counts["queries_ranked"] == 12
+    assert report.counts["gallery_images_searched"] == 11
+    statuses = {r["query"]: r["status"] for r in report.per_query}
+    assert statuses["tops/broken.jpg"] == "unreadable"
+    with pytest.raises(SnaplookError, match="1 evaluated image.*could not be read.*--strict"):
+        ev.folders(image_folder, out=tmp_path / "strict", strict=True, **kwargs)
+    assert not (tmp_path / "strict").exists()
+
+
 # --- the command ------------------------------------------------------------------------
 
 
