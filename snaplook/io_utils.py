@@ -315,6 +315,9 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, marker: str | Non
             f"{final_dir} exists and is not a snaplook output (no {marker}); refusing to "
             "replace it. Choose another output folder or move it away."
         )
+    if final_dir.is_dir() and not final_dir.is_symlink() and _exchange(tmp_dir, final_dir):
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old result
+        return
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
@@ -324,6 +327,30 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, marker: str | Non
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); False if unsupported.
+
+    Two renames leave a moment with no folder at ``b``; a kill then would lose the
+    result. The exchange has no such moment.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    c_int, c_path = ctypes.c_int, ctypes.c_char_p
+    renameat2.argtypes = [c_int, c_path, c_int, c_path, ctypes.c_uint]
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
 
 
 def make_temp_dir(final_dir: str | Path) -> Path:

@@ -246,3 +246,38 @@ def test_package_never_unpickles() -> None:
             assert "allow_pickle=False" in call, f"{source.name}: {call}"
         assert not re.search(r"^\s*(import|from) (pickle|joblib|dill|cloudpickle)\b", text, re.M)
         assert "load_model(" not in text, source.name
+
+
+# --- outputs replace only what snaplook wrote -------------------------------------------------
+
+
+def test_replace_dir_swaps_whole_folder_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    from snaplook.io_utils import make_temp_dir, replace_dir
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "meta.json").write_text("old")
+    (final / "stale.txt").write_text("from the old result")
+    tmp = make_temp_dir(final)
+    (tmp / "meta.json").write_text("new")
+    replace_dir(tmp, final, marker="meta.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in final.iterdir()) == ["meta.json"]
+    assert (final / "meta.json").read_text() == "new"
+
+
+def test_replace_dir_refuses_user_folder_and_file(tmp_path: Path) -> None:
+    from snaplook.io_utils import make_temp_dir, replace_dir
+
+    user = tmp_path / "holiday"
+    user.mkdir()
+    (user / "holiday.mp4").write_bytes(b"precious")
+    tmp = make_temp_dir(user)
+    with pytest.raises(SnaplookError, match="not a snaplook output"):
+        replace_dir(tmp, user, marker="frames.csv")
+    assert (user / "holiday.mp4").read_bytes() == b"precious"
+    a_file = tmp_path / "notes"
+    a_file.write_text("keep me")
+    with pytest.raises(SnaplookError, match="is a file"):
+        replace_dir(tmp, a_file)
+    assert a_file.read_text() == "keep me"
