@@ -362,7 +362,13 @@ class Embedder:
             path = self.tflite_path()
             interpreter = _open_interpreter(path) if path.is_file() else None
             if interpreter is None:
-                logger.info("converting %s to LiteRT (once; cached at %s)", self.backbone, path)
+                # Shown by default: the one-time conversion takes 30-60 s on two cores.
+                logger.warning(
+                    "converting %s to a LiteRT model, once for these weights (about a minute); "
+                    "cached at %s",
+                    self.backbone,
+                    path,
+                )
                 convert_to_tflite(self.load(), path)
                 interpreter = _open_interpreter(path, strict=True)
             self.interpreter_ = interpreter
