@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,7 +153,7 @@ def build_index(
     identity = embedder.identity()
 
     with (
-        exclusive_lock(out.with_name(out.name + ".lock"), what=f"the index {out}"),
+        exclusive_lock(_beside(out, ".lock"), what=f"the index {out}"),
         deferred_sigint() as interrupted,
     ):
         reuse: dict[str, tuple[ManifestRow, int]] = {}
@@ -177,7 +178,7 @@ def build_index(
         to_embed = [p for p, old_row, _ in plan if old_row is None]
 
         checkpoint = _Checkpoint(
-            out.with_name(out.name + ".partial"),
+            _beside(out, ".partial"),
             {
                 "format": _CHECKPOINT_FORMAT,
                 "root": str(root_dir.resolve()),
@@ -288,6 +289,12 @@ def build_index(
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
     )
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    # Absolute first: `--out .` has no name to add a suffix to.
+    absolute = Path(os.path.abspath(out))
+    return absolute.with_name(absolute.name + suffix)
 
 
 def _check_out(out: Path) -> None:
