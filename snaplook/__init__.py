@@ -51,6 +51,11 @@ _EXPORTS = {
     "extract_clothes": "snaplook.artists",
     "write_lead_artists": "snaplook.artists",
     "crop_artists": "snaplook.artists",
+    "fit_head": "snaplook.train",
+    "train_head": "snaplook.train",
+    "load_head": "snaplook.train",
+    "Head": "snaplook.train",
+    "with_head": "snaplook.features",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -51,8 +51,6 @@ DEFAULT_HEADS_DIR = Path("output/heads")
 HEAD_WEIGHTS = "head.weights.h5"
 HEAD_JSON = "head.json"
 HEAD_FORMAT_VERSION = 1
-#: Rows per block when computing the validation nearest neighbours.
-_VAL_BLOCK = 4096
 
 
 # --------------------------------------------------------------------------- losses
@@ -532,24 +530,25 @@ def load_head(path: str | Path) -> Head:
 def recall_at_1_leave_one_out(features: np.ndarray, labels: Sequence[Any] | np.ndarray) -> float:
     """Share of rows whose nearest other row (cosine) has the same label.
 
+    Computed by :func:`snaplook.evaluate.evaluate_embeddings` (leave-one-out, its default
+    pessimistic tie rule), so validation numbers mean what ``snaplook evaluate`` reports.
+
     Args:
         features: ndarray of shape (n, d).
         labels: ndarray of shape (n,).
 
     Returns:
-        float in [0, 1]; ties go to the lower row index.
+        float in [0, 1] (0 when no row has another row of its label).
     """
-    import numpy as np
+    from snaplook.evaluate import evaluate_embeddings
 
-    f = _l2(features)
-    labels = np.asarray(labels)
-    hits = 0
-    for start in range(0, len(f), _VAL_BLOCK):
-        sims = f[start : start + _VAL_BLOCK] @ f.T
-        rows = np.arange(start, start + len(sims))
-        sims[rows - start, rows] = -np.inf
-        hits += int((labels[np.argmax(sims, axis=1)] == labels[rows]).sum())
-    return hits / len(f) if len(f) else 0.0
+    if len(features) < 2:
+        return 0.0
+    metrics = evaluate_embeddings(
+        features, labels, features, labels, ks=(1,), leave_one_out=True, top_n=1
+    )
+    value = metrics.summary()["recall_at_k"][1]
+    return 0.0 if value is None else float(value)
 
 
 def split_train_val(
