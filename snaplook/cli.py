@@ -712,7 +712,7 @@ def evaluate_cmd(
     Writes report.json, per_query.csv, figures and report.md; several settings: compare.md.
     """
     ks = _evaluate.parse_ks(k)
-    with _progress("Embedding", quiet=quiet) as (on_start, on_progress):
+    with _stage_progress(quiet=quiet) as (on_stage, on_progress):
         result = _evaluate.evaluate_settings(
             root,
             protocol=protocol,
@@ -733,10 +733,48 @@ def evaluate_cmd(
             cache_dir=cache_dir,
             n_examples=examples,
             head=_load_head(head),
-            on_start=on_start,
+            on_stage=on_stage,
             on_progress=on_progress,
         )
     _print_evaluation(result, ks)
+
+
+@contextlib.contextmanager
+def _stage_progress(
+    *, quiet: bool = False
+) -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None]]]:
+    """Yield (on_stage(description, total), on_progress(done)): one bar, relabelled per stage.
+
+    Off with --quiet or when stdout is not a terminal (the callbacks then do nothing).
+    """
+    if quiet or _state["quiet"] or not sys.stdout.isatty():
+        yield (lambda description, total: None), (lambda done: None)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+    ) as progress:
+        task = progress.add_task("Loading", total=None)
+
+        def on_stage(description: str, total: int) -> None:
+            progress.reset(task, description=description, total=total, completed=0)
+
+        def on_progress(done: int) -> None:
+            progress.update(task, completed=done)
+
+        yield on_stage, on_progress
 
 
 def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:

@@ -130,7 +130,8 @@ def _category_of(path: str) -> str:
 
 def _read_lines(path: Path, what: str) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a file saved by a Windows editor starts with a BOM.
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise SnaplookError(f"{what} {path} not found; pass its path with --partition.") from None
     except UnicodeDecodeError as exc:
@@ -986,6 +987,7 @@ def evaluate(
     head: Any = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
 ) -> Report:
     """Evaluate one backbone on a retrieval protocol and write a report folder.
 
@@ -1020,7 +1022,10 @@ def evaluate(
         head: a trained ``snaplook.train.Head``: the cached backbone features are mapped
             through it before ranking (the setting name gets ``+<head name>``).
         on_start: called with the number of images to embed (0 when cached).
-        on_progress: called with the number embedded so far.
+        on_progress: called with the number embedded so far, and with ``on_stage`` also
+            with the number of queries ranked so far.
+        on_stage: called with (description, total) when embedding and ranking start,
+            for one progress bar that follows both stages.
 
     Returns:
         :class:`Report`.
@@ -1079,6 +1084,15 @@ def evaluate(
 
     images = split.query if split.leave_one_out else split.query + split.gallery
     skipped: list[Any] = []
+    n_embedded: list[int] = []
+
+    def embedding_started(total: int) -> None:
+        n_embedded.append(total)
+        if on_stage is not None:
+            on_stage(f"Embedding ({name})", total)
+        if on_start is not None:
+            on_start(total)
+
     started = time.perf_counter()
     matrix = feats.embed_cached(
         [ref(s) for s in images],
@@ -1086,7 +1100,7 @@ def evaluate(
         cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
         batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
         on_skip=skipped.append,
-        on_start=on_start,
+        on_start=embedding_started,
         on_progress=on_progress,
     )
     if head is not None:
@@ -1107,6 +1121,8 @@ def evaluate(
     q_rows = np.flatnonzero(q_ok)
     g_rows = np.flatnonzero(g_ok)
 
+    if on_stage is not None:
+        on_stage(f"Ranking ({name})", len(q_rows))
     started = time.perf_counter()
     metrics = evaluate_embeddings(
         q_feats[q_rows],
@@ -1117,6 +1133,7 @@ def evaluate(
         ties=ties,
         normalization=normalization,
         leave_one_out=split.leave_one_out,
+        on_progress=on_progress if on_stage is not None else None,
     )
     rank_seconds = time.perf_counter() - started
     if not metrics.evaluated.any():
@@ -1156,6 +1173,10 @@ def evaluate(
         "feature_dim": identity.get("feature_dim"),
         "head": identity.get("head"),
         "runtime": _runtime(embedder),
+        "feature_cache": {
+            "dir": str(Path(cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR)),
+            "images_embedded": n_embedded[0] if n_embedded else 0,
+        },
         "normalization": normalization,
         "distance": "euclidean" if normalization == "none" else "cosine",
         "ks": list(ks),
