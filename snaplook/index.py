@@ -943,7 +943,8 @@ def query_index(
         :class:`QuerySummary` with one :class:`QueryResult` per readable query.
 
     Raises:
-        SnaplookError: no query images, backbone mismatch, missing/corrupt index.
+        SnaplookError: no query images or none readable, backbone mismatch, missing/corrupt
+            index.
     """
     from snaplook.features import embed_images
     from snaplook.io_utils import find_images
@@ -972,6 +973,11 @@ def query_index(
     features, kept = embed_images(
         paths, embedder, batch_size=batch_size, on_skip=skipped.append, on_progress=on_progress
     )
+    if paths and not kept:
+        # Nothing was queried: an empty results.csv with exit 0 would look like success.
+        raise SnaplookError(
+            f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
+        )
     distances, rows = index.search(features, k=k)
     results = [
         QueryResult(

@@ -139,6 +139,19 @@ def test_query_corrupt_index_exits_1(cli_index, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_query_no_readable_query_exits_1(cli_index, tmp_path: Path) -> None:
+    _, idx, _ = cli_index
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+
+    result = _run("query", notes, "--index", idx, "--out", tmp_path / "res")
+
+    assert result.exit_code == 1
+    assert "Error: none of the 1 query images could be read" in result.stderr
+    assert "notes.png: not an image file" in result.stderr
+    assert not (tmp_path / "res").exists()
+
+
 def test_query_other_backbone_refused(cli_index) -> None:
     gallery, idx, _ = cli_index
 
