@@ -20,6 +20,7 @@ from snaplook.artists import (
     DEFAULT_MAX_ARTISTS,
     DEFAULT_MIN_SIZE,
     ArtistRow,
+    PersonDetector,
     Selection,
 )
 from snaplook.errors import SnaplookError
@@ -153,7 +154,7 @@ def look(
     max_artists: int = DEFAULT_MAX_ARTISTS,
     min_size: float = DEFAULT_MIN_SIZE,
     clothes: bool = True,
-    detector: str | Path = DEFAULT_DETECTOR,
+    detector: PersonDetector | str | Path = DEFAULT_DETECTOR,
     crops_per_artist: int = DEFAULT_CROPS_PER_ARTIST,
     plot: bool = True,
     batch_size: int = 16,
@@ -182,7 +183,8 @@ def look(
         max_artists: lead artists to keep, default=2.
         min_size: minimum person height as a fraction of the frame height.
         clothes: cut out clothes (upper/lower crops) besides the person crop.
-        detector: "builtin" or the path of a YOLO-style ONNX model.
+        detector: "builtin", the path of a YOLO-style ONNX model, or a configured
+            :class:`~snaplook.artists.PersonDetector`.
         crops_per_artist: best views per artist.
         plot: draw the grids.
         batch_size: crops per forward pass.
@@ -201,8 +203,8 @@ def look(
     """
     from snaplook.artists import (
         FrameDetections,
-        PersonDetector,
         check_output_dir,
+        make_detector,
         select_lead_artists,
         write_lead_artists,
     )
@@ -220,8 +222,7 @@ def look(
     crops_out = Path(crops_out) if crops_out is not None else DEFAULT_LEAD_ARTIST_ROOT / video.stem
     check_output_dir(out, "looks.csv")
     check_output_dir(crops_out, "artists.csv")
-    person_detector = PersonDetector(detector, min_size=min_size)
-    person_detector._load()  # a bad --detector fails before the video is decoded
+    person_detector = make_detector(detector, min_size=min_size)  # fails before decoding
     if on_start is not None:
         on_start(int(probe_duration(video) or 0))
 
