@@ -31,21 +31,50 @@ PATTERNS = ("solid", "stripes", "dots", "checks")
 def _shape(kind: str) -> list[tuple[float, float]]:
     """Polygon of a garment in unit coordinates (0..1)."""
     if kind == "tshirt":
-        return [(0.30, 0.15), (0.42, 0.12), (0.50, 0.18), (0.58, 0.12), (0.70, 0.15),
-                (0.90, 0.32), (0.80, 0.42), (0.70, 0.35), (0.70, 0.88), (0.30, 0.88),
-                (0.30, 0.35), (0.20, 0.42), (0.10, 0.32)]
+        return [
+            (0.30, 0.15),
+            (0.42, 0.12),
+            (0.50, 0.18),
+            (0.58, 0.12),
+            (0.70, 0.15),
+            (0.90, 0.32),
+            (0.80, 0.42),
+            (0.70, 0.35),
+            (0.70, 0.88),
+            (0.30, 0.88),
+            (0.30, 0.35),
+            (0.20, 0.42),
+            (0.10, 0.32),
+        ]
     if kind == "trousers":
-        return [(0.32, 0.10), (0.68, 0.10), (0.74, 0.92), (0.56, 0.92), (0.50, 0.38),
-                (0.44, 0.92), (0.26, 0.92)]
+        return [
+            (0.32, 0.10),
+            (0.68, 0.10),
+            (0.74, 0.92),
+            (0.56, 0.92),
+            (0.50, 0.38),
+            (0.44, 0.92),
+            (0.26, 0.92),
+        ]
     if kind == "dress":
-        return [(0.40, 0.08), (0.60, 0.08), (0.62, 0.35), (0.82, 0.92), (0.18, 0.92),
-                (0.38, 0.35)]
+        return [(0.40, 0.08), (0.60, 0.08), (0.62, 0.35), (0.82, 0.92), (0.18, 0.92), (0.38, 0.35)]
     if kind == "skirt":
         return [(0.36, 0.25), (0.64, 0.25), (0.80, 0.78), (0.20, 0.78)]
     # jacket: long sleeves, open front line drawn later
-    return [(0.30, 0.12), (0.70, 0.12), (0.92, 0.30), (0.92, 0.80), (0.80, 0.80),
-            (0.76, 0.40), (0.74, 0.90), (0.26, 0.90), (0.24, 0.40), (0.20, 0.80),
-            (0.08, 0.80), (0.08, 0.30)]
+    return [
+        (0.30, 0.12),
+        (0.70, 0.12),
+        (0.92, 0.30),
+        (0.92, 0.80),
+        (0.80, 0.80),
+        (0.76, 0.40),
+        (0.74, 0.90),
+        (0.26, 0.90),
+        (0.24, 0.40),
+        (0.20, 0.80),
+        (0.08, 0.80),
+        (0.08, 0.30),
+    ]
 
 
 KINDS = ("tshirt", "trousers", "dress", "skirt", "jacket")
@@ -54,7 +83,9 @@ KINDS = ("tshirt", "trousers", "dress", "skirt", "jacket")
 def _pattern(colour: tuple[int, int, int], pattern: str, rng: np.random.Generator) -> Image.Image:
     tex = Image.new("RGB", (SIZE, SIZE), colour)
     draw = ImageDraw.Draw(tex)
-    accent = tuple(int(255 - 0.6 * (255 - c)) if sum(colour) < 300 else int(c * 0.4) for c in colour)
+    accent = tuple(
+        int(255 - 0.6 * (255 - c)) if sum(colour) < 300 else int(c * 0.4) for c in colour
+    )
     step = int(rng.integers(14, 22))
     if pattern == "stripes":
         for y in range(0, SIZE, step):
@@ -71,7 +102,9 @@ def _pattern(colour: tuple[int, int, int], pattern: str, rng: np.random.Generato
     return tex
 
 
-def _render(kind: str, colour: tuple[int, int, int], pattern: str, view: int, seed: int) -> Image.Image:
+def _render(
+    kind: str, colour: tuple[int, int, int], pattern: str, view: int, seed: int
+) -> Image.Image:
     rng = np.random.default_rng(seed)
     texture = _pattern(colour, pattern, np.random.default_rng(seed // 10))
     view_rng = np.random.default_rng(seed * 31 + view)
@@ -83,10 +116,15 @@ def _render(kind: str, colour: tuple[int, int, int], pattern: str, view: int, se
     background = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in rng.integers(232, 250, 3)))
     img = Image.composite(texture, background, mask.filter(ImageFilter.GaussianBlur(1)))
     if kind == "jacket":
-        ImageDraw.Draw(img).line([(SIZE * (0.5 + dx), SIZE * (0.14 + dy)),
-                                  (SIZE * (0.5 + dx), SIZE * (0.88 + dy))], fill=(20, 20, 20), width=3)
+        ImageDraw.Draw(img).line(
+            [(SIZE * (0.5 + dx), SIZE * (0.14 + dy)), (SIZE * (0.5 + dx), SIZE * (0.88 + dy))],
+            fill=(20, 20, 20),
+            width=3,
+        )
     light = view_rng.uniform(0.9, 1.1)
-    arr = np.clip(np.asarray(img, dtype=np.float32) * light + view_rng.normal(0, 3, (SIZE, SIZE, 3)), 0, 255)
+    arr = np.clip(
+        np.asarray(img, dtype=np.float32) * light + view_rng.normal(0, 3, (SIZE, SIZE, 3)), 0, 255
+    )
     return Image.fromarray(arr.astype(np.uint8))
 
 
