@@ -1539,7 +1539,7 @@ def evaluate_settings(
             raw features and through the head (same cached features), side by side.
         on_setting: called with (setting name, index, total) before each setting.
         **kwargs: passed on to :func:`evaluate` (ks, ties, seed, batch_size, cache_dir,
-            n_examples, on_start, on_progress).
+            n_examples, on_start, on_progress, on_stage).
 
     Returns:
         :class:`Comparison`.

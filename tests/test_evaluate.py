@@ -497,6 +497,7 @@ def test_evaluate_cli_inshop_report_counts(cli_run):
     assert report["config"]["backbone"] == "mobilenet_v2"
     assert report["config"]["weights"] == {"name": "random", "seed": 0}
     assert report["config"]["preprocessing"] == "tf"
+    assert report["config"]["feature_cache"]["images_embedded"] == 21  # 8 queries + 13 gallery
     recalls = [report["metrics"]["recall_at_k"][k] for k in ("1", "2", "5", "10")]
     assert recalls == sorted(recalls)
     assert recalls[-1] == 1.0  # 13 gallery images, every item has 2: a hit within 10
@@ -537,6 +538,7 @@ def test_evaluate_cli_second_run_reuses_cached_features(cli_run, monkeypatch):
     assert npy.stat().st_mtime_ns == mtime
     report = json.loads((out / "report.json").read_text())
     assert list(report["metrics"]["recall_at_k"]) == ["1", "3"]
+    assert report["config"]["feature_cache"]["images_embedded"] == 0
 
 
 def test_evaluate_cli_compares_settings(cli_run, tmp_path):
