@@ -803,6 +803,9 @@ def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
         f"{counts['unreadable_query_images'] + counts['unreadable_gallery_images']} unreadable",
         f"{counts['queries_without_gallery_match']} queries without a gallery match (excluded)",
     ]
+    skipped_csv = result.reports[0].files.get("skipped_csv")
+    if skipped_csv:
+        notes.append(f"skipped images listed in {skipped_csv}")
     console.print("; ".join(notes) + ".")
     if result.reports[0].config["weights"].get("name") == "random":
         _err("Random weights: these numbers test the pipeline, not retrieval quality.")

@@ -906,6 +906,8 @@ class Report:
         out: the report folder, or None when nothing was written.
         files: name -> path of each file written.
         seconds: {"embedding": ..., "ranking": ...} wall times.
+        skipped: (path, reason) of each listed-but-missing or unreadable image
+            (``skipped.csv``).
     """
 
     config: dict[str, Any]
@@ -915,6 +917,7 @@ class Report:
     per_query: list[dict[str, Any]]
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -1194,6 +1197,8 @@ def evaluate(
         per_query=per_query,
         out=out,
         seconds={"embedding": round(embed_seconds, 3), "ranking": round(rank_seconds, 3)},
+        skipped=[(p, "listed in the partition file but missing") for p in split.missing]
+        + sorted((str(s.path), s.reason) for s in skipped),
     )
     tmp = make_temp_dir(out)
     try:
@@ -1336,6 +1341,9 @@ def _write_report(
         else ""
     )
     setting = report.config["setting"]
+    if report.skipped:
+        files["skipped_csv"] = folder / "skipped.csv"
+        write_csv_atomic(files["skipped_csv"], ("path", "reason"), report.skipped)
     files["per_query_csv"] = folder / "per_query.csv"
     write_csv_atomic(
         files["per_query_csv"],
@@ -1416,7 +1424,8 @@ def render_report_md(report: Report) -> str:
         f"Queries whose item has no gallery image ({n['queries_without_gallery_match']}) are "
         "listed in `per_query.csv` with status `no_gallery_match` and left out of every mean; "
         f"{n['missing_images']} listed image(s) were missing and "
-        f"{n['unreadable_query_images'] + n['unreadable_gallery_images']} unreadable.",
+        f"{n['unreadable_query_images'] + n['unreadable_gallery_images']} unreadable"
+        + (" (listed in `skipped.csv`)." if report.skipped else "."),
         "",
         "## Metrics",
         "",

@@ -442,6 +442,7 @@ def test_evaluate_counts_unreadable_images_and_strict_fails(image_folder, tmp_pa
     assert report.counts["gallery_images_searched"] == 11
     statuses = {r["query"]: r["status"] for r in report.per_query}
     assert statuses["tops/broken.jpg"] == "unreadable"
+    assert "broken.jpg" in (tmp_path / "report" / "skipped.csv").read_text()
     with pytest.raises(SnaplookError, match="1 evaluated image.*could not be read.*--strict"):
         ev.folders(image_folder, out=tmp_path / "strict", strict=True, **kwargs)
     assert not (tmp_path / "strict").exists()
@@ -503,6 +504,11 @@ def test_evaluate_cli_inshop_report_counts(cli_run):
     assert recalls[-1] == 1.0  # 13 gallery images, every item has 2: a hit within 10
     assert set(report["per_category"]) == {"Dresses", "Tees"}
     assert report["per_category"]["Tees"]["n_without_match"] == 1
+    with open(out / "skipped.csv", newline="") as fh:
+        skipped = list(csv.DictReader(fh))
+    assert [(r["path"], r["reason"]) for r in skipped] == [
+        (MISSING_IMAGE, "listed in the partition file but missing")
+    ]
     md = (out / "report.md").read_text()
     assert "DeepFashion hit rate" in md and "MMFashion averaged recall" in md
     for name in ("recall_at_k.png", "worst_queries.png", "random_queries.png"):
