@@ -339,13 +339,17 @@ def query_cmd(
 def _print_results(summary: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Top {summary.k} per query", show_lines=False)
+    shown = min(3, summary.k)
+    title = f"Top {summary.k} per query"
+    if shown < summary.k:
+        title = f"Nearest {shown} of the top {summary.k} per query (all in results.csv)"
+    table = Table(title=title, show_lines=False)
     table.add_column("query")
     table.add_column("rank", justify="right")
     table.add_column("gallery image")
     table.add_column("distance", justify="right")
     for result in summary.results[:20]:
-        for hit in result.hits[:3]:
+        for hit in result.hits[:shown]:
             table.add_row(result.query.name, str(hit.rank), hit.path.name, f"{hit.distance:.4f}")
     console = _console()
     console.print(table)
@@ -363,6 +367,12 @@ def demo_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Index data/train, query data/test with k=5 and say where the grids are."""
+    for sub in ("train", "test"):
+        if not (data / sub).is_dir():
+            raise SnaplookError(
+                f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
+                "root, or pass --data DIR holding train/ and test/ image folders."
+            )
     try:
         _features.fetch_imagenet_weights()
         weights = "imagenet"

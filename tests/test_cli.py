@@ -248,9 +248,19 @@ def test_demo_offline_runs_on_random_weights(tmp_path: Path, monkeypatch) -> Non
     assert len(read_csv(out / "resnet50" / "results.csv")) == 2 * 5
     data_json = json.loads((out / "resnet50" / "results.json").read_text())
     assert data_json["weights"]["name"] == "random"
-    assert f"Demo done: 6 gallery images indexed in {out / 'index'}; 2 retrieval grids" in (
-        " ".join(result.stdout.split())
+    stdout = " ".join(result.stdout.split())
+    assert "Nearest 3 of the top 5 per query (all in results.csv)" in stdout
+    assert f"Demo done: 6 gallery images indexed in {out / 'index'}; 2 retrieval grids" in stdout
+
+
+def test_demo_without_data_folder_exits_1(tmp_path: Path) -> None:
+    result = _run("demo", "--data", tmp_path / "nowhere", "--out", tmp_path / "out")
+
+    assert result.exit_code == 1
+    assert "nowhere/train not found: run `snaplook demo` from the snaplook repository root" in (
+        result.stderr
     )
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_does_not_import_heavy_libraries() -> None:
