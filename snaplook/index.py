@@ -1066,4 +1066,15 @@ def _grid_names(queries: Sequence[Path]) -> list[str]:
     stems = [q.stem for q in queries]
     if len(set(stems)) == len(stems):
         return [f"{s}_grid.png" for s in stems]
-    return [f"{'__'.join(q.with_suffix('').parts[-3:])}_grid.png" for q in queries]
+    # Same stem in several folders (or x.jpg beside x.png): name by the last folders, never
+    # by the root or "..", which would make the name an absolute path or climb out of out.
+    names: list[str] = []
+    for q in queries:
+        parts = [p for p in q.with_suffix("").parts if p not in (q.anchor, "..", ".")]
+        base = "__".join(parts[-3:])
+        name, n = f"{base}_grid.png", 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}_grid.png"
+        names.append(name)
+    return names

@@ -18,7 +18,16 @@ from typer.testing import CliRunner
 from snaplook import __version__, features
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
-from snaplook.index import build_index, cosine_knn, load_index, query_index
+from snaplook.index import (
+    Hit,
+    QueryResult,
+    QuerySummary,
+    build_index,
+    cosine_knn,
+    load_index,
+    query_index,
+    write_query_results,
+)
 from snaplook.io_utils import read_csv, read_manifest
 
 COLOURS = [
@@ -318,3 +327,32 @@ def test_load_index_missing_or_corrupt_raises(tmp_path: Path, damage, message: s
 
     with pytest.raises(SnaplookError, match=message):
         load_index(out)
+
+
+# --- write_query_results -----------------------------------------------------------------
+
+
+def test_write_query_results_same_stems_get_distinct_grids(tmp_path: Path) -> None:
+    index = load_index(_hand_made_index(tmp_path / "idx"))
+    queries = [
+        make_image(tmp_path / "q" / "a" / "x.png", (200, 30, 30)),
+        make_image(tmp_path / "q" / "b" / "x.png", (30, 160, 60)),
+        make_image(tmp_path / "q" / "b" / "x.jpg", (30, 60, 200)),
+    ]
+    gallery = make_image(tmp_path / "g" / "img0.png", (90, 90, 90))
+    summary = QuerySummary(
+        results=[QueryResult(q, [Hit(1, 0, gallery, 0.25)]) for q in queries], k=1, skipped=[]
+    )
+    out = tmp_path / "res"
+
+    write_query_results(summary, out, index=index, title_note=" · random weights")
+
+    assert summary.grids == [
+        out / "q__a__x_grid.png",
+        out / "q__b__x_grid.png",
+        out / "q__b__x-2_grid.png",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [g.name for g in summary.grids] + ["results.csv", "results.json"]
+    )
+    assert len(read_csv(out / "results.csv")) == 3
