@@ -196,6 +196,15 @@ def test_read_image_draft_keeps_min_size_and_reports_file_size(tmp_path: Path) -
     assert image.shape[:2] == (400, 500)  # JPEG DCT scale 1/2 (1/4 would go under 224)
 
 
+def test_read_image_draft_with_exif_rotation_reports_upright_size(tmp_path: Path) -> None:
+    path = write_exif_rotated_jpeg(tmp_path / "big_rot.jpg", size=(1000, 600))
+
+    image, size = read_image_with_size(path, min_size=224)
+
+    assert size == (600, 1000)  # upright, at the file's full resolution
+    assert image.shape == (500, 300, 3)  # decoded at 1/2 scale, then turned upright
+
+
 # --- read_image: refusals ----------------------------------------------------------------
 
 
