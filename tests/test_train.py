@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from shared_model import build_model_shared
 from typer.testing import CliRunner
 
-from snaplook import train
+from snaplook import features, train
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
 
@@ -78,8 +79,10 @@ def make_inshop_tree(root: Path, *, seed: int = 0) -> Path:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
-        # The Keras runtime: no converted-model cache to build or share between tests.
+        # The Keras runtime: no converted-model cache to build or share between tests; one
+        # random ResNet50 for every command of this module (it is a function of its seed).
         mp.setenv("SNAPLOOK_RUNTIME", "keras")
+        mp.setattr(features, "build_model", build_model_shared)
         root = make_inshop_tree(base / "inshop")
         yield {"base": base, "root": root, "cache": base / "cache", "head": base / "head"}
 
@@ -336,7 +339,7 @@ def test_evaluate_with_head_beats_raw_features_on_unseen_items(trained, workdir)
     result = CliRunner().invoke(
         app,
         ["evaluate", str(workdir["root"]), "--protocol", "inshop", "--weights", "random",
-         "--head", str(trained["head"]), "--k", "1,5", "--out", str(out),
+         "--head", str(trained["head"]), "--k", "1,5", "--examples", "0", "--out", str(out),
          "--cache-dir", str(workdir["cache"])],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -468,3 +471,27 @@ def test_index_refuses_a_head_trained_for_another_backbone(trained, head_index, 
         result.output.split()
     )
     assert not (tmp_path / "idx").exists()
+
+
+def test_train_cli_ctrl_c_writes_the_best_head_so_far(trained, workdir, monkeypatch):
+    real = train.sample_pk_batches
+    calls = []
+
+    def interrupt_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "sample_pk_batches", interrupt_third_epoch)
+    out = workdir["base"] / "interrupted"
+    result = CliRunner().invoke(
+        app,
+        ["train", str(workdir["root"]), *TRAIN_ARGS, "--out", str(out),
+         "--cache-dir", str(workdir["cache"])],
+    )  # fmt: skip
+    assert result.exit_code == 130, result.output
+    assert "kept the best head so far" in " ".join(result.output.split())
+    meta = json.loads((out / "head.json").read_text())
+    assert meta["interrupted"] is True and meta["epochs_run"] == 2
+    assert train.Head.load(out).transform(np.ones((1, 2048), np.float32)).shape == (1, 64)
