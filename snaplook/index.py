@@ -423,9 +423,12 @@ class _Checkpoint:
 
     def resume(self) -> dict[int, _BatchRecord]:
         """Batches finished by an earlier run with the same plan; start afresh otherwise."""
+        import shutil
+
         from snaplook.io_utils import write_json_atomic
 
         plan_path = self.folder / "plan.json"
+        shutil.rmtree(self._trash(), ignore_errors=True)  # a removal cut short by a kill
         if self.folder.exists() or self.folder.is_symlink():
             try:
                 old_plan = json.loads(plan_path.read_text(encoding="utf-8"))
@@ -516,8 +519,16 @@ class _Checkpoint:
 
         if self.folder.is_symlink() or self.folder.is_file():
             self.folder.unlink()
-        else:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        elif self.folder.exists():
+            # Renamed away first: a kill during the slow delete must not leave a folder
+            # that looks like a checkpoint with batches missing.
+            trash = self._trash()
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _trash(self) -> Path:
+        return self.folder.with_name(self.folder.name + ".removing")
 
     def remove_if_empty(self) -> None:
         if self.folder.is_dir() and not any(self.folder.glob("batch-*.json")):
