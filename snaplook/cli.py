@@ -848,8 +848,11 @@ def train_cmd(
     ] = None,
     bbox: Annotated[
         Path | None,
-        typer.Option("--bbox", exists=True, dir_okay=False, help="Crop training images to boxes."),
+        typer.Option("--bbox", exists=True, dir_okay=False, help="Box file for --crop gt."),
     ] = None,
+    crop: Annotated[
+        str, typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image.")
+    ] = _evaluate.DEFAULT_CROP,
     loss: Annotated[
         str, typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor.")
     ] = _train.DEFAULT_LOSS,
@@ -901,6 +904,7 @@ def train_cmd(
             protocol=protocol,
             partition=partition,
             bbox=bbox,
+            crop=crop,
             backbone=backbone,
             weights=weights,
             loss=loss,

@@ -909,6 +909,7 @@ def train_head(
     protocol: str = "inshop",
     partition: str | Path | None = None,
     bbox: str | Path | None = None,
+    crop: str = "none",
     backbone: str | None = None,
     weights: str | Path | None = None,
     pooling: str | None = None,
@@ -941,8 +942,12 @@ def train_head(
     Args:
         root: dataset root (see :func:`snaplook.evaluate.load_split`).
         protocol: "inshop" (default), "consumer2shop" or "folders".
-        partition, bbox, strict: see :func:`snaplook.evaluate.load_split`; with ``bbox``
-            the images are cropped to their boxes (the cache key includes the box).
+        partition, strict: see :func:`snaplook.evaluate.load_split`.
+        bbox: box file; default for ``crop="gt"``: ``list_bbox_<protocol>.txt`` under
+            ``root`` or ``root/Anno``.
+        crop: "none" (whole image, default) or "gt" (crop each training image to its
+            ground-truth box, as ``snaplook evaluate --crop gt`` does; a head trained on
+            crops should be evaluated on crops).
         backbone, weights, pooling, seed: the embedder (defaults: resnet50, imagenet, avg,
             0); ``seed`` also seeds training.
         loss, dim, hidden, epochs, batch, lr, val_fraction, patience: see :func:`fit_head`.
@@ -962,18 +967,22 @@ def train_head(
     import numpy as np
 
     from snaplook import features as feats
-    from snaplook.evaluate import load_split
+    from snaplook.evaluate import CROPS, _resolve_bbox, load_split, read_bbox_file
     from snaplook.io_utils import make_temp_dir, replace_dir
 
     root = Path(root)
+    if crop not in CROPS:
+        raise SnaplookError(f"unknown crop {crop!r}; choose none or gt.")
     embedder = feats.Embedder(
         backbone or feats.DEFAULT_BACKBONE,
         weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
         pooling=pooling or feats.DEFAULT_POOLING,
         seed=seed,
     )
-    split = load_split(root, protocol=protocol, partition=partition, bbox=bbox, strict=strict)
+    split = load_split(root, protocol=protocol, partition=partition, strict=strict)
     samples = split.train if split.protocol != "folders" else split.query
+    bbox = _resolve_bbox(root, split.protocol, bbox, crop) if crop == "gt" else None
+    boxes = read_bbox_file(bbox) if bbox is not None else {}
     if not samples:
         raise SnaplookError(
             f"{split.partition or root}: no training images (evaluation_status train); "
@@ -997,7 +1006,7 @@ def train_head(
     t0 = time.perf_counter()
     skipped: list[Any] = []
     matrix = feats.embed_cached(
-        [(split.root / s.path, s.box) for s in samples],
+        [(split.root / s.path, boxes.get(s.path)) for s in samples],
         embedder,
         cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
         batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
@@ -1034,7 +1043,9 @@ def train_head(
         "root": str(root.resolve()),
         "protocol": split.protocol,
         "partition": str(split.partition.resolve()) if split.partition else None,
-        "bbox": str(split.bbox.resolve()) if split.bbox else None,
+        "crop": crop,
+        "bbox": str(Path(bbox).resolve()) if bbox else None,
+        "unboxed_images": sum(s.path not in boxes for s in samples) if bbox else None,
         "unreadable_images": int((~keep).sum()),
     }
     head.info["seconds"] = {

@@ -495,3 +495,41 @@ def test_train_cli_ctrl_c_writes_the_best_head_so_far(trained, workdir, monkeypa
     meta = json.loads((out / "head.json").read_text())
     assert meta["interrupted"] is True and meta["epochs_run"] == 2
     assert train.Head.load(out).transform(np.ones((1, 2048), np.float32)).shape == (1, 64)
+
+
+def test_train_cli_crop_gt_embeds_training_images_cropped_to_their_boxes(workdir, tmp_path):
+    root = tmp_path / "tiny"
+    rows, boxes = [], []
+    for i in range(4):
+        for v in range(2):
+            rel = f"img/MEN/Tees/id_{i:08d}/{v:02d}_1_front.png"
+            make_image_file(root / rel, seed=10 * i + v)
+            rows.append(f"{rel} id_{i:08d} train")
+            boxes.append(f"{rel} 1 1 8 8 40 40")
+    rows += [rows[0].replace("train", "query"), rows[1].replace("train", "gallery")]
+    (root / "list_eval_partition.txt").write_text(
+        "\n".join([str(len(rows)), "image_name item_id evaluation_status", *rows]) + "\n"
+    )
+    (root / "list_bbox_inshop.txt").write_text(
+        "\n".join([str(len(boxes)), "image_name clothes_type pose_type x_1 y_1 x_2 y_2", *boxes])
+        + "\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        ["train", str(root), "--weights", "random", "--crop", "gt", "--batch", "2x2",
+         "--epochs", "1", "--dim", "8", "--val-fraction", "0", "--out", str(tmp_path / "h"),
+         "--cache-dir", str(tmp_path / "cache"), "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "h" / "head.json").read_text())
+    assert meta["dataset"]["crop"] == "gt" and meta["dataset"]["unboxed_images"] == 0
+    assert meta["counts"]["train_images"] == 8 and meta["counts"]["val_images"] == 0
+    (cache_json,) = (tmp_path / "cache").glob("*.json")
+    cached = json.loads(cache_json.read_text())
+    assert "[8, 8, 32, 32]" in json.dumps(cached)
+
+
+def make_image_file(path: Path, *, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
