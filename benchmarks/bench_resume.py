@@ -106,7 +106,7 @@ def main() -> None:
             n = rng.choice([0, 1, 1, 2, 2, 3])
             delay = rng.uniform(2.0, 8.0) if n == 0 else rng.uniform(0.0, 0.4)
             outcome, _ = _run(gallery, out, args.batch_size, (n, delay))
-            after = _n_done(partial)
+            after = n_batches if out.exists() else _n_done(partial)
             embedded_batches += max(after - before, 0)
             kills.append(
                 {
