@@ -255,7 +255,11 @@ def plot_training_curves(
         baseline: validation Recall@1 of the raw features, drawn as a dashed line.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax in (ax_loss, ax_r1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [h["epoch"] for h in history]
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", markersize=3)
     ax_loss.set_xlabel("epoch")
