@@ -249,6 +249,11 @@ class PersonDetector:
         # A replicated border lets HOG windows reach people touching the frame edge.
         pad = 16
         padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        win_w, win_h = self.hog_.winSize
+        if padded.shape[0] < win_h or padded.shape[1] < win_w:
+            # OpenCV's detectMultiScale segfaults on an image smaller than its window
+            # (64x128); no person fits in one anyway.
+            return []
         rects, weights = self.hog_.detectMultiScale(
             padded, winStride=(4, 4), padding=(8, 8), scale=1.05
         )
