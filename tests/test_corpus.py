@@ -162,6 +162,35 @@ def _run_case(case: Case, corpus: Path, tmp_path: Path) -> object:
         else:
             args = ["query", str(corpus / "gallery" / "ok_plain.jpg"), "--index", target]
         args += ["--out", str(tmp_path / "results"), "-q"]
+    elif case.command == "crop":
+        args = ["crop", target, "--out", str(tmp_path / "crop"), "-q", *extra]
+    elif case.command == "look":
+        args = [
+            "look",
+            target,
+            "--index",
+            str(corpus / "indexes" / "valid"),
+            "--out",
+            str(tmp_path / "look"),
+            "--crops-out",
+            str(tmp_path / "crops"),
+            "-q",
+            *extra,
+        ]
+    elif case.command == "train":
+        args = [
+            "train",
+            target,
+            "--backbone",
+            BACKBONE,
+            "--weights",
+            "random",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "head"),
+            *extra,
+        ]
     elif case.command == "extract":
         args = ["extract", target, "--out", str(tmp_path / "frames"), "-q", *extra]
     else:

@@ -281,3 +281,30 @@ def test_replace_dir_refuses_user_folder_and_file(tmp_path: Path) -> None:
     with pytest.raises(SnaplookError, match="is a file"):
         replace_dir(tmp, a_file)
     assert a_file.read_text() == "keep me"
+
+
+# --- frames of any size ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def person_detector():  # type: ignore[no-untyped-def]
+    artists = pytest.importorskip("snaplook.artists", reason="snaplook.artists not built yet")
+    return artists.PersonDetector("builtin", min_size=0.0)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(height=st.integers(1, 160), width=st.integers(1, 160), grey=st.booleans())
+def test_detect_people_any_frame_size_never_crashes(
+    height: int, width: int, grey: bool, person_detector
+) -> None:
+    """A 1x1 crop or a sliver of a frame must not crash OpenCV (it segfaulted below 64x128)."""
+    from snaplook.artists import detect_people
+
+    rng = np.random.default_rng(height * 1000 + width)
+    shape = (height, width) if grey else (height, width, 3)
+    image = rng.integers(0, 255, shape, dtype=np.uint8)
+    try:
+        found = detect_people(image, detector=person_detector)
+    except SnaplookError:
+        return
+    assert all(d.box[2] >= 1 and d.box[3] >= 1 for d in found)
