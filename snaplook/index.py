@@ -276,6 +276,13 @@ def build_index(
                 checkpoint.folder,
             )
             raise
+        except OSError as exc:  # disk full, folder not writable, ...
+            shutil.rmtree(checkpoint.folder / "assembling", ignore_errors=True)
+            raise SnaplookError(
+                f"cannot write {exc.filename or out} ({exc.strerror or exc}); "
+                f"{checkpoint.n_checkpointed()} images are checkpointed in "
+                f"{checkpoint.folder}: fix the cause and run the same command again to resume."
+            ) from exc
         except BaseException:
             shutil.rmtree(checkpoint.folder / "assembling", ignore_errors=True)
             checkpoint.remove_if_empty()

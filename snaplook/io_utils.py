@@ -477,8 +477,14 @@ def exclusive_lock(path: str | Path, *, what: str) -> Iterator[Path]:
         SnaplookError: another live process holds the lock.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _take_lock(path, what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _take_lock(path, what)
+    except OSError as exc:
+        raise SnaplookError(
+            f"cannot create {path} for {what} ({exc.strerror or exc}); check that the "
+            "output folder is writable."
+        ) from exc
     try:
         yield path
     finally:

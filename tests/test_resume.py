@@ -205,6 +205,31 @@ def test_build_index_damaged_checkpoint_is_redone(tmp_path: Path) -> None:
     ).read_bytes()
 
 
+def test_build_index_disk_full_keeps_checkpoint_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from snaplook import io_utils
+
+    gallery = _gallery(tmp_path / "g", 8)
+    real_save = io_utils.save_npy_atomic
+    calls = []
+
+    def save_then_fill_disk(path, array):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, array)
+
+    monkeypatch.setattr(io_utils, "save_npy_atomic", save_then_fill_disk)
+    with pytest.raises(SnaplookError, match=r"No space left on device.*4 images are checkpointed"):
+        build_index(gallery, tmp_path / "out", embedder=FakeEmbedder(), batch_size=BATCH)
+    monkeypatch.setattr(io_utils, "save_npy_atomic", real_save)
+    summary = build_index(gallery, tmp_path / "out", embedder=FakeEmbedder(), batch_size=BATCH)
+    assert (summary.n_resumed, summary.n_embedded, summary.n_indexed) == (4, 4, 8)
+
+
 def test_build_index_ctrl_c_stops_after_current_batch(tmp_path: Path, caplog) -> None:
     gallery = _gallery(tmp_path / "g", 12)
 
