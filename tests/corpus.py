@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import pickle
 import struct
 import sys
@@ -305,7 +304,7 @@ def build_indexes(root: Path) -> None:
     _edit_meta(p / "meta.json", feature_dim=512)
     p = variant("features_pickle")
     # A pickle that would run code if loaded: it must be refused, never unpickled.
-    (p / "features.npy").write_bytes(pickle.dumps(_Boom()))
+    (p / "features.npy").write_bytes(pickle.dumps(_Boom(root / PWNED)))
     p = variant("features_object_npy")
     np.save(p / "features.npy", np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
     p = variant("features_truncated")
@@ -340,11 +339,18 @@ def build_indexes(root: Path) -> None:
     (root / "not_a_folder").write_text("an index is a folder\n", encoding="utf-8")
 
 
+#: Created by the pickled features.npy of the corpus if anything ever unpickles it.
+PWNED = "PWNED-by-pickle"
+
+
 class _Boom:
-    """Unpickling this would run ``os.system``; the corpus only writes the bytes."""
+    """Unpickling this creates the file ``marker``; the corpus only writes the bytes."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, ("echo PWNED-by-pickle",))
+        return (Path.touch, (self.marker,))
 
 
 def build_videos(root: Path) -> None:
