@@ -533,3 +533,14 @@ def make_image_file(path: Path, *, seed: int) -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+
+
+def test_look_refuses_a_head_index_without_its_head(head_index, real_video, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["look", str(real_video), "--index", str(head_index["index"]), "--out",
+         str(tmp_path / "looks"), "--crops-out", str(tmp_path / "lead"), "--no-plot"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "was built with head 'head'" in " ".join(result.output.split())
+    assert not (tmp_path / "looks").exists() and not (tmp_path / "lead").exists()
