@@ -873,7 +873,9 @@ def train_cmd(
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Stop after N epochs without a better R@1.")
     ] = _train.DEFAULT_PATIENCE,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds training and --weights random.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seeds training and --weights random.")
+    ] = _train.DEFAULT_SEED,
     backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
     out: Annotated[
