@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
         # (a) + (b): throughput and fidelity on the same images.
         tp_paths = photos[:n_tp]
-        tp_dir = link_subset(tp_paths, work / "tp")
+        n_round = min(args.round_images or (32 if args.quick else 96), n_tp)
+        round_dir = link_subset(tp_paths[:n_round], work / "round")
         print(f"(a) preparing LiteRT model and decoding {n_tp} images ...", flush=True)
         t = time.perf_counter()
         Embedder("resnet50", weights="random", runtime="litert").load_interpreter()
@@ -326,26 +327,35 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         prepared = decode_prepared(tp_paths)
         batch = preprocess_caffe(prepared)
         model = build_model("resnet50", WeightsSpec(kind="random", seed=0))
+        # Short interleaved rounds, best of each kept: on a shared machine the best of
+        # several short runs is the closest to what the code does on an idle one.
         keras_rates: dict[int, float] = {}
-        keras_out = None
-        best_index = best_gemm = 0.0
+        per_round: list[dict[str, float]] = []
         for r in range(args.rounds):
-            best_gemm = max(best_gemm, sgemm_gflops())
+            gemm = sgemm_gflops()
             sizes = (8, 16, 32) if r == 0 else (max(keras_rates, key=keras_rates.get),)
+            this_keras = 0.0
             for bs in sizes:
-                rate, out = keras_predict_rate(model, batch, bs)
+                rate, _ = keras_predict_rate(model, batch[:n_round], bs)
                 keras_rates[bs] = max(keras_rates.get(bs, 0.0), rate)
-                keras_out = out if keras_out is None else keras_out
-            best_index = max(best_index, index_rate(tp_dir, n_tp, work, "litert"))
+                this_keras = max(this_keras, rate)
+            index = index_rate(round_dir, n_round, work, "litert")
+            per_round.append(
+                {"sgemm_gflop_s": gemm, "keras_img_s": this_keras, "index_img_s": index}
+            )
             print(
-                f"  round {r + 1}: gemm {best_gemm:.1f} GFLOP/s, keras {keras_rates}, "
-                f"index {best_index:.2f} img/s",
+                f"  round {r + 1}: gemm {gemm:.1f} GFLOP/s, keras {this_keras:.2f} img/s "
+                f"(by batch {keras_rates}), index {index:.2f} img/s, load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
         best_bs = max(keras_rates, key=keras_rates.get)
         keras_best = keras_rates[best_bs]
+        best_index = max(r["index_img_s"] for r in per_round)
+        best_gemm = max(r["sgemm_gflop_s"] for r in per_round)
         ceiling = best_gemm / RESNET50_GFLOP
+        paired = [r["index_img_s"] / r["keras_img_s"] for r in per_round]
         invoke = litert_invoke_rates(batch[: min(len(batch), 32)])
+        keras_out = model.predict(batch, batch_size=best_bs, verbose=0)  # for (b)
         rows.append(
             dict(
                 what=f"index throughput vs Keras predict (batch {best_bs})",
@@ -357,7 +367,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 ok=best_index / keras_best >= 1.8,
                 detail={
                     "keras_predict_img_s_by_batch": keras_rates,
-                    "images": n_tp,
+                    "images_per_round": n_round,
+                    "rounds": per_round,
+                    "median_paired_ratio": statistics.median(paired),
                     "litert_bare_invoke_img_s": invoke,
                     "first_conversion_or_cache_load_s": convert_s,
                 },
@@ -510,8 +522,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smaller counts (RSS 100/400, gallery 20k)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
-    parser.add_argument("--throughput-images", type=int, default=0, help="images for (a)/(b)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds, best kept")
+    parser.add_argument("--throughput-images", type=int, default=0, help="images for (b)")
+    parser.add_argument(
+        "--round-images", type=int, default=0, help="images per throughput round (a)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     args = parser.parse_args()
     result = run(args)
