@@ -1,6 +1,6 @@
 """Resumable, interruptible, exclusive `snaplook index`: kill it, Ctrl-C it, run it twice.
 
-The kill test runs the real command in subprocesses (random ResNet50 weights, 40 tiny
+The kill test runs the real command in subprocesses (random MobileNetV2 weights, 40 tiny
 images, batches of 4) and checks that after SIGKILLs and a Ctrl-C the rerun writes the
 same features.npy bytes as an uninterrupted run. The library tests use a cheap stand-in
 embedder so the checkpoint logic is covered without TensorFlow.
@@ -32,6 +32,10 @@ from snaplook.io_utils import exclusive_lock
 SNAPLOOK = [sys.executable, "-c", "from snaplook.cli import app; app()"]
 N_IMAGES = 40
 BATCH = 4
+#: The kill test is about checkpoints, not the network: MobileNetV2 (random weights, Keras
+#: runtime as everywhere in the suite) keeps its five runs cheap; bench_resume.py kills
+#: the default ResNet50 at random moments.
+KILL_BACKBONE = "mobilenet_v2"
 
 
 def _gallery(root: Path, n: int = N_IMAGES) -> Path:
@@ -274,6 +278,8 @@ def _start(gallery: Path, out: Path) -> subprocess.Popen:
             str(gallery),
             "--out",
             str(out),
+            "--backbone",
+            KILL_BACKBONE,
             "--weights",
             "random",
             "--batch-size",
@@ -302,6 +308,19 @@ def _wait_for_chunks(proc: subprocess.Popen, partial: Path, n: int, timeout: flo
     pytest.fail(f"no {n} checkpoints in {partial} after {timeout} s")
 
 
+def _wait_for_lock(proc: subprocess.Popen, lock: Path, timeout: float = 240) -> None:
+    """Poll until ``proc`` holds ``lock``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lock.is_file() and lock.read_text().split()[:1] == [str(proc.pid)]:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"index exited early ({proc.returncode}): {proc.communicate()}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"{proc.pid} did not take {lock} in {timeout} s")
+
+
 def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Path) -> None:
     gallery = _gallery(tmp_path / "gallery")
     out, partial, lock = tmp_path / "index", tmp_path / "index.partial", tmp_path / "index.lock"
@@ -313,12 +332,13 @@ def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and lock.exists()  # a killed run cannot clean up its lock
-    after_first = len(_chunks(partial))
+    assert len(_chunks(partial)) >= 1  # its finished batch survived the kill
 
-    # 2. Rerun (takes over the dead run's lock); a second run meanwhile is refused;
+    # 2. Rerun (takes over the dead run's lock); a second run meanwhile is refused (tried
+    #    while the first loads its model, seconds, whatever the machine's speed);
     #    SIGKILL half-way.
     proc = _start(gallery, out)
-    _wait_for_chunks(proc, partial, after_first + 1)
+    _wait_for_lock(proc, lock)
     refused = CliRunner().invoke(
         app, ["index", str(gallery), "--out", str(out), "--weights", "random", "-q"]
     )
@@ -355,6 +375,8 @@ def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Pa
             str(gallery),
             "--out",
             str(out),
+            "--backbone",
+            KILL_BACKBONE,
             "--weights",
             "random",
             "--batch-size",
@@ -376,6 +398,8 @@ def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Pa
             str(gallery),
             "--out",
             str(tmp_path / "clean"),
+            "--backbone",
+            KILL_BACKBONE,
             "--weights",
             "random",
             "--batch-size",
@@ -385,4 +409,4 @@ def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Pa
     )
     assert clean.exit_code == 0, clean.output
     assert (out / "features.npy").read_bytes() == (tmp_path / "clean" / "features.npy").read_bytes()
-    assert load_index(out).features.shape == (N_IMAGES, 2048)
+    assert load_index(out).features.shape == (N_IMAGES, 1280)
