@@ -252,6 +252,21 @@ def test_build_index_ctrl_c_stops_after_current_batch(tmp_path: Path, caplog) ->
     assert summary.n_resumed == 8 and summary.n_indexed == 12
 
 
+def test_deferred_sigint_first_press_flags_second_interrupts() -> None:
+    from snaplook.io_utils import deferred_sigint
+
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint() as interrupted:
+            assert not interrupted()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs between bytecodes
+            assert interrupted()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            pytest.fail("the second Ctrl-C did not interrupt")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_exclusive_lock_refuses_live_owner_and_takes_over_dead_one(tmp_path: Path) -> None:
     lock = tmp_path / "index.lock"
     with exclusive_lock(lock, what="the index x"):
