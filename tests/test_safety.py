@@ -8,8 +8,10 @@ user as "unexpected ..." instead of one clear line.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ SETTINGS = settings(
     database=None,
 )
 WORK = Path(tempfile.mkdtemp(prefix="snaplook-safety-"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 def _encoded(fmt: str, mode: str = "RGB", **kwargs: object) -> bytes:
