@@ -1,9 +1,11 @@
 """Every bad input of the generated corpus (tests/corpus.py) through the command that reads it.
 
 The expected outcome of each case is a row of tests/corpus_cases.csv. The image cases
-share one gallery that is indexed once (random weights), then each case is looked up in
-the index's manifest.csv / skipped.csv; the other cases run their own command, which
-fails before any model is built. No case may print a Python traceback.
+share one gallery that is indexed once (random MobileNetV2 weights), then each case is
+looked up in the index's manifest.csv / skipped.csv; every other case runs its own
+command in-process (most fail before a model is built; four "ok" controls build one).
+No case may print a Python traceback or reach the catch-all "unexpected" error, and no
+input file may change.
 """
 
 from __future__ import annotations
@@ -48,17 +50,17 @@ def _invoke(args: list[str], cwd: Path) -> object:
 def _check_clean(result: object) -> None:
     out = result.output  # type: ignore[attr-defined]
     assert "Traceback" not in out, out
-    assert "unexpected" not in out, out  # the catch-all for non-SnaplookError failures
+    assert "Error: unexpected" not in out, out  # the catch-all for non-SnaplookError failures
 
 
 def _snapshot(corpus: Path) -> dict[Path, tuple[int, int]]:
     """(size, mtime) of every input file given whole to a command (not the index copies)."""
-    return {
-        p: (st.st_size, st.st_mtime_ns)
-        for kind in ("galleries", "queries", "videos", "partitions")
-        for p in (corpus / kind).rglob("*")
-        if not p.is_symlink() and (st := p.stat()) and p.is_file()
-    }
+    files = {}
+    for kind in ("galleries", "queries", "videos", "partitions"):
+        for p in (corpus / kind).rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                files[p] = (p.stat().st_size, p.stat().st_mtime_ns)
+    return files
 
 
 @pytest.fixture(scope="module")
