@@ -3,7 +3,7 @@
 The expected outcome of each case is a row of tests/corpus_cases.csv. The image cases
 share one gallery that is indexed once (random MobileNetV2 weights), then each case is
 looked up in the index's manifest.csv / skipped.csv; every other case runs its own
-command in-process (most fail before a model is built; four "ok" controls build one).
+command in-process (most fail before any model is built; the "ok" controls run in full).
 No case may print a Python traceback or reach the catch-all "unexpected" error, and no
 input file may change.
 """
