@@ -46,7 +46,10 @@ class _Group(TyperGroup):
         except KeyboardInterrupt:
             if os.environ.get("SNAPLOOK_DEBUG"):
                 raise
-            _err("Interrupted: finished work is kept; run the same command again to resume.")
+            _err(
+                "Interrupted: outputs already written are intact; run the same command again "
+                "(index and evaluate resume where they stopped)."
+            )
             sys.exit(130)
         except Exception as exc:  # the promise: never a traceback for the user
             if os.environ.get("SNAPLOOK_DEBUG"):
