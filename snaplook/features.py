@@ -778,6 +778,8 @@ def write_features(
     from snaplook.io_utils import find_images, manifest_row, save_npy_atomic, write_manifest
 
     images, output = Path(images), Path(output)
+    if output.is_dir():
+        raise SnaplookError(f"--output {output} is a folder; pass a file name ending in .npy.")
     paths = find_images(images)
     if not paths:
         raise SnaplookError(f"{images}: no images found.")

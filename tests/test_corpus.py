@@ -163,6 +163,8 @@ def _run_case(case: Case, corpus: Path, tmp_path: Path) -> object:
         else:
             args = ["query", str(corpus / "gallery" / "ok_plain.jpg"), "--index", target]
         args += ["--out", str(tmp_path / "results"), "-q"]
+    elif case.command == "features":
+        args = ["features", target, "--backbone", BACKBONE, "--weights", "random", "-q", *extra]
     elif case.command == "crop":
         args = ["crop", target, "--out", str(tmp_path / "crop"), "-q", *extra]
     elif case.command == "look":
