@@ -1031,6 +1031,8 @@ def write_query_results(
     from snaplook.io_utils import write_csv_atomic, write_json_atomic
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SnaplookError(f"--out {out} is a file, not a folder; pass a folder for the results.")
     out.mkdir(parents=True, exist_ok=True)
     rows = [
         (str(r.query), h.rank, str(h.path), f"{h.distance:.6f}")

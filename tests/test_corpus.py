@@ -158,11 +158,13 @@ def _run_case(case: Case, corpus: Path, tmp_path: Path) -> object:
             extra += ["--out", str(tmp_path / "index")]
         args = ["index", target, *extra, "--backbone", BACKBONE, "--weights", "random", "-q"]
     elif case.command == "query":
+        # The case's own options come last: for a repeated option the last one counts.
+        results = ["--out", str(tmp_path / "results"), "-q"]
         if case.kind == "query":
-            args = ["query", target, "--index", str(corpus / "indexes" / "valid"), *extra]
+            index = str(corpus / "indexes" / "valid")
+            args = ["query", target, "--index", index, *results, *extra]
         else:
-            args = ["query", str(corpus / "gallery" / "ok_plain.jpg"), "--index", target]
-        args += ["--out", str(tmp_path / "results"), "-q"]
+            args = ["query", str(corpus / "gallery" / "ok_plain.jpg"), "--index", target, *results]
     elif case.command == "features":
         args = ["features", target, "--backbone", BACKBONE, "--weights", "random", "-q", *extra]
     elif case.command == "crop":
