@@ -660,6 +660,12 @@ def _extract_one(
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise SnaplookError(f"{out}: exists and is not a folder; choose another --out.")
+        if out.is_dir() and not (out / FRAMES_CSV).is_file() and any(out.iterdir()):
+            # Checked before decoding; replace_dir checks it again before swapping.
+            raise SnaplookError(
+                f"{out} exists and is not a snaplook output (no {FRAMES_CSV}); refusing to "
+                "replace it. Choose another --out or move it away."
+            )
         params = (
             [cv2.IMWRITE_JPEG_QUALITY, quality]
             if image_format == "jpg"
@@ -857,6 +863,8 @@ def extract_videos(
         raise SnaplookError(
             f"{root}: no videos found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})."
         )
+    if Path(out_root).exists() and not Path(out_root).is_dir():
+        raise SnaplookError(f"--out {out_root} is a file; pass a folder for the frames.")
     out_dirs = _output_dirs(videos, root, Path(out_root))
     single = root.is_file()
     durations: list[float | None] = []
