@@ -551,8 +551,9 @@ def _invoke_litert(interpreter: Any, batch: np.ndarray, feature_dim: int) -> np.
     inp = interpreter.get_input_details()[0]["index"]
     out = interpreter.get_output_details()[0]["index"]
     features = np.empty((len(batch), feature_dim), dtype=np.float32)
-    # One image per invoke: measured on 2 AVX2 cores, batching more gives XNNPACK no
-    # extra throughput and only adds latency and memory.
+    # One image per invoke: on an idle 2-core AVX2 machine batch 1 was XNNPACK's best
+    # (21 img/s, issue 6); batches of 4-16 measured within noise of it on a loaded one
+    # (benchmarks/run.py records both), and need a tensor resize per batch size.
     for i in range(len(batch)):
         interpreter.set_tensor(inp, np.ascontiguousarray(batch[i : i + 1]))
         interpreter.invoke()
