@@ -369,7 +369,10 @@ class Embedder:
                     self.backbone,
                     path,
                 )
+                had_model = self.model_ is not None
                 convert_to_tflite(self.load(), path)
+                if not had_model:
+                    self.model_ = None  # only needed for the conversion: free its memory
                 interpreter = _open_interpreter(path, strict=True)
             self.interpreter_ = interpreter
         return self.interpreter_
@@ -438,7 +441,8 @@ def resolve_runtime(runtime: str = DEFAULT_RUNTIME) -> str:
 
     "auto" reads ``$SNAPLOOK_RUNTIME`` (litert or keras) if set; otherwise it is "keras"
     when TensorFlow sees a GPU and "litert" on a CPU, where the LiteRT interpreter
-    (XNNPACK) runs ResNet50 about twice as fast as Keras. "litert" without the
+    (XNNPACK) runs ResNet50 faster than Keras (1.3-1.7x on two AVX2 cores, near the
+    FLOP ceiling; see benchmarks/run.py). "litert" without the
     ``ai-edge-litert`` package falls back to "keras" with a warning.
 
     Raises:
