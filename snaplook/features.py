@@ -9,6 +9,7 @@ reference runtime, and both give the same features to within 1e-4.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -154,9 +155,43 @@ def _quiet_tensorflow() -> None:
 def import_keras() -> Any:
     """Import Keras (TensorFlow backend) quietly and return the module."""
     _quiet_tensorflow()
-    import keras
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    with _native_stderr_silenced():
+        import keras
+        import tensorflow as tf
 
+        # Device discovery prints absl/CUDA probing lines ("failed call to cuInit") from
+        # C++ straight to fd 2, ignoring TF_CPP_MIN_LOG_LEVEL; do it here, silenced.
+        tf.config.list_physical_devices()
     return keras
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null while native code prints its start-up chatter.
+
+    Python exceptions still propagate; only C/C++ writes to stderr are dropped. Off with
+    SNAPLOOK_DEBUG=1, or when stderr is not a real file (pytest capture, CliRunner).
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd < 0 or os.environ.get("SNAPLOOK_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
@@ -479,7 +514,7 @@ def _gpu_visible() -> bool:
     if sys.platform == "linux" and "tensorflow" not in sys.modules:
         if not any(os.path.exists(node) for node in nodes):
             return False
-    _quiet_tensorflow()
+    import_keras()
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
@@ -508,18 +543,18 @@ def convert_to_tflite(model: Any, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    import contextlib
     import io
 
     from snaplook.io_utils import atomic_path
 
-    _quiet_tensorflow()
+    import_keras()
     import tensorflow as tf
 
     path = Path(path)
-    # The converter exports a SavedModel first and prints its signature (hundreds of lines).
+    # The converter exports a SavedModel first and prints its signature (hundreds of lines),
+    # and MLIR passes log on fd 2.
     captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
+    with contextlib.redirect_stdout(captured), _native_stderr_silenced():
         flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     logger.debug("TFLite converter output: %s", captured.getvalue()[:2000])
     with atomic_path(path) as tmp:
@@ -539,8 +574,10 @@ def _open_interpreter(path: Path, *, strict: bool = False) -> Any:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interpreter = Interpreter(model_path=str(path), num_threads=_cpu_threads())
-        interpreter.allocate_tensors()
+        # LiteRT announces "Created TensorFlow Lite XNNPACK delegate" on fd 2 every time.
+        with _native_stderr_silenced():
+            interpreter = Interpreter(model_path=str(path), num_threads=_cpu_threads())
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         if strict:
             raise SnaplookError(f"{path}: cannot load the converted model ({exc}).") from exc
