@@ -118,13 +118,29 @@ def _setup_logging(*, verbose: bool, quiet: bool) -> None:
     root = logging.getLogger("snaplook")
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = RichHandler(
-        console=Console(stderr=True), show_time=False, show_path=False, markup=False
-    )
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(
+            console=Console(stderr=True), show_time=False, show_path=False, markup=False
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        # Piped or captured stderr (CI logs, `2> file`): one unwrapped line per message.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    # Other libraries log or warn about their own decoder complaints (Pillow on a damaged
+    # TIFF) that snaplook already reports as one skipped-file line; without a handler
+    # Python's last-resort handler would print them too. --verbose shows them.
+    logging.captureWarnings(True)
+    top = logging.getLogger()
+    top.handlers[:] = [h for h in top.handlers if not isinstance(h, logging.NullHandler)]
+    if verbose:
+        top.addHandler(handler)
+    else:
+        top.addHandler(logging.NullHandler())
 
 
 def _console() -> Any:
@@ -210,10 +226,9 @@ HeadOpt = Annotated[
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
     if not skipped:
         return
-    target = f"; listed in {where}" if where else ""
+    # Each skip was already logged as a warning line with its reason; this is the tally.
+    target = f"; listed in {where}" if where else " (see the warnings above)"
     _err(f"Skipped {len(skipped)} unreadable file(s){target}.")
-    for s in skipped[:5]:
-        _err(f"  {s.reason}")
     if strict:
         _err("Error: --strict: failing because inputs were skipped.")
         raise typer.Exit(1)
