@@ -417,8 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         rows.append(
             dict(
                 what=f"LiteRT vs Keras: identical top-{k} neighbours",
-                value=same_order,
-                unit="of queries",
+                value=round(same_order * n_tp),
+                unit=f"of {n_tp} queries",
                 baseline=None,
                 ratio=None,
                 target="all identical",
