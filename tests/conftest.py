@@ -48,23 +48,30 @@ def make_image(path: Path, colour: tuple[int, int, int], *, size=(64, 48), seed:
     return path
 
 
+#: Six well-separated colours; a gallery holds two noisy variants of each.
+COLOURS = [
+    (200, 30, 30),
+    (30, 160, 60),
+    (30, 60, 200),
+    (220, 200, 40),
+    (20, 20, 20),
+    (230, 130, 170),
+]
+
+
+def write_gallery(root: Path, *, subfolders: bool = True) -> Path:
+    """Write 12 small images (6 colours x 2 variants), in tops/ and bottoms/ or flat."""
+    for i, colour in enumerate(COLOURS):
+        for v in range(2):
+            sub = ("tops" if i % 2 == 0 else "bottoms") if subfolders else ""
+            make_image(root / sub / f"item{i:02d}_v{v}.png", colour, seed=i * 10 + v)
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """12 small generated images (6 colours x 2 variants) in two sub-folders."""
-    colours = [
-        (200, 30, 30),
-        (30, 160, 60),
-        (30, 60, 200),
-        (220, 200, 40),
-        (20, 20, 20),
-        (230, 130, 170),
-    ]
-    root = tmp_path / "gallery"
-    for i, colour in enumerate(colours):
-        for v in range(2):
-            sub = "tops" if i % 2 == 0 else "bottoms"
-            make_image(root / sub / f"item{i:02d}_v{v}.png", colour, seed=i * 10 + v)
-    return root
+    return write_gallery(tmp_path / "gallery")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image
+from conftest import REPO, make_image, write_gallery
 from shared_model import build_model_shared, shared_model  # noqa: F401
 from typer.testing import CliRunner
 
@@ -19,15 +19,6 @@ from snaplook.cli import app
 from snaplook.errors import SnaplookError
 from snaplook.io_utils import read_csv, read_manifest
 from snaplook.transform_utils import l2_normalize
-
-COLOURS = [
-    (200, 30, 30),
-    (30, 160, 60),
-    (30, 60, 200),
-    (220, 200, 40),
-    (20, 20, 20),
-    (230, 130, 170),
-]
 
 pytestmark = pytest.mark.usefixtures("shared_model")
 
@@ -41,9 +32,7 @@ def cli_index(tmp_path_factory: pytest.TempPathFactory):
     """`snaplook index` on 12 generated images, run once for the module."""
     base = tmp_path_factory.mktemp("cli")
     gallery = base / "gallery"
-    for i, colour in enumerate(COLOURS):
-        for v in range(2):
-            make_image(gallery / f"item{i:02d}_v{v}.png", colour, seed=i * 10 + v)
+    write_gallery(gallery, subfolders=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features, "build_model", build_model_shared)
         mp.setenv("SNAPLOOK_RUNTIME", "keras")

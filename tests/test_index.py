@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bad_images import write_gallery_with_bad_inputs
-from conftest import make_image
+from conftest import make_image, write_gallery
 from shared_model import build_model_shared, shared_model  # noqa: F401
 from typer.testing import CliRunner
 
@@ -30,25 +30,13 @@ from snaplook.index import (
 )
 from snaplook.io_utils import read_csv, read_manifest
 
-COLOURS = [
-    (200, 30, 30),
-    (30, 160, 60),
-    (30, 60, 200),
-    (220, 200, 40),
-    (20, 20, 20),
-    (230, 130, 170),
-]
-
 
 @pytest.fixture(scope="module")
 def gallery_index(tmp_path_factory: pytest.TempPathFactory):
     """The conftest ``image_folder`` layout (12 images, two sub-folders), indexed once."""
     base = tmp_path_factory.mktemp("gallery_index")
     root = base / "gallery"
-    for i, colour in enumerate(COLOURS):
-        for v in range(2):
-            sub = "tops" if i % 2 == 0 else "bottoms"
-            make_image(root / sub / f"item{i:02d}_v{v}.png", colour, seed=i * 10 + v)
+    write_gallery(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features, "build_model", build_model_shared)
         mp.setenv("SNAPLOOK_RUNTIME", "keras")
