@@ -1,8 +1,10 @@
 """The on-disk gallery index and exact cosine k-nearest-neighbour search over it.
 
-An index is a folder: ``features.npy`` (float32 (n, d), rows L2-normalised),
-``manifest.csv`` (one row per image) and ``meta.json`` (what produced the features);
-see DESIGN.md. Nothing is pickled; search is rebuilt from ``features.npy`` at load.
+An index is a folder: ``meta.json`` (what produced the features, and the list of shards)
+and ``features/shard-NNNNN.npy`` (float32 (rows, d), rows L2-normalised) each with its
+``features/shard-NNNNN.csv`` manifest, so ``--update`` rewrites only the shards it
+touches. Indexes of format 1 (one ``features.npy`` + ``manifest.csv``) still load.
+Nothing is pickled; search reads the memory-mapped shards block by block.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,12 +37,21 @@ from snaplook.io_utils import ManifestRow
 if TYPE_CHECKING:
     import numpy as np
 
+    from snaplook.distributed import RayEngine
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_INDEX_DIR = Path("output/index")
 DEFAULT_K = 5
 #: Version of the index folder layout; an index from a newer snaplook is refused.
-INDEX_FORMAT_VERSION = 1
+#: 1: one ``features.npy`` + ``manifest.csv``; 2: shards listed in ``meta.json``.
+INDEX_FORMAT_VERSION = 2
+#: Rows per feature shard: 16,384 x 2048 float32 is 128 MiB, so a 10 M-image index is
+#: about 610 files and an ``--update`` that touches a few rows rewrites a few of them.
+DEFAULT_SHARD_ROWS = 16384
+#: The sub-folder of an index that holds the shards.
+SHARDS_DIR = "features"
+_SHARD_NAME = re.compile(r"shard-[0-9]{5,}")
 SKIPPED_HEADER = ("path", "reason")
 #: Gallery rows per GEMM block in search: bounds the similarity matrix to
 #: n_queries x 8192 float32 whatever the gallery size.
@@ -58,6 +70,10 @@ class BuildSummary:
         seconds: wall time of the run.
         n_resumed: images embedded by an interrupted earlier run and taken from its
             checkpoint (not counted in ``n_embedded``).
+        shards_written: feature shards written by this run.
+        shards_kept: shards of the previous index carried over unchanged (``--update``;
+            hard-linked, not rewritten).
+        bytes_written: bytes of the shards (.npy + .csv) written by this run.
     """
 
     out: Path
@@ -66,6 +82,9 @@ class BuildSummary:
     skipped: list[Skipped]
     seconds: float
     n_resumed: int = 0
+    shards_written: int = 0
+    shards_kept: int = 0
+    bytes_written: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -84,6 +103,8 @@ def build_index(
     update: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    engine: str | RayEngine = "local",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BuildSummary:
@@ -93,8 +114,9 @@ def build_index(
     so an interrupted run leaves the previous index untouched. Finished batches are
     checkpointed in ``<out>.partial/``: a run that is killed or interrupted and started
     again with the same images and settings embeds only the batches that were not
-    finished, and writes the same ``features.npy`` bytes as an uninterrupted run. The
-    checkpoint is removed on success. ``<out>.lock`` (holding the pid) keeps a second run
+    finished, and writes the same shard bytes as an uninterrupted run (shards already
+    assembled when the run was killed are kept). The checkpoint is removed on success.
+    ``<out>.lock`` (holding the pid) keeps a second run
     from writing the same index at the same time. In the main thread, Ctrl-C stops the
     run after the current batch (``KeyboardInterrupt``), keeping the checkpoint.
 
@@ -106,9 +128,16 @@ def build_index(
         batch_size: images per forward pass, default=32.
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
-            The result equals a full rebuild.
+            The rows equal a full rebuild's; shards of the old index whose rows all come
+            through unchanged are kept (hard-linked), only the stretches between them are
+            cut into new shards.
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
+        shard_rows: rows per feature shard, default=16384.
+        engine: "local" (this process), "ray" (a local Ray cluster) or a
+            :class:`~snaplook.distributed.RayEngine` (cluster address, workers, CPUs/GPUs
+            per worker). Both give the same rows in the same order and, with the same
+            runtime, the same features (to 1e-6); batches are checkpointed alike.
         on_start: called once with the number of images found.
         on_progress: called with the number of images handled so far.
 
@@ -131,13 +160,16 @@ def build_index(
         replace_dir,
         write_csv_atomic,
         write_json_atomic,
-        write_manifest,
     )
 
     started = time.perf_counter()
     root, out = Path(root), Path(out)
     if batch_size < 1:
         raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
+    if shard_rows < 1:
+        raise SnaplookError(f"--shard-rows must be at least 1, got {shard_rows}.")
+    if engine not in ("local", "ray") and not hasattr(engine, "embed_batches"):
+        raise SnaplookError(f"unknown engine {engine!r}; choose local or ray.")
     embedder = embedder or Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
     if head is not None:
         from snaplook.features import with_head
@@ -157,12 +189,11 @@ def build_index(
         deferred_sigint() as interrupted,
     ):
         reuse: dict[str, tuple[ManifestRow, int]] = {}
-        old_features = None
+        old = None
         old_stamp = None
         if update and (out / "meta.json").exists():
             old = load_index(out)
             _check_same_model(old.meta, identity, out)
-            old_features = old.features
             old_stamp = [old.meta.get("created"), len(old.manifest)]
             reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
 
@@ -201,19 +232,27 @@ def build_index(
                 on_progress(done_before)
             if interrupted():
                 raise KeyboardInterrupt
-            records.update(
-                _embed_batches(
-                    to_embed,
-                    embedder,
-                    checkpoint,
-                    first=len(records),
-                    batch_size=batch_size,
-                    interrupted=interrupted,
-                    on_progress=(lambda done: on_progress(done_before + done))
-                    if on_progress
-                    else None,
+            progress = (lambda done: on_progress(done_before + done)) if on_progress else None
+            if engine == "local":
+                first = next((b for b in range(checkpoint.n_batches) if b not in records), None)
+                if first is not None:
+                    records.update(
+                        _embed_batches(
+                            to_embed,
+                            embedder,
+                            checkpoint,
+                            first=first,
+                            batch_size=batch_size,
+                            interrupted=interrupted,
+                            on_progress=progress,
+                        )
+                    )
+            else:
+                records.update(
+                    _embed_batches_distributed(
+                        to_embed, embedder, checkpoint, records, engine, interrupted, progress
+                    )
                 )
-            )
 
             embedded_at: dict[Path, tuple[int, int, tuple[int, int]]] = {}
             skipped: list[Skipped] = []
@@ -238,17 +277,21 @@ def build_index(
                     f"{root}: none of the {len(paths)} images could be read; see the warnings "
                     "above for why."
                 )
+            # Kept across a kill: shards finished in it are reused by the rerun.
             tmp = checkpoint.folder / "assembling"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            _write_features(
-                tmp / "features.npy",
+            for stale in (tmp / "manifest.csv", tmp / "features.npy"):
+                stale.unlink(missing_ok=True)
+            plans = _plan_shards(sources, old.shards_ if old is not None else [], shard_rows)
+            shards, written = _write_shards(
+                tmp,
+                plans,
                 sources,
-                old_features,
+                rows,
+                old,
                 [checkpoint.chunk_path(b) for b in range(checkpoint.n_batches)],
-                embedder,
+                embedder.feature_dim,
+                checkpoint.folder / "shards",
             )
-            write_manifest(tmp / "manifest.csv", rows)
             write_csv_atomic(
                 tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
             )
@@ -262,10 +305,12 @@ def build_index(
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
+                "shard_rows": shard_rows,
+                "shards": shards,
             }
             write_json_atomic(tmp / "meta.json", meta)
-            if old_features is not None:
-                del old_features, old  # release the memory map before replacing its folder
+            if old is not None:
+                del old  # release the memory maps before replacing their folder
             replace_dir(tmp, out, marker="meta.json")
         except KeyboardInterrupt:
             logger.warning(
@@ -295,6 +340,9 @@ def build_index(
         skipped=skipped,
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
+        shards_written=sum(1 for p in plans if p.keep is None),
+        shards_kept=sum(1 for p in plans if p.keep is not None),
+        bytes_written=written,
     )
 
 
@@ -343,30 +391,229 @@ def _replace_row(row: ManifestRow, new_row: int) -> ManifestRow:
     return dataclasses.replace(row, row=new_row)
 
 
-def _write_features(
-    target: Path,
-    sources: list[tuple[str, int, int]],
-    old_features: np.ndarray | None,
+@dataclass
+class _ShardPlan:
+    """Rows ``start:stop`` of the new index; ``keep`` names the old shard that holds
+    exactly them (carried over as it is), None for a shard to write."""
+
+    name: str
+    start: int
+    stop: int
+    keep: dict[str, Any] | None = None
+
+
+def _plan_shards(
+    sources: Sequence[tuple[str, int, int]], old_shards: Sequence[dict[str, Any]], shard_rows: int
+) -> list[_ShardPlan]:
+    """Cut the new rows into shards, keeping every old shard that comes through whole.
+
+    An old shard is kept when its rows appear unchanged, in order and contiguous in the
+    new index; the stretches between kept shards are cut into new shards of at most
+    ``shard_rows`` rows. A full build (no old shards) gives fixed-size shards.
+    """
+    by_start = {int(s["start"]): s for s in old_shards if int(s["rows"]) <= shard_rows}
+    cuts: list[tuple[int, int, dict[str, Any] | None]] = []
+    n = len(sources)
+    pending = i = 0
+    while i < n:
+        kind, a, _ = sources[i]
+        shard = by_start.get(a) if kind == "old" else None
+        if shard is not None:
+            length = int(shard["rows"])
+            whole = i + length <= n and all(
+                sources[i + t][0] == "old" and sources[i + t][1] == a + t for t in range(length)
+            )
+            if whole:
+                cuts.extend(
+                    (s, min(s + shard_rows, i), None) for s in range(pending, i, shard_rows)
+                )
+                cuts.append((i, i + length, shard))
+                i = pending = i + length
+                continue
+        i += 1
+    cuts.extend((s, min(s + shard_rows, n), None) for s in range(pending, n, shard_rows))
+    return [_ShardPlan(f"shard-{k:05d}", a, b, keep) for k, (a, b, keep) in enumerate(cuts)]
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what goes through it (SHA-256)."""
+
+    def __init__(self, fh: Any) -> None:
+        import hashlib
+
+        self.fh = fh
+        self.digest = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+
+def _write_shards(
+    folder: Path,
+    plans: Sequence[_ShardPlan],
+    sources: Sequence[tuple[str, int, int]],
+    rows: Sequence[ManifestRow],
+    old: Index | None,
     chunk_files: Sequence[Path],
-    embedder: Embedder,
-) -> None:
+    dim: int,
+    done_dir: Path,
+) -> tuple[list[dict[str, Any]], int]:
+    """Write (or link, or find already written) every planned shard under ``folder/features``.
+
+    A shard written by an earlier, killed run of the same plan is reused when its record in
+    ``done_dir`` names the same rows and its bytes still hash to the recorded SHA-256.
+
+    Returns:
+        (the ``shards`` entries of ``meta.json``, bytes written).
+    """
     import numpy as np
 
+    from snaplook.io_utils import (
+        MANIFEST_HEADER,
+        atomic_path,
+        write_csv_atomic,
+        write_json_atomic,
+    )
     from snaplook.transform_utils import l2_normalize
 
-    dim = embedder.feature_dim
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(len(sources), dim))
+    shard_dir = folder / SHARDS_DIR
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    done_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{p.name}{ext}" for p in plans for ext in (".npy", ".csv")}
+    for entry in shard_dir.iterdir():  # other layouts, temporary files of a killed write
+        if entry.name not in wanted:
+            entry.unlink()
+    entries: list[dict[str, Any]] = []
+    written = 0
     loaded: dict[int, np.ndarray] = {}
-    for i, (kind, a, b) in enumerate(sources):
-        if kind == "old":
-            out[i] = old_features[a]  # already normalised
-        else:
-            if a not in loaded:
-                loaded.clear()  # chunks are visited in order: keep one in memory
-                loaded[a] = l2_normalize(np.load(chunk_files[a], allow_pickle=False))
-            out[i] = loaded[a][b]
-    out.flush()
-    del out
+    for plan in plans:
+        npy, csv_path = shard_dir / f"{plan.name}.npy", shard_dir / f"{plan.name}.csv"
+        if plan.keep is not None:
+            for ext, target in ((".npy", npy), (".csv", csv_path)):
+                _link_or_copy(old.path / SHARDS_DIR / f"{plan.keep['name']}{ext}", target)
+            entries.append(
+                {"name": plan.name, "rows": plan.stop - plan.start, "sha256": plan.keep["sha256"]}
+            )
+            continue
+        local = [_replace_row(r, r.row - plan.start) for r in rows[plan.start : plan.stop]]
+        key = _digest([list(sources[plan.start : plan.stop]), [r.as_csv() for r in local], dim])
+        record_path = done_dir / f"{plan.name}.json"
+        digest = _finished_shard(record_path, key, npy, csv_path)
+        if digest is None:
+            block = np.empty((plan.stop - plan.start, dim), dtype=np.float32)
+            for i, j, kind, a, b in _runs(sources, plan.start, plan.stop):
+                if kind == "old":
+                    block[i - plan.start : j - plan.start] = old.features[a : a + (j - i)]
+                else:
+                    if a not in loaded:
+                        loaded.clear()  # chunks are visited in order: keep one in memory
+                        loaded[a] = l2_normalize(np.load(chunk_files[a], allow_pickle=False))
+                    block[i - plan.start : j - plan.start] = loaded[a][b : b + (j - i)]
+            with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
+                hashing = _HashingWriter(fh)
+                np.lib.format.write_array(hashing, block, allow_pickle=False)
+            digest = hashing.digest.hexdigest()
+            write_csv_atomic(csv_path, MANIFEST_HEADER, (r.as_csv() for r in local))
+            written += npy.stat().st_size + csv_path.stat().st_size
+            write_json_atomic(record_path, {"key": key, "sha256": digest})
+        entries.append({"name": plan.name, "rows": plan.stop - plan.start, "sha256": digest})
+    return entries, written
+
+
+def _finished_shard(record_path: Path, key: str, npy: Path, csv_path: Path) -> str | None:
+    """The SHA-256 of a shard a killed run already wrote for the same rows, else None."""
+    from snaplook.io_utils import file_sha256
+
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("key") != key or not csv_path.is_file():
+            return None
+        digest = record["sha256"]
+        return digest if file_sha256(npy) == digest else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _runs(
+    sources: Sequence[tuple[str, int, int]], start: int, stop: int
+) -> Iterator[tuple[int, int, str, int, int]]:
+    """Maximal runs ``i:j`` of rows that come from consecutive rows of one source."""
+    i = start
+    while i < stop:
+        kind, a, b = sources[i]
+        j = i + 1
+        while j < stop:
+            k2, a2, b2 = sources[j]
+            step = j - i
+            if k2 != kind or (a2, b2) != ((a + step, 0) if kind == "old" else (a, b + step)):
+                break
+            j += 1
+        yield i, j, kind, a, b
+        i = j
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    import shutil
+
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)  # the old shard's bytes stay where they are
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _digest(data: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()
+
+
+def _embed_batches_distributed(
+    to_embed: Sequence[Path],
+    embedder: Embedder,
+    checkpoint: _Checkpoint,
+    records: dict[int, _BatchRecord],
+    engine: str | RayEngine,
+    interrupted: Callable[[], bool],
+    on_progress: Callable[[int], None] | None,
+) -> dict[int, _BatchRecord]:
+    """Embed the batches missing from ``records`` on a Ray cluster, checkpointing each.
+
+    Batches come back in any order; each is saved as it arrives, so a killed run keeps
+    every finished batch.
+    """
+    from snaplook.distributed import RayEngine
+
+    if isinstance(engine, str):
+        engine = RayEngine()
+    missing = {
+        b: [str(to_embed[p]) for p in checkpoint.batch_positions(b)]
+        for b in range(checkpoint.n_batches)
+        if b not in records
+    }
+    done: dict[int, _BatchRecord] = {}
+    handled = 0
+
+    def save(b: int, features: np.ndarray, rows: list[Any], skipped: list[Any]) -> None:
+        nonlocal handled
+        first = b * checkpoint.batch_size
+        for _, why in skipped:
+            logger.warning("skipped %s", why)
+        record = _BatchRecord(
+            size=len(checkpoint.batch_positions(b)),
+            rows=[(first + p, int(w), int(h)) for p, w, h in rows],
+            skipped=[(first + p, str(why)) for p, why in skipped],
+        )
+        checkpoint.save(b, features if len(rows) else None, record)
+        done[b] = record
+        handled += record.size
+        if on_progress is not None:
+            on_progress(handled)
+
+    if missing:
+        engine.embed_batches(missing, embedder, on_batch=save, interrupted=interrupted)
+    return done
 
 
 #: Layout version of the ``<out>.partial/`` checkpoint folder of :func:`build_index`.
@@ -454,11 +701,10 @@ class _Checkpoint:
         for stale in self.folder.glob(".*.tmp"):  # a write cut short by a kill
             stale.unlink(missing_ok=True)
         records: dict[int, _BatchRecord] = {}
-        for b in range(self.n_batches):
+        for b in range(self.n_batches):  # any finished batch: the Ray engine finishes out of order
             record = self._load(b)
-            if record is None:
-                break
-            records[b] = record
+            if record is not None:
+                records[b] = record
         self.n_done = sum(r.size for r in records.values())
         if records:
             logger.warning(
@@ -634,21 +880,90 @@ def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path)
             )
 
 
+class ShardedFeatures:
+    """The (n, d) float32 feature matrix of a sharded index, read-only, shard by shard.
+
+    Behaves like an ndarray for what search and scripts need: ``shape``, ``dtype``,
+    ``len()``, a row (``features[i]``), a row range (``features[a:b]``, a view when it
+    lies in one shard) and ``np.asarray(features)``, which concatenates the shards into
+    one array in memory (only then). ``shards`` holds the per-shard memory maps.
+    """
+
+    def __init__(self, shards: Sequence[np.ndarray]) -> None:
+        import numpy as np
+
+        self.shards = list(shards)
+        self.offsets = [0]
+        for shard in self.shards:
+            self.offsets.append(self.offsets[-1] + shard.shape[0])
+        self.dim = self.shards[0].shape[1] if self.shards else 0
+        self.dtype = np.dtype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.offsets[-1], self.dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        import bisect
+
+        import numpy as np
+
+        n = len(self)
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(n)
+            pieces = []
+            for shard, offset in zip(self.shards, self.offsets):
+                lo, hi = max(start, offset), min(stop, offset + shard.shape[0])
+                if lo < hi:
+                    pieces.append(shard[lo - offset : hi - offset])
+            if len(pieces) == 1:
+                return pieces[0]
+            return np.concatenate(pieces) if pieces else np.zeros((0, self.dim), np.float32)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if int(key) < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"row {int(key)} is out of range for {n} rows")
+            s = bisect.bisect_right(self.offsets, i) - 1
+            return self.shards[s][i - self.offsets[s]]
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        import numpy as np
+
+        whole = self[0 : len(self)]
+        return np.asarray(whole, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"ShardedFeatures(shape={self.shape}, shards={len(self.shards)})"
+
+
 @dataclass
 class Index:
     """A loaded index: L2-normalised gallery features, their manifest and meta.
 
     Attributes:
         path: the index folder.
-        features: ndarray of shape (n, d), float32, unit rows (memory-mapped).
+        features: (n, d) float32, unit rows, memory-mapped: a :class:`ShardedFeatures`
+            (format 2) or an ndarray (format 1). ``np.asarray(index.features)`` gives one
+            array (concatenating the shards).
         manifest: one :class:`ManifestRow` per row of ``features``.
         meta: the parsed ``meta.json``.
+        shards_: the ``meta.json`` shard entries (name, rows, sha256) with their first
+            row (``start``); empty for a format-1 index.
     """
 
     path: Path
-    features: np.ndarray
+    features: np.ndarray | ShardedFeatures
     manifest: list[ManifestRow]
     meta: dict[str, Any]
+    shards_: list[dict[str, Any]] = field(default_factory=list)
     root_: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -743,13 +1058,17 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
 
 
 def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> Index:
-    """Load and validate an index folder.
+    """Load and validate an index folder (sharded, or a format-1 ``features.npy``).
+
+    Args:
+        path: the index folder.
+        mmap: memory-map the features (default) instead of reading them into memory.
 
     Raises:
         SnaplookError: missing folder or file, unreadable or newer-format ``meta.json``,
-            a pickled or non-float32 ``features.npy``, counts that disagree, manifest rows
-            out of order or with paths that climb out of the indexed root (``..``), or
-            NaN/infinite features.
+            a pickled or non-float32 shard (or ``features.npy``), counts that disagree,
+            manifest rows out of order or with paths that climb out of the indexed root
+            (``..``), or NaN/infinite features.
     """
     from snaplook.io_utils import load_npy, read_manifest
 
@@ -775,6 +1094,19 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
             f"{path} has index format {version}, newer than this snaplook understands "
             f"({INDEX_FORMAT_VERSION}); upgrade snaplook or rebuild the index."
         )
+    if "shards" in meta:
+        features, manifest, shards = _load_shards(path, meta, mmap=mmap)
+        _check_manifest(path, manifest)
+        for shard in shards:
+            _check_finite(path / SHARDS_DIR / f"{shard['name']}.npy", features.shards[shard["i"]])
+        return Index(path=path, features=features, manifest=manifest, meta=meta, shards_=shards)
+    # Format 1: one features.npy + manifest.csv; `--update` rewrites it as shards.
+    logger.info(
+        "%s is a single-file index (format 1); `snaplook index ROOT --out %s --update` "
+        "rewrites it as shards without embedding again.",
+        path,
+        path,
+    )
     features = load_npy(path / "features.npy", mmap=mmap)
     if features.dtype.name != "float32" or features.ndim != 2:
         raise SnaplookError(
@@ -795,8 +1127,65 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
             "rebuild the index."
         )
     _check_manifest(path, manifest)
-    _check_finite(path, features)
+    _check_finite(path / "features.npy", features)
     return Index(path=path, features=features, manifest=manifest, meta=meta)
+
+
+def _load_shards(
+    path: Path, meta: dict[str, Any], *, mmap: bool
+) -> tuple[ShardedFeatures, list[ManifestRow], list[dict[str, Any]]]:
+    from snaplook.io_utils import load_npy, read_manifest
+
+    meta_path = path / "meta.json"
+    entries = meta["shards"]
+    if not isinstance(entries, list) or not entries:
+        raise SnaplookError(f"{meta_path}: 'shards' is not a list of shards; rebuild the index.")
+    shards: list[dict[str, Any]] = []
+    arrays: list[np.ndarray] = []
+    manifest: list[ManifestRow] = []
+    dim = meta.get("feature_dim")
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        # The name becomes a file path: only shard-NNNNN, never "../x".
+        if (
+            not isinstance(name, str)
+            or not _SHARD_NAME.fullmatch(name)
+            or not (isinstance(rows, int) and rows >= 1)
+        ):
+            raise SnaplookError(
+                f"{meta_path}: shard entry {i} ({entry!r}) is malformed; rebuild the index."
+            )
+        npy = path / SHARDS_DIR / f"{name}.npy"
+        array = load_npy(npy, mmap=mmap)
+        if array.dtype.name != "float32" or array.ndim != 2:
+            raise SnaplookError(
+                f"{npy} holds {array.dtype} of shape {array.shape}, expected float32 (n, d); "
+                "rebuild the index."
+            )
+        dim = array.shape[1] if dim is None else dim
+        if array.shape != (rows, dim):
+            raise SnaplookError(
+                f"{npy} has shape {array.shape}, meta.json says ({rows}, {dim}); the index "
+                "is inconsistent, rebuild it."
+            )
+        csv_path = npy.with_suffix(".csv")
+        local = read_manifest(csv_path)
+        if len(local) != rows or any(r.row != j for j, r in enumerate(local)):
+            raise SnaplookError(
+                f"{csv_path} does not list rows 0..{rows - 1} in order; the index is "
+                "inconsistent, rebuild it."
+            )
+        start = len(manifest)
+        manifest.extend(_replace_row(r, start + r.row) for r in local)
+        arrays.append(array)
+        shards.append({**entry, "start": start, "i": i})
+    if len(manifest) != meta.get("count"):
+        raise SnaplookError(
+            f"{path}: the shards hold {len(manifest)} rows, meta.json says "
+            f"{meta.get('count')}; the index is inconsistent, rebuild it."
+        )
+    return ShardedFeatures(arrays), manifest, shards
 
 
 def _check_manifest(path: Path, manifest: Sequence[ManifestRow]) -> None:
@@ -822,7 +1211,7 @@ def _check_manifest(path: Path, manifest: Sequence[ManifestRow]) -> None:
         logger.info("%s: %d manifest paths lie outside the indexed root", path, outside)
 
 
-def _check_finite(path: Path, features: np.ndarray) -> None:
+def _check_finite(npy: Path, features: np.ndarray) -> None:
     import numpy as np
 
     for start in range(0, features.shape[0], SEARCH_BLOCK_ROWS):
@@ -830,8 +1219,7 @@ def _check_finite(path: Path, features: np.ndarray) -> None:
         if not np.isfinite(block).all():
             bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise SnaplookError(
-                f"{path / 'features.npy'}: row {bad} holds NaN or infinite values; the index "
-                "is corrupt, rebuild it."
+                f"{npy}: row {bad} holds NaN or infinite values; the index is corrupt, rebuild it."
             )
 
 

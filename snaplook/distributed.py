@@ -1,0 +1,300 @@
+"""Embedding on a Ray cluster (Ray Data): checkpoint batches go to an actor pool, one model
+per actor, and come back to the caller, which checkpoints them and writes the shards.
+
+Used by :func:`snaplook.index.build_index` with ``engine="ray"``; the index it writes is the
+same as the local engine's (same rows, same order, features equal to 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snaplook.errors import SnaplookError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+DEFAULT_CPUS_PER_WORKER = 1.0
+DEFAULT_GPUS_PER_WORKER = 0.0
+#: Passes over the batches still missing after a pass (an actor that died and could not
+#: be restarted, a lost block); each pass keeps what the previous ones finished.
+DEFAULT_ATTEMPTS = 3
+
+#: Called once per finished batch: (batch number, features (n_ok, d) float32 raw,
+#: [(position in batch, width, height)] per embedded image, [(position, reason)] per skip).
+OnBatch = Callable[[int, "np.ndarray", list[Any], list[Any]], None]
+
+
+@dataclass
+class RayEngine:
+    """Where and how to embed on Ray.
+
+    Args:
+        address: a running cluster (``ray start --head`` prints it, e.g. "10.0.0.5:6379",
+            or "auto"); None starts a local cluster on this machine for the run.
+        workers: actors in the pool, each holding one model; default: as many as the
+            cluster's CPUs (or GPUs, with ``gpus_per_worker``) allow.
+        cpus_per_worker: CPUs reserved per actor, default=1; the model uses that many
+            threads.
+        gpus_per_worker: GPUs per actor, default=0 (fractions share a GPU).
+        attempts: passes over still-missing batches before giving up, default=3.
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER
+    gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER
+    attempts: int = DEFAULT_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise SnaplookError(f"--workers must be at least 1, got {self.workers}.")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise SnaplookError(
+                f"--cpus-per-worker must be > 0 and --gpus-per-worker >= 0, got "
+                f"{self.cpus_per_worker} and {self.gpus_per_worker}."
+            )
+
+    def embed_batches(
+        self,
+        batches: dict[int, list[str]],
+        embedder: Any,
+        *,
+        on_batch: OnBatch,
+        interrupted: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Embed each batch (a list of image paths) on the cluster; report it to ``on_batch``.
+
+        A batch is embedded as one forward pass, as the local engine does, so both see the
+        same network batches. ``on_batch`` is called in the driver, once per batch, in the
+        order batches finish; a batch that comes back twice (a retried task) is reported
+        once.
+
+        Raises:
+            SnaplookError: Ray is not installed, the cluster cannot be reached, a worker
+                fails the same way on every attempt, or batches are still missing after
+                ``attempts`` passes (finished batches have been reported).
+            KeyboardInterrupt: ``interrupted()`` turned true; finished batches were reported.
+        """
+        ray = _import_ray()
+        started = _connect(ray, self.address)
+        try:
+            remaining = dict(batches)
+            error: BaseException | None = None
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    self._run(ray, remaining, embedder, on_batch, interrupted)
+                    error = None
+                except ray.exceptions.RayError as exc:
+                    cause = _user_error(exc)
+                    if cause is not None:
+                        raise cause from exc
+                    error = exc
+                if not remaining:
+                    return
+                logger.warning(
+                    "ray: %d of %d batches are missing after attempt %d of %d%s; retrying them.",
+                    len(remaining),
+                    len(batches),
+                    attempt,
+                    self.attempts,
+                    f" ({_first_line(error)})" if error else "",
+                )
+            raise SnaplookError(
+                f"ray: {len(remaining)} of {len(batches)} batches failed after {self.attempts} "
+                f"attempts ({_first_line(error) if error else 'lost'}); the finished ones are "
+                "checkpointed: fix the cause and run the same command again to resume."
+            )
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(
+        self,
+        ray: Any,
+        remaining: dict[int, list[str]],
+        embedder: Any,
+        on_batch: OnBatch,
+        interrupted: Callable[[], bool],
+    ) -> None:
+        import cloudpickle
+        import numpy as np
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        workers = self.workers or self._default_workers(ray)
+        items = [{"batch": b, "paths": json.dumps(p)} for b, p in sorted(remaining.items())]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        results = dataset.map_batches(
+            _EmbedWorker,
+            fn_constructor_kwargs={
+                "payload": cloudpickle.dumps(_unloaded(embedder)),
+                "threads": max(1, int(self.cpus_per_worker)),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker or None,
+        )
+        for row in results.iter_rows():
+            b = int(row["batch"])
+            if b not in remaining:
+                continue  # a retried task whose first attempt also came back
+            done = json.loads(row["result"])
+            features = np.frombuffer(row["features"], dtype=np.float32)
+            if done["rows"]:
+                features = features.reshape(len(done["rows"]), -1)
+            on_batch(b, features, done["rows"], done["skipped"])
+            del remaining[b]
+            if interrupted():
+                raise KeyboardInterrupt
+
+    def _default_workers(self, ray: Any) -> int:
+        resources = ray.cluster_resources()
+        if self.gpus_per_worker:
+            return max(1, int(resources.get("GPU", 0) // self.gpus_per_worker))
+        return max(1, int(resources.get("CPU", 1) // self.cpus_per_worker))
+
+
+class _EmbedWorker:
+    """A Ray Data actor: loads the model once (on its first batch), embeds batches."""
+
+    def __init__(self, payload: bytes, threads: int) -> None:
+        import cloudpickle
+
+        from snaplook import features
+
+        # The model would use a thread per core of the machine, as many times as there
+        # are actors on it; an actor uses the CPUs it reserved.
+        features._cpu_threads = lambda: threads
+        self.embedder = cloudpickle.loads(payload)
+        if _runtime(self.embedder) == "keras":
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        out: dict[str, list[Any]] = {"batch": [], "features": [], "result": []}
+        for b, paths_json in zip(batch["batch"], batch["paths"]):
+            features, rows, skipped = _embed_one_batch(json.loads(paths_json), self.embedder)
+            out["batch"].append(int(b))
+            out["features"].append(features.astype(np.float32).tobytes())
+            out["result"].append(json.dumps({"rows": rows, "skipped": skipped}))
+        return {
+            "batch": np.array(out["batch"], dtype=np.int64),
+            "features": np.array(out["features"], dtype=object),
+            "result": np.array(out["result"], dtype=object),
+        }
+
+
+def _embed_one_batch(
+    paths: list[str], embedder: Any
+) -> tuple[np.ndarray, list[list[int]], list[list[Any]]]:
+    """One forward pass over ``paths`` (as the local engine batches them); skips listed."""
+    import numpy as np
+
+    from snaplook.features import iter_embeddings
+
+    position = {str(Path(p)): i for i, p in enumerate(paths)}
+    skipped: list[list[Any]] = []
+    rows: list[list[int]] = []
+    parts: list[np.ndarray] = []
+    for done in iter_embeddings(
+        paths,
+        embedder,
+        batch_size=max(1, len(paths)),
+        on_skip=lambda s: skipped.append([position[str(Path(s.path))], s.reason]),
+    ):
+        rows.extend([position[str(p)], int(w), int(h)] for p, (w, h) in zip(done.paths, done.sizes))
+        parts.append(np.asarray(done.features, dtype=np.float32))
+    features = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    return features, rows, skipped
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data needs pandas: the "ray[data]" extra)
+    except ImportError as exc:
+        raise SnaplookError(
+            f"--engine ray needs Ray Data ({exc}); install it with "
+            "`pip install 'snaplook[ray]'` (or `pip install 'ray[data]'`)."
+        ) from exc
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join ``address`` or start a local cluster; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+    }
+    if address is None:
+        # "local": a fresh cluster for this run, never someone's `ray start` on this
+        # machine. Its workers import this snaplook, not another copy on the default path.
+        package_parent = str(Path(__file__).resolve().parents[1])
+        python_path = os.pathsep.join(
+            p for p in (package_parent, os.environ.get("PYTHONPATH")) if p
+        )
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": python_path}}
+        address = "local"
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SnaplookError(
+            f"cannot reach the Ray cluster at {address!r} ({_first_line(exc)}); start one "
+            "with `ray start --head` and pass the address it prints, or drop --address."
+        ) from exc
+    return True
+
+
+def _unloaded(embedder: Any) -> Any:
+    """A copy of ``embedder`` without its loaded model: what travels to the actors."""
+    import copy
+
+    clone = copy.copy(embedder)
+    state = vars(clone)
+    if state.get("base") is not None:  # a HeadEmbedder: the backbone's model is in base
+        clone.base = _unloaded(state["base"])
+        return clone
+    for attr in ("model_", "interpreter_"):
+        if state.get(attr) is not None:
+            setattr(clone, attr, None)
+    return clone
+
+
+def _runtime(embedder: Any) -> str | None:
+    resolve = getattr(embedder, "resolved_runtime", None)
+    return resolve() if callable(resolve) else None
+
+
+def _user_error(exc: BaseException) -> SnaplookError | None:
+    """The SnaplookError a worker raised (weights missing, ...), if that is what failed."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    while cause is not None:
+        if isinstance(cause, SnaplookError):
+            return SnaplookError(str(cause))
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return None
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
