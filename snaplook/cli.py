@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 
 from snaplook import __version__
 from snaplook import artists as _artists
+from snaplook import distributed as _distributed
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
@@ -256,10 +257,41 @@ def index_cmd(
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
+    shard_rows: Annotated[
+        int, typer.Option("--shard-rows", min=1, help="Rows per feature shard.")
+    ] = _index.DEFAULT_SHARD_ROWS,
+    engine: Annotated[
+        Literal["local", "ray"],  # snaplook.distributed.ENGINES
+        typer.Option("--engine", help="local (this process) or ray (Ray Data actor pool)."),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster to join (from `ray start --head`, or auto); default: start a "
+            "local one. With --engine ray.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Ray actors (one model each); default: all CPUs."),
+    ] = None,
+    cpus_per_worker: Annotated[
+        float, typer.Option("--cpus-per-worker", min=0.01, help="CPUs per Ray actor.")
+    ] = _distributed.DEFAULT_CPUS_PER_WORKER,
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")
+    ] = _distributed.DEFAULT_GPUS_PER_WORKER,
     quiet: QuietOpt = False,
 ) -> None:
-    """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
+    """Embed a gallery folder into a cosine k-NN index (meta.json + features/ shards)."""
     embedder = _features.Embedder(backbone, weights=weights, seed=seed, runtime=runtime)
+    ray_options = (address, workers, cpus_per_worker, gpus_per_worker)
+    if engine == "local" and ray_options != (None, None, 1.0, 0.0):
+        raise typer.BadParameter(
+            "--address/--workers/--cpus-per-worker/--gpus-per-worker need --engine ray.",
+            param_hint="--engine",
+        )
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _index.build_index(
             gallery,
@@ -268,13 +300,24 @@ def index_cmd(
             head=_load_head(head),
             batch_size=batch_size,
             update=update,
+            shard_rows=shard_rows,
+            engine=engine
+            if engine == "local"
+            else _distributed.RayEngine(
+                address=address,
+                workers=workers,
+                cpus_per_worker=cpus_per_worker,
+                gpus_per_worker=gpus_per_worker,
+            ),
             on_start=on_start,
             on_progress=on_progress,
         )
+    kept = f", {summary.shards_kept} kept" if summary.shards_kept else ""
     _console().print(
         f"Indexed {summary.n_indexed} images into {summary.out} "
         f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
-        f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''})."
+        f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''}; "
+        f"{summary.shards_written} shards written{kept})."
     )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 

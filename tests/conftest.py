@@ -68,6 +68,11 @@ def write_gallery(root: Path, *, subfolders: bool = True) -> Path:
     return root
 
 
+def shard_bytes(index_dir: Path) -> dict[str, bytes]:
+    """The bytes of every file in an index's ``features/`` folder (shards and manifests)."""
+    return {p.name: p.read_bytes() for p in sorted((index_dir / "features").iterdir())}
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """12 small generated images (6 colours x 2 variants) in two sub-folders."""

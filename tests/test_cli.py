@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from snaplook import features, plot_utils
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
+from snaplook.index import load_index
 from snaplook.io_utils import read_csv, read_manifest
 from snaplook.transform_utils import l2_normalize
 
@@ -47,8 +48,13 @@ def test_index_writes_index_folder(cli_index) -> None:
     assert f"Indexed 12 images into {idx} (12 embedded" in result.stdout
     assert "img/s" in result.stdout
     assert result.stderr == ""
-    assert np.load(idx / "features.npy").shape == (12, 2048)
-    assert len(read_manifest(idx / "manifest.csv")) == 12
+    index = load_index(idx)
+    assert np.asarray(index.features).shape == (12, 2048)
+    assert len(index.manifest) == 12
+    assert sorted(p.name for p in (idx / "features").iterdir()) == [
+        "shard-00000.csv",
+        "shard-00000.npy",
+    ]
     assert json.loads((idx / "meta.json").read_text())["count"] == 12
 
 
@@ -118,13 +124,13 @@ def test_query_corrupt_index_exits_1(cli_index, tmp_path: Path) -> None:
     _, idx, _ = cli_index
     broken = tmp_path / "idx"
     shutil.copytree(idx, broken)
-    (broken / "features.npy").write_bytes(b"\x93NUMPY garbage")
+    (broken / "features" / "shard-00000.npy").write_bytes(b"\x93NUMPY garbage")
 
     result = _run("query", tmp_path, "--index", broken)
 
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ")
-    assert "features.npy" in result.stderr
+    assert "shard-00000.npy" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -194,8 +200,9 @@ def test_features_writes_raw_matrix_and_manifest(cli_index, tmp_path: Path) -> N
     manifest = read_manifest(tmp_path / "x.manifest.csv")
     assert [m.path for m in manifest] == ["item02_v0.png", "item03_v1.png"]
     # Same model, same images: the index rows are these features, normalised.
-    rows = {m.path: i for i, m in enumerate(read_manifest(idx / "manifest.csv"))}
-    index_feats = np.load(idx / "features.npy")
+    index = load_index(idx)
+    rows = {m.path: i for i, m in enumerate(index.manifest)}
+    index_feats = np.asarray(index.features)
     want = index_feats[[rows["item02_v0.png"], rows["item03_v1.png"]]]
     np.testing.assert_allclose(l2_normalize(raw), want, atol=1e-5)
 
@@ -230,7 +237,7 @@ def test_demo_offline_runs_on_random_weights(tmp_path: Path, monkeypatch) -> Non
         "ImageNet weights are not cached and cannot be downloaded (offline): running on seeded "
         "random weights, which show the pipeline working, not retrieval quality."
     ]
-    assert np.load(out / "index" / "features.npy").shape == (6, 2048)
+    assert load_index(out / "index").features.shape == (6, 2048)
     grids = sorted(p.name for p in (out / "resnet50").glob("*_grid.png"))
     assert grids == [f"{p.stem}_grid.png" for p in test]
     assert len(titles) == 2 and all("random weights" in t for t in titles)

@@ -88,8 +88,9 @@ def gallery_index(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         ],
         corpus,
     )
-    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
-        manifest = {r["path"]: (int(r["width"]), int(r["height"])) for r in csv.DictReader(fh)}
+    from snaplook.index import load_index
+
+    manifest = {r.path: (r.width, r.height) for r in load_index(out).manifest}
     with open(out / "skipped.csv", newline="", encoding="utf-8") as fh:
         skipped = {
             Path(r["path"]).relative_to(corpus / "gallery").as_posix(): r["reason"]

@@ -22,6 +22,7 @@ from snaplook.features import (
     get_backbone,
     import_keras,
 )
+from snaplook.index import load_index
 from snaplook.io_utils import file_sha256, read_image
 from snaplook.transform_utils import l2_normalize, preprocess_caffe, resize_to_square
 
@@ -74,7 +75,7 @@ def test_cli_index_weights_file_round_trip(tmp_path: Path) -> None:
     )
 
     assert result.exit_code == 0, result.output
-    got = np.load(tmp_path / "idx" / "features.npy", allow_pickle=False)
+    got = np.asarray(load_index(tmp_path / "idx").features)
     batch = np.stack([resize_to_square(read_image(p), 224) for p in paths])
     expected = l2_normalize(np.asarray(model(preprocess_caffe(batch), training=False)))
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -28,7 +28,7 @@ from snaplook.index import (
     query_index,
     write_query_results,
 )
-from snaplook.io_utils import read_csv, read_manifest
+from snaplook.io_utils import file_sha256, read_csv, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def gallery_index(tmp_path_factory: pytest.TempPathFactory):
 def test_build_index_writes_features_manifest_meta(gallery_index) -> None:
     root, out, summary = gallery_index
 
-    feats = np.load(out / "features.npy", allow_pickle=False)
-    manifest = read_manifest(out / "manifest.csv")
+    feats = np.load(out / "features" / "shard-00000.npy", allow_pickle=False)
+    manifest = read_manifest(out / "features" / "shard-00000.csv")
     meta = json.loads((out / "meta.json").read_text())
 
     assert (summary.n_indexed, summary.n_embedded, summary.skipped) == (12, 12, [])
@@ -67,7 +67,12 @@ def test_build_index_writes_features_manifest_meta(gallery_index) -> None:
     first = root / manifest[0].path
     assert (manifest[0].width, manifest[0].height) == (64, 48)
     assert manifest[0].bytes == first.stat().st_size
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
+    assert (meta["shard_rows"], [(s["name"], s["rows"]) for s in meta["shards"]]) == (
+        16384,
+        [("shard-00000", 12)],
+    )
+    assert meta["shards"][0]["sha256"] == file_sha256(out / "features" / "shard-00000.npy")
     assert meta["snaplook_version"] == __version__
     assert meta["backbone"] == "resnet50"
     assert meta["weights"] == {"name": "random", "seed": 0}
@@ -76,12 +81,7 @@ def test_build_index_writes_features_manifest_meta(gallery_index) -> None:
     assert (meta["metric"], meta["l2_normalized"], meta["skipped"]) == ("cosine", True, 0)
     assert meta["root"] == str(root.resolve())
     assert read_csv(out / "skipped.csv") == []
-    assert sorted(p.name for p in out.iterdir()) == [
-        "features.npy",
-        "manifest.csv",
-        "meta.json",
-        "skipped.csv",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == ["features", "meta.json", "skipped.csv"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["gallery", "index"]
 
 
@@ -207,16 +207,13 @@ def test_build_index_update_equals_full_rebuild(tmp_path: Path) -> None:
 
     assert updated.n_embedded == 3  # b, c and e; a's SHA-1 shows it unchanged
     assert (updated.n_indexed, full.n_indexed) == (4, 4)
-    got, want = (
-        read_manifest(tmp_path / "idx" / "manifest.csv"),
-        read_manifest(tmp_path / "full" / "manifest.csv"),
-    )
+    got, want = load_index(tmp_path / "idx").manifest, load_index(tmp_path / "full").manifest
     assert [r.path for r in got] == ["a.png", "b.bmp", "c.png", "sub/e.png"]
     assert got == want
     assert (got[2].width, got[2].height) == (80, 40)
     np.testing.assert_allclose(
-        np.load(tmp_path / "idx" / "features.npy"),
-        np.load(tmp_path / "full" / "features.npy"),
+        np.asarray(load_index(tmp_path / "idx").features),
+        np.asarray(load_index(tmp_path / "full").features),
         atol=1e-5,
     )
 
@@ -247,7 +244,7 @@ def test_cli_index_gallery_with_bad_inputs_skips_them(tmp_path: Path) -> None:
     assert "Indexed 5 images" in result.stdout
     assert f"Skipped 3 unreadable file(s); listed in {out / 'skipped.csv'}" in result.stderr
     # CMYK, 16-bit and RGBA images are good images, not skips.
-    assert [r.path for r in read_manifest(out / "manifest.csv")] == names["good"]
+    assert [r.path for r in load_index(out).manifest] == names["good"]
     skipped = read_csv(out / "skipped.csv")
     assert sorted(Path(s["path"]).name for s in skipped) == names["bad"]
     reasons = {Path(s["path"]).name: s["reason"] for s in skipped}
@@ -255,7 +252,7 @@ def test_cli_index_gallery_with_bad_inputs_skips_them(tmp_path: Path) -> None:
     assert "not an image file" in reasons["g_text.png"]
     assert "truncated" in reasons["h_truncated.jpg"]
     assert json.loads((out / "meta.json").read_text())["skipped"] == 3
-    assert np.load(out / "features.npy").shape == (5, 2048)
+    assert load_index(out).features.shape == (5, 2048)
 
 
 def test_build_index_no_images_raises(tmp_path: Path) -> None:

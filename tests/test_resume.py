@@ -2,7 +2,7 @@
 
 The kill test runs the real command in subprocesses (random MobileNetV2 weights, 40 tiny
 images, batches of 4) and checks that after SIGKILLs and a Ctrl-C the rerun writes the
-same features.npy bytes as an uninterrupted run. The library tests use a cheap stand-in
+same shard bytes as an uninterrupted run. The library tests use a cheap stand-in
 embedder so the checkpoint logic is covered without TensorFlow.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shard_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -123,12 +124,7 @@ def test_build_index_resumes_after_failure_byte_identical(tmp_path: Path) -> Non
     assert summary.n_embedded == 6
     assert summary.n_indexed == ref.n_indexed == 18
     assert [s.path.name for s in summary.skipped] == ["img_017b.png"]
-    assert (tmp_path / "out" / "features.npy").read_bytes() == (
-        tmp_path / "ref" / "features.npy"
-    ).read_bytes()
-    assert (tmp_path / "out" / "manifest.csv").read_text() == (
-        tmp_path / "ref" / "manifest.csv"
-    ).read_text()
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
     assert not partial.exists()
 
 
@@ -158,9 +154,7 @@ def test_build_index_update_resumes_byte_identical(tmp_path: Path) -> None:
     )
     # to embed: the text file (skipped again) and 9 new files; batch 0 held 3 of them.
     assert (summary.n_resumed, summary.n_embedded, summary.n_indexed) == (3, 6, 15)
-    assert (tmp_path / "out" / "features.npy").read_bytes() == (
-        tmp_path / "ref" / "features.npy"
-    ).read_bytes()
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
 
 
 def test_build_index_other_plan_starts_afresh(tmp_path: Path, caplog) -> None:
@@ -179,9 +173,7 @@ def test_build_index_other_plan_starts_afresh(tmp_path: Path, caplog) -> None:
     assert "starting over" in caplog.text
     ref = build_index(gallery, tmp_path / "ref", embedder=FakeEmbedder(), batch_size=3)
     assert ref.n_indexed == 9
-    assert (tmp_path / "out" / "features.npy").read_bytes() == (
-        tmp_path / "ref" / "features.npy"
-    ).read_bytes()
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
 
 
 def test_build_index_damaged_checkpoint_is_redone(tmp_path: Path) -> None:
@@ -204,9 +196,7 @@ def test_build_index_damaged_checkpoint_is_redone(tmp_path: Path) -> None:
     assert embedder.n_batches == 2  # batch 0 reused; 1 (damaged) and 2 embedded again
     assert summary.n_resumed == 4
     assert ref.n_indexed == summary.n_indexed == 10
-    assert (tmp_path / "out" / "features.npy").read_bytes() == (
-        tmp_path / "ref" / "features.npy"
-    ).read_bytes()
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
 
 
 def test_build_index_disk_full_keeps_checkpoint_and_resumes(
@@ -423,5 +413,5 @@ def test_index_killed_interrupted_and_locked_resumes_byte_identical(tmp_path: Pa
         ],
     )
     assert clean.exit_code == 0, clean.output
-    assert (out / "features.npy").read_bytes() == (tmp_path / "clean" / "features.npy").read_bytes()
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
     assert load_index(out).features.shape == (N_IMAGES, 1280)

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from snaplook import features, train
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
+from snaplook.index import load_index
 
 N_TRAIN_ITEMS = 30
 N_TEST_ITEMS = 10
@@ -411,7 +412,7 @@ def test_index_with_head_stores_head_output_and_identity(trained, head_index):
     head = train.Head.load(trained["head"])
     assert meta["head"] == head.identity()
     assert meta["feature_dim"] == 64
-    feats = np.load(head_index["index"] / "features.npy")
+    feats = np.asarray(load_index(head_index["index"]).features)
     assert feats.shape == (4, 64)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
 
