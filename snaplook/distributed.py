@@ -7,6 +7,7 @@ same as the local engine's (same rows, same order, features equal to 1e-6).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -89,30 +90,31 @@ class RayEngine:
         started = _connect(ray, self.address)
         try:
             remaining = dict(batches)
-            error: BaseException | None = None
+            error = ""
             for attempt in range(1, self.attempts + 1):
                 try:
-                    self._run(ray, remaining, embedder, on_batch, interrupted)
-                    error = None
+                    error = self._run(ray, remaining, embedder, on_batch, interrupted)
                 except ray.exceptions.RayError as exc:
                     cause = _user_error(exc)
                     if cause is not None:
                         raise cause from exc
-                    error = exc
+                    # Only the text: the exception would keep the failed run's actors alive.
+                    error = _first_line(exc)
+                gc.collect()
                 if not remaining:
                     return
                 logger.warning(
-                    "ray: %d of %d batches are missing after attempt %d of %d%s; retrying them.",
+                    "ray: %d of %d batches are missing after attempt %d of %d (%s); retrying them.",
                     len(remaining),
                     len(batches),
                     attempt,
                     self.attempts,
-                    f" ({_first_line(error)})" if error else "",
+                    error or "lost",
                 )
             raise SnaplookError(
                 f"ray: {len(remaining)} of {len(batches)} batches failed after {self.attempts} "
-                f"attempts ({_first_line(error) if error else 'lost'}); the finished ones are "
-                "checkpointed: fix the cause and run the same command again to resume."
+                f"attempts ({error or 'lost'}); the finished ones are checkpointed: fix the "
+                "cause and run the same command again to resume."
             )
         finally:
             if started:
@@ -125,7 +127,8 @@ class RayEngine:
         embedder: Any,
         on_batch: OnBatch,
         interrupted: Callable[[], bool],
-    ) -> None:
+    ) -> str:
+        """One pass over ``remaining`` (finished batches are removed); the first error."""
         import cloudpickle
         import numpy as np
 
@@ -147,11 +150,18 @@ class RayEngine:
             num_cpus=self.cpus_per_worker,
             num_gpus=self.gpus_per_worker or None,
         )
+        error = user_error = ""
         for row in results.iter_rows():
             b = int(row["batch"])
             if b not in remaining:
                 continue  # a retried task whose first attempt also came back
             done = json.loads(row["result"])
+            if "error" in done:
+                if done["user"]:
+                    user_error = done["error"]
+                    break  # leaving the loop closes the iterator and stops the actors
+                error = error or f"batch {b}: {done['error']}"
+                continue
             features = np.frombuffer(row["features"], dtype=np.float32)
             if done["rows"]:
                 features = features.reshape(len(done["rows"]), -1)
@@ -159,6 +169,11 @@ class RayEngine:
             del remaining[b]
             if interrupted():
                 raise KeyboardInterrupt
+        if user_error:
+            del results, dataset
+            gc.collect()
+            raise SnaplookError(user_error)
+        return error
 
     def _default_workers(self, ray: Any) -> int:
         resources = ray.cluster_resources()
@@ -190,10 +205,19 @@ class _EmbedWorker:
 
         out: dict[str, list[Any]] = {"batch": [], "features": [], "result": []}
         for b, paths_json in zip(batch["batch"], batch["paths"]):
-            features, rows, skipped = _embed_one_batch(json.loads(paths_json), self.embedder)
+            # A failure comes back as a row: raising would abort the whole dataset and
+            # leave its actors holding their CPUs while the driver retries.
+            features = np.zeros((0,), dtype=np.float32)
+            try:
+                features, rows, skipped = _embed_one_batch(json.loads(paths_json), self.embedder)
+                result: dict[str, Any] = {"rows": rows, "skipped": skipped}
+            except SnaplookError as exc:  # the user's to fix: weights, ...
+                result = {"error": str(exc), "user": True}
+            except Exception as exc:
+                result = {"error": f"{type(exc).__name__}: {exc}", "user": False}
             out["batch"].append(int(b))
             out["features"].append(features.astype(np.float32).tobytes())
-            out["result"].append(json.dumps({"rows": rows, "skipped": skipped}))
+            out["result"].append(json.dumps(result))
         return {
             "batch": np.array(out["batch"], dtype=np.int64),
             "features": np.array(out["features"], dtype=object),

@@ -91,6 +91,7 @@ def real_video() -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_error_logs: the test expects ERROR log records")
+    config.addinivalue_line("markers", "ray: starts a local Ray cluster (seconds); -m 'not ray'")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,147 @@
+"""`--engine ray` on a local Ray cluster (2 CPUs): the same index folder as the local engine,
+and a worker killed mid-run loses and duplicates no rows. Marked ``ray`` (a cluster start
+costs seconds): ``pytest -m "not ray"`` leaves them out."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import test_shards
+from conftest import shard_bytes
+from PIL import Image
+from test_shards import RowEmbedder, _gallery
+
+from snaplook.errors import SnaplookError
+from snaplook.index import build_index, load_index
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+cloudpickle = pytest.importorskip("cloudpickle")
+
+from snaplook.distributed import RayEngine  # noqa: E402
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():  # type: ignore[no-untyped-def]
+    """One local cluster for the module, its workers importing this checkout."""
+    # The stand-in embedders live in test modules the workers cannot import: ship them.
+    cloudpickle.register_pickle_by_value(test_shards)
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+    )
+    yield
+    ray.shutdown()
+
+
+def _first_time(marker: str) -> bool:
+    """True for the first caller on this machine (the marker file did not exist yet)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+class FaultyEmbedder(RowEmbedder):
+    """Once, kills its own worker process (SIGKILL) on the batch holding ``kill_on``; once,
+    raises (a bug, not a dead process) on the batch holding ``raise_on`` (8x8 images are
+    told apart by their mean grey level)."""
+
+    def __init__(self, markers: Path, kill_on: float, raise_on: float) -> None:
+        super().__init__()
+        self.markers = str(markers)
+        self.kill_on, self.raise_on = kill_on, raise_on
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        means = {round(float(m), 3) for m in images.mean(axis=(1, 2, 3))}
+        if self.kill_on in means and _first_time(self.markers + ".killed"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.raise_on in means and _first_time(self.markers + ".raised"):
+            raise RuntimeError("flaky worker")
+        return super().embed(images)
+
+
+class OfflineEmbedder(RowEmbedder):
+    """Fails the way a worker without the weights file does."""
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        raise SnaplookError("weights file /nope/w.h5 not found on this worker; copy it there.")
+
+
+def _build(root: Path, out: Path, engine, embedder=None):  # type: ignore[no-untyped-def]
+    return build_index(
+        root,
+        out,
+        embedder=embedder or RowEmbedder(),
+        batch_size=3,
+        shard_rows=4,
+        engine=engine,
+    )
+
+
+@pytest.mark.usefixtures("cluster")
+def test_ray_engine_user_error_in_a_worker_is_one_line(tmp_path: Path) -> None:
+    root = _gallery(tmp_path / "g", 3)
+
+    with pytest.raises(SnaplookError, match=r"^weights file /nope/w.h5 not found on this worker"):
+        _build(root, tmp_path / "ray", RayEngine(workers=1), OfflineEmbedder())
+    assert not (tmp_path / "ray").exists()
+    # Runs first: the tests after it get actors only if this failed run freed its own.
+
+
+@pytest.mark.usefixtures("cluster")
+def test_ray_engine_writes_the_local_engines_index(tmp_path: Path) -> None:
+    root = _gallery(tmp_path / "g", 14)
+    (root / "img_006b.png").write_text("not an image\n", encoding="utf-8")
+
+    summary = _build(root, tmp_path / "ray", RayEngine(workers=2))
+    local = _build(root, tmp_path / "local", "local")
+
+    assert (summary.n_indexed, summary.n_embedded) == (local.n_indexed, 14)
+    assert [s.path.name for s in summary.skipped] == ["img_006b.png"]
+    assert load_index(tmp_path / "ray").manifest == load_index(tmp_path / "local").manifest
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local")
+    assert (tmp_path / "ray" / "skipped.csv").read_text() == (
+        tmp_path / "local" / "skipped.csv"
+    ).read_text()
+    assert not (tmp_path / "ray.partial").exists()
+
+
+@pytest.mark.usefixtures("cluster")
+def test_ray_engine_killed_and_failing_workers_lose_and_duplicate_no_rows(
+    tmp_path: Path, caplog
+) -> None:
+    root = _gallery(tmp_path / "g", 12)
+    prepared = RowEmbedder()
+    means = [
+        round(float(prepared.prepare(np.asarray(Image.open(p).convert("RGB"))).mean()), 3)
+        for p in sorted(root.iterdir())
+    ]
+    # Batches of 3: a worker dies in batch 0, another batch raises once.
+    embedder = FaultyEmbedder(tmp_path / "fault", kill_on=means[1], raise_on=means[7])
+
+    summary = _build(root, tmp_path / "ray", RayEngine(workers=2), embedder)
+    _build(root, tmp_path / "local", "local")
+
+    assert (tmp_path / "fault.killed").exists() and (tmp_path / "fault.raised").exists()
+    # Ray restarted the dead actor and ran its batch again; the batch that raised came
+    # back as an error and was retried in a second pass.
+    assert "missing after attempt 1 of 3 (batch 2: RuntimeError: flaky worker)" in caplog.text
+    index = load_index(tmp_path / "ray")
+    paths = [r.path for r in index.manifest]
+    assert summary.n_indexed == len(paths) == len(set(paths)) == 12
+    assert paths == sorted(p.name for p in root.iterdir())
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local")
