@@ -145,3 +145,28 @@ def test_ray_engine_killed_and_failing_workers_lose_and_duplicate_no_rows(
     assert summary.n_indexed == len(paths) == len(set(paths)) == 12
     assert paths == sorted(p.name for p in root.iterdir())
     assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local")
+
+
+@pytest.mark.usefixtures("cluster")
+def test_cli_index_engine_ray_matches_local_with_a_real_network(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from snaplook.cli import app
+
+    root = _gallery(tmp_path / "g", 4)
+    common = ["--backbone", "mobilenet_v2", "--weights", "random", "--runtime", "keras"]
+    common += ["--batch-size", "2", "-q"]
+    runs = {}
+    for engine, extra in (("ray", ["--workers", "1"]), ("local", [])):
+        out = tmp_path / engine
+        result = CliRunner().invoke(
+            app, ["index", str(root), "--out", str(out), "--engine", engine, *extra, *common]
+        )
+        assert result.exit_code == 0, result.output
+        assert "Indexed 4 images" in result.stdout and "1 shards written" in result.stdout
+        runs[engine] = load_index(out)
+
+    assert runs["ray"].manifest == runs["local"].manifest
+    np.testing.assert_allclose(
+        np.asarray(runs["ray"].features), np.asarray(runs["local"].features), rtol=0, atol=1e-6
+    )
