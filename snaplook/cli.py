@@ -292,6 +292,8 @@ def index_cmd(
             "--address/--workers/--cpus-per-worker/--gpus-per-worker need --engine ray.",
             param_hint="--engine",
         )
+    if engine == "ray" and not _state["verbose"]:
+        _quiet_ray()
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _index.build_index(
             gallery,
@@ -320,6 +322,17 @@ def index_cmd(
         f"{summary.shards_written} shards written{kept})."
     )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
+
+
+def _quiet_ray() -> None:
+    # Ray logs its own INFO/WARNING lines (token authentication, each dataset started and
+    # finished) on stderr; they stay off it unless --verbose. Ray Data sets its loggers up
+    # when imported, so import it first.
+    with contextlib.suppress(ImportError):
+        import ray.data  # noqa: F401
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @app.command("features")

@@ -138,12 +138,18 @@ class RayEngine:
         workers = self.workers or self._default_workers(ray)
         items = [{"batch": b, "paths": json.dumps(p)} for b, p in sorted(remaining.items())]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
-        results = dataset.map_batches(
-            _EmbedWorker,
-            fn_constructor_kwargs={
+        # The settings travel inside the class (pickled by value), not as constructor
+        # arguments in the object store, which a restarted actor could find gone.
+        worker = type(
+            "EmbedWorker",
+            (_EmbedWorker,),
+            {
                 "payload": cloudpickle.dumps(_unloaded(embedder)),
                 "threads": max(1, int(self.cpus_per_worker)),
             },
+        )
+        results = dataset.map_batches(
+            worker,
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
@@ -183,17 +189,24 @@ class RayEngine:
 
 
 class _EmbedWorker:
-    """A Ray Data actor: loads the model once (on its first batch), embeds batches."""
+    """A Ray Data actor: loads the model once (on its first batch), embeds batches.
 
-    def __init__(self, payload: bytes, threads: int) -> None:
+    ``payload`` (the pickled embedder) and ``threads`` are set on a subclass made per run.
+    """
+
+    payload: bytes = b""
+    threads: int = 1
+
+    def __init__(self) -> None:
         import cloudpickle
 
         from snaplook import features
 
+        threads = self.threads
         # The model would use a thread per core of the machine, as many times as there
         # are actors on it; an actor uses the CPUs it reserved.
         features._cpu_threads = lambda: threads
-        self.embedder = cloudpickle.loads(payload)
+        self.embedder = cloudpickle.loads(self.payload)
         if _runtime(self.embedder) == "keras":
             import tensorflow as tf
 
