@@ -29,6 +29,9 @@ DEFAULT_GPUS_PER_WORKER = 0.0
 #: Passes over the batches still missing after a pass (an actor that died and could not
 #: be restarted, a lost block); each pass keeps what the previous ones finished.
 DEFAULT_ATTEMPTS = 3
+#: Blocks (tasks) per pass: beyond it a block holds several batches (10 M images in
+#: batches of 32 are 32 batches, about 1,000 images, per block).
+MAX_BLOCKS = 10_000
 
 #: Called once per finished batch: (batch number, features (n_ok, d) float32 raw,
 #: [(position in batch, width, height)] per embedded image, [(position, reason)] per skip).
@@ -137,7 +140,9 @@ class RayEngine:
         context.print_on_execution_start = False
         workers = self.workers or self._default_workers(ray)
         items = [{"batch": b, "paths": json.dumps(p)} for b, p in sorted(remaining.items())]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        # A block is a task: its batches come back (and are checkpointed) together, and a
+        # dead worker's block is redone whole. One batch per block up to MAX_BLOCKS.
+        dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
         # The settings travel inside the class (pickled by value), not as constructor
         # arguments in the object store, which a restarted actor could find gone.
         worker = type(
