@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto", choices=["auto", "litert", "keras"])
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()
     photos = ensure_photos(DATA / "photos", args.images)
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     try:
@@ -137,7 +138,8 @@ def main() -> None:
         "benchmark": "ray",
         "command": "python benchmarks/bench_ray.py " + " ".join(sys.argv[1:]),
         "started_utc": started.isoformat(timespec="seconds"),
-        "machine": {**machine(), "load_average_end": os.getloadavg()},
+        "machine": {**machine(), "load_average_start": load_start},
+        "load_average_end": os.getloadavg(),
         "images": args.images,
         "batch_size": args.batch_size,
         "workers": args.workers,

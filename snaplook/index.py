@@ -885,8 +885,9 @@ class ShardedFeatures:
 
     Behaves like an ndarray for what search and scripts need: ``shape``, ``dtype``,
     ``len()``, a row (``features[i]``), a row range (``features[a:b]``, a view when it
-    lies in one shard) and ``np.asarray(features)``, which concatenates the shards into
-    one array in memory (only then). ``shards`` holds the per-shard memory maps.
+    lies in one shard), rows by number or mask (``features[[3, 9]]``, gathered shard by
+    shard) and ``np.asarray(features)``, which concatenates the shards into one array in
+    memory (only then). ``shards`` holds the per-shard memory maps.
     """
 
     def __init__(self, shards: Sequence[np.ndarray]) -> None:
@@ -932,7 +933,27 @@ class ShardedFeatures:
                 raise IndexError(f"row {int(key)} is out of range for {n} rows")
             s = bisect.bisect_right(self.offsets, i) - 1
             return self.shards[s][i - self.offsets[s]]
+        rows = np.asarray(key)
+        if rows.dtype == bool and rows.shape == (n,):
+            rows = np.flatnonzero(rows)
+        if rows.ndim == 1 and rows.dtype.kind in "iu":
+            return self._take(rows.astype(np.int64))
         return np.asarray(self)[key]
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows by number (fancy indexing), gathered shard by shard: nothing concatenated."""
+        import numpy as np
+
+        n = len(self)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row numbers out of range for {n} rows")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        which = np.searchsorted(np.asarray(self.offsets), rows, side="right") - 1
+        for s in np.unique(which):
+            mask = which == s
+            out[mask] = self.shards[s][rows[mask] - self.offsets[s]]
+        return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         import numpy as np
