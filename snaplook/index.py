@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
+from snaplook.ann import DEFAULT_ANN, AnnIndex, plan_ann
 from snaplook.errors import SnaplookError
 from snaplook.features import (
     DEFAULT_BACKBONE,
@@ -84,6 +85,7 @@ def build_index(
     update: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
+    ann: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BuildSummary:
@@ -109,6 +111,10 @@ def build_index(
             The result equals a full rebuild.
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
+        ann: approximate search structure built over the features (see
+            :mod:`snaplook.ann`): ``auto`` (exact below 100k rows), ``none``, ``hnsw``,
+            ``ivfpq`` or a FAISS index-factory string; default None: ``auto``, or with
+            ``update`` what the existing index was built with. Rebuilt on every run.
         on_start: called once with the number of images found.
         on_progress: called with the number of images handled so far.
 
@@ -151,6 +157,8 @@ def build_index(
     root_dir = root if root.is_dir() else root.parent
     _check_out(out)
     identity = embedder.identity()
+    if ann is not None:  # a bad --ann fails before any image is embedded
+        plan_ann(ann, len(paths), embedder.feature_dim)
 
     with (
         exclusive_lock(_beside(out, ".lock"), what=f"the index {out}"),
@@ -160,8 +168,10 @@ def build_index(
         old_features = None
         old_stamp = None
         if update and (out / "meta.json").exists():
-            old = load_index(out)
+            old = load_index(out, ann=False)
             _check_same_model(old.meta, identity, out)
+            if ann is None:
+                ann = (old.meta.get("ann") or {}).get("requested")
             old_features = old.features
             old_stamp = [old.meta.get("created"), len(old.manifest)]
             reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
@@ -248,6 +258,7 @@ def build_index(
                 [checkpoint.chunk_path(b) for b in range(checkpoint.n_batches)],
                 embedder,
             )
+            ann_meta = _build_ann(tmp, ann or DEFAULT_ANN, seed=seed)
             write_manifest(tmp / "manifest.csv", rows)
             write_csv_atomic(
                 tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
@@ -262,6 +273,7 @@ def build_index(
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
+                "ann": ann_meta,
             }
             write_json_atomic(tmp / "meta.json", meta)
             if old_features is not None:
@@ -296,6 +308,18 @@ def build_index(
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
     )
+
+
+def _build_ann(folder: Path, spec: str, *, seed: int) -> dict[str, Any]:
+    """The ANN hook: build ``spec`` over the features just written to ``folder``."""
+    from snaplook.ann import build_ann
+    from snaplook.io_utils import load_npy
+
+    features = load_npy(folder / "features.npy", mmap=True)
+    try:
+        return build_ann(features, folder, spec=spec, seed=seed)
+    finally:
+        del features
 
 
 def _beside(out: Path, suffix: str) -> Path:
@@ -650,6 +674,8 @@ class Index:
     manifest: list[ManifestRow]
     meta: dict[str, Any]
     root_: Path = field(init=False)
+    #: The checked FAISS index when the folder has one (see :mod:`snaplook.ann`).
+    ann_: AnnIndex | None = None
 
     def __post_init__(self) -> None:
         self.root_ = Path(self.meta.get("root", self.path))
@@ -677,9 +703,79 @@ class Index:
 
         return with_head(embedder, head)
 
-    def search(self, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`)."""
-        return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = DEFAULT_K,
+        *,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
+        nprobe: int | None = None,
+        ef: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine k-NN of ``queries`` against the gallery.
+
+        Exact (:func:`cosine_knn`) when the index has no FAISS index, with ``exact``, or
+        when ``allowed`` leaves fewer than ``snaplook.ann.AUTO_EXACT_BELOW`` rows;
+        otherwise FAISS candidates re-ranked exactly (:meth:`snaplook.ann.AnnIndex.search`).
+        Distances are 1 - cos either way.
+
+        Args:
+            queries: ndarray of shape (m, d).
+            k: neighbours per query, clamped to the gallery size n.
+            allowed: optional bool ndarray of shape (n,): only these rows may be returned
+                (a catalogue filter).
+            exact: force exact search.
+            nprobe: IVF lists visited per query (IVF indexes only).
+            ef: HNSW search breadth (HNSW indexes only).
+
+        Returns:
+            (distances, rows) of shape (m, min(k, n)), nearest first, ties by row. Where
+            fewer rows were found (``allowed`` keeps fewer than k, or the approximate
+            search came back short), the missing results are row -1 at distance inf.
+
+        Raises:
+            SnaplookError: ``allowed`` is not a bool array of shape (n,).
+        """
+        import numpy as np
+
+        from snaplook.ann import AUTO_EXACT_BELOW
+        from snaplook.transform_utils import l2_normalize
+
+        n = self.features.shape[0]
+        k = min(int(k), n)
+        if allowed is not None:
+            allowed = np.asarray(allowed)
+            if allowed.dtype != np.bool_ or allowed.shape != (n,):
+                raise SnaplookError(
+                    f"allowed must be a bool array of shape ({n},) (one flag per gallery row), "
+                    f"got {allowed.dtype} of shape {allowed.shape}."
+                )
+            n_allowed = int(allowed.sum())
+            if exact or self.ann_ is None or n_allowed < AUTO_EXACT_BELOW:
+                keep = np.flatnonzero(allowed)
+                q = l2_normalize(np.atleast_2d(queries))
+                dist, sub = cosine_knn(q, _Rows(self.features, keep), k=k, normalized_gallery=True)
+                distances = np.full((q.shape[0], k), np.inf, dtype=np.float32)
+                rows = np.full((q.shape[0], k), -1, dtype=np.int64)
+                distances[:, : sub.shape[1]] = dist
+                rows[:, : sub.shape[1]] = keep[sub]
+                return distances, rows
+        if exact or self.ann_ is None:
+            return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+        q = l2_normalize(np.atleast_2d(queries))
+        return self.ann_.search(q, k, features=self.features, allowed=allowed, nprobe=nprobe, ef=ef)
+
+
+class _Rows:
+    """Rows ``keep`` of a (memory-mapped) matrix, read block by block by :func:`cosine_knn`."""
+
+    def __init__(self, features: np.ndarray, keep: np.ndarray) -> None:
+        self.features, self.keep = features, keep
+        self.shape = (len(keep), features.shape[1])
+
+    def __getitem__(self, block: slice) -> np.ndarray:
+        return self.features[self.keep[block]]
 
 
 def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
@@ -742,14 +838,23 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     return embedder
 
 
-def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> Index:
+def load_index(
+    path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True, ann: bool = True
+) -> Index:
     """Load and validate an index folder.
+
+    Args:
+        path: the index folder.
+        mmap: memory-map ``features.npy``.
+        ann: load and check the folder's FAISS index (``ann.faiss``) if it has one;
+            False for exact search only (and to skip reading that file).
 
     Raises:
         SnaplookError: missing folder or file, unreadable or newer-format ``meta.json``,
             a pickled or non-float32 ``features.npy``, counts that disagree, manifest rows
-            out of order or with paths that climb out of the indexed root (``..``), or
-            NaN/infinite features.
+            out of order or with paths that climb out of the indexed root (``..``),
+            NaN/infinite features, or an ``ann.faiss`` that does not belong to the
+            features (see :func:`snaplook.ann.load_ann`).
     """
     from snaplook.io_utils import load_npy, read_manifest
 
@@ -796,7 +901,12 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         )
     _check_manifest(path, manifest)
     _check_finite(path, features)
-    return Index(path=path, features=features, manifest=manifest, meta=meta)
+    ann_index = None
+    if ann:
+        from snaplook.ann import load_ann
+
+        ann_index = load_ann(path, meta.get("ann"), features)
+    return Index(path=path, features=features, manifest=manifest, meta=meta, ann_=ann_index)
 
 
 def _check_manifest(path: Path, manifest: Sequence[ManifestRow]) -> None:
