@@ -40,6 +40,8 @@ RERANK_HNSW = 2
 RERANK_IVFPQ = 10
 #: Dimension IVF-PQ projects wide features to (PCA) before coarse search.
 IVFPQ_PCA_DIM = 256
+#: IVF-PQ needs enough rows to train its lists and 16-centroid sub-quantizers.
+IVFPQ_MIN_ROWS = 1_000
 #: Rows sampled for the fingerprint of a features matrix.
 FINGERPRINT_ROWS = 64
 _ADD_BLOCK = 65_536
@@ -127,6 +129,12 @@ def _factory_for(spec: str, d: int, metric: str) -> Any:
 
 def _plan_ivfpq(n: int, d: int) -> AnnPlan:
     import math
+
+    if n < IVFPQ_MIN_ROWS:
+        raise SnaplookError(
+            f"--ann ivfpq needs at least {IVFPQ_MIN_ROWS:,} images to train, the gallery has "
+            f"{n:,}; use --ann auto, none or hnsw."
+        )
 
     # sqrt(n) lists (a power of two), each trained on at least 39 points as FAISS asks.
     nlist = max(1, min(2 ** round(math.log2(max(1.0, math.sqrt(n)))), n // 39))

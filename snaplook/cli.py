@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from snaplook import __version__
+from snaplook import ann as _ann
 from snaplook import artists as _artists
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
@@ -223,6 +224,47 @@ HeadOpt = Annotated[
 ]
 
 
+def _check_ann(value: str | None) -> str | None:
+    # Parse time: a bad --ann is a usage error (exit 2) before any image is embedded.
+    if value is None:
+        return None
+    try:
+        return _ann.check_ann_spec(value)
+    except SnaplookError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+AnnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ann",
+        callback=_check_ann,
+        metavar="auto|none|hnsw|ivfpq|FACTORY",
+        help="Approximate search built over the features: auto (exact below "
+        f"{_ann.AUTO_EXACT_BELOW:,} images, HNSW below {_ann.AUTO_HNSW_BELOW:,}, IVF-PQ "
+        "beyond), none (exact only), hnsw, ivfpq, or a FAISS index-factory string "
+        "[default: auto; with --update: as the index was built].",
+    ),
+]
+ExactOpt = Annotated[
+    bool, typer.Option("--exact", help="Exact search even if the index has a FAISS index.")
+]
+NprobeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nprobe",
+        min=1,
+        help=f"IVF lists visited per query (IVF indexes; default {_ann.DEFAULT_NPROBE}).",
+    ),
+]
+EfOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ef", min=1, help=f"HNSW search breadth (HNSW indexes; default {_ann.DEFAULT_EF})."
+    ),
+]
+
+
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
     if not skipped:
         return
@@ -256,6 +298,7 @@ def index_cmd(
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
+    ann: AnnOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
@@ -268,6 +311,7 @@ def index_cmd(
             head=_load_head(head),
             batch_size=batch_size,
             update=update,
+            ann=ann,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -276,6 +320,11 @@ def index_cmd(
         f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
         f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''})."
     )
+    if summary.ann and summary.ann.get("kind") != "exact":
+        _console().print(
+            f"Approximate search: {summary.ann['factory']} ({summary.ann['bytes']:,} bytes, "
+            f"built in {summary.ann['build_seconds']:.1f} s)."
+        )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 
 
@@ -329,10 +378,13 @@ def query_cmd(
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
+    ef: EfOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the k nearest gallery images of each query; write grids, results.csv and .json."""
-    loaded = _index.load_index(index)
+    loaded = _index.load_index(index, ann=not exact)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
         summary = _index.query_index(
             queries,
@@ -341,6 +393,9 @@ def query_cmd(
             backbone=backbone,
             batch_size=batch_size,
             embedder=loaded.embedder(runtime=runtime, head=_load_head(head)),
+            exact=exact,
+            nprobe=nprobe,
+            ef=ef,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -617,6 +672,9 @@ def look_cmd(
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     head: HeadOpt = None,
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
+    ef: EfOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Shop the look of a video: frames -> lead artists -> clothes -> k nearest gallery items."""
@@ -635,6 +693,9 @@ def look_cmd(
             detector=detector,
             plot=not no_plot,
             head=_load_head(head),
+            exact=exact,
+            nprobe=nprobe,
+            ef=ef,
             on_start=on_start,
             on_progress=on_progress,
         )

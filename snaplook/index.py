@@ -59,6 +59,7 @@ class BuildSummary:
         seconds: wall time of the run.
         n_resumed: images embedded by an interrupted earlier run and taken from its
             checkpoint (not counted in ``n_embedded``).
+        ann: the ``meta.json["ann"]`` block (approximate search built, or exact).
     """
 
     out: Path
@@ -67,6 +68,7 @@ class BuildSummary:
     skipped: list[Skipped]
     seconds: float
     n_resumed: int = 0
+    ann: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -307,6 +309,7 @@ def build_index(
         skipped=skipped,
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
+        ann=ann_meta,
     )
 
 
@@ -1052,6 +1055,9 @@ def query_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     embedder: Embedder | None = None,
     head: Any = None,
+    exact: bool = False,
+    nprobe: int | None = None,
+    ef: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
@@ -1066,9 +1072,11 @@ def query_index(
         embedder: use this embedder instead of rebuilding the index's (it must match).
         head: the ``snaplook.train.Head`` the index was built with, if any (required
             then; see :func:`check_head`).
+        exact, nprobe, ef: search settings, see :meth:`Index.search`.
 
     Returns:
-        :class:`QuerySummary` with one :class:`QueryResult` per readable query.
+        :class:`QuerySummary` with one :class:`QueryResult` per readable query (fewer
+        than k hits only where an approximate search came back short).
 
     Raises:
         SnaplookError: no query images or none readable, backbone mismatch, missing/corrupt
@@ -1078,7 +1086,7 @@ def query_index(
     from snaplook.io_utils import find_images
 
     if not isinstance(index, Index):
-        index = load_index(index)
+        index = load_index(index, ann=not exact)
     if backbone is not None and backbone != index.meta.get("backbone"):
         raise SnaplookError(
             f"{index.path} was built with backbone {index.meta.get('backbone')!r}; "
@@ -1106,13 +1114,14 @@ def query_index(
         raise SnaplookError(
             f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
         )
-    distances, rows = index.search(features, k=k)
+    distances, rows = index.search(features, k=k, exact=exact, nprobe=nprobe, ef=ef)
     results = [
         QueryResult(
             query=q,
             hits=[
                 Hit(rank=r + 1, row=int(row), path=index.gallery_path(int(row)), distance=float(d))
                 for r, (row, d) in enumerate(zip(rows[i], distances[i]))
+                if row >= 0
             ],
         )
         for i, q in enumerate(kept)

@@ -134,6 +134,8 @@ def fuse_hits(
     found: dict[int, list[float]] = {}
     for crop_rows, crop_dists in zip(rows, distances):
         for row, dist in zip(crop_rows, crop_dists):
+            if row < 0:  # an approximate search that came back short
+                continue
             found.setdefault(int(row), []).append(float(dist))
     ranked = sorted(
         ((row, len(d), sum(d) / len(d), min(d)) for row, d in found.items()),
@@ -159,6 +161,9 @@ def look(
     plot: bool = True,
     batch_size: int = 16,
     head: Any = None,
+    exact: bool = False,
+    nprobe: int | None = None,
+    ef: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LookSummary:
@@ -190,6 +195,7 @@ def look(
         batch_size: crops per forward pass.
         head: the ``snaplook.train.Head`` the index was built with, if any (see
             :func:`snaplook.index.check_head`).
+        exact, nprobe, ef: search settings, see :meth:`snaplook.index.Index.search`.
         on_start: called once with the video duration in whole seconds (0 if unknown).
         on_progress: called with the video time reached, in whole seconds.
 
@@ -215,7 +221,7 @@ def look(
     video = Path(video)
     if not video.is_file():
         raise SnaplookError(f"{video}: no such video file; check the path.")
-    loaded = index if not isinstance(index, (str, Path)) else load_index(index)
+    loaded = index if not isinstance(index, (str, Path)) else load_index(index, ann=not exact)
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
@@ -240,13 +246,20 @@ def look(
     summary = LookSummary(
         video=video, out=out, crops_out=crops_out, selection=selection, crops=crops, k=k
     )
-    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, head=head)
+    search = {"exact": exact, "nprobe": nprobe, "ef": ef}
+    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, head=head, search=search)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _query_crops(
-    summary: LookSummary, index: Index, *, plot: bool, batch_size: int, head: Any = None
+    summary: LookSummary,
+    index: Index,
+    *,
+    plot: bool,
+    batch_size: int,
+    head: Any = None,
+    search: dict[str, Any] | None = None,
 ) -> None:
     import shutil
 
@@ -262,9 +275,11 @@ def _query_crops(
         if crops:
             images = [read_image(c.path) for c in crops]
             features = embed_arrays(images, index.embedder(head=head), batch_size=batch_size)
-            distances, rows = index.search(features, k=k)
+            distances, rows = index.search(features, k=k, **(search or {}))
             for crop, crop_rows, crop_dists in zip(crops, rows, distances):
                 for rank, (row, dist) in enumerate(zip(crop_rows, crop_dists), start=1):
+                    if row < 0:  # an approximate search that came back short
+                        break
                     hits.append(
                         {
                             "video": str(summary.video),
