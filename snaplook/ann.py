@@ -31,7 +31,7 @@ AUTO_EXACT_BELOW = 100_000
 AUTO_HNSW_BELOW = 4_000_000
 ANN_FILE = "ann.faiss"
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_CONSTRUCTION = 40
 DEFAULT_EF = 64
 DEFAULT_NPROBE = 16
 #: FAISS candidates per wanted neighbour that are re-ranked exactly from the features:
@@ -58,6 +58,17 @@ class AnnPlan:
     n_train: int
 
 
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise SnaplookError(
+            f"approximate search needs FAISS, which cannot be imported ({exc}); "
+            "`pip install faiss-cpu` (or the GPU build), or use --ann none / --exact."
+        ) from exc
+    return faiss
+
+
 def check_ann_spec(spec: str) -> str:
     """Validate an ``--ann`` value: a keyword of :data:`ANN_KINDS` or a factory string.
 
@@ -70,7 +81,7 @@ def check_ann_spec(spec: str) -> str:
     spec = spec.strip()
     if spec.lower() in ANN_KINDS:
         return spec.lower()
-    import faiss
+    faiss = _faiss()
 
     if "idmap" in spec.lower():
         raise SnaplookError(
@@ -108,13 +119,15 @@ def plan_ann(spec: str, n: int, d: int) -> AnnPlan | None:
     # rows L2 ranks exactly like cosine, so a projecting factory string searches in L2.
     metric = "l2" if "PCA" in spec.upper() else "inner_product"
     _factory_for(spec, d, metric)
-    ivf = "IVF" in spec.upper()
-    n_train = min(n, 100_000) if ivf or "PQ" in spec.upper() else 0
-    return AnnPlan("factory", spec, metric, RERANK_IVFPQ if "PQ" in spec.upper() else 1, n_train)
+    upper = spec.upper()
+    n_train = min(n, 100_000) if any(t in upper for t in ("IVF", "PQ", "PCA", "SQ")) else 0
+    # Compressed or projected vectors rank coarsely: re-rank more candidates exactly.
+    lossy = any(t in upper for t in ("PQ", "PCA", "SQ", "LSH", "RR"))
+    return AnnPlan("factory", spec, metric, RERANK_IVFPQ if lossy else RERANK_HNSW, n_train)
 
 
 def _factory_for(spec: str, d: int, metric: str) -> Any:
-    import faiss
+    faiss = _faiss()
 
     try:
         return faiss.index_factory(
@@ -188,7 +201,7 @@ def build_ann(
     Raises:
         SnaplookError: FAISS cannot build ``spec`` for this dimension or gallery size.
     """
-    import faiss
+    faiss = _faiss()
     import numpy as np
 
     from snaplook.io_utils import atomic_path, file_sha256
@@ -262,12 +275,16 @@ def _train_on_gpu(ivf: Any, faiss: Any) -> None:
     # The GPU build of FAISS trains the coarse quantizer's k-means on the GPU; the index
     # itself stays a CPU index, so the saved file is the same kind either way.
     if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-        logger.info("training the IVF quantizer on %d GPU(s)", faiss.get_num_gpus())
+        try:
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        except (AttributeError, RuntimeError) as exc:  # a GPU build without working devices
+            logger.warning("training on the CPU: the GPU build of FAISS failed (%s)", exc)
+        else:
+            logger.info("training the IVF quantizer on %d GPU(s)", faiss.get_num_gpus())
 
 
 def _hnsw_of(index: Any) -> Any:
-    import faiss
+    faiss = _faiss()
 
     inner = (
         faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
@@ -316,31 +333,43 @@ class AnnIndex:
             (distances, rows) of shape (m, k), nearest first; where fewer than k rows were
             found, rows are -1 and distances inf.
         """
-        import faiss
+        faiss = _faiss()
         import numpy as np
 
         n = features.shape[0]
         n_cand = min(n, k * int(self.meta.get("rerank", 1)))
         bits = sel = None
+        share = 1.0
         if allowed is not None:
             bits = np.packbits(allowed.astype(np.uint8), bitorder="little")
             sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
-        params = self._params(faiss, nprobe=nprobe, ef=ef, n_cand=n_cand, sel=sel)
+            share = max(float(allowed.mean()), 1e-9)
+        params, inner_params = self._params(
+            faiss, nprobe=nprobe, ef=ef, n_cand=n_cand, sel=sel, share=share
+        )
         _, cand = self.faiss_index_.search(
             np.ascontiguousarray(queries, dtype=np.float32), n_cand, params=params
         )
-        del bits
+        del bits, sel, inner_params  # the C++ parameters point into these until here
         return rerank_exact(queries, cand, features, k)
 
-    def _params(self, faiss: Any, *, nprobe: int | None, ef: int | None, n_cand: int, sel: Any):
+    def _params(
+        self, faiss: Any, *, nprobe: int | None, ef: int | None, n_cand: int, sel: Any, share: float
+    ) -> tuple[Any, Any]:
+        import math
+
         index = self.faiss_index_
         pre = isinstance(index, faiss.IndexPreTransform)
         inner = faiss.downcast_index(index.index) if pre else index
         ivf = faiss.try_extract_index_ivf(inner)
+        # A filter that keeps a share s of the rows leaves s as many candidates per list
+        # or graph step: widen the search by 1/s so about as many allowed rows are seen.
         if ivf is not None:
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=min(nprobe or ivf.nprobe, ivf.nlist))
+            probe = math.ceil((nprobe or ivf.nprobe) / share)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=min(probe, ivf.nlist))
         elif isinstance(inner, faiss.IndexHNSW):
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef or DEFAULT_EF, n_cand))
+            breadth = max(min(math.ceil((ef or DEFAULT_EF) / share), 4096), n_cand)
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=breadth)
         else:
             params = faiss.SearchParameters(sel=sel)
         if nprobe is not None and ivf is None:
@@ -348,8 +377,8 @@ class AnnIndex:
         if ef is not None and not isinstance(inner, faiss.IndexHNSW):
             logger.warning("--ef applies to HNSW indexes; %s is not one, ignored", self.kind)
         if pre:
-            params = faiss.SearchParametersPreTransform(index_params=params)
-        return params
+            return faiss.SearchParametersPreTransform(index_params=params), params
+        return params, params
 
 
 def rerank_exact(
@@ -398,8 +427,9 @@ def load_ann(folder: str | Path, meta: dict[str, Any], features: np.ndarray) -> 
             differ from the features', its SHA-256 differs from ``meta.json``'s (a
             swapped file), or the features are not the ones it was built over.
     """
-    import faiss
-    import numpy as np
+    faiss = _faiss()
+
+    from snaplook.io_utils import file_sha256
 
     if not meta or meta.get("kind") in (None, "exact"):
         return None
@@ -408,10 +438,10 @@ def load_ann(folder: str | Path, meta: dict[str, Any], features: np.ndarray) -> 
     if not path.is_file():
         raise SnaplookError(f"{path} is missing but meta.json names it; {hint}.")
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-        index = faiss.deserialize_index(data)
+        index = faiss.read_index(str(path))
     except (OSError, RuntimeError, ValueError) as exc:
-        raise SnaplookError(f"{path}: not a readable FAISS index ({exc}); {hint}.") from exc
+        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc)
+        raise SnaplookError(f"{path}: not a readable FAISS index ({reason}); {hint}.") from exc
     n, d = features.shape
     if index.d != d:
         raise SnaplookError(
@@ -423,7 +453,7 @@ def load_ann(folder: str | Path, meta: dict[str, Any], features: np.ndarray) -> 
             f"{path} holds {index.ntotal} rows but features.npy has {n}: it belongs to "
             f"another index or an older build; {hint}."
         )
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+    if file_sha256(path) != meta.get("sha256"):
         raise SnaplookError(
             f"{path} is not the file this index was built with (SHA-256 differs from "
             f"meta.json): a swapped or changed file; {hint}."

@@ -262,7 +262,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
         "    except SystemExit as exc:\n"
         "        assert exc.code in (0, None), exc.code\n"
         "heavy = ('tensorflow', 'keras', 'numpy', 'cv2', 'matplotlib', 'sklearn', 'PIL',\n"
-        "         'skimage', 'ai_edge_litert', 'scipy')\n"
+        "         'skimage', 'ai_edge_litert', 'scipy', 'faiss')\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
     )
 
