@@ -63,7 +63,9 @@ def _recall(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got, want)]))
 
 
-@pytest.mark.parametrize(("spec", "factory"), [("hnsw", "HNSW32"), ("ivfpq", "IVF64,PQ16x4fs")])
+@pytest.mark.parametrize(
+    ("spec", "factory"), [("hnsw", "HNSW32"), ("ivfpq", "RR64,IVF64,PQ32x4fs")]
+)
 def test_search_reaches_recall_at_10_against_exact(built, gallery, spec, factory) -> None:
     features, queries = gallery
     index = load_index(built[spec])
@@ -176,11 +178,13 @@ def test_saved_files_are_faiss_and_json_never_pickle(built) -> None:
     ("spec", "n", "d", "factory"),
     [
         ("auto", 99_999, 2048, None),
-        ("auto", 100_000, 2048, "HNSW32"),
-        ("auto", 10_000_000, 2048, "PCA256,IVF4096,PQ64x4fs"),
-        ("auto", 10_000_000, 256, "IVF4096,PQ64x4fs"),
+        ("auto", 100_000, 2048, "PCA256,HNSW32"),
+        ("hnsw", 9_999, 2048, "HNSW32"),
+        ("auto", 100_000, 256, "HNSW32"),
+        ("auto", 10_000_000, 2048, "PCAR256,IVF4096,PQ128x4fs"),
+        ("auto", 10_000_000, 256, "RR256,IVF4096,PQ128x4fs"),
         ("none", 10_000_000, 256, None),
-        ("ivfpq", 3000, 64, "IVF64,PQ16x4fs"),
+        ("ivfpq", 3000, 64, "RR64,IVF64,PQ32x4fs"),
         ("IVF16,Flat", 3000, 64, "IVF16,Flat"),
     ],
 )
