@@ -29,6 +29,8 @@ _EXPORTS = {
     "write_query_results": "snaplook.index",
     "cosine_knn": "snaplook.index",
     "Index": "snaplook.index",
+    "build_ann": "snaplook.ann",
+    "load_ann": "snaplook.ann",
     "plot_retrieval_grid": "snaplook.plot_utils",
     "plot_tsne": "snaplook.plot_utils",
     "load_split": "snaplook.evaluate",

@@ -254,8 +254,7 @@ NprobeOpt = Annotated[
     typer.Option(
         "--nprobe",
         min=1,
-        help=f"IVF lists visited per query (IVF indexes; default: 1/{_ann.NPROBE_SHARE} of "
-        "the lists, at least 8).",
+        help=f"IVF lists visited per query (IVF indexes; default {_ann.DEFAULT_NPROBE}).",
     ),
 ]
 EfOpt = Annotated[

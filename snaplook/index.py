@@ -764,7 +764,7 @@ class Index:
                 distances[:, : sub.shape[1]] = dist
                 rows[:, : sub.shape[1]] = keep[sub]
                 return distances, rows
-        if exact or self.ann_ is None:
+        if exact or self.ann_ is None or k < 1:
             return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
         q = l2_normalize(np.atleast_2d(queries))
         return self.ann_.search(q, k, features=self.features, allowed=allowed, nprobe=nprobe, ef=ef)

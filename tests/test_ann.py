@@ -179,6 +179,7 @@ def test_saved_files_are_faiss_and_json_never_pickle(built) -> None:
     [
         ("auto", 99_999, 2048, None),
         ("auto", 100_000, 2048, "PCA256,HNSW32"),
+        ("auto", 500_000, 2048, "PCAR256,IVF512,PQ128x4fs"),
         ("hnsw", 9_999, 2048, "HNSW32"),
         ("auto", 100_000, 256, "HNSW32"),
         ("auto", 10_000_000, 2048, "PCAR256,IVF4096,PQ128x4fs"),
