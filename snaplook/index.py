@@ -1053,7 +1053,7 @@ def query_index(
             index, a bad or unknown ``where`` column, ``where``/``restrict`` without a
             catalogue.
     """
-    from snaplook.catalog import filter_mask, restricted_search
+    from snaplook.catalog import filter_mask, restricted_search, warn_if_few
     from snaplook.features import embed_images
     from snaplook.io_utils import find_images
 
@@ -1069,14 +1069,7 @@ def query_index(
     products = index.products()
     allowed = filter_mask(products, where, index.path)
     n_allowed = None if allowed is None else int(allowed.sum())
-    if n_allowed is not None and n_allowed < k:
-        logger.warning(
-            "only %d gallery images match --where %s; returning %d result(s) per query, not %d",
-            n_allowed,
-            " --where ".join(where or ()),
-            n_allowed,
-            k,
-        )
+    warn_if_few(allowed, k, where)
     if isinstance(queries, (str, Path)):
         paths = find_images(queries)
         if not paths:

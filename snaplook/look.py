@@ -264,12 +264,13 @@ def look(
     video = Path(video)
     if not video.is_file():
         raise SnaplookError(f"{video}: no such video file; check the path.")
-    from snaplook.catalog import RESTRICT_MODES, filter_mask
+    from snaplook.catalog import RESTRICT_MODES, filter_mask, warn_if_few
 
     loaded = index if not isinstance(index, (str, Path)) else load_index(index)
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
     allowed = filter_mask(loaded.products(), where, loaded.path)  # so are bad filters
+    warn_if_few(allowed, k, where)
     if restrict not in RESTRICT_MODES:
         raise SnaplookError(f"--restrict must be one of {', '.join(RESTRICT_MODES)}.")
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
@@ -280,15 +281,22 @@ def look(
     if on_start is not None:
         on_start(int(probe_duration(video) or 0))
 
+    from snaplook.page import MAX_TIMELINE
+
     timeline: list[tuple[int, float | None, np.ndarray]] = []
+    stride = [1, 0]  # keep every stride-th frame's thumbnail; frames seen
 
     def _stream() -> Iterator[FrameDetections]:
         for frame in iter_frames(
             video, every=every, max_frames=max_frames, on_progress=on_progress
         ):
             image = frame.image
-            if page:
+            if page and stride[1] % stride[0] == 0:
                 timeline.append((frame.frame, frame.time_s, _small(image)))
+                if len(timeline) > 2 * MAX_TIMELINE:  # a long video: halve, bounded memory
+                    timeline[:] = timeline[::2]
+                    stride[0] *= 2
+            stride[1] += 1
             yield FrameDetections(frame.frame, frame.time_s, image, person_detector.detect(image))
 
     selection = select_lead_artists(

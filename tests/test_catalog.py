@@ -374,12 +374,17 @@ def test_parse_where_grammar() -> None:
             parse_where(bad)
 
 
-def test_vote_categories_majority_then_nearest() -> None:
-    cats = ["A", "B", "B", "", "A"]
-    guesses = vote_categories(np.array([[0, 1, 2, 3], [4, 1, 0, 2], [3, -1, -1, -1]]), cats)
-    assert guesses[0] == CategoryGuess("B", 2 / 3)
-    assert guesses[1].category == "A" and guesses[1].confidence == 0.5  # tie: nearer vote
+def test_vote_categories_weighted_by_rank() -> None:
+    cats = ["A", "B", "B", "", "a", "B"]
+    rows = np.array([[0, 1, 2, 3], [1, 0, 4, -1], [3, -1, -1, -1], [0, 1, 2, 5]])
+    guesses = vote_categories(rows, cats)
+    # A at rank 1 (1) beats B at ranks 2 and 3 (1/2 + 1/3).
+    assert guesses[0].category == "A"
+    assert guesses[0].confidence == pytest.approx(1 / (1 + 1 / 2 + 1 / 3))
+    assert guesses[1] == CategoryGuess("B", pytest.approx(1 / (1 + 1 / 2 + 1 / 3)))
     assert guesses[2] == CategoryGuess(None, 0.0)
+    # B at ranks 2, 3 and 4 (1.083) beats A at rank 1.
+    assert guesses[3].category == "B"
 
 
 def test_fuse_hits_by_product_counts_images_of_one_product_once() -> None:
