@@ -165,12 +165,14 @@ def test_look_page_products_fused_and_body_parts_in_browser(shop, real_video, tm
     # Frames at 0, 10, 20, 30 s: nobody, a woman at the table, nobody, a man in black.
     args = ["look", str(real_video), "-k", "4", "--index", str(shop["index"]), "--every", "10"]
     args += ["--max-frames", "4", "--out", str(out), "--crops-out", str(crops_out), "-q"]
-    result = runner.invoke(app, args + ["--restrict", "auto", "--no-plot"])
+    args += ["--restrict", "auto", "--where", "price<=50", "--no-plot"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
 
     body = {f"P{i:02d}": b for i, (_, b) in KINDS.items()}
     looks = read_csv(out / "looks.csv")
     assert looks and {"product_id", "title", "price"} <= set(looks[0])
+    assert "P05" not in {h["product_id"] for h in looks}  # 60.00 EUR
     for hit in looks:
         if hit["kind"] in ("upper", "lower"):
             assert body[hit["product_id"]] in (hit["kind"], "full")
@@ -189,3 +191,16 @@ def test_look_page_products_fused_and_body_parts_in_browser(shop, real_video, tm
     assert "Timeline" in seen["text"] and "Artist 1" in seen["text"]
     assert "products over all crops" in seen["text"]
     assert "30.0 s" in seen["text"]
+
+
+def test_no_browser_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys.modules[__name__], "REQUIRE_TESTDATA", False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no Chromium"):
+        _chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI needs the browser test"):
+        _chromium()
