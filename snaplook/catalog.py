@@ -13,7 +13,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -129,11 +129,7 @@ def read_catalog(
         where = "line"
     for key in (image_column, PRODUCT_ID):
         if key not in header:
-            hint = (
-                " (or name the image column with --catalog-image-column)"
-                if key == (image_column)
-                else ""
-            )
+            hint = " (or name it with --catalog-image-column)" if key == image_column else ""
             raise SnaplookError(
                 f"{path}: no {key!r} column (columns: {', '.join(header) or 'none'}); add it{hint}."
             )
@@ -333,7 +329,6 @@ class Products:
 
     columns: list[str]
     rows: list[dict[str, str] | None]
-    _masks: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -483,7 +478,9 @@ def parse_wheres(texts: Sequence[str] | None) -> list[Condition]:
     return conditions
 
 
-def filter_mask(products: Products | None, where: Sequence[str] | None, index_dir: Any) -> Any:
+def filter_mask(
+    products: Products | None, where: Sequence[str] | None, index_dir: str | Path
+) -> np.ndarray | None:
     """The ``allowed`` row mask for ``where`` (None when there is nothing to filter).
 
     Raises:
