@@ -130,8 +130,10 @@ def read_catalog(
     for key in (image_column, PRODUCT_ID):
         if key not in header:
             hint = " (or name it with --catalog-image-column)" if key == image_column else ""
+            at = " line 1" if where == "line" else ""
             raise SnaplookError(
-                f"{path}: no {key!r} column (columns: {', '.join(header) or 'none'}); add it{hint}."
+                f"{path}{at}: no {key!r} column (columns: {', '.join(header) or 'none'}); "
+                f"add it{hint}."
             )
     if image_column != DEFAULT_IMAGE_COLUMN and DEFAULT_IMAGE_COLUMN in header:
         raise SnaplookError(

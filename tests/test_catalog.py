@@ -151,7 +151,7 @@ def test_index_catalog_missing_rows_kept_and_counted(tmp_path: Path) -> None:
         ("dup", "line 4: duplicate image 'bottoms/item01_v0.png' (also on line 2)"),
         ("fields", "line 3: 3 fields, the header has 9"),
         ("price", "line 3: price 'cheap' is not a number"),
-        ("nokey", "no 'product_id' column"),
+        ("nokey", "line 1: no 'product_id' column"),
         ("empty_id", "line 2: empty 'product_id'"),
     ],
 )
