@@ -18,7 +18,9 @@ from snaplook.artists import (
     PersonDetector,
     body_from_face,
     detect_people,
+    drop_false_people,
     extract_clothes,
+    foreground_fraction,
     iou,
     is_full_shot,
     parse_yolo_output,
@@ -144,10 +146,120 @@ def test_body_from_face_human_proportions():
         ((100, 20, 150, 200), True, False),  # too wide for a standing person
         ((100, 200, 10, 30), True, False),  # too small
         ((100, 20, 60, 200), False, False),  # extended from a face: feet never seen
+        ((100, -4, 60, 200), True, False),  # touches the top edge: the head may be cut
+        ((100, 38, 60, 205), True, False),  # reaches past the bottom edge: feet may be cut
     ],
 )
 def test_is_full_shot_cases(box, whole_body, expected):
     assert is_full_shot(box, (240, 320), whole_body=whole_body) is expected
+
+
+# --- false artists (issue 15) -----------------------------------------------------------
+
+
+VIDEO_BOXES = Path(__file__).parent / "data" / "video_boxes.csv"
+
+
+def _video_frames(video: Path, numbers: list[int]) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    for number in numbers:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, number)
+        ok, bgr = cap.read()
+        assert ok, f"frame {number} of {video}"
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return frames
+
+
+def _video_boxes(label: str) -> dict[int, list[tuple[int, int, int, int]]]:
+    boxes: dict[int, list[tuple[int, int, int, int]]] = {}
+    for row in _read(VIDEO_BOXES):
+        if row["label"] == label:
+            boxes.setdefault(int(row["frame"]), []).append(_box(row))
+    return boxes
+
+
+def test_foreground_fraction_speck_on_wall_is_background():
+    wall = np.full((240, 320, 3), 245, np.uint8)
+    cv2.circle(wall, (160, 120), 4, (40, 40, 40), -1)
+    figure = _frame(seed=1)
+    box = _draw_figure(figure, 120, 20, 200, (200, 30, 30), (30, 40, 150))
+    assert foreground_fraction(wall, (130, 40, 60, 160)) < 0.05
+    assert foreground_fraction(figure, box) > 0.6
+
+
+def test_drop_false_people_keeps_figure_drops_background_and_odd_boxes():
+    image = _frame(seed=2)
+    person = _given(_draw_figure(image, 120, 20, 200, (200, 30, 30), (30, 40, 150)))
+    empty = _given((10, 20, 60, 180))  # plain background beside the figure
+    band = _given((0, 200, 320, 40))  # a band as wide as the frame
+    sliver = _given((300, 10, 6, 200))
+    kept = drop_false_people(image, [person, empty, band, sliver])
+    assert kept == [person] and person.foreground > 0.5
+    assert drop_false_people(image, [empty], min_foreground=0.0) == [empty]
+
+
+def test_detect_people_real_video_floorboards_are_not_people(real_video, detector):
+    # Frames where HOG fires on the floorboards below the table (hand-checked boxes).
+    floor = _video_boxes("background")
+    numbers = [540, 580, 1000]
+    for number, image in zip(numbers, _video_frames(real_video, numbers)):
+        found = detect_people(image, detector=detector)
+        for box in floor[number]:
+            assert all(iou(d.box, box) < 0.5 for d in found), f"frame {number}: {found}"
+        if number == 1000:  # the woman at the table is still found
+            assert any(d.box[3] > 300 and d.foreground > 0.5 for d in found)
+
+
+def test_select_lead_artists_real_video_part_of_person_is_no_full_shot(real_video, detector):
+    # At 101 s HOG sees only a 73x210 strip of the woman's sweater (whole: 134x377).
+    numbers = [1000, 1010, 1020]
+    images = _video_frames(real_video, numbers)
+    frames = [
+        FrameDetections(n, n / 10, image, detect_people(image, detector=detector))
+        for n, image in zip(numbers, images)
+    ]
+    sel = select_lead_artists(frames, max_artists=1, crops_per_artist=3)
+    (artist,) = sel.artists
+    assert artist.frames == numbers
+    strip = next(c for c in artist.crops if c.frame == 1010)
+    assert strip.box[3] < 250 and not strip.full_shot
+    assert all(c.full_shot for c in artist.crops if c.frame != 1010)
+    assert artist.crops[-1] is strip  # a part of the person is the worst view
+
+
+def test_select_lead_artists_weak_detection_starts_nobody():
+    frames = []
+    for i in range(4):
+        image = _frame(seed=i)
+        lead = _draw_figure(image, 120, 20, 200, (200, 30, 30), (30, 40, 150))
+        other = _draw_figure(image, 10, 120, 110, (30, 160, 60), (90, 90, 90))
+        # the lead is strong at first, weak later; the other is weak throughout
+        lead_score = 0.9 if i == 0 else 0.3
+        dets = [
+            Detection(lead, lead_score, "given", whole_body=True, full_shot=True),
+            Detection(other, 0.3, "given", whole_body=True, full_shot=True),
+        ]
+        frames.append(FrameDetections(i, float(i), image, dets))
+    sel = select_lead_artists(frames, max_artists=5)
+    assert sel.n_tracks == 1
+    (lead,) = sel.artists
+    assert lead.frames == [0, 1, 2, 3]  # weak detections continue a person
+    assert all(len(f.detections) == 1 for f in sel.frames)
+    assert len(select_lead_artists(frames, max_artists=5, min_track_score=0.2).artists) == 2
+
+
+def test_select_lead_artists_shorter_box_is_no_full_shot():
+    frames = []
+    for i in range(3):
+        image = _frame(seed=i)
+        box = _draw_figure(image, 120, 20, 200, (200, 30, 30), (30, 40, 150))
+        if i == 1:  # the detector saw only the top half of the same person
+            box = (box[0], box[1], box[2], 110)
+        frames.append(FrameDetections(i, float(i), image, [_given(box)]))
+    (artist,) = select_lead_artists(frames, crops_per_artist=3).artists
+    assert {c.frame: c.full_shot for c in artist.crops} == {0: True, 1: False, 2: True}
 
 
 # --- lead artists on synthetic sequences (detector bypassed) ------------------------------
