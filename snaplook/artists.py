@@ -59,8 +59,25 @@ ARTISTS_HEADER = (
     "full_shot",
     "kind",
     "path",
+    "source",
 )
-DETECTIONS_HEADER = ("frame", "time_s", "n_people", "x", "y", "w", "h", "score", "source", "track")
+DETECTIONS_HEADER = (
+    "frame",
+    "time_s",
+    "n_people",
+    "x",
+    "y",
+    "w",
+    "h",
+    "score",
+    "detector",
+    "track",
+    "artist",
+    "source",
+)
+SKIPPED_HEADER = ("path", "reason")
+#: Longest part of a crop's file name taken from its photo's name (file systems allow 255).
+_MAX_STEM = 100
 
 # A HOG window (64x128) holds the person with a margin: the person fills about the central
 # 55% of its width and 80% of its height (measured on the hand-labelled test photos).
@@ -1233,6 +1250,7 @@ class ArtistRow:
     full_shot: bool
     kind: str
     path: Path
+    source: str = ""
 
     def as_csv(self) -> tuple[Any, ...]:
         return (
@@ -1244,6 +1262,7 @@ class ArtistRow:
             int(self.full_shot),
             self.kind,
             self.path.name,
+            self.source,
         )
 
 
@@ -1265,16 +1284,29 @@ def check_output_dir(out: str | Path, marker: str) -> None:
 
 
 def write_lead_artists(
-    selection: Selection, out: str | Path, *, clothes: bool = True
+    selection: Selection,
+    out: str | Path,
+    *,
+    clothes: bool = True,
+    skipped: Sequence[tuple[Path | str, str]] = (),
 ) -> list[ArtistRow]:
     """Save the lead artists' crops, ``artists.csv`` and ``detections.csv`` into ``out``.
 
-    Per kept view: ``artist<k>_<frame>_person.png`` and, with ``clothes``,
-    ``..._upper.png`` / ``..._lower.png`` (GrabCut cut-outs, skin and background white;
-    without ``clothes`` the person crop is the plain frame region). ``artists.csv`` has one
-    row per file (``score`` is the artist's lead score; ``x, y, w, h`` the file's box in the
-    frame); ``detections.csv`` one row per detection and one row with ``n_people`` 0 per
-    frame with nobody. The folder is replaced atomically.
+    Per kept view: ``artist<k>_<photo>_person.png`` (``<photo>``: the name of the frame's
+    image file without its extension; for a frame of a video, the frame number) and, with
+    ``clothes``, ``..._upper.png`` / ``..._lower.png`` (GrabCut cut-outs, skin and
+    background white; without ``clothes`` the person crop is the plain frame region).
+    ``artists.csv`` has one row per file (``score`` is the artist's lead score; ``x, y, w,
+    h`` the file's box in the frame; ``source`` the image or video it comes from);
+    ``detections.csv`` one row per person followed (``artist`` is empty for those who are
+    not lead artists) and one row with ``n_people`` 0 per frame with nobody;
+    ``skipped.csv`` the inputs that could not be read. The folder is replaced atomically.
+
+    Args:
+        selection: from :func:`select_lead_artists`.
+        out: the folder to write.
+        clothes: also cut out the clothes.
+        skipped: (path, reason) of inputs that could not be read, for ``skipped.csv``.
 
     Returns:
         The rows of ``artists.csv`` (paths point into ``out``).
@@ -1285,61 +1317,13 @@ def write_lead_artists(
     """
     import shutil
 
-    from PIL import Image
-
-    from snaplook.io_utils import make_temp_dir, replace_dir, write_csv_atomic
-    from snaplook.transform_utils import crop_box
+    from snaplook.io_utils import make_temp_dir, replace_dir
 
     out = Path(out)
     check_output_dir(out, "artists.csv")
     tmp = make_temp_dir(out)
-    rows: list[ArtistRow] = []
     try:
-        for artist in selection.artists:
-            for crop in artist.crops:
-                ox, oy = crop.offset
-                local = (crop.box[0] - ox, crop.box[1] - oy, crop.box[2], crop.box[3])
-                stem = f"artist{artist.artist}_{crop.frame:06d}"
-                files: list[tuple[str, Any, Box]] = []
-                if clothes:
-                    face = None
-                    if crop.face is not None:
-                        face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
-                    try:
-                        found = extract_clothes(crop.patch, local, face=face)
-                    except SnaplookError as exc:  # a sliver of a box at the frame edge
-                        logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
-                        found = None
-                    if found is not None:
-                        files.append(("person", found.person, crop.box))
-                        for kind, part, part_box in (
-                            ("upper", found.upper, found.upper_box),
-                            ("lower", found.lower, found.lower_box),
-                        ):
-                            if part is not None and part_box is not None:
-                                frame_box = (part_box[0] + ox, part_box[1] + oy, *part_box[2:])
-                                files.append((kind, part, frame_box))
-                if not files:
-                    if local[2] < 1 or local[3] < 1:
-                        continue
-                    files.append(("person", crop_box(crop.patch, local), crop.box))
-                for kind, pixels, frame_box in files:
-                    name = f"{stem}_{kind}.png"
-                    Image.fromarray(pixels).save(tmp / name)
-                    rows.append(
-                        ArtistRow(
-                            artist=artist.artist,
-                            frame=crop.frame,
-                            time_s=crop.time_s,
-                            box=tuple(int(v) for v in frame_box),  # type: ignore[arg-type]
-                            score=artist.score,
-                            full_shot=crop.full_shot if kind == "person" else False,
-                            kind=kind,
-                            path=out / name,
-                        )
-                    )
-        write_csv_atomic(tmp / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
-        write_csv_atomic(tmp / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
+        rows = write_lead_artists_into(selection, tmp, out, clothes=clothes, skipped=skipped)
         replace_dir(tmp, out, marker="artists.csv")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1347,11 +1331,94 @@ def write_lead_artists(
     return rows
 
 
+def write_lead_artists_into(
+    selection: Selection,
+    folder: Path,
+    final: Path,
+    *,
+    clothes: bool = True,
+    skipped: Sequence[tuple[Path | str, str]] = (),
+) -> list[ArtistRow]:
+    """Write what :func:`write_lead_artists` writes into an existing (temporary) ``folder``.
+
+    For callers that move ``folder`` into place themselves (``snaplook look`` writes the
+    crops inside its own results folder); rows' paths point into ``final``.
+    """
+    from PIL import Image
+
+    from snaplook.io_utils import write_csv_atomic
+    from snaplook.transform_utils import crop_box
+
+    rows: list[ArtistRow] = []
+    used: set[str] = set()
+    for artist in selection.artists:
+        for crop in artist.crops:
+            ox, oy = crop.offset
+            local = (crop.box[0] - ox, crop.box[1] - oy, crop.box[2], crop.box[3])
+            stem = _crop_stem(artist.artist, crop, used)
+            files: list[tuple[str, Any, Box]] = []
+            if clothes:
+                face = None
+                if crop.face is not None:
+                    face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
+                try:
+                    found = extract_clothes(crop.patch, local, face=face)
+                except SnaplookError as exc:  # a sliver of a box at the frame edge
+                    logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
+                    found = None
+                if found is not None:
+                    files.append(("person", found.person, crop.box))
+                    for kind, part, part_box in (
+                        ("upper", found.upper, found.upper_box),
+                        ("lower", found.lower, found.lower_box),
+                    ):
+                        if part is not None and part_box is not None:
+                            frame_box = (part_box[0] + ox, part_box[1] + oy, *part_box[2:])
+                            files.append((kind, part, frame_box))
+            if not files:
+                if local[2] < 1 or local[3] < 1:
+                    continue
+                files.append(("person", crop_box(crop.patch, local), crop.box))
+            for kind, pixels, frame_box in files:
+                name = f"{stem}_{kind}.png"
+                Image.fromarray(pixels).save(folder / name)
+                rows.append(
+                    ArtistRow(
+                        artist=artist.artist,
+                        frame=crop.frame,
+                        time_s=crop.time_s,
+                        box=tuple(int(v) for v in frame_box),  # type: ignore[arg-type]
+                        score=artist.score,
+                        full_shot=crop.full_shot if kind == "person" else False,
+                        kind=kind,
+                        path=final / name,
+                        source=crop.source,
+                    )
+                )
+    write_csv_atomic(folder / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
+    write_csv_atomic(folder / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
+    write_csv_atomic(folder / "skipped.csv", SKIPPED_HEADER, ((str(p), r) for p, r in skipped))
+    return rows
+
+
+def _crop_stem(artist: int, crop: ArtistCrop, used: set[str]) -> str:
+    """``artist<k>_<photo name>`` (or ``_<frame number>`` for a video), unique in ``used``."""
+    if crop.still and crop.source:
+        stem = f"artist{artist}_{Path(crop.source).stem[:_MAX_STEM]}"
+        if stem in used:  # two photos of one name in different folders
+            stem = f"{stem}_{crop.frame:06d}"
+    else:
+        stem = f"artist{artist}_{crop.frame:06d}"
+    used.add(stem)
+    return stem
+
+
 def _detection_rows(selection: Selection) -> Iterable[tuple[Any, ...]]:
+    artist_of = {a.track: a.artist for a in selection.artists}
     for rec in selection.frames:
         time_s = "" if rec.time_s is None else f"{rec.time_s:.3f}"
         if not rec.detections:
-            yield (rec.frame, time_s, 0, "", "", "", "", "", "", "")
+            yield (rec.frame, time_s, 0, "", "", "", "", "", "", "", "", rec.source)
         for det, track in zip(rec.detections, rec.tracks):
             yield (
                 rec.frame,
@@ -1361,6 +1428,8 @@ def _detection_rows(selection: Selection) -> Iterable[tuple[Any, ...]]:
                 f"{det.score:.4f}",
                 det.source,
                 track,
+                artist_of.get(track, ""),
+                rec.source,
             )
 
 
@@ -1432,27 +1501,33 @@ def crop_artists(
     clothes: bool = True,
     detector: PersonDetector | str | Path = DEFAULT_DETECTOR,
     crops_per_artist: int = DEFAULT_CROPS_PER_ARTIST,
+    photos: bool | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> CropSummary:
-    """Find the lead artists in a folder of frames and save their crops and clothes.
+    """Find the lead artists in a folder of frames or photos and save their crops and clothes.
 
     Args:
         source: a folder written by ``snaplook extract`` (its ``frames.csv`` gives frame
-            numbers and times), any folder of images (taken as frames in sorted order) or
-            one image.
+            numbers and times; people are followed from frame to frame), any other folder
+            of images (searched recursively, sorted) or one image.
         out: folder to write, default ``output/lead_artist/<folder name>``.
-        max_artists: people to keep, default=2.
+        max_artists: people to keep, default=2: per photo for unrelated photos, in all for
+            the frames of one video.
         min_size: minimum person height as a fraction of the frame height.
         clothes: also cut out the clothes (GrabCut, skin removed) and upper/lower crops.
         detector: "builtin", the path of a YOLO-style ONNX model, or a configured
             :class:`PersonDetector`.
         crops_per_artist: best views kept per artist.
+        photos: True: each image on its own (up to ``max_artists`` people in each, artists
+            numbered through the folder); False: the images are frames of one video in
+            sorted order. Default: True unless ``source`` holds a ``frames.csv``.
         on_start: called with the number of frames.
         on_progress: called with the number of frames done.
 
     Returns:
         :class:`CropSummary`. With nobody in any frame the CSVs hold just their headers.
+        Unreadable images are skipped, logged and listed in ``skipped.csv``.
 
     Raises:
         SnaplookError: no frames, a bad detector, bad ``max_artists`` or ``min_size``.
@@ -1463,8 +1538,12 @@ def crop_artists(
         raise SnaplookError(
             f"--min-size must be a fraction of the frame height in [0, 1), got {min_size}."
         )
+    if max_artists < 1:
+        raise SnaplookError(f"--max-artists must be at least 1, got {max_artists}.")
     source = Path(source)
     frames = list_frames(source)
+    if photos is None:
+        photos = not (source / "frames.csv").is_file()
     name = source.stem if source.is_file() else source.name
     out = Path(out) if out is not None else DEFAULT_LEAD_ARTIST_ROOT / name
     check_output_dir(out, "artists.csv")
@@ -1481,15 +1560,42 @@ def crop_artists(
                 logger.warning("skipping %s", exc)
                 skipped.append((path, str(exc)))
                 continue
-            yield FrameDetections(number, time_s, image, person_detector.detect(image))
+            dets = person_detector.detect(image)
+            yield FrameDetections(number, time_s, image, dets, source=str(path), still=True)
 
-    selection = select_lead_artists(
-        _stream(),
-        max_artists=max_artists,
-        crops_per_artist=crops_per_artist,
-        on_progress=on_progress,
-    )
-    rows = write_lead_artists(selection, out, clothes=clothes)
+    options = {"max_artists": max_artists, "crops_per_artist": crops_per_artist}
+    if photos:
+        parts = []
+        for done, frame in enumerate(_stream(), start=1):
+            parts.append(select_lead_artists([frame], **options))
+            if on_progress is not None:
+                on_progress(done + len(skipped))
+        selection = combine_selections(parts)
+    else:
+        selection = select_lead_artists(_stream(), on_progress=on_progress, **options)
+    rows = write_lead_artists(selection, out, clothes=clothes, skipped=skipped)
     return CropSummary(
         out=out, selection=selection, rows=rows, n_frames=len(selection.frames), skipped=skipped
     )
+
+
+def combine_selections(parts: Sequence[Selection]) -> Selection:
+    """One :class:`Selection` from the selections of unrelated photos (or clips).
+
+    Artists and people keep their order and are numbered on through the parts (the lead
+    of the second photo is artist ``k + 1`` when the first has ``k``), so an artist or
+    track number names one person in the CSVs.
+    """
+    artists: list[LeadArtist] = []
+    records: list[FrameRecord] = []
+    n_tracks = 0
+    for part in parts:
+        for artist in part.artists:
+            artist.artist += len(artists)
+            artist.track += n_tracks
+        artists.extend(part.artists)
+        for rec in part.frames:
+            rec.tracks = [t + n_tracks for t in rec.tracks]
+        records.extend(part.frames)
+        n_tracks += part.n_tracks
+    return Selection(artists=artists, frames=records, n_tracks=n_tracks)

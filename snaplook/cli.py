@@ -584,8 +584,7 @@ def crop_cmd(
             on_progress=on_progress,
         )
     _print_artists(summary.selection, summary.rows, summary.out)
-    if summary.skipped:
-        _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 @app.command("look")

@@ -427,8 +427,46 @@ def test_crop_cli_frames_folder_uses_frames_csv(people_dir, tmp_path):
     box = tuple(int(person[c]) for c in "xywh")
     assert iou(box, _box(label)) >= 0.5 and person["full_shot"] == "1"
     for r in rows:
-        assert (out / r["path"]).is_file() and r["path"] == f"artist1_000250_{r['kind']}.png"
-    assert _read(out / "detections.csv")[0]["n_people"] == "1"
+        assert (out / r["path"]).is_file() and r["path"] == f"artist1_f000250_{r['kind']}.png"
+        assert r["source"] == str(frames / "f000250.jpg")
+    (detection,) = _read(out / "detections.csv")
+    assert detection["n_people"] == "1" and detection["detector"] == "hog"
+    assert detection["artist"] == "1" and detection["source"] == str(frames / "f000250.jpg")
+
+
+def test_crop_cli_photo_folder_each_photo_on_its_own(people_dir, tmp_path):
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coco_000000000785.jpg", "darknet_person.jpg", "skimage_astronaut.png"):
+        shutil.copy(people_dir / name, photos / name)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["crop", str(photos), "--out", str(out), "--max-artists", "1"])
+    assert result.exit_code == 0, result.output
+    rows = _read(out / "artists.csv")
+    people = {r["artist"]: r for r in rows if r["kind"] == "person"}
+    # One person per photo, numbered through the folder in sorted order.
+    assert {a: Path(r["source"]).name for a, r in people.items()} == {
+        "1": "coco_000000000785.jpg",
+        "2": "darknet_person.jpg",
+        "3": "skimage_astronaut.png",
+    }
+    for r in rows:
+        stem = Path(r["source"]).stem
+        assert r["path"] == f"artist{r['artist']}_{stem}_{r['kind']}.png"
+        assert (out / r["path"]).is_file()
+        label = next(lab for lab in _labels() if lab["file"] == Path(r["source"]).name)
+        if r["kind"] == "person":
+            assert iou(tuple(int(r[c]) for c in "xywh"), _box(label)) >= 0.5
+    detections = _read(out / "detections.csv")
+    assert {(d["artist"], Path(d["source"]).name) for d in detections} == {
+        (a, Path(r["source"]).name) for a, r in people.items()
+    }
+    skipped = _read(out / "skipped.csv")
+    assert [Path(r["path"]).name for r in skipped] == ["broken.jpg"] and skipped[0]["reason"]
+    assert "Skipped 1" in result.output
 
 
 def test_crop_cli_nobody_exits_0_with_empty_csv(tmp_path):
