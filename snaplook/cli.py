@@ -610,10 +610,12 @@ def look_cmd(
     ] = None,
     crops_out: Annotated[
         Path | None,
-        typer.Option(
-            "--crops-out", help="Crops folder [default: output/lead_artist/<video-stem>]."
-        ),
+        typer.Option("--crops-out", help="Crops folder [default: <out>/crops]."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the crops already in --crops-out."),
+    ] = False,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
@@ -634,6 +636,7 @@ def look_cmd(
             detector=detector,
             plot=not no_plot,
             head=_load_head(head),
+            overwrite=overwrite,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -647,6 +650,7 @@ def look_cmd(
         _console().print(
             f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}."
         )
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 # --- evaluate (issue 5) ---
