@@ -569,6 +569,14 @@ def crop_cmd(
         Path | None,
         typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
     ] = None,
+    as_video: Annotated[
+        bool,
+        typer.Option(
+            "--as-video",
+            help="Take a folder without frames.csv as the frames of one video (people followed "
+            "across them) instead of unrelated photos.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
@@ -580,6 +588,7 @@ def crop_cmd(
             min_size=min_size,
             clothes=clothes,
             detector=detector,
+            photos=False if as_video else None,
             on_start=on_start,
             on_progress=on_progress,
         )

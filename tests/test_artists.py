@@ -194,7 +194,7 @@ def test_drop_false_people_keeps_figure_drops_background_and_odd_boxes():
     person = _given(_draw_figure(image, 120, 20, 200, (200, 30, 30), (30, 40, 150)))
     empty = _given((10, 20, 60, 180))  # plain background beside the figure
     band = _given((0, 200, 320, 40))  # a band as wide as the frame
-    sliver = _given((300, 10, 6, 200))
+    sliver = _given((290, 10, 10, 200))  # 20 times taller than wide
     kept = drop_false_people(image, [person, empty, band, sliver])
     assert kept == [person] and person.foreground > 0.5
     assert drop_false_people(image, [empty], min_foreground=0.0) == [empty]
@@ -467,6 +467,23 @@ def test_crop_cli_photo_folder_each_photo_on_its_own(people_dir, tmp_path):
     skipped = _read(out / "skipped.csv")
     assert [Path(r["path"]).name for r in skipped] == ["broken.jpg"] and skipped[0]["reason"]
     assert "Skipped 1" in result.output
+
+
+def test_crop_cli_as_video_follows_people_across_images(people_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ffmpeg_frames"  # frames from another tool: no frames.csv
+    folder.mkdir()
+    for name in ("0001.jpg", "0002.jpg"):
+        shutil.copy(people_dir / "darknet_person.jpg", folder / name)
+    photos, video = tmp_path / "photos", tmp_path / "video"
+    assert runner.invoke(app, ["crop", str(folder), "-o", str(photos), "-q"]).exit_code == 0
+    args = ["crop", str(folder), "-o", str(video), "--as-video", "-q", "--no-clothes"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert sorted({r["artist"] for r in _read(photos / "artists.csv")}) == ["1", "2"]
+    rows = _read(video / "artists.csv")
+    assert {r["artist"] for r in rows} == {"1"}
+    assert sorted(Path(r["source"]).name for r in rows) == ["0001.jpg", "0002.jpg"]
 
 
 def test_crop_cli_nobody_exits_0_with_empty_csv(tmp_path):
