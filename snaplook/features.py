@@ -246,6 +246,22 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
     return Path(path)
 
 
+def first_imagenet_backbone(backbones: Sequence[str]) -> str | None:
+    """The first of ``backbones`` whose ImageNet weights are at hand, or None.
+
+    "At hand" means cached, downloadable or (``efficientnet_lite0``) installed as a
+    package; each backbone is tried with :func:`fetch_imagenet_weights`, in order.
+    """
+    for backbone in backbones:
+        try:
+            fetch_imagenet_weights(backbone)
+        except SnaplookError as exc:
+            logger.info("no ImageNet weights for %s: %s", backbone, exc)
+            continue
+        return backbone
+    return None
+
+
 def _offline_message(spec: Backbone, exc: BaseException) -> str:
     target = keras_cache_dir() / spec.weights_file
     origin = spec.weights_origin or "the Keras applications release"
