@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 from collections import OrderedDict
 from pathlib import Path
 
@@ -248,6 +249,53 @@ def test_zip_and_non_pytorch_files_are_refused(tmp_path: Path) -> None:
         lite0.read_torch_state_dict(zipped)
     with pytest.raises(SnaplookError, match="not a legacy PyTorch weights file"):
         lite0.read_torch_state_dict(other)
+
+
+def _unicode(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _ints(values: tuple[int, ...]) -> bytes:
+    return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+
+def _legacy_pth(path: Path, data: np.ndarray, shape: tuple[int, ...], stride: tuple[int, ...]):
+    """Write a legacy .pth by hand (opcodes as torch.save writes them): one float32 tensor
+    ``w`` of ``shape``/``stride`` over the storage ``data``."""
+    hooks = b"ccollections\nOrderedDict\n)R"
+    pid = b"(" + _unicode("storage") + b"ctorch\nFloatStorage\n" + _unicode("0")
+    pid += _unicode("cpu") + b"J" + struct.pack("<i", data.size) + b"Nt"
+    tensor = b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"Q" + b"J" + struct.pack("<i", 0)
+    tensor += _ints(shape) + _ints(stride) + b"\x89" + hooks + b"tR"
+    body = b"\x80\x02" + hooks + b"(" + _unicode("w") + tensor + b"u."
+    raw = struct.pack("<q", data.size) + data.astype("<f4").tobytes()
+    path.write_bytes(_legacy_header() + body + pickle.dumps(["0"], protocol=2) + raw)
+    return path
+
+
+def test_read_torch_state_dict_follows_strides(tmp_path: Path) -> None:
+    data = np.arange(12, dtype=np.float32)
+    path = _legacy_pth(tmp_path / "t.pth", data, (4, 3), (1, 4))  # a transposed view
+
+    state = lite0.read_torch_state_dict(path)
+
+    np.testing.assert_array_equal(state["w"], data.reshape(3, 4).T)
+    assert state["w"].flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride", "message"),
+    [
+        ((100_000, 100_000), (0, 0), "larger than its storage"),
+        ((2, 3), (6, 5), "outside its storage"),
+    ],
+)
+def test_tensor_beyond_its_storage_is_refused(tmp_path: Path, shape, stride, message) -> None:
+    path = _legacy_pth(tmp_path / "bad.pth", np.ones(12, np.float32), shape, stride)
+
+    with pytest.raises(SnaplookError, match=message):
+        lite0.read_torch_state_dict(path)
 
 
 def test_shape_mismatch_is_refused(tmp_path: Path) -> None:
