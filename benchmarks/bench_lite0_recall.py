@@ -46,6 +46,18 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_flags() -> list[str]:
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _snaplook(*args: object) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "SNAPLOOK_RUNTIME": "keras"}
     command = [sys.executable, "-c", "from snaplook.cli import app; app()", *map(str, args)]
@@ -107,6 +119,7 @@ def main() -> None:
         "date": now.isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_lite0_recall.py " + " ".join(sys.argv[1:]),
         "cpu": _cpu(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "backbone": "efficientnet_lite0",
