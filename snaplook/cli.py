@@ -197,8 +197,8 @@ WeightsOpt = Annotated[
     str,
     typer.Option(
         "--weights",
-        help="imagenet (Keras cache/download), random (seeded, for tests only) or a weights "
-        "file path.",
+        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+        "package), random (seeded, for tests only) or a weights file path.",
     ),
 ]
 BackboneOpt = Annotated[

@@ -301,11 +301,13 @@ def test_tensor_beyond_its_storage_is_refused(tmp_path: Path, shape, stride, mes
 def test_shape_mismatch_is_refused(tmp_path: Path) -> None:
     state = {"_conv_stem.weight": np.zeros((32, 3, 5, 5), np.float32)}
 
+    model = lite0.build_lite0()
+
     with pytest.raises(SnaplookError, match=r"_conv_stem\.weight has shape \(32, 3, 5, 5\)"):
-        lite0.assign_state_dict(lite0.build_lite0(), state, source=tmp_path / "x.pth")
+        lite0.assign_state_dict(model, state, source=tmp_path / "x.pth")
     with pytest.raises(SnaplookError, match=r"_bn0\.weight is missing"):
         lite0.assign_state_dict(
-            lite0.build_lite0(),
+            model,
             {"_conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)},
             source=tmp_path / "x.pth",
         )
