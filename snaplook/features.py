@@ -129,7 +129,7 @@ BACKBONES: dict[str, Backbone] = {
     )
 }
 
-#: Backbones built by a snaplook module rather than ``keras.applications``.
+#: The backbone snaplook builds itself (``snaplook.lite0``), not ``keras.applications``.
 LITE0 = "efficientnet_lite0"
 
 
