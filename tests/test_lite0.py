@@ -368,3 +368,13 @@ def test_demo_offline_runs_on_lite0_imagenet(
         item = Path(r["query"]).name.split("_")[1]
         assert [Path(h["path"]).name[:6] for h in r["hits"]] == [item, item]
     assert len(list((out / "efficientnet_lite0").glob("*_grid.png"))) == 3
+
+
+def test_weights_path_to_the_pth_has_the_imagenet_identity() -> None:
+    pth = _weights_file()
+
+    by_path = features.Embedder("efficientnet_lite0", weights=str(pth)).identity()
+    by_name = features.Embedder("efficientnet_lite0", weights="imagenet").identity()
+
+    assert by_path["weights"]["sha256"] == by_name["weights"]["sha256"]
+    assert by_name["preprocessing"] == "lite" and by_name["feature_dim"] == 1280
