@@ -516,7 +516,12 @@ def extract_cmd(
 
 # --- crop, look (issue 4) ---
 
-MaxArtistsOpt = Annotated[int, typer.Option("--max-artists", min=1, help="Lead artists to keep.")]
+MaxArtistsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-artists", min=1, help="Lead artists to keep (per photo for unrelated photos)."
+    ),
+]
 MinSizeOpt = Annotated[
     float,
     typer.Option(
