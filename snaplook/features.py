@@ -129,7 +129,7 @@ BACKBONES: dict[str, Backbone] = {
     )
 }
 
-#: Backbones built by a snaplook module rather than ``keras.applications``.
+#: The backbone snaplook builds itself (``snaplook.lite0``), not ``keras.applications``.
 LITE0 = "efficientnet_lite0"
 
 
@@ -244,6 +244,22 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
     except Exception as exc:  # Keras raises a bare Exception on any fetch failure
         raise SnaplookError(_offline_message(spec, exc)) from exc
     return Path(path)
+
+
+def first_imagenet_backbone(backbones: Sequence[str]) -> str | None:
+    """The first of ``backbones`` whose ImageNet weights are at hand, or None.
+
+    "At hand" means cached, downloadable or (``efficientnet_lite0``) installed as a
+    package; each backbone is tried with :func:`fetch_imagenet_weights`, in order.
+    """
+    for backbone in backbones:
+        try:
+            fetch_imagenet_weights(backbone)
+        except SnaplookError as exc:
+            logger.info("no ImageNet weights for %s: %s", backbone, exc)
+            continue
+        return backbone
+    return None
 
 
 def _offline_message(spec: Backbone, exc: BaseException) -> str:

@@ -166,6 +166,7 @@ def write_look_page(
     *,
     index: Index,
     frames: Sequence[tuple[int, float | None, np.ndarray]] = (),
+    crops_dir: str | Path | None = None,
 ) -> Path:
     """Write ``out/index.html`` for a look: timeline, artists' crops and products, fused list.
 
@@ -175,6 +176,8 @@ def write_look_page(
         index: the index that was searched.
         frames: (frame number, time in seconds, thumbnail RGB uint8) of the examined
             frames, for the timeline.
+        crops_dir: where the crop files are now, if not yet at their ``crop.path`` (``look``
+            assembles its folder under a temporary name).
 
     Returns:
         the page's path.
@@ -203,7 +206,7 @@ def write_look_page(
                 "kind": c.kind,
                 "frame": c.frame,
                 "time": "" if c.time_s is None else f"{c.time_s:.1f} s",
-                "thumb": thumbs.link(c.path),
+                "thumb": thumbs.link(Path(crops_dir) / c.path.name if crops_dir else c.path),
                 "category": summary.categories.get(str(c.path)),
                 "cards": [_card(h, thumbs) for h in summary.crop_hits.get(str(c.path), [])],
             }
