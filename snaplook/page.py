@@ -78,7 +78,7 @@ class _Thumbs:
 
 def _safe_url(url: str) -> str:
     # Only web links: a catalogue must not put javascript: or file: links on the page.
-    return url if url.startswith(("http://", "https://")) else ""
+    return url if url.lower().startswith(("http://", "https://")) else ""
 
 
 def _card(hit: Hit, thumbs: _Thumbs) -> Card:
