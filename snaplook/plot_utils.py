@@ -109,7 +109,8 @@ def plot_retrieval_grid(
         sub = [Path(res).name if isinstance(res, (str, Path)) else ""]
         if labels is not None:
             sub = [str(labels[i])]
-        ax.set_xlabel(sub[0][:28], fontsize=7)
+        # Per line: a product label is "id · price" over its title.
+        ax.set_xlabel("\n".join(line[:28] for line in sub[0].splitlines()), fontsize=7)
         if hits is not None:
             _outline(ax, HIT_COLOUR if hits[i] else MISS_COLOUR)
     for ax in axes:
