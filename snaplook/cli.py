@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import click
 import typer
 from typer.core import TyperGroup
 
@@ -36,7 +37,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):
+        except (typer.Exit, typer.Abort, typer.TyperException, click.ClickException):
             raise
         except SnaplookError as exc:
             if os.environ.get("SNAPLOOK_DEBUG"):
@@ -73,7 +74,9 @@ app = typer.Typer(
     help="Shop-the-look retrieval for fashion: frames, lead artists, ResNet50 features, "
     "cosine k-NN, retrieval grids.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     # Plain (click) help: Typer's rich help imports rich.markdown, markdown-it and pygments,
     # which took --help from ~0.15 s to ~0.45 s (issue 6: --help within 0.3 s).
@@ -81,6 +84,64 @@ app = typer.Typer(
 )
 
 _state: dict[str, bool] = {"quiet": False, "verbose": False}
+
+
+def _choice(values: Any) -> Any:
+    """A parse-time choice type (Typer makes a Literal a click Choice): a value outside it
+    is a usage error (exit 2) with the usage hint. Built from the library's constants."""
+    return Literal[tuple(values)]
+
+
+def _each_in(choices: Any) -> Callable[[list[str] | None], list[str] | None]:
+    """Callback for a repeatable, comma-separated option: every value must be a choice."""
+
+    def check(value: list[str] | None) -> list[str] | None:
+        for v in _evaluate.split_values(value):
+            if v not in choices:
+                raise typer.BadParameter(f"{v!r} is not one of {', '.join(choices)}.")
+        return value
+
+    return check
+
+
+def _usage(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """Callback running a library parser at parse time: its SnaplookError is a usage error."""
+
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except SnaplookError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{value} is not > 0.")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 <= value < 1:
+        raise typer.BadParameter(f"{value} is not in [0, 1).")
+    return value
+
+
+def _check_weights(value: str) -> str:
+    if value in ("imagenet", "random") or Path(value).expanduser().is_file():
+        return value
+    raise typer.BadParameter(
+        f"{value!r} is neither imagenet, random nor an existing weights file (.weights.h5 or "
+        "the Keras ImageNet no-top .h5)."
+    )
+
+
+def _check_detector(value: str) -> str:
+    if value == "builtin" or (value.lower().endswith(".onnx") and Path(value).is_file()):
+        return value
+    raise typer.BadParameter(f"{value!r} is neither builtin nor an existing .onnx model file.")
 
 
 def _version(value: bool) -> None:
@@ -197,12 +258,14 @@ WeightsOpt = Annotated[
     str,
     typer.Option(
         "--weights",
+        callback=_check_weights,
         help="imagenet (Keras cache/download), random (seeded, for tests only) or a weights "
         "file path.",
     ),
 ]
 BackboneOpt = Annotated[
-    str, typer.Option("--backbone", help=f"One of: {', '.join(_features.BACKBONES)}.")
+    _choice(_features.BACKBONES),
+    typer.Option("--backbone", help="The CNN that embeds images."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
@@ -252,7 +315,7 @@ def index_cmd(
         bool, typer.Option("--strict", help="Exit 1 if any file is skipped.")
     ] = False,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --weights random.")
+        int, typer.Option("--seed", min=0, help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
@@ -289,7 +352,7 @@ def features_cmd(
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --weights random.")
+        int, typer.Option("--seed", min=0, help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     quiet: QuietOpt = False,
@@ -314,7 +377,9 @@ def features_cmd(
 @app.command("query")
 def query_cmd(
     queries: Annotated[Path, typer.Argument(help="Query image or folder of query images.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = _index.DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")
+    ] = _index.DEFAULT_K,
     index: Annotated[
         Path, typer.Option("--index", help="Index folder.")
     ] = _index.DEFAULT_INDEX_DIR,
@@ -323,7 +388,11 @@ def query_cmd(
         typer.Option("--out", "-o", help="Results folder [default: output/<backbone>]."),
     ] = None,
     backbone: Annotated[
-        str | None, typer.Option("--backbone", help="Must match the index's backbone if given.")
+        _choice(_features.BACKBONES) | None,
+        typer.Option(
+            "--backbone",
+            help="Must match the index's backbone if given.",
+        ),
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
@@ -382,7 +451,9 @@ def demo_cmd(
         "data"
     ),
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root.")] = Path("output"),
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = _index.DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")
+    ] = _index.DEFAULT_K,
     quiet: QuietOpt = False,
 ) -> None:
     """Index data/train, query data/test with k=5 and say where the grids are."""
@@ -431,7 +502,9 @@ def extract_cmd(
     every: Annotated[
         float,
         typer.Option(
-            "--every", help="Seconds between interval frames; 0 with --scenes: scenes only."
+            "--every",
+            min=0.0,
+            help="Seconds between interval frames; 0 with --scenes: scenes only.",
         ),
     ] = _video.DEFAULT_EVERY,
     scenes: Annotated[
@@ -463,7 +536,8 @@ def extract_cmd(
         Path, typer.Option("--out", "-o", help="Root folder; frames go in <out>/<video-stem>/.")
     ] = _video.DEFAULT_OUT_ROOT,
     image_format: Annotated[
-        str, typer.Option("--format", help=f"One of: {', '.join(_video.IMAGE_FORMATS)}.")
+        _choice(_video.IMAGE_FORMATS),
+        typer.Option("--format", help="Frame image format."),
     ] = _video.DEFAULT_FORMAT,
     quality: Annotated[
         int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")
@@ -471,6 +545,11 @@ def extract_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Extract frames at an interval and/or on scene changes, with frame numbers and times."""
+    if every == 0 and not scenes:
+        raise typer.BadParameter(
+            "0 needs --scenes (scene frames only); otherwise give seconds > 0.",
+            param_hint="'--every'",
+        )
     with _progress("Extracting", quiet=quiet, unit="s") as (on_start, on_progress):
         results = _video.extract_videos(
             video,
@@ -518,7 +597,9 @@ ClothesOpt = Annotated[
 DetectorOpt = Annotated[
     str,
     typer.Option(
-        "--detector", help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file."
+        "--detector",
+        callback=_check_detector,
+        help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
     ),
 ]
 
@@ -591,7 +672,9 @@ def crop_cmd(
 @app.command("look")
 def look_cmd(
     video: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Video file.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per crop.")] = _index.DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours per crop.")
+    ] = _index.DEFAULT_K,
     index: Annotated[
         Path, typer.Option("--index", help="Index folder.")
     ] = _index.DEFAULT_INDEX_DIR,
@@ -665,7 +748,11 @@ def evaluate_cmd(
         ),
     ],
     protocol: Annotated[
-        str, typer.Option("--protocol", help="inshop, consumer2shop or folders (leave-one-out).")
+        _choice(_evaluate.PROTOCOLS),
+        typer.Option(
+            "--protocol",
+            help="inshop, consumer2shop or folders (leave-one-out).",
+        ),
     ] = _evaluate.DEFAULT_PROTOCOL,
     partition: Annotated[
         Path | None,
@@ -685,12 +772,17 @@ def evaluate_cmd(
         ),
     ] = None,
     crop: Annotated[
-        str, typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image.")
+        _choice(_evaluate.CROPS),
+        typer.Option(
+            "--crop",
+            help="gt: crop to the ground-truth box; none: whole image.",
+        ),
     ] = _evaluate.DEFAULT_CROP,
     backbone: Annotated[
         list[str] | None,
         typer.Option(
             "--backbone",
+            callback=_each_in(tuple(_features.BACKBONES)),
             help="Backbone(s); repeat or comma-separate to compare "
             f"(default: {_features.DEFAULT_BACKBONE}).",
         ),
@@ -698,27 +790,43 @@ def evaluate_cmd(
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
     pooling: Annotated[
         list[str] | None,
-        typer.Option("--pooling", help="avg and/or max; repeat to compare (default: avg)."),
+        typer.Option(
+            "--pooling",
+            callback=_each_in(_features.POOLINGS),
+            help="avg and/or max; repeat to compare (default: avg).",
+        ),
     ] = None,
     norm: Annotated[
         list[str] | None,
         typer.Option(
             "--norm",
+            callback=_each_in(_evaluate.NORMALIZATIONS),
             help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
         ),
     ] = None,
-    k: Annotated[str, typer.Option("--k", help="Recall@K cut-offs, comma-separated.")] = ",".join(
-        map(str, _evaluate.DEFAULT_KS)
-    ),
+    k: Annotated[
+        str,
+        typer.Option(
+            "--k", callback=_usage(_evaluate.parse_ks), help="Recall@K cut-offs, comma-separated."
+        ),
+    ] = ",".join(map(str, _evaluate.DEFAULT_KS)),
     ties: Annotated[
-        str, typer.Option("--ties", help="pessimistic (a tie never helps) or gallery-order.")
+        _choice(_evaluate.TIE_RULES),
+        typer.Option(
+            "--ties",
+            help="pessimistic (a tie never helps) or gallery-order.",
+        ),
     ] = _evaluate.DEFAULT_TIES,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Report folder (default: output/eval/<root>-<protocol>)."),
     ] = None,
     subset: Annotated[
-        str, typer.Option("--subset", help="Consumer-to-shop split evaluated: test or val.")
+        _choice(("test", "val")),
+        typer.Option(
+            "--subset",
+            help="Consumer-to-shop split evaluated: test or val.",
+        ),
     ] = _evaluate.DEFAULT_C2S_SUBSET,
     examples: Annotated[
         int, typer.Option("--examples", min=0, help="Queries in the worst and random grids.")
@@ -730,7 +838,7 @@ def evaluate_cmd(
         bool, typer.Option("--strict", help="Exit 1 if a listed image is missing or unreadable.")
     ] = False,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --weights random and the random grid.")
+        int, typer.Option("--seed", min=0, help="Seed for --weights random and the random grid.")
     ] = _features.DEFAULT_SEED,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     head: HeadOpt = None,
@@ -859,7 +967,11 @@ def _load_head(path: Path | None) -> Any:
 def train_cmd(
     root: Annotated[Path, typer.Argument(help="Dataset root (as for `snaplook evaluate`).")],
     protocol: Annotated[
-        str, typer.Option("--protocol", help="inshop, consumer2shop or folders.")
+        _choice(_evaluate.PROTOCOLS),
+        typer.Option(
+            "--protocol",
+            help="inshop, consumer2shop or folders.",
+        ),
     ] = _evaluate.DEFAULT_PROTOCOL,
     partition: Annotated[
         Path | None,
@@ -870,10 +982,15 @@ def train_cmd(
         typer.Option("--bbox", exists=True, dir_okay=False, help="Box file for --crop gt."),
     ] = None,
     crop: Annotated[
-        str, typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image.")
+        _choice(_evaluate.CROPS),
+        typer.Option(
+            "--crop",
+            help="gt: crop to the ground-truth box; none: whole image.",
+        ),
     ] = _evaluate.DEFAULT_CROP,
     loss: Annotated[
-        str, typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor.")
+        _choice(_train.LOSSES),
+        typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor."),
     ] = _train.DEFAULT_LOSS,
     dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")] = _train.DEFAULT_DIM,
     hidden: Annotated[
@@ -883,17 +1000,29 @@ def train_cmd(
         int, typer.Option("--epochs", min=1, help="Maximum epochs.")
     ] = _train.DEFAULT_EPOCHS,
     batch: Annotated[
-        str, typer.Option("--batch", help="P items x K images per batch, e.g. 16x4.")
+        str,
+        typer.Option(
+            "--batch",
+            callback=_usage(_train.parse_batch),
+            help="P items x K images per batch, e.g. 16x4.",
+        ),
     ] = "{}x{}".format(*_train.DEFAULT_BATCH),
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = _train.DEFAULT_LR,
+    lr: Annotated[
+        float, typer.Option("--lr", callback=_positive, help="Adam learning rate (> 0).")
+    ] = _train.DEFAULT_LR,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of training items held out.")
+        float,
+        typer.Option(
+            "--val-fraction",
+            callback=_fraction,
+            help="Share of training items held out, in [0, 1).",
+        ),
     ] = _train.DEFAULT_VAL_FRACTION,
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Stop after N epochs without a better R@1.")
     ] = _train.DEFAULT_PATIENCE,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seeds training and --weights random.")
+        int, typer.Option("--seed", min=0, help="Seeds training and --weights random.")
     ] = _train.DEFAULT_SEED,
     backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,

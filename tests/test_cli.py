@@ -275,3 +275,56 @@ def test_help_does_not_import_heavy_libraries() -> None:
     for command in ("index", "query", "features", "demo"):
         assert command in proc.stdout
     assert "--weights" in proc.stdout
+
+
+# --- issue 15: what a new user trips over ---
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["query", "q.png", "-k", "0"], "'-k' / '--k'"),
+        (["demo", "-k", "0"], "'-k' / '--k'"),
+        (["look", "v.mp4", "-k", "0"], "'-k' / '--k'"),
+        (["extract", "v.mp4", "--format", "gif"], "'--format'"),
+        (["extract", "v.mp4", "--every", "-1"], "'--every'"),
+        (["extract", "v.mp4", "--every", "0"], "'--every'"),  # 0 needs --scenes
+        (["evaluate", ".", "--protocol", "foo"], "'--protocol'"),
+        (["evaluate", ".", "--ties", "optimistic"], "'--ties'"),
+        (["evaluate", ".", "--crop", "box"], "'--crop'"),
+        (["evaluate", ".", "--subset", "train"], "'--subset'"),
+        (["evaluate", ".", "--k", "1,0"], "'--k'"),
+        (["evaluate", ".", "--norm", "l2,l3"], "'--norm'"),
+        (["evaluate", ".", "--pooling", "mean"], "'--pooling'"),
+        (["evaluate", ".", "--backbone", "resnet50,resnet51"], "'--backbone'"),
+        (["index", "g", "--backbone", "resnet51"], "'--backbone'"),
+        (["index", "g", "--weights", "imagnet"], "'--weights'"),
+        (["index", "g", "--batch-size", "0"], "'--batch-size'"),
+        (["features", "g", "--backbone", "resnet51"], "'--backbone'"),
+        (["query", "q.png", "--backbone", "resnet51"], "'--backbone'"),
+        (["crop", ".", "--max-artists", "0"], "'--max-artists'"),
+        (["crop", ".", "--detector", "yolo"], "'--detector'"),
+        (["train", ".", "--protocol", "foo"], "'--protocol'"),
+        (["train", ".", "--loss", "contrastive"], "'--loss'"),
+        (["train", ".", "--batch", "eight"], "'--batch'"),
+        (["train", ".", "--lr", "0"], "'--lr'"),
+        (["train", ".", "--val-fraction", "1"], "'--val-fraction'"),
+        (["train", ".", "--seed", "-1"], "'--seed'"),
+    ],
+)
+def test_bad_option_value_is_usage_error_exit_2(args: list[str], option: str) -> None:
+    result = _run(*args)
+
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {option}" in result.stderr
+    assert "Usage: " in result.stderr and "-h' for help" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_h_is_a_help_alias_and_completion_is_offered() -> None:
+    top = _run("-h")
+    sub = _run("query", "-h")
+
+    assert top.exit_code == 0 and sub.exit_code == 0
+    assert "--install-completion" in top.stdout
+    assert "Usage: " in sub.stdout and "--index" in sub.stdout

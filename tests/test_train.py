@@ -381,7 +381,7 @@ def test_train_cli_refuses_a_bad_batch_value(workdir):
     result = CliRunner().invoke(
         app, ["train", str(workdir["root"]), "--weights", "random", "--batch", "eight"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad option value is a usage error, found at parse time
     assert "expected P items x K images per item" in " ".join(result.output.split())
 
 
