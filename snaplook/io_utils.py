@@ -52,7 +52,9 @@ def _find_files(root: Path, extensions: frozenset[str]) -> list[Path]:
         for name in filenames:
             if Path(name).suffix.lower() in extensions and not name.startswith("."):
                 found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    logger.info("found %d file(s) under %s", len(found), root)
+    return found
 
 
 def _log_walk_error(exc: OSError) -> None:
