@@ -1305,6 +1305,7 @@ def _grid_rows(
                 "hits": [g.item == query.item for g in gallery],
                 "labels": [g.item for g in gallery],
                 "query_label": f"{query.item} (hit@{rank})" if rank else query.item,
+                "query_name": Path(query.path).name,
             }
         )
     return rows
