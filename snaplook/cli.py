@@ -210,6 +210,54 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
+def _is_quiet(quiet: bool = False) -> bool:
+    return quiet or _state["quiet"]
+
+
+def _say(message: str, *, quiet: bool = False) -> None:
+    """A result line on stdout, left out with --quiet (the final summary is not)."""
+    if not _is_quiet(quiet):
+        typer.echo(message)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _print_table(
+    title: str,
+    headers: list[str],
+    rows: list[list[str]],
+    *,
+    right: list[bool],
+    quiet: bool = False,
+) -> None:
+    """A table on stdout that never cuts a cell: a rich table on a terminal wide enough for
+    every cell, otherwise (piped, captured, narrow) plain aligned text. Off with --quiet."""
+    if _is_quiet(quiet):
+        return
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    console = _console()
+    if sys.stdout.isatty() and sum(widths) + 3 * len(widths) + 1 <= console.width:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title)
+        for header, r in zip(headers, right):
+            table.add_column(header, justify="right" if r else "left", no_wrap=True)
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
+        return
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)
+        ).rstrip()
+
+    typer.echo("\n".join([title, line(headers), *(line(r) for r in rows)]))
+
+
 @contextlib.contextmanager
 def _progress(
     description: str, *, quiet: bool = False, unit: str = "img"
@@ -334,8 +382,8 @@ def index_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    _console().print(
-        f"Indexed {summary.n_indexed} images into {summary.out} "
+    typer.echo(
+        f"Indexed {_plural(summary.n_indexed, 'image')} into {summary.out} "
         f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
         f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''})."
     )
@@ -370,7 +418,7 @@ def features_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    _console().print(f"Wrote {result.features_path} {result.shape} and {result.manifest_path}.")
+    typer.echo(f"Wrote {result.features_path} {result.shape} and {result.manifest_path}.")
     _report_skipped(result.skipped, None, False)
 
 
@@ -420,29 +468,32 @@ def query_cmd(
         _index.write_query_results(
             summary, out, index=loaded, plot=not no_plot, title_note=note, on_progress=on_progress
         )
-    _print_results(summary)
-    _report_skipped(summary.skipped, None, False)
+    _print_results(summary, quiet=quiet)
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
-def _print_results(summary: Any) -> None:
-    from rich.table import Table
+def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> None:
+    from snaplook.plot_utils import format_distances
 
     shown = min(3, summary.k)
     title = f"Top {summary.k} per query"
     if shown < summary.k:
         title = f"Nearest {shown} of the top {summary.k} per query (all in results.csv)"
-    table = Table(title=title, show_lines=False)
-    table.add_column("query")
-    table.add_column("rank", justify="right")
-    table.add_column("gallery image")
-    table.add_column("distance", justify="right")
+    rows = []
     for result in summary.results[:20]:
-        for hit in result.hits[:shown]:
-            table.add_row(result.query.name, str(hit.rank), hit.path.name, f"{hit.distance:.4f}")
-    console = _console()
-    console.print(table)
-    grids = f", {len(summary.grids)} grids" if summary.grids else ""
-    console.print(f"Wrote {summary.out / 'results.csv'}, results.json{grids} in {summary.out}.")
+        labels = format_distances([h.distance for h in result.hits])
+        for hit, label in zip(result.hits[:shown], labels):
+            rows.append([result.query.name, str(hit.rank), hit.path.name, label])
+    _print_table(title, ["query", "rank", "gallery image", "distance"], rows,
+                 right=[False, True, False, True], quiet=quiet)  # fmt: skip
+    if len(summary.results) > 20:
+        _say(f"... and {len(summary.results) - 20} more queries.", quiet=quiet)
+    if not final:
+        return
+    grids = f", {_plural(len(summary.grids), 'grid')}" if summary.grids else ""
+    typer.echo(
+        f"Wrote {summary.out / 'results.csv'} (all results), results.json{grids} in {summary.out}."
+    )
 
 
 @app.command("demo")
@@ -486,10 +537,10 @@ def demo_cmd(
     _index.write_query_results(
         summary, out / str(loaded.meta["backbone"]), index=loaded, title_note=note
     )
-    _print_results(summary)
-    _console().print(
-        f"Demo done: {built.n_indexed} gallery images indexed in {index_dir}; "
-        f"{len(summary.grids)} retrieval grids in {summary.out}."
+    _print_results(summary, quiet=quiet, final=False)
+    typer.echo(
+        f"Demo done: {_plural(built.n_indexed, 'gallery image')} indexed in {index_dir}; "
+        f"{_plural(len(summary.grids), 'retrieval grid')} and results.csv in {summary.out}."
     )
 
 
@@ -564,16 +615,25 @@ def extract_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    console = _console()
-    for r in results:
-        if r.error:
-            _err(f"Skipped {r.video}: {r.error}")
+    done = [r for r in results if not r.error]
+    for r in done:
+        line = (
+            f"{r.video.name}: kept {len(r.frames)} of {r.n_decoded} frames "
+            f"({r.duration_s:.1f} s of video, {r.frames_per_second:.0f} frames/s) "
+            f"in {r.out}/ with {_video.FRAMES_CSV}."
+        )
+        if len(results) == 1:
+            typer.echo(line)
         else:
-            console.print(
-                f"{r.video.name}: kept {len(r.frames)} of {r.n_decoded} frames "
-                f"({r.duration_s:.1f} s of video, {r.frames_per_second:.0f} frames/s) "
-                f"in {r.out}/ with {_video.FRAMES_CSV}."
-            )
+            _say(line, quiet=quiet)
+    if len(results) > 1:
+        typer.echo(
+            f"Extracted {_plural(sum(len(r.frames) for r in done), 'frame')} from "
+            f"{len(done)} of {_plural(len(results), 'video')} into {out}/."
+        )
+    # Each failed video was logged once as a warning with its reason; this is the tally.
+    skipped = [r for r in results if r.error]
+    _report_skipped(skipped, out / _video.SKIPPED_CSV, False)
 
 
 # --- crop, look (issue 4) ---
@@ -604,34 +664,42 @@ DetectorOpt = Annotated[
 ]
 
 
-def _print_artists(selection: Any, rows: list[Any], out: Path) -> None:
-    console = _console()
+def _print_artists(
+    selection: Any, rows: list[Any], out: Path, *, quiet: bool = False, final: bool = True
+) -> None:
     frames = len(selection.frames)
     if not selection.artists:
-        console.print(
-            f"No people found in {frames} frame(s); wrote empty artists.csv and "
+        (typer.echo if final else _say)(
+            f"No people found in {_plural(frames, 'frame')}; wrote empty artists.csv and "
             f"detections.csv in {out}."
         )
         return
-    from rich.table import Table
-
-    table = Table(
-        title=f"Lead artists ({selection.n_frames_with_people}/{frames} frames with people)"
-    )
-    for col in ("artist", "score", "screen time", "size", "frames", "crops"):
-        table.add_column(col, justify="right")
-    for a in selection.artists:
-        n_files = sum(1 for r in rows if r.artist == a.artist)
-        table.add_row(
+    table = [
+        [
             str(a.artist),
             f"{a.score:.3f}",
             f"{a.screen_time:.0%}",
             f"{a.size:.2f}",
             str(len(a.frames)),
-            str(n_files),
-        )
-    console.print(table)
-    console.print(f"Wrote {len(rows)} crops and artists.csv in {out}.")
+            str(sum(1 for r in rows if r.artist == a.artist)),
+        ]
+        for a in selection.artists
+    ]
+    _print_table(
+        f"Lead artists ({selection.n_frames_with_people}/{frames} frames with people)",
+        ["artist", "score", "screen time", "size", "frames", "crops"],
+        table,
+        right=[True] * 6,
+        quiet=quiet,
+    )
+    _say(
+        "score: lead score = screen time x size x centrality (higher is more of a lead); "
+        "screen time: share of the frames the artist is in; size: mean person height as a "
+        "fraction of the frame height.",
+        quiet=quiet,
+    )
+    if final:
+        typer.echo(f"Wrote {_plural(len(rows), 'crop')} in {out}; listed in {out / 'artists.csv'}.")
 
 
 @app.command("crop")
@@ -664,7 +732,7 @@ def crop_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    _print_artists(summary.selection, summary.rows, summary.out)
+    _print_artists(summary.selection, summary.rows, summary.out, quiet=quiet)
     if summary.skipped:
         _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
 
@@ -721,16 +789,14 @@ def look_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    _print_artists(summary.selection, summary.crops, summary.crops_out)
+    _print_artists(summary.selection, summary.crops, summary.crops_out, quiet=quiet, final=False)
     if summary.crops:
-        _console().print(
+        typer.echo(
             f"Queried {len(summary.crops)} crops (k={summary.k}) in {summary.seconds:.1f} s: "
             f"looks.csv, looks_fused.csv and {len(summary.grids)} grids in {summary.out}."
         )
     else:
-        _console().print(
-            f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}."
-        )
+        typer.echo(f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}.")
 
 
 # --- evaluate (issue 5) ---
@@ -873,7 +939,7 @@ def evaluate_cmd(
             on_stage=on_stage,
             on_progress=on_progress,
         )
-    _print_evaluation(result, ks)
+    _print_evaluation(result, ks, quiet=quiet)
 
 
 @contextlib.contextmanager
@@ -914,26 +980,21 @@ def _stage_progress(
         yield on_stage, on_progress
 
 
-def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
-    from rich.table import Table
-
-    table = Table(title="Retrieval (Recall@K = hit rate, %)")
-    table.add_column("setting")
-    table.add_column("queries", justify="right")
-    for k in ks:
-        table.add_column(f"R@{k}", justify="right")
-    table.add_column("mAP", justify="right")
-    table.add_column("MAP@R", justify="right")
+def _print_evaluation(result: Any, ks: tuple[int, ...], *, quiet: bool = False) -> None:
+    rows = []
     for report in result.reports:
         m = report.metrics
         cells = [m["recall_at_k"][k] for k in ks] + [m["map"], m["map_at_r"]]
-        table.add_row(
-            report.config["setting"],
-            str(report.counts["queries_evaluated"]),
-            *("n/a" if v is None else f"{100 * v:.2f}" for v in cells),
+        rows.append(
+            [
+                report.config["setting"],
+                str(report.counts["queries_evaluated"]),
+                *("n/a" if v is None else f"{100 * v:.2f}" for v in cells),
+            ]
         )
-    console = _console()
-    console.print(table)
+    headers = ["setting", "queries", *(f"R@{k}" for k in ks), "mAP", "MAP@R"]
+    _print_table("Retrieval (Recall@K = hit rate, %)", headers, rows,
+                 right=[False] + [True] * (len(headers) - 1), quiet=quiet)  # fmt: skip
     counts = result.reports[0].counts
     notes = [
         f"{counts['missing_images']} listed image(s) missing",
@@ -943,15 +1004,19 @@ def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
     skipped_csv = result.reports[0].files.get("skipped_csv")
     if skipped_csv:
         notes.append(f"skipped images listed in {skipped_csv}")
-    console.print("; ".join(notes) + ".")
+    _say("; ".join(notes) + ".", quiet=quiet)
     if result.reports[0].config["weights"].get("name") == "random":
         _err("Random weights: these numbers test the pipeline, not retrieval quality.")
-    written = (
-        "compare.md, compare.json and one report per setting"
-        if result.files
-        else ("report.md, report.json, per_query.csv and figures")
-    )
-    console.print(f"Wrote {written} in {result.out}.")
+    if result.files:
+        typer.echo(
+            f"Wrote compare.md, compare.json and one report per setting (per_query.csv per "
+            f"query) in {result.out}."
+        )
+    else:
+        typer.echo(
+            f"Wrote report.md, report.json, figures and {result.reports[0].files['per_query_csv']}"
+            " (per query)."
+        )
 
 
 # --- train (issue 8) ---
@@ -1037,13 +1102,12 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a small embedding head (triplet / Proxy-Anchor) on cached backbone features."""
-    console = _console()
 
     def on_epoch(r: Any) -> None:
         if not (quiet or _state["quiet"]):
             val = "n/a" if r.val_recall_at_1 is None else f"{100 * r.val_recall_at_1:.2f}%"
             best = "  *best" if r.best else ""
-            console.print(
+            typer.echo(
                 f"epoch {r.epoch:3d}/{epochs}  loss {r.loss:.4f}  val R@1 {val}  "
                 f"({r.seconds:.1f} s){best}"
             )
@@ -1073,13 +1137,13 @@ def train_cmd(
             on_progress=on_progress,
             on_epoch=on_epoch,
         )
-    _print_training(summary)
+    _print_training(summary, quiet=quiet)
     if summary.interrupted:
         _err(f"Interrupted: kept the best head so far in {summary.out}.")
         raise typer.Exit(130)
 
 
-def _print_training(summary: Any) -> None:
+def _print_training(summary: Any, *, quiet: bool = False) -> None:
     info = summary.head.info
     counts, val = info["counts"], info["val_metrics"]
     r1 = val["recall_at_1"]
@@ -1093,17 +1157,20 @@ def _print_training(summary: Any) -> None:
             else ""
         )
     )
-    console = _console()
-    console.print(line)
-    console.print(
+    _say(line, quiet=quiet)
+    _say(
         f"Trained on {counts['train_images']} images of {counts['train_items']} items, validated "
         f"on {counts['val_images']} images of {counts['val_items']} held-out items ("
         + (
             f"{summary.n_embedded} images embedded)."
             if summary.n_embedded
             else "all features from the cache)."
-        )
+        ),
+        quiet=quiet,
     )
-    console.print(
-        f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out}."
+    if (summary.head.config.get("source") or {}).get("weights", {}).get("name") == "random":
+        _err("Random weights: this head and its validation Recall@1 test the pipeline only.")
+    typer.echo(
+        f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
+        f"(best epoch {info['best_epoch']})."
     )
