@@ -345,8 +345,26 @@ def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> Non
         raise typer.Exit(1)
 
 
+def _model_options(ctx: Any, out: Path, update: bool, **given: Any) -> dict[str, Any]:
+    """--update keeps the index's own model (backbone, weights, seed, pooling) unless an
+    option given on the command line says otherwise."""
+    recorded = _index.update_settings(out) if update else None
+    if not recorded:
+        return given
+    chosen = {
+        name: value
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        else recorded[name]
+        for name, value in given.items()
+    }
+    chosen.update(pooling=recorded["pooling"], resize_mode=recorded["resize_mode"])
+    logger.info("--update of %s: %s", out, chosen)
+    return chosen
+
+
 @app.command("index")
 def index_cmd(
+    ctx: typer.Context,
     gallery: Annotated[
         Path, typer.Argument(help="Folder of gallery images (searched recursively).")
     ],
@@ -370,7 +388,8 @@ def index_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
-    embedder = _features.Embedder(backbone, weights=weights, seed=seed, runtime=runtime)
+    model = _model_options(ctx, out, update, backbone=backbone, weights=weights, seed=seed)
+    embedder = _features.Embedder(runtime=runtime, **model)
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _index.build_index(
             gallery,
@@ -379,6 +398,7 @@ def index_cmd(
             head=_load_head(head),
             batch_size=batch_size,
             update=update,
+            strict=strict,
             on_start=on_start,
             on_progress=on_progress,
         )

@@ -1062,6 +1062,7 @@ def evaluate(
             strict=strict,
             subset=subset,
         )
+        warn_ks_over_gallery(split, ks)
     if embedder is None:
         embedder = feats.Embedder(
             backbone or feats.DEFAULT_BACKBONE,
@@ -1581,6 +1582,7 @@ def evaluate_settings(
         strict=strict,
         subset=subset,
     )
+    warn_ks_over_gallery(split, kwargs.get("ks", DEFAULT_KS))
     out = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
     combos = list(itertools.product(backbones, poolings, normalizations, heads))
@@ -1617,6 +1619,23 @@ def evaluate_settings(
         write_json_atomic(comparison.files["compare_json"], table)
         write_text_atomic(comparison.files["compare_md"], render_compare_md(table))
     return comparison
+
+
+def warn_ks_over_gallery(split: Split, ks: Sequence[int]) -> list[int]:
+    """Warn about Recall@K cut-offs larger than the gallery a query is ranked against
+    (there every query with any gallery match counts as a hit); return those K."""
+    n = len(split.query) - 1 if split.leave_one_out else len(split.gallery)
+    over = sorted(k for k in set(ks) if k > n)
+    if over:
+        logger.warning(
+            "K=%s exceed%s the gallery (%d images per query): Recall@K there only says whether "
+            "a query has any match; use --k values up to %d",
+            ",".join(map(str, over)),
+            "s" if len(over) == 1 else "",
+            n,
+            n,
+        )
+    return over
 
 
 def compare_reports(reports: Sequence[Report]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ DEFAULT_K = 5
 #: Version of the index folder layout; an index from a newer snaplook is refused.
 INDEX_FORMAT_VERSION = 1
 SKIPPED_HEADER = ("path", "reason")
+RESULTS_HEADER = ("query", "rank", "path", "distance", "backbone", "weights")
 #: Gallery rows per GEMM block in search: bounds the similarity matrix to
 #: n_queries x 8192 float32 whatever the gallery size.
 SEARCH_BLOCK_ROWS = 8192
@@ -82,6 +83,7 @@ def build_index(
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
+    strict: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
     on_start: Callable[[int], None] | None = None,
@@ -107,6 +109,8 @@ def build_index(
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
             The result equals a full rebuild.
+        strict: refuse to write the index when any image could not be read (the
+            previous index at ``out``, if any, stays as it was).
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
         on_start: called once with the number of images found.
@@ -238,6 +242,13 @@ def build_index(
                     f"{root}: none of the {len(paths)} images could be read; see the warnings "
                     "above for why."
                 )
+            if strict and skipped:
+                checkpoint.remove()
+                raise SnaplookError(
+                    f"--strict: {len(skipped)} of {len(paths)} images could not be read (first: "
+                    f"{skipped[0].reason}); the index was not written. Fix or remove them, or "
+                    "drop --strict to index the rest."
+                )
             tmp = checkpoint.folder / "assembling"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
@@ -267,6 +278,7 @@ def build_index(
             if old_features is not None:
                 del old_features, old  # release the memory map before replacing its folder
             replace_dir(tmp, out, marker="meta.json")
+            logger.info("wrote %s (features.npy, manifest.csv, meta.json, skipped.csv)", out)
         except KeyboardInterrupt:
             logger.warning(
                 "stopped: %d of %d images are checkpointed in %s; run the same command again "
@@ -717,22 +729,49 @@ def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
         )
 
 
-def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
-    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Embedder` arguments an index or cache recorded: backbone, weights (name
+    or file path), pooling, seed and resize mode."""
     weights_meta = meta.get("weights", {})
     kind = weights_meta.get("name", "imagenet")
     weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
-    kwargs: dict[str, Any] = dict(
+    return dict(
         backbone=meta.get("backbone", DEFAULT_BACKBONE),
         weights=weights,
         pooling=meta.get("pooling", DEFAULT_POOLING),
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
     )
+
+
+def update_settings(out: str | Path) -> dict[str, Any] | None:
+    """What ``--update`` of the index at ``out`` reuses by default (see
+    :func:`recorded_settings`), or None when ``out`` holds no index yet.
+
+    Raises:
+        SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
+    """
+    meta_path = Path(out) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnaplookError(f"{meta_path} cannot be read ({exc}); rebuild the index.") from exc
+    if not isinstance(meta, dict):
+        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
+    return recorded_settings(meta)
+
+
+def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
+    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+    weights_meta = meta.get("weights", {})
+    kwargs = recorded_settings(meta)
+    weights = kwargs["weights"]
     kwargs.update(overrides)
     embedder = Embedder(**kwargs)
     want = weights_meta.get("sha256")
-    if want and kind == "file":
+    if want and weights_meta.get("name") == "file":
         got = embedder.identity()["weights"].get("sha256")
         if got != want:
             raise SnaplookError(
@@ -760,6 +799,12 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         )
     meta_path = path / "meta.json"
     if not meta_path.is_file():
+        if not any((path / name).exists() for name in ("features.npy", "manifest.csv")):
+            raise SnaplookError(
+                f"{path}: no index here (no meta.json, features.npy or manifest.csv: "
+                f"`snaplook index` never wrote this folder); build one with `snaplook index "
+                f"DIR --out {path}` or pass --index with an index folder."
+            )
         raise SnaplookError(f"{meta_path} is missing: not a complete index; rebuild it.")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -1034,12 +1079,21 @@ def write_query_results(
     if out.exists() and not out.is_dir():
         raise SnaplookError(f"--out {out} is a file, not a folder; pass a folder for the results.")
     out.mkdir(parents=True, exist_ok=True)
+    backbone = str(index.meta.get("backbone"))
+    weights = describe_weights(index.meta.get("weights"))
+    # Query and gallery paths in the same (absolute) form, whatever form the query was given in.
     rows = [
-        (str(r.query), h.rank, str(h.path), f"{h.distance:.6f}")
+        (str(_absolute(r.query)), h.rank, str(_absolute(h.path)), f"{h.distance:.6f}", backbone,
+         weights)
         for r in summary.results
         for h in r.hits
-    ]
-    write_csv_atomic(out / "results.csv", ("query", "rank", "path", "distance"), rows)
+    ]  # fmt: skip
+    write_csv_atomic(out / "results.csv", RESULTS_HEADER, rows)
+    write_csv_atomic(
+        out / "skipped.csv",
+        SKIPPED_HEADER,
+        ((str(_absolute(s.path)), s.reason) for s in summary.skipped),
+    )
     write_json_atomic(
         out / "results.json",
         {
@@ -1049,9 +1103,13 @@ def write_query_results(
             "k": summary.k,
             "results": [
                 {
-                    "query": str(r.query),
+                    "query": str(_absolute(r.query)),
                     "hits": [
-                        {"rank": h.rank, "path": str(h.path), "distance": round(h.distance, 6)}
+                        {
+                            "rank": h.rank,
+                            "path": str(_absolute(h.path)),
+                            "distance": round(h.distance, 6),
+                        }
                         for h in r.hits
                     ],
                 }
@@ -1060,6 +1118,7 @@ def write_query_results(
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
         },
     )
+    logger.info("wrote %s, results.json and skipped.csv", out / "results.csv")
     summary.out = out
     summary.grids = []
     if plot:
@@ -1079,7 +1138,24 @@ def write_query_results(
             summary.grids.append(grid)
             if on_progress is not None:
                 on_progress(n + 1)
+        logger.info("wrote %d grid(s) in %s", len(summary.grids), out)
     return summary
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` absolute and without symlinks or '..', as the index records its root."""
+    return Path(path).resolve()
+
+
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """One word or two for a weights identity: imagenet, random (seed 0), a file's path."""
+    weights = weights or {}
+    kind = weights.get("name", "unknown")
+    if kind == "random":
+        return f"random (seed {weights.get('seed')})"
+    if kind == "file":
+        return str(weights.get("path", "file"))
+    return str(kind)
 
 
 def _grid_names(queries: Sequence[Path]) -> list[str]:
