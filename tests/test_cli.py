@@ -67,7 +67,11 @@ def test_query_folder_writes_grids_csv_json(cli_index, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.glob("*.png")) == ["item01_v0_grid.png", "item04_v1_grid.png"]
     rows = read_csv(out / "results.csv")
     assert len(rows) == 2 * 3
-    assert list(rows[0]) == ["query", "rank", "path", "distance"]
+    assert list(rows[0]) == ["query", "rank", "path", "distance", "backbone", "weights"]
+    assert {(r["backbone"], r["weights"]) for r in rows} == {("resnet50", "random (seed 0)")}
+    # Query and gallery paths in the same form: absolute, as the index records its root.
+    assert rows[0]["query"] == str((queries / "item01_v0.png").resolve())
+    assert rows[0]["path"] == str((gallery / "item01_v0.png").resolve())
     assert [r["rank"] for r in rows] == ["1", "2", "3"] * 2
     data = json.loads((out / "results.json").read_text())
     assert data["k"] == 3
@@ -161,10 +165,14 @@ def test_index_strict_with_bad_file_exits_1(tmp_path: Path) -> None:
     )
 
     assert lenient.exit_code == 0, lenient.output
+    assert "Indexed 1 image into" in lenient.stdout
     assert "Skipped 1 unreadable file(s)" in lenient.stderr
     assert strict.exit_code == 1
     assert "bad.jpg: empty file (0 bytes)" in strict.stderr
-    assert "Error: --strict: failing because inputs were skipped." in strict.stderr
+    assert "Error: --strict: 1 of 2 images could not be read" in strict.stderr
+    assert "the index was not written" in strict.stderr
+    assert not (tmp_path / "b").exists()  # refused before writing, not after
+    assert not (tmp_path / "b.partial").exists()
     assert "Traceback" not in strict.output
 
 
@@ -328,3 +336,89 @@ def test_h_is_a_help_alias_and_completion_is_offered() -> None:
     assert top.exit_code == 0 and sub.exit_code == 0
     assert "--install-completion" in top.stdout
     assert "Usage: " in sub.stdout and "--index" in sub.stdout
+
+
+def test_index_update_reuses_the_index_weights(cli_index, tmp_path: Path) -> None:
+    gallery, idx, _ = cli_index
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    before = np.load(copy / "features.npy")
+
+    # No --weights: the index's own (random, seed 0), not the default imagenet.
+    result = _run("-v", "index", gallery, "--out", copy, "--update")
+
+    assert result.exit_code == 0, result.output
+    assert f"Indexed 12 images into {copy} (0 embedded" in result.stdout
+    assert json.loads((copy / "meta.json").read_text())["weights"] == {"name": "random", "seed": 0}
+    np.testing.assert_array_equal(np.load(copy / "features.npy"), before)
+
+
+def test_query_index_folder_that_was_never_an_index(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "q.png", (10, 10, 10))
+    photos = tmp_path / "photos"
+    make_image(photos / "a.png", (200, 30, 30))
+
+    result = _run("query", image, "--index", photos)
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {photos}: no index here (no meta.json")
+    assert "`snaplook index` never wrote this folder" in result.stderr
+
+
+def test_query_table_is_plain_and_whole_when_piped(cli_index, tmp_path: Path) -> None:
+    gallery, idx, _ = cli_index
+    queries = tmp_path / "q"
+    long_name = "a_query_with_a_rather_long_file_name_that_ends_in_v1.png"
+    shutil.copy(gallery / "item02_v1.png", queries.mkdir() or queries / long_name)
+    (queries / "broken.png").write_bytes(b"")
+    out = tmp_path / "res"
+
+    result = _run("query", queries, "--index", idx, "-k", "2", "--out", out)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Top 2 per query"
+    assert lines[1].split() == ["query", "rank", "gallery", "image", "distance"]
+    first, second = lines[2].split(), lines[3].split()
+    assert first[:3] == [long_name, "1", "item02_v1.png"]
+    assert second[0] == long_name and second[1] == "2"
+    # Enough digits to tell the two ranks apart, nothing cut, no box drawing.
+    assert first[3] != second[3] and "\u2026" not in result.stdout and "\u2502" not in result.stdout
+    assert lines[-1] == (
+        f"Wrote {out / 'results.csv'} (all results), results.json, 1 grid in {out}."
+    )
+    # The unreadable query is listed, and stderr says where.
+    assert read_csv(out / "skipped.csv") == [
+        {"path": str((queries / "broken.png").resolve()), "reason": f"{queries / 'broken.png'}: "
+         "empty file (0 bytes)."}
+    ]  # fmt: skip
+    assert f"listed in {out / 'skipped.csv'}" in result.stderr
+
+
+def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
+    cli_index, tmp_path: Path
+) -> None:
+    gallery, idx, _ = cli_index
+    queries = tmp_path / "q"
+    queries.mkdir()
+    for name in ("item00_v0.png", "item03_v1.png"):
+        shutil.copy(gallery / name, queries / name)
+
+    quiet = _run("-q", "query", queries, "--index", idx, "--out", tmp_path / "a")
+    quiet_local = _run("query", queries, "--index", idx, "--out", tmp_path / "b", "-q")
+    verbose = _run("-v", "query", queries, "--index", idx, "--out", tmp_path / "c")
+
+    for result, out in ((quiet, tmp_path / "a"), (quiet_local, tmp_path / "b")):
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines() == [
+            f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids in {out}."
+        ]
+        assert result.stderr == ""
+    assert verbose.exit_code == 0, verbose.output
+    log = verbose.stderr
+    assert f"found 2 file(s) under {queries}" in log
+    assert "runtime: keras (asked for auto)" in log
+    assert "batch 1 of 1: 2 image(s) embedded, 0 skipped" in log
+    assert f"wrote {tmp_path / 'c' / 'results.csv'}, results.json and skipped.csv" in log
+    assert f"wrote 2 grid(s) in {tmp_path / 'c'}" in log
+    assert "Top 5 per query" not in log  # results stay on stdout
