@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1090,7 +1091,7 @@ def embed_cached(
                 "n_skipped": len(skipped),
                 "cropped": sum(e["box"] is not None for e in entries),
                 "seconds": round(time.perf_counter() - started, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created": timestamp(),
                 "images": entries,
                 "skipped": skipped,
             },

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ from snaplook.features import (
     Embedder,
     Skipped,
 )
-from snaplook.io_utils import ManifestRow
+from snaplook.io_utils import ManifestRow, timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -270,7 +269,7 @@ def build_index(
                 "count": len(rows),
                 "metric": "cosine",
                 "l2_normalized": True,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": timestamp(),
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
             }

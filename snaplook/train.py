@@ -15,12 +15,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -788,7 +788,7 @@ def fit_head(
         logger.warning("interrupted: keeping the best head so far (epoch %d)", best_epoch)
     model.set_weights(best_weights)
     info = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": timestamp(),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopped_early,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -349,7 +350,9 @@ def test_index_update_reuses_the_index_weights(cli_index, tmp_path: Path) -> Non
 
     assert result.exit_code == 0, result.output
     assert f"Indexed 12 images into {copy} (0 embedded" in result.stdout
-    assert json.loads((copy / "meta.json").read_text())["weights"] == {"name": "random", "seed": 0}
+    meta = json.loads((copy / "meta.json").read_text())
+    assert meta["weights"] == {"name": "random", "seed": 0}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
     np.testing.assert_array_equal(np.load(copy / "features.npy"), before)
 
 

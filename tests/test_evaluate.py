@@ -635,4 +635,11 @@ def test_evaluate_cli_table_is_never_cut_and_names_the_csv(cli_run, tmp_path):
         assert cells[4] == "100.00"  # K=50 over a gallery of 13: every query hits
     assert "per_query.csv" in lines[-1] and str(tmp_path / "cmp") in lines[-1]
     assert "K=50 exceeds the gallery (13 images per query)" in result.stderr
+    # One timestamp format in every JSON file snaplook writes: UTC, ISO 8601, seconds.
+    import re
+
+    report = json.loads((tmp_path / "cmp" / "mobilenet_v2-avg-l2" / "report.json").read_text())
+    cache_json = json.loads(next(cache.glob("*.json")).read_text())
+    for created in (report["config"]["created"], cache_json["created"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", created), created
     assert "\u2026" not in result.stdout
