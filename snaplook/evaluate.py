@@ -998,8 +998,8 @@ def evaluate(
     Loads the split (:func:`load_split`), embeds query and gallery images through the
     feature cache (``features.embed_cached``), ranks the gallery for every query in
     blocks (:func:`evaluate_embeddings`) and writes, atomically, into ``out``:
-    ``report.json``, ``per_query.csv``, ``recall_at_k.png``, ``worst_queries.png``,
-    ``random_queries.png`` and ``report.md``.
+    ``report.json``, ``per_query.csv``, ``recall_at_k.png``, ``worst_queries_grid.png``,
+    ``random_queries_grid.png`` and ``report.md``.
 
     Args:
         root: dataset root (see :func:`load_split`).
@@ -1360,12 +1360,12 @@ def _write_report(
     )
     files["worst_png"] = plot_retrieval_rows(
         _grid_rows(split, q_rows, g_rows, metrics, worst, report.config["crop"]),
-        folder / "worst_queries.png",
+        folder / "worst_queries_grid.png",
         title=f"{len(worst)} worst queries (lowest AP){note}",
     )
     files["random_png"] = plot_retrieval_rows(
         _grid_rows(split, q_rows, g_rows, metrics, random_rows, report.config["crop"]),
-        folder / "random_queries.png",
+        folder / "random_queries_grid.png",
         title=f"{len(random_rows)} random queries (seed {seed}){note}",
     )
     files["report_md"] = folder / "report.md"
@@ -1479,11 +1479,11 @@ def render_report_md(report: Report) -> str:
         "",
         "Worst queries (lowest AP):",
         "",
-        "![worst queries](worst_queries.png)",
+        "![worst queries](worst_queries_grid.png)",
         "",
         "Random queries:",
         "",
-        "![random queries](random_queries.png)",
+        "![random queries](random_queries_grid.png)",
         "",
         "Per-query results (first hit rank, AP, MAP@R): `per_query.csv`; every number above: "
         "`report.json`.",

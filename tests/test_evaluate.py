@@ -423,11 +423,11 @@ def test_evaluate_with_fake_embedder_on_folders(image_folder, tmp_path):
     assert report.recall_at_k[1] <= report.recall_at_k[3]
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "per_query.csv",
-        "random_queries.png",
+        "random_queries_grid.png",
         "recall_at_k.png",
         "report.json",
         "report.md",
-        "worst_queries.png",
+        "worst_queries_grid.png",
     ]
 
 
@@ -511,7 +511,7 @@ def test_evaluate_cli_inshop_report_counts(cli_run):
     ]
     md = (out / "report.md").read_text()
     assert "DeepFashion hit rate" in md and "MMFashion averaged recall" in md
-    for name in ("recall_at_k.png", "worst_queries.png", "random_queries.png"):
+    for name in ("recall_at_k.png", "worst_queries_grid.png", "random_queries_grid.png"):
         assert (out / name).stat().st_size > 1000
 
 
