@@ -442,6 +442,30 @@ def features_cmd(
     _report_skipped(result.skipped, None, False)
 
 
+@app.command("map")
+def map_cmd(
+    index: Annotated[
+        Path, typer.Argument(help="Index folder (from `snaplook index`).")
+    ] = _index.DEFAULT_INDEX_DIR,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="PNG to write [default: output/maps/<index>_tsne.png]."),
+    ] = None,
+    max_images: Annotated[
+        int, typer.Option("--max-images", min=2, help="Draw a seeded sample of at most N images.")
+    ] = _index.DEFAULT_MAP_IMAGES,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seeds the sample and t-SNE.")
+    ] = _features.DEFAULT_SEED,
+    thumb_size: Annotated[
+        int, typer.Option("--thumb-size", min=8, max=256, help="Thumbnail side in pixels.")
+    ] = 48,
+) -> None:
+    """Draw the gallery of an index as a t-SNE map of thumbnails (similar images close)."""
+    written = _index.map_index(index, out, max_images=max_images, seed=seed, thumb_size=thumb_size)
+    typer.echo(f"Wrote the t-SNE map of {index} to {written}.")
+
+
 @app.command("query")
 def query_cmd(
     queries: Annotated[Path, typer.Argument(help="Query image or folder of query images.")],

@@ -1173,3 +1173,68 @@ def _grid_names(queries: Sequence[Path]) -> list[str]:
             name = f"{base}-{n}_grid.png"
         names.append(name)
     return names
+
+
+DEFAULT_MAP_IMAGES = 500
+DEFAULT_MAP_DIR = Path("output/maps")
+
+
+def map_index(
+    index: Index | str | Path = DEFAULT_INDEX_DIR,
+    out: str | Path | None = None,
+    *,
+    max_images: int = DEFAULT_MAP_IMAGES,
+    seed: int = DEFAULT_SEED,
+    thumb_size: int = 48,
+) -> Path:
+    """Draw the gallery of an index as a t-SNE map of thumbnails (see ``plot_utils.plot_tsne``).
+
+    Args:
+        index: a loaded :class:`Index` or its folder, default="output/index".
+        out: PNG to write, default ``output/maps/<index folder name>_tsne.png``.
+        max_images: draw at most this many images, a seeded sample of larger galleries
+            (t-SNE and the thumbnails stay readable), default=500.
+        seed: seeds the sample and t-SNE: the same seed draws the same map.
+        thumb_size: thumbnail side in pixels.
+
+    Returns:
+        the PNG written.
+
+    Raises:
+        SnaplookError: no index, or fewer than 2 images in it.
+    """
+    import numpy as np
+
+    from snaplook.plot_utils import plot_tsne
+
+    if not isinstance(index, Index):
+        index = load_index(index)
+    n = len(index)
+    if n < 2:
+        raise SnaplookError(f"{index.path} holds {n} image(s); a map needs at least 2.")
+    if max_images < 2:
+        raise SnaplookError(f"--max-images must be at least 2, got {max_images}.")
+    rows = np.arange(n)
+    if n > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    out = Path(out) if out is not None else DEFAULT_MAP_DIR / f"{index.path.name}_tsne.png"
+    if out.is_dir():
+        raise SnaplookError(f"--out {out} is a folder; pass the PNG file to write.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"t-SNE of {len(rows)} of {n} gallery images · {index.meta.get('backbone')}, "
+        f"{describe_weights(index.meta.get('weights'))} weights"
+    )
+    if (index.meta.get("weights") or {}).get("name") == "random":
+        title += ": shows the pipeline, not retrieval quality"
+    logger.info("t-SNE of %d gallery images of %s", len(rows), index.path)
+    plot_tsne(
+        np.asarray(index.features[rows]),
+        [index.gallery_path(int(r)) for r in rows],
+        out,
+        seed=seed,
+        thumb_size=thumb_size,
+        title=title,
+    )
+    logger.info("wrote %s", out)
+    return out

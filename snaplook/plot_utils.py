@@ -261,7 +261,7 @@ def plot_tsne(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
-    return _save(fig, out)
+    return _save(fig, out, title=title)
 
 
 def plot_recall_curve(
@@ -289,7 +289,7 @@ def plot_recall_curve(
     ax.set_title(title)
     if len(curves) > 1 or any(curves):
         ax.legend(fontsize=8)
-    return _save(fig, out)
+    return _save(fig, out, title=title)
 
 
 def plot_training_curves(

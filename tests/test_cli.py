@@ -425,3 +425,36 @@ def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
     assert f"wrote {tmp_path / 'c' / 'results.csv'}, results.json and skipped.csv" in log
     assert f"wrote 2 grid(s) in {tmp_path / 'c'}" in log
     assert "Top 5 per query" not in log  # results stay on stdout
+
+
+def test_map_draws_the_gallery_tsne(cli_index, tmp_path: Path) -> None:
+    from PIL import Image
+
+    _, idx, _ = cli_index
+    out = tmp_path / "maps" / "gallery.png"
+
+    result = _run("map", idx, "--out", out, "--max-images", "10")
+    again = _run("map", idx, "--out", tmp_path / "again.png", "--max-images", "10")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"Wrote the t-SNE map of {idx} to {out}."
+    with Image.open(out) as img:
+        assert img.format == "PNG" and min(img.size) > 500
+        title = img.text["Title"]
+    assert title.startswith("t-SNE of 10 of 12 gallery images · resnet50, random (seed 0)")
+    assert "not retrieval quality" in title
+    assert again.exit_code == 0 and (tmp_path / "again.png").read_bytes() == out.read_bytes()
+
+
+def test_map_of_a_one_image_index_exits_1(tmp_path: Path) -> None:
+    make_image(tmp_path / "g" / "only.png", (200, 30, 30))
+    built = _run("index", tmp_path / "g", "--out", tmp_path / "idx", "--weights", "random")
+
+    result = _run("map", tmp_path / "idx")
+
+    assert built.exit_code == 0, built.output
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip()
+        == f"Error: {tmp_path / 'idx'} holds 1 image(s); a map needs at least 2."
+    )
