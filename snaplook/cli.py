@@ -264,11 +264,13 @@ def _progress(
 ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """Yield (on_start(total), on_progress(done)) callbacks that drive a rich progress bar.
 
-    Off with --quiet or when stdout is not a terminal (the callbacks then do nothing).
+    Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
+    callbacks then do nothing).
     """
-    if quiet or _state["quiet"] or not sys.stdout.isatty():
+    if quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty()):
         yield (lambda total: None), (lambda done: None)
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -287,6 +289,7 @@ def _progress(
         rate,
         TimeRemainingColumn(),
         transient=False,
+        console=Console(stderr=True),  # a diagnostic: stdout holds results only
     ) as progress:
         task = progress.add_task(description, total=None, rate="")
 
@@ -992,11 +995,13 @@ def _stage_progress(
 ) -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None]]]:
     """Yield (on_stage(description, total), on_progress(done)): one bar, relabelled per stage.
 
-    Off with --quiet or when stdout is not a terminal (the callbacks then do nothing).
+    Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
+    callbacks then do nothing).
     """
-    if quiet or _state["quiet"] or not sys.stdout.isatty():
+    if quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty()):
         yield (lambda description, total: None), (lambda done: None)
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -1012,6 +1017,7 @@ def _stage_progress(
         MofNCompleteColumn(),
         TaskProgressColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # a diagnostic: stdout holds results only
     ) as progress:
         task = progress.add_task("Loading", total=None)
 

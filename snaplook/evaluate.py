@@ -1371,6 +1371,7 @@ def _write_report(
     files["report_md"] = folder / "report.md"
     files["report_json"] = folder / "report.json"
     report.files = files
+    logger.info("wrote %s", ", ".join(sorted(p.name for p in files.values())))
     write_json_atomic(files["report_json"], report.to_dict())
     write_text_atomic(files["report_md"], render_report_md(report))
 

@@ -1085,6 +1085,7 @@ def train_head(
 
         write_json_atomic(tmp / HEAD_JSON, head.to_json())  # with the final name
         replace_dir(tmp, out, marker=HEAD_JSON)
+        logger.info("wrote %s (%s)", out, ", ".join(sorted(p.name for p in files.values())))
     finally:
         if tmp.exists():
             import shutil

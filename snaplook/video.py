@@ -725,6 +725,7 @@ def _extract_one(
                 ),
             )
             replace_dir(tmp, out, marker=FRAMES_CSV)
+            logger.info("wrote %d frame(s) and %s in %s", len(frames), FRAMES_CSV, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
