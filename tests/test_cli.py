@@ -458,3 +458,24 @@ def test_map_of_a_one_image_index_exits_1(tmp_path: Path) -> None:
         result.stderr.strip()
         == f"Error: {tmp_path / 'idx'} holds 1 image(s); a map needs at least 2."
     )
+
+
+def test_crop_table_explains_its_columns_and_names_the_csv(tmp_path: Path) -> None:
+    from conftest import testdata_path
+
+    frames = tmp_path / "photos"
+    frames.mkdir()
+    shutil.copy(testdata_path("people", "darknet_person.jpg"), frames / "person.jpg")
+    out = tmp_path / "crops"
+
+    result = _run("crop", frames, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Lead artists (1/1 frames with people)"
+    assert lines[1].split() == ["artist", "score", "screen", "time", "size", "frames", "crops"]
+    assert lines[2].split()[0] == "1" and lines[2].split()[2] == "100%"
+    assert lines[3].startswith("score: lead score = screen time x size x centrality")
+    assert "size: mean person height as a fraction of the frame height" in lines[3]
+    n_crops = len(read_csv(out / "artists.csv"))
+    assert lines[-1] == f"Wrote {n_crops} crops in {out}; listed in {out / 'artists.csv'}."
