@@ -717,7 +717,7 @@ def _print_artists(
     frames = len(selection.frames)
     if not selection.artists:
         (typer.echo if final else _say)(
-            f"No people found in {_plural(frames, 'frame')}; wrote empty artists.csv and "
+            f"No people found in {frames} frame(s); wrote empty artists.csv and "
             f"detections.csv in {out}."
         )
         return
