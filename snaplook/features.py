@@ -209,7 +209,7 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
         return cached
     keras = import_keras()
     origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
-    logger.warning(
+    logger.info(
         "ImageNet weights for %s are not cached: downloading them once from %s into %s",
         spec.name,
         origin,
@@ -218,6 +218,10 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
     # Keras prints "Downloading data from ..." and a progress bar on stdout, which holds
     # only results; they go to the log (shown with --verbose) instead.
     keras_says = io.StringIO()
+    # Keras falls back to /tmp/.keras when the cache folder does not exist yet; create it so
+    # the file lands where cached_imagenet_weights() and the messages look.
+    with contextlib.suppress(OSError):
+        keras_cache_dir().mkdir(parents=True, exist_ok=True)
     try:
         # cache_dir given: Keras reads $KERAS_HOME only at import (and may fall back to
         # /tmp/.keras); the file must land where keras_cache_dir() and the messages say.
