@@ -156,7 +156,12 @@ def main(
         bool, typer.Option("--verbose", "-v", help="Log what each step does.")
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars; only warnings and errors.")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Only warnings, errors and the final summary line (no tables, no progress).",
+        ),
     ] = False,
     version: Annotated[
         bool,
@@ -175,7 +180,8 @@ def _setup_logging(*, verbose: bool, quiet: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    # --quiet keeps warnings (a skipped file, random weights): it drops tables and progress.
+    level = logging.INFO if verbose else logging.WARNING
     root = logging.getLogger("snaplook")
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -319,7 +325,12 @@ BackboneOpt = Annotated[
     typer.Option("--backbone", help="The CNN that embeds images."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Only warnings, errors and the final summary line (as snaplook -q)."
+    ),
+]
 RuntimeOpt = Annotated[
     Literal["auto", "litert", "keras"],  # snaplook.features.RUNTIMES
     typer.Option(

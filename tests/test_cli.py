@@ -418,6 +418,11 @@ def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
             f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids in {out}."
         ]
         assert result.stderr == ""
+    # -q keeps warnings: they are diagnostics, on stderr.
+    warned = _run("-q", "query", queries, "--index", idx, "-k", "50", "--out", tmp_path / "d")
+    assert warned.exit_code == 0, warned.output
+    assert "k=50 is larger than the gallery (12 images); using k=12" in warned.stderr
+    assert len(warned.stdout.splitlines()) == 1
     assert verbose.exit_code == 0, verbose.output
     log = verbose.stderr
     assert f"found 2 file(s) under {queries}" in log
