@@ -713,7 +713,12 @@ def extract_cmd(
 
 # --- crop, look (issue 4) ---
 
-MaxArtistsOpt = Annotated[int, typer.Option("--max-artists", min=1, help="Lead artists to keep.")]
+MaxArtistsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-artists", min=1, help="Lead artists to keep (per photo for unrelated photos)."
+    ),
+]
 MinSizeOpt = Annotated[
     float,
     typer.Option(
@@ -793,6 +798,14 @@ def crop_cmd(
         Path | None,
         typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
     ] = None,
+    as_video: Annotated[
+        bool,
+        typer.Option(
+            "--as-video",
+            help="Take a folder without frames.csv as the frames of one video (people followed "
+            "across them) instead of unrelated photos.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
@@ -804,12 +817,12 @@ def crop_cmd(
             min_size=min_size,
             clothes=clothes,
             detector=detector,
+            photos=False if as_video else None,
             on_start=on_start,
             on_progress=on_progress,
         )
     _print_artists(summary.selection, summary.rows, summary.out, quiet=quiet)
-    if summary.skipped:
-        _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 @app.command("look")
@@ -837,10 +850,12 @@ def look_cmd(
     ] = None,
     crops_out: Annotated[
         Path | None,
-        typer.Option(
-            "--crops-out", help="Crops folder [default: output/lead_artist/<video-stem>]."
-        ),
+        typer.Option("--crops-out", help="Crops folder [default: <out>/crops]."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the crops already in --crops-out."),
+    ] = False,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
@@ -861,6 +876,7 @@ def look_cmd(
             detector=detector,
             plot=not no_plot,
             head=_load_head(head),
+            overwrite=overwrite,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -872,6 +888,7 @@ def look_cmd(
         )
     else:
         typer.echo(f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}.")
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 # --- evaluate (issue 5) ---

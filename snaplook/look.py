@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from snaplook.artists import (
     DEFAULT_CROPS_PER_ARTIST,
     DEFAULT_DETECTOR,
-    DEFAULT_LEAD_ARTIST_ROOT,
     DEFAULT_MAX_ARTISTS,
     DEFAULT_MIN_SIZE,
     ArtistRow,
@@ -32,6 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOOKS_ROOT = Path("output/looks")
+#: The lead-artist crops' folder inside a look's results folder.
+CROPS_DIR = "crops"
 #: Seconds between the frames `look` examines (the `extract` default).
 DEFAULT_EVERY = 1.0
 
@@ -88,7 +89,7 @@ class LookSummary:
 
     Attributes:
         video: the video.
-        out: folder with grids, ``looks.csv`` and ``looks_fused.csv``.
+        out: folder with grids, ``looks.csv``, ``looks_fused.csv`` and ``skipped.csv``.
         crops_out: folder with the lead-artist crops and ``artists.csv``.
         selection: the lead artists and the per-frame record.
         crops: rows of ``artists.csv`` (the queries).
@@ -97,6 +98,7 @@ class LookSummary:
         grids: PNG grids written.
         k: neighbours per crop.
         seconds: wall time.
+        skipped: (video, reason) per frame that could not be decoded (``skipped.csv``).
     """
 
     video: Path
@@ -109,6 +111,7 @@ class LookSummary:
     grids: list[Path] = field(default_factory=list)
     k: int = DEFAULT_K
     seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n_frames(self) -> int:
@@ -159,6 +162,7 @@ def look(
     plot: bool = True,
     batch_size: int = 16,
     head: Any = None,
+    overwrite: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LookSummary:
@@ -166,18 +170,22 @@ def look(
 
     Frames are streamed (never all held in memory); each is searched for people, people
     are followed across frames and the lead artists' best views are cut out
-    (``crops_out``: crops and ``artists.csv``). Every crop is embedded the way the index
-    was built and its k nearest gallery images are written with provenance to
-    ``looks.csv``; each artist's crops are fused into one ranking (``looks_fused.csv``).
+    (``crops_out``: crops, ``artists.csv``, ``detections.csv``). Every crop is embedded the
+    way the index was built and its k nearest gallery images are written with provenance
+    to ``looks.csv``; each artist's crops are fused into one ranking (``looks_fused.csv``).
     One grid per crop (``<crop stem>_grid.png``) and one per artist
-    (``artist<k>_fused_grid.png``). Both folders are replaced atomically.
+    (``artist<k>_fused_grid.png``); frames that could not be decoded are listed in
+    ``skipped.csv``. The crops live in the results folder (``<out>/crops``) unless
+    ``crops_out`` says otherwise, so ``look`` never replaces what ``snaplook crop`` wrote;
+    both folders are replaced atomically.
 
     Args:
         video: the video file.
         index: a loaded index or its folder, default="output/index".
         k: neighbours per crop and fused items per artist, default=5.
         out: results folder, default ``output/looks/<video stem>``.
-        crops_out: crops folder, default ``output/lead_artist/<video stem>``.
+        crops_out: crops folder, default ``<out>/crops``. Another folder that already
+            holds crops (``artists.csv``) is only replaced with ``overwrite``.
         every: seconds between examined frames, default=1.0.
         max_frames: stop after this many frames.
         max_artists: lead artists to keep, default=2.
@@ -190,6 +198,7 @@ def look(
         batch_size: crops per forward pass.
         head: the ``snaplook.train.Head`` the index was built with, if any (see
             :func:`snaplook.index.check_head`).
+        overwrite: replace the crops in an existing ``crops_out``.
         on_start: called once with the video duration in whole seconds (0 if unknown).
         on_progress: called with the video time reached, in whole seconds.
 
@@ -199,16 +208,22 @@ def look(
 
     Raises:
         SnaplookError: missing or broken index, bad ``k``, unreadable video, bad detector,
-            an output folder that holds something else.
+            an output folder that holds something else, a ``crops_out`` that holds crops
+            (without ``overwrite``) or lies inside ``out``.
     """
+    import shutil
+
     from snaplook.artists import (
+        SKIPPED_HEADER,
         FrameDetections,
         check_output_dir,
         make_detector,
         select_lead_artists,
         write_lead_artists,
+        write_lead_artists_into,
     )
     from snaplook.index import check_head, check_k, load_index
+    from snaplook.io_utils import make_temp_dir, replace_dir, write_csv_atomic
     from snaplook.video import iter_frames, probe_duration
 
     started = time.perf_counter()
@@ -219,107 +234,158 @@ def look(
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
-    crops_out = Path(crops_out) if crops_out is not None else DEFAULT_LEAD_ARTIST_ROOT / video.stem
+    own_crops = crops_out is None or _same_path(Path(crops_out), out / CROPS_DIR)
+    crops_out = out / CROPS_DIR if own_crops else Path(crops_out)  # type: ignore[arg-type]
     check_output_dir(out, "looks.csv")
-    check_output_dir(crops_out, "artists.csv")
+    if not own_crops:
+        _check_crops_out(crops_out, out, overwrite=overwrite)
     person_detector = make_detector(detector, min_size=min_size)  # fails before decoding
     if on_start is not None:
         on_start(int(probe_duration(video) or 0))
+    skipped: list[tuple[str, str]] = []
+
+    def _skip(frame_no: int, time_s: float, reason: str) -> None:
+        skipped.append((str(video), f"frame {frame_no} ({time_s:.3f} s): {reason}"))
 
     def _stream() -> Iterator[FrameDetections]:
         for frame in iter_frames(
-            video, every=every, max_frames=max_frames, on_progress=on_progress
+            video, every=every, max_frames=max_frames, on_progress=on_progress, on_skip=_skip
         ):
             image = frame.image
-            yield FrameDetections(frame.frame, frame.time_s, image, person_detector.detect(image))
+            dets = person_detector.detect(image)
+            yield FrameDetections(frame.frame, frame.time_s, image, dets, source=str(video))
 
     selection = select_lead_artists(
         _stream(), max_artists=max_artists, crops_per_artist=crops_per_artist
     )
-    crops = write_lead_artists(selection, crops_out, clothes=clothes)
-    summary = LookSummary(
-        video=video, out=out, crops_out=crops_out, selection=selection, crops=crops, k=k
-    )
-    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, head=head)
+    tmp = make_temp_dir(out)
+    try:
+        if own_crops:
+            crops_dir = tmp / CROPS_DIR
+            crops_dir.mkdir()
+            crops = write_lead_artists_into(
+                selection, crops_dir, crops_out, clothes=clothes, skipped=skipped
+            )
+        else:
+            crops = write_lead_artists(selection, crops_out, clothes=clothes, skipped=skipped)
+            crops_dir = crops_out
+        summary = LookSummary(
+            video=video,
+            out=out,
+            crops_out=crops_out,
+            selection=selection,
+            crops=crops,
+            k=k,
+            skipped=skipped,
+        )
+        _query_crops(summary, loaded, tmp, crops_dir, plot=plot, batch_size=batch_size, head=head)
+        write_csv_atomic(tmp / "skipped.csv", SKIPPED_HEADER, skipped)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _query_crops(
-    summary: LookSummary, index: Index, *, plot: bool, batch_size: int, head: Any = None
-) -> None:
-    import shutil
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
+
+def _check_crops_out(crops_out: Path, out: Path, *, overwrite: bool) -> None:
+    from snaplook.artists import check_output_dir
+
+    a, b = crops_out.resolve(), out.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise SnaplookError(
+            f"--crops-out {crops_out} and --out {out} overlap; writing one would replace the "
+            "other. Leave out --crops-out (crops then go to <out>/crops) or pick separate "
+            "folders."
+        )
+    check_output_dir(crops_out, "artists.csv")
+    if (crops_out / "artists.csv").is_file() and not overwrite:
+        raise SnaplookError(
+            f"{crops_out} already holds lead-artist crops (artists.csv, e.g. from `snaplook "
+            "crop`); pass --overwrite to replace them, or leave out --crops-out to keep the "
+            f"crops in {out / CROPS_DIR}."
+        )
+
+
+def _query_crops(
+    summary: LookSummary,
+    index: Index,
+    tmp: Path,
+    crops_dir: Path,
+    *,
+    plot: bool,
+    batch_size: int,
+    head: Any = None,
+) -> None:
+    """Query the crops (read from ``crops_dir``) and write the results into ``tmp``."""
     from snaplook.features import embed_arrays
-    from snaplook.io_utils import make_temp_dir, read_image, replace_dir, write_csv_atomic
+    from snaplook.io_utils import read_image, write_csv_atomic
 
     crops = summary.crops
     k = summary.k
-    tmp = make_temp_dir(summary.out)
-    try:
-        hits: list[dict[str, Any]] = []
-        grids: list[tuple[str, Any]] = []
-        if crops:
-            images = [read_image(c.path) for c in crops]
-            features = embed_arrays(images, index.embedder(head=head), batch_size=batch_size)
-            distances, rows = index.search(features, k=k)
-            for crop, crop_rows, crop_dists in zip(crops, rows, distances):
-                for rank, (row, dist) in enumerate(zip(crop_rows, crop_dists), start=1):
-                    hits.append(
-                        {
-                            "video": str(summary.video),
-                            "artist": crop.artist,
-                            "frame": crop.frame,
-                            "time_s": "" if crop.time_s is None else f"{crop.time_s:.3f}",
-                            "x": crop.box[0],
-                            "y": crop.box[1],
-                            "w": crop.box[2],
-                            "h": crop.box[3],
-                            "kind": crop.kind,
-                            "crop": str(crop.path),
-                            "rank": rank,
-                            "gallery_path": str(index.gallery_path(int(row))),
-                            "distance": f"{float(dist):.6f}",
-                        }
-                    )
-            for artist in sorted({c.artist for c in crops}):
-                mine = [i for i, c in enumerate(crops) if c.artist == artist]
-                fused = fuse_hits(distances[mine], rows[mine], k=k)
-                summary.fused[artist] = [
-                    FusedHit(rank, row, index.gallery_path(row), votes, mean_d, best_d)
-                    for rank, (row, votes, mean_d, best_d) in enumerate(fused, start=1)
-                ]
-        summary.hits = hits
-        write_csv_atomic(
-            tmp / "looks.csv", LOOKS_HEADER, ([h[c] for c in LOOKS_HEADER] for h in hits)
-        )
-        write_csv_atomic(
-            tmp / "looks_fused.csv",
-            FUSED_HEADER,
-            (
-                (
-                    artist,
-                    f.rank,
-                    str(f.path),
-                    f.votes,
-                    sum(1 for c in crops if c.artist == artist),
-                    f"{f.mean_distance:.6f}",
-                    f"{f.best_distance:.6f}",
+    hits: list[dict[str, Any]] = []
+    grids: list[tuple[str, Any]] = []
+    if crops:
+        images = [read_image(crops_dir / c.path.name) for c in crops]
+        features = embed_arrays(images, index.embedder(head=head), batch_size=batch_size)
+        distances, rows = index.search(features, k=k)
+        for crop, crop_rows, crop_dists in zip(crops, rows, distances):
+            for rank, (row, dist) in enumerate(zip(crop_rows, crop_dists), start=1):
+                hits.append(
+                    {
+                        "video": str(summary.video),
+                        "artist": crop.artist,
+                        "frame": crop.frame,
+                        "time_s": "" if crop.time_s is None else f"{crop.time_s:.3f}",
+                        "x": crop.box[0],
+                        "y": crop.box[1],
+                        "w": crop.box[2],
+                        "h": crop.box[3],
+                        "kind": crop.kind,
+                        "crop": str(crop.path),
+                        "rank": rank,
+                        "gallery_path": str(index.gallery_path(int(row))),
+                        "distance": f"{float(dist):.6f}",
+                    }
                 )
-                for artist, ranking in summary.fused.items()
-                for f in ranking
-            ),
-        )
-        if plot and crops:
-            grids = _draw_grids(summary, index, tmp)
-        replace_dir(tmp, summary.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for artist in sorted({c.artist for c in crops}):
+            mine = [i for i, c in enumerate(crops) if c.artist == artist]
+            fused = fuse_hits(distances[mine], rows[mine], k=k)
+            summary.fused[artist] = [
+                FusedHit(rank, row, index.gallery_path(row), votes, mean_d, best_d)
+                for rank, (row, votes, mean_d, best_d) in enumerate(fused, start=1)
+            ]
+    summary.hits = hits
+    write_csv_atomic(tmp / "looks.csv", LOOKS_HEADER, ([h[c] for c in LOOKS_HEADER] for h in hits))
+    write_csv_atomic(
+        tmp / "looks_fused.csv",
+        FUSED_HEADER,
+        (
+            (
+                artist,
+                f.rank,
+                str(f.path),
+                f.votes,
+                sum(1 for c in crops if c.artist == artist),
+                f"{f.mean_distance:.6f}",
+                f"{f.best_distance:.6f}",
+            )
+            for artist, ranking in summary.fused.items()
+            for f in ranking
+        ),
+    )
+    if plot and crops:
+        grids = _draw_grids(summary, index, tmp, crops_dir)
     summary.grids = [summary.out / name for name, _ in grids]
 
 
-def _draw_grids(summary: LookSummary, index: Index, tmp: Path) -> list[tuple[str, Any]]:
+def _draw_grids(
+    summary: LookSummary, index: Index, tmp: Path, crops_dir: Path
+) -> list[tuple[str, Any]]:
     from snaplook.plot_utils import plot_retrieval_grid
 
     note = " · random weights" if index.meta.get("weights", {}).get("name") == "random" else ""
@@ -330,7 +396,7 @@ def _draw_grids(summary: LookSummary, index: Index, tmp: Path) -> list[tuple[str
         when = f" · t={crop.time_s:.1f}s" if crop.time_s is not None else ""
         name = f"{crop.path.stem}_grid.png"
         plot_retrieval_grid(
-            crop.path,
+            crops_dir / crop.path.name,
             [h["gallery_path"] for h in mine],
             tmp / name,
             distances=[float(h["distance"]) for h in mine],
@@ -343,7 +409,7 @@ def _draw_grids(summary: LookSummary, index: Index, tmp: Path) -> list[tuple[str
         query = persons[0] if persons else next(c for c in summary.crops if c.artist == artist)
         name = f"artist{artist}_fused_grid.png"
         plot_retrieval_grid(
-            query.path,
+            crops_dir / query.path.name,
             [f.path for f in ranking],
             tmp / name,
             distances=[f.mean_distance for f in ranking],

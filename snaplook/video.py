@@ -441,6 +441,7 @@ def _scan(
     stats: _Stats,
     on_progress: Callable[[int], None] | None,
     cap: Any = None,
+    on_skip: Callable[[int, float, str], None] | None = None,
 ) -> Iterator[Frame]:
     cv2 = _import_cv2()
     if cap is None:
@@ -504,6 +505,8 @@ def _scan(
                 ok, bgr = cap.retrieve()
                 if not ok:
                     logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
+                    if on_skip is not None:
+                        on_skip(frame_no, t, "frame could not be decoded")
                     continue
                 if detector.update(_hsv_hist(_small(bgr, _ANALYSIS_WIDTH)), t):
                     ready += close_window()
@@ -525,6 +528,8 @@ def _scan(
                     bgr = bgr if ok else None
                 if bgr is None:
                     logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
+                    if on_skip is not None:
+                        on_skip(frame_no, t, "frame could not be decoded")
                 else:
                     pick = _Pick(frame_no, t, bgr, {"interval"})
                     (held if window_end > -math.inf else ready).append(pick)
@@ -547,6 +552,13 @@ def _scan(
                 frame_no + 1,
                 int(expected),
             )
+            if on_skip is not None:
+                on_skip(
+                    frame_no + 1,
+                    stats.last_time_s,
+                    f"decoding stopped after {frame_no + 1} of {int(expected)} frames; the "
+                    "rest of the file may be truncated",
+                )
     finally:
         cap.release()
 
@@ -562,6 +574,7 @@ def iter_frames(
     min_scene_s: float = DEFAULT_MIN_SCENE_S,
     scene_window_s: float = DEFAULT_SCENE_WINDOW_S,
     on_progress: Callable[[int], None] | None = None,
+    on_skip: Callable[[int, float, str], None] | None = None,
 ) -> Iterator[Frame]:
     """Stream the frames worth keeping from a video, in video order; writes nothing.
 
@@ -587,6 +600,8 @@ def iter_frames(
         scene_window_s: float, default=1.0. Seconds at the start of each scene searched
             for its sharpest frame.
         on_progress: called with the video time reached, in whole seconds.
+        on_skip: called with (frame number, time in seconds, reason) for a frame that could
+            not be decoded, and once when decoding stops early (a truncated file).
 
     Returns:
         Iterator of :class:`Frame` with ``image`` set: ndarray of shape (H, W, 3), dtype
@@ -614,6 +629,7 @@ def iter_frames(
         scene_window_s=scene_window_s,
         stats=_Stats(),
         on_progress=on_progress,
+        on_skip=on_skip,
     )
 
 
