@@ -883,8 +883,9 @@ def look_cmd(
     _print_artists(summary.selection, summary.crops, summary.crops_out, quiet=quiet, final=False)
     if summary.crops:
         typer.echo(
-            f"Queried {len(summary.crops)} crops (k={summary.k}) in {summary.seconds:.1f} s: "
-            f"looks.csv, looks_fused.csv and {len(summary.grids)} grids in {summary.out}."
+            f"Queried {_plural(len(summary.crops), 'crop')} (k={summary.k}) in "
+            f"{summary.seconds:.1f} s: looks.csv, looks_fused.csv and "
+            f"{_plural(len(summary.grids), 'grid')} in {summary.out}."
         )
     else:
         typer.echo(f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}.")
