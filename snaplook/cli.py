@@ -392,7 +392,8 @@ def index_cmd(
         bool, typer.Option("--update", help="Re-embed only new or changed files.")
     ] = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 if any file is skipped.")
+        bool,
+        typer.Option("--strict", help="Exit 1, writing nothing, if any file cannot be read."),
     ] = False,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seed for --weights random.")
