@@ -133,8 +133,8 @@ def _check_weights(value: str) -> str:
     if value in ("imagenet", "random") or Path(value).expanduser().is_file():
         return value
     raise typer.BadParameter(
-        f"{value!r} is neither imagenet, random nor an existing weights file (.weights.h5 or "
-        "the Keras ImageNet no-top .h5)."
+        f"{value!r} is neither imagenet, random nor an existing weights file (.weights.h5, "
+        "the Keras ImageNet no-top .h5, or efficientnet_lite0's .pth)."
     )
 
 
