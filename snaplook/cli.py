@@ -117,6 +117,18 @@ def _usage(parse: Callable[[str], Any]) -> Callable[[str], str]:
     return check
 
 
+def _check_batch(value: str) -> str:
+    try:
+        p, k = _train.parse_batch(value)
+    except SnaplookError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if p < 2 or k < 2:
+        raise typer.BadParameter(
+            f"{value}: need at least 2 items (P) and 2 images per item (K), e.g. 16x4."
+        )
+    return value
+
+
 def _positive(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"{value} is not > 0.")
@@ -943,6 +955,7 @@ def evaluate_cmd(
         typer.Option(
             "--backbone",
             callback=_each_in(tuple(_features.BACKBONES)),
+            metavar="NAME[,NAME...]",
             help="Backbone(s); repeat or comma-separate to compare "
             f"(default: {_features.DEFAULT_BACKBONE}).",
         ),
@@ -953,6 +966,7 @@ def evaluate_cmd(
         typer.Option(
             "--pooling",
             callback=_each_in(_features.POOLINGS),
+            metavar="avg|max[,...]",
             help="avg and/or max; repeat to compare (default: avg).",
         ),
     ] = None,
@@ -961,6 +975,7 @@ def evaluate_cmd(
         typer.Option(
             "--norm",
             callback=_each_in(_evaluate.NORMALIZATIONS),
+            metavar="l2|centered|none[,...]",
             help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
         ),
     ] = None,
@@ -1165,7 +1180,7 @@ def train_cmd(
         str,
         typer.Option(
             "--batch",
-            callback=_usage(_train.parse_batch),
+            callback=_check_batch,
             help="P items x K images per batch, e.g. 16x4.",
         ),
     ] = "{}x{}".format(*_train.DEFAULT_BATCH),

@@ -317,6 +317,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
         (["train", ".", "--protocol", "foo"], "'--protocol'"),
         (["train", ".", "--loss", "contrastive"], "'--loss'"),
         (["train", ".", "--batch", "eight"], "'--batch'"),
+        (["train", ".", "--batch", "1x4"], "'--batch'"),
         (["train", ".", "--lr", "0"], "'--lr'"),
         (["train", ".", "--val-fraction", "1"], "'--val-fraction'"),
         (["train", ".", "--seed", "-1"], "'--seed'"),
