@@ -486,3 +486,26 @@ def test_crop_table_explains_its_columns_and_names_the_csv(tmp_path: Path) -> No
     assert "size: mean person height as a fraction of the frame height" in lines[3]
     n_crops = len(read_csv(out / "artists.csv"))
     assert lines[-1] == f"Wrote {n_crops} crops in {out}; listed in {out / 'artists.csv'}."
+
+
+@pytest.mark.parametrize(("columns", "boxed"), [("40", False), ("200", True)])
+def test_table_on_a_terminal_is_drawn_only_when_every_cell_fits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], columns: str, boxed: bool
+) -> None:
+    from snaplook import cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", columns)
+    rows = [["resnet50-avg-centered+my_head", "100.00", "7.25"]]
+
+    cli._print_table("Retrieval", ["setting", "R@1", "mAP"], rows, right=[False, True, True])
+
+    out = capsys.readouterr().out
+    assert ("\u2502" in out) is boxed  # rich's box drawing only when wide enough
+    assert "resnet50-avg-centered+my_head" in out and "100.00" in out and "\u2026" not in out
+    if not boxed:
+        assert out.splitlines() == [
+            "Retrieval",
+            "setting                           R@1   mAP",
+            "resnet50-avg-centered+my_head  100.00  7.25",
+        ]
