@@ -281,6 +281,7 @@ def look(
         _query_crops(summary, loaded, tmp, crops_dir, plot=plot, batch_size=batch_size, head=head)
         write_csv_atomic(tmp / "skipped.csv", SKIPPED_HEADER, skipped)
         replace_dir(tmp, out)
+        logger.info("wrote looks.csv, looks_fused.csv, grids and skipped.csv in %s", out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
