@@ -541,6 +541,12 @@ def query_cmd(
         )
     _print_results(summary, quiet=quiet)
     _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
+    _random_weights_notice(loaded.meta, "these neighbours")
+
+
+def _random_weights_notice(meta: dict[str, Any], what: str) -> None:
+    if (meta.get("weights") or {}).get("name") == "random":
+        _err(f"Random weights: {what} test the pipeline, not retrieval quality.")
 
 
 def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> None:
