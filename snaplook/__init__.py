@@ -56,6 +56,10 @@ _EXPORTS = {
     "load_head": "snaplook.train",
     "Head": "snaplook.train",
     "with_head": "snaplook.features",
+    "read_catalog": "snaplook.catalog",
+    "parse_where": "snaplook.catalog",
+    "write_query_page": "snaplook.page",
+    "write_look_page": "snaplook.page",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from snaplook import __version__
 from snaplook import artists as _artists
+from snaplook import catalog as _catalog
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
@@ -360,6 +361,39 @@ HeadOpt = Annotated[
 ]
 
 
+def _check_where(values: list[str] | None) -> list[str] | None:
+    # Syntax is checked at parse time (exit 2); columns are checked against the index.
+    from snaplook.catalog import parse_where
+
+    for value in values or ():
+        try:
+            parse_where(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    return values
+
+
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        callback=_check_where,
+        help="Catalogue filter, repeatable (all must hold): COLUMN=VALUE, COLUMN!=VALUE, "
+        "COLUMN<N (<=, >, >=) or 'COLUMN in A,B'; e.g. --where category=Dresses "
+        "--where 'price<=50'.",
+    ),
+]
+RestrictOpt = Annotated[
+    Literal["none", "auto"],  # snaplook.catalog.RESTRICT_MODES
+    typer.Option(
+        "--restrict",
+        help="auto: search within each query's category, predicted from its nearest "
+        "catalogue neighbours (needs a catalogue 'category' column).",
+    ),
+]
+NoPageOpt = Annotated[bool, typer.Option("--no-page", help="Skip index.html.")]
+
+
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
     if not skipped:
         return
@@ -412,6 +446,19 @@ def index_cmd(
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(
+            "--catalog",
+            exists=True,
+            dir_okay=False,
+            help="Product catalogue (.csv or .parquet): image, product_id, title, price, "
+            "url, category, ... joined on the image path relative to GALLERY.",
+        ),
+    ] = None,
+    catalog_image_column: Annotated[
+        str, typer.Option("--catalog-image-column", help="The catalogue's image column.")
+    ] = _catalog.DEFAULT_IMAGE_COLUMN,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
@@ -426,6 +473,8 @@ def index_cmd(
             batch_size=batch_size,
             update=update,
             strict=strict,
+            catalog=catalog,
+            catalog_image_column=catalog_image_column,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -434,6 +483,13 @@ def index_cmd(
         f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
         f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''})."
     )
+    if summary.catalog:
+        c = summary.catalog
+        _console().print(
+            f"Catalogue: {c['products']} products in {c['rows']} rows; "
+            f"{c['gallery_matched']} gallery images matched, {c['gallery_without_product']} "
+            f"without a product, {c['catalog_without_image']} catalogue rows without an image."
+        )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 
 
@@ -517,9 +573,12 @@ def query_cmd(
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     head: HeadOpt = None,
+    where: WhereOpt = None,
+    restrict: RestrictOpt = "none",
+    no_page: NoPageOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find the k nearest gallery images of each query; write grids, results.csv and .json."""
+    """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html."""
     loaded = _index.load_index(index)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
         summary = _index.query_index(
@@ -529,6 +588,8 @@ def query_cmd(
             backbone=backbone,
             batch_size=batch_size,
             embedder=loaded.embedder(runtime=runtime, head=_load_head(head)),
+            where=where,
+            restrict=restrict,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -537,7 +598,13 @@ def query_cmd(
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
         _index.write_query_results(
-            summary, out, index=loaded, plot=not no_plot, title_note=note, on_progress=on_progress
+            summary,
+            out,
+            index=loaded,
+            plot=not no_plot,
+            page=not no_page,
+            title_note=note,
+            on_progress=on_progress,
         )
     _print_results(summary, quiet=quiet)
     _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
@@ -565,11 +632,19 @@ def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> 
                  right=[False, True, False, True], quiet=quiet)  # fmt: skip
     if len(summary.results) > 20:
         _say(f"... and {len(summary.results) - 20} more queries.", quiet=quiet)
+    short = sum(1 for r in summary.results if len(r.hits) < summary.k)
+    if short:
+        _err(
+            f"{short} of {len(summary.results)} queries have fewer than {summary.k} results: "
+            f"only {summary.n_allowed} gallery images match the --where filters."
+        )
     if not final:
         return
     grids = f", {_plural(len(summary.grids), 'grid')}" if summary.grids else ""
+    page = ", index.html" if summary.page else ""
     typer.echo(
-        f"Wrote {summary.out / 'results.csv'} (all results), results.json{grids} in {summary.out}."
+        f"Wrote {summary.out / 'results.csv'} (all results), results.json{grids}{page} in "
+        f"{summary.out}."
     )
 
 
@@ -877,9 +952,12 @@ def look_cmd(
     ] = False,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     head: HeadOpt = None,
+    where: WhereOpt = None,
+    restrict: RestrictOpt = "none",
+    no_page: NoPageOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest gallery items."""
+    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest products."""
     with _progress("Looking", quiet=quiet, unit="s") as (on_start, on_progress):
         summary = _look.look(
             video,
@@ -896,6 +974,9 @@ def look_cmd(
             plot=not no_plot,
             head=_load_head(head),
             overwrite=overwrite,
+            where=where,
+            restrict=restrict,
+            page=not no_page,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -903,8 +984,9 @@ def look_cmd(
     if summary.crops:
         typer.echo(
             f"Queried {_plural(len(summary.crops), 'crop')} (k={summary.k}) in "
-            f"{summary.seconds:.1f} s: looks.csv, looks_fused.csv and "
-            f"{_plural(len(summary.grids), 'grid')} in {summary.out}."
+            f"{summary.seconds:.1f} s: looks.csv, looks_fused.csv, "
+            f"{_plural(len(summary.grids), 'grid')}"
+            f"{' and index.html' if summary.page else ''} in {summary.out}."
         )
     else:
         typer.echo(f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}.")

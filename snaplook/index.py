@@ -18,6 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
+from snaplook.catalog import (
+    CATALOG_FILE,
+    DEFAULT_IMAGE_COLUMN,
+    Catalog,
+    Products,
+    join_catalog,
+    load_products,
+    log_join,
+    read_catalog,
+    write_catalog,
+)
 from snaplook.errors import SnaplookError
 from snaplook.features import (
     DEFAULT_BACKBONE,
@@ -66,6 +77,7 @@ class BuildSummary:
     skipped: list[Skipped]
     seconds: float
     n_resumed: int = 0
+    catalog: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -85,6 +97,8 @@ def build_index(
     strict: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
+    catalog: str | Path | None = None,
+    catalog_image_column: str = DEFAULT_IMAGE_COLUMN,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BuildSummary:
@@ -112,6 +126,10 @@ def build_index(
             previous index at ``out``, if any, stays as it was).
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
+        catalog: a product catalogue (CSV or Parquet, see :mod:`snaplook.catalog`) joined
+            to the gallery on the image path and stored as ``catalog.csv``; with
+            ``update`` and no ``catalog``, the index's stored catalogue is joined again.
+        catalog_image_column: the catalogue column naming the image, default="image".
         on_start: called once with the number of images found.
         on_progress: called with the number of images handled so far.
 
@@ -153,6 +171,7 @@ def build_index(
         )
     root_dir = root if root.is_dir() else root.parent
     _check_out(out)
+    products = _read_catalog_for(out, catalog, catalog_image_column, root_dir, update=update)
     identity = embedder.identity()
 
     with (
@@ -273,6 +292,10 @@ def build_index(
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
             }
+            if products is not None:
+                join = join_catalog(products, [row.path for row in rows])
+                log_join(join, products)
+                meta["catalog"] = write_catalog(products, join, tmp)
             write_json_atomic(tmp / "meta.json", meta)
             if old_features is not None:
                 del old_features, old  # release the memory map before replacing its folder
@@ -306,7 +329,20 @@ def build_index(
         skipped=skipped,
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
+        catalog=meta.get("catalog"),
     )
+
+
+def _read_catalog_for(
+    out: Path, catalog: str | Path | None, image_column: str, root: Path, *, update: bool
+) -> Catalog | None:
+    # Read before anything is embedded: a bad catalogue line fails the run at once.
+    if catalog is not None:
+        return read_catalog(catalog, image_column=image_column, root=root)
+    stored = out / CATALOG_FILE
+    if update and stored.is_file():
+        return read_catalog(stored)
+    return None
 
 
 def _beside(out: Path, suffix: str) -> Path:
@@ -661,6 +697,7 @@ class Index:
     manifest: list[ManifestRow]
     meta: dict[str, Any]
     root_: Path = field(init=False)
+    products_: Products | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.root_ = Path(self.meta.get("root", self.path))
@@ -688,9 +725,21 @@ class Index:
 
         return with_head(embedder, head)
 
-    def search(self, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`)."""
-        return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+    def search(
+        self, queries: np.ndarray, k: int = DEFAULT_K, *, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`).
+
+        ``allowed`` (boolean, shape (n,)) limits the search to those rows; results past the
+        number of allowed rows are padded with index -1 and distance inf.
+        """
+        return cosine_knn(queries, self.features, k=k, normalized_gallery=True, allowed=allowed)
+
+    def products(self) -> Products | None:
+        """The catalogue joined to the gallery rows, or None (loaded on first use)."""
+        if self.products_ is None and (self.path / CATALOG_FILE).is_file():
+            self.products_ = load_products(self.path, [row.path for row in self.manifest])
+        return self.products_
 
 
 def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
@@ -886,6 +935,7 @@ def cosine_knn(
     k: int = DEFAULT_K,
     normalized_gallery: bool = False,
     block_rows: int = SEARCH_BLOCK_ROWS,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours by blocked inner products.
 
@@ -898,10 +948,14 @@ def cosine_knn(
         gallery: ndarray of shape (n, d); unit rows if ``normalized_gallery``.
         k: neighbours per query, clamped to n.
         block_rows: gallery rows per GEMM block.
+        allowed: boolean ndarray of shape (n,): search only these rows (a catalogue
+            filter); None searches all.
 
     Returns:
         (distances, indices): ndarrays of shape (m, min(k, n)); distances are cosine
         distances 1 - cos in [0, 2], ascending; equal distances are listed by gallery row.
+        When ``allowed`` leaves fewer than k rows, the rest is padded with index -1 and
+        distance inf.
     """
     import numpy as np
 
@@ -913,26 +967,38 @@ def cosine_knn(
     m = q.shape[0]
     if k < 1 or m == 0:
         return np.zeros((m, 0), dtype=np.float32), np.zeros((m, 0), dtype=np.int64)
+    selected = None
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (n,):
+            raise ValueError(f"allowed has shape {allowed.shape}, expected ({n},)")
+        selected = np.flatnonzero(allowed)
+    n_searched = n if selected is None else len(selected)
     best_sim = np.full((m, k), -np.inf, dtype=np.float32)
-    best_idx = np.zeros((m, k), dtype=np.int64)
-    for start in range(0, n, block_rows):
-        block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+    best_idx = np.full((m, k), -1, dtype=np.int64)
+    for start in range(0, n_searched, block_rows):
+        if selected is None:
+            ids = np.arange(start, min(start + block_rows, n))
+            block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+        else:
+            ids = selected[start : start + block_rows]
+            block = np.asarray(gallery[ids], dtype=np.float32)
         if not normalized_gallery:
             block = l2_normalize(block)
         sims = q @ block.T
         cand_sim = np.concatenate([best_sim, sims], axis=1)
-        cand_idx = np.concatenate(
-            [best_idx, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], axis=1
-        )
+        cand_idx = np.concatenate([best_idx, np.broadcast_to(ids, sims.shape)], axis=1)
         if cand_sim.shape[1] > k:
             part = np.argpartition(-cand_sim, k - 1, axis=1)[:, :k]
             cand_sim = np.take_along_axis(cand_sim, part, axis=1)
             cand_idx = np.take_along_axis(cand_idx, part, axis=1)
         best_sim, best_idx = cand_sim, cand_idx
-    order = np.lexsort((best_idx, -best_sim), axis=1)
+    # Unfilled slots (-inf, row -1) sort last: pad them as row -1 at distance inf.
+    order = np.lexsort((np.where(best_idx < 0, n, best_idx), -best_sim), axis=1)
     best_sim = np.take_along_axis(best_sim, order, axis=1)
     best_idx = np.take_along_axis(best_idx, order, axis=1)
     distances = np.clip(1.0 - best_sim, 0.0, 2.0).astype(np.float32)
+    distances[best_idx < 0] = np.inf
     return distances, best_idx
 
 
@@ -944,25 +1010,39 @@ class Hit:
     row: int
     path: Path
     distance: float
+    product: dict[str, str] | None = None
 
 
 @dataclass
 class QueryResult:
-    """The k nearest gallery images of one query, nearest first."""
+    """The k nearest gallery images of one query, nearest first.
+
+    ``category`` and ``confidence`` are the predicted category under ``restrict="auto"``.
+    """
 
     query: Path
     hits: list[Hit]
+    category: str | None = None
+    confidence: float | None = None
 
 
 @dataclass
 class QuerySummary:
-    """What :func:`query_index` did."""
+    """What :func:`query_index` did.
+
+    ``where`` and ``restrict`` are the filters applied; ``n_allowed`` the gallery rows
+    they left (None without ``where``).
+    """
 
     results: list[QueryResult]
     k: int
     skipped: list[Skipped]
     out: Path | None = None
     grids: list[Path] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    restrict: str = "none"
+    n_allowed: int | None = None
+    page: Path | None = None
 
 
 def check_k(k: int, index: Index) -> int:
@@ -986,6 +1066,8 @@ def query_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     embedder: Embedder | None = None,
     head: Any = None,
+    where: Sequence[str] | None = None,
+    restrict: str = "none",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
@@ -1000,14 +1082,22 @@ def query_index(
         embedder: use this embedder instead of rebuilding the index's (it must match).
         head: the ``snaplook.train.Head`` the index was built with, if any (required
             then; see :func:`check_head`).
+        where: catalogue conditions (``"category=Dresses"``, ``"price<=50"``; grammar in
+            :func:`snaplook.catalog.parse_where`), all of which must hold; the search is
+            exact on the rows left, so k results come back when k rows match.
+        restrict: "none" (default) or "auto": search within each query's category as
+            predicted by its nearest catalogue neighbours (recorded in the results).
 
     Returns:
-        :class:`QuerySummary` with one :class:`QueryResult` per readable query.
+        :class:`QuerySummary` with one :class:`QueryResult` per readable query; a query
+        has fewer than k hits when fewer rows match ``where`` (a warning says so).
 
     Raises:
         SnaplookError: no query images or none readable, backbone mismatch, missing/corrupt
-            index.
+            index, a bad or unknown ``where`` column, ``where``/``restrict`` without a
+            catalogue.
     """
+    from snaplook.catalog import filter_mask, restricted_search, warn_if_few
     from snaplook.features import embed_images
     from snaplook.io_utils import find_images
 
@@ -1020,6 +1110,10 @@ def query_index(
             "or use an index built with it."
         )
     k = check_k(k, index)
+    products = index.products()
+    allowed = filter_mask(products, where, index.path)
+    n_allowed = None if allowed is None else int(allowed.sum())
+    warn_if_few(allowed, k, where)
     if isinstance(queries, (str, Path)):
         paths = find_images(queries)
         if not paths:
@@ -1040,18 +1134,51 @@ def query_index(
         raise SnaplookError(
             f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
         )
-    distances, rows = index.search(features, k=k)
+    distances, rows, guesses = restricted_search(
+        index.search, features, k, products=products, allowed=allowed, restrict=restrict
+    )
     results = [
         QueryResult(
             query=q,
-            hits=[
-                Hit(rank=r + 1, row=int(row), path=index.gallery_path(int(row)), distance=float(d))
-                for r, (row, d) in enumerate(zip(rows[i], distances[i]))
-            ],
+            hits=hits_of(index, rows[i], distances[i]),
+            category=guesses[i].category if guesses else None,
+            confidence=guesses[i].confidence if guesses else None,
         )
         for i, q in enumerate(kept)
     ]
-    return QuerySummary(results=results, k=k, skipped=skipped)
+    return QuerySummary(
+        results=results,
+        k=k,
+        skipped=skipped,
+        where=list(where or ()),
+        restrict=restrict,
+        n_allowed=n_allowed,
+    )
+
+
+def hits_of(index: Index, rows: np.ndarray, distances: np.ndarray) -> list[Hit]:
+    """One query's search result as :class:`Hit` s, padding (row -1) left out."""
+    products = index.products()
+    return [
+        Hit(
+            rank=r + 1,
+            row=int(row),
+            path=index.gallery_path(int(row)),
+            distance=float(d),
+            product=products.product(int(row)) if products is not None else None,
+        )
+        for r, (row, d) in enumerate(zip(rows, distances))
+        if row >= 0
+    ]
+
+
+def product_label(product: dict[str, str] | None, fallback: str) -> str:
+    """A grid label: ``product_id · price`` and the title on a second line, or ``fallback``."""
+    if not product:
+        return fallback
+    price = f"{product.get('price', '')} {product.get('currency', '')}".strip()
+    first = " · ".join(x for x in (product.get("product_id", ""), price) if x)
+    return "\n".join(x for x in (first, product.get("title", "")) if x)
 
 
 def write_query_results(
@@ -1060,14 +1187,17 @@ def write_query_results(
     *,
     index: Index,
     plot: bool = True,
+    page: bool = True,
     title_note: str = "",
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
-    """Write ``results.csv``, ``results.json`` and (if ``plot``) one grid PNG per query.
+    """Write ``results.csv``, ``results.json``, (if ``plot``) one grid PNG per query and
+    (if ``page``) ``index.html``, a static page of the results (see :mod:`snaplook.page`).
 
     Files are written atomically; grids are named after the query file
     (``<stem>_grid.png``, with its parent folders joined by ``__`` when queries come from
-    several folders).
+    several folders). With a catalogue, results carry each hit's product_id, title and
+    price.
 
     Returns:
         ``summary`` with ``out`` and ``grids`` filled in.
@@ -1078,16 +1208,25 @@ def write_query_results(
     if out.exists() and not out.is_dir():
         raise SnaplookError(f"--out {out} is a file, not a folder; pass a folder for the results.")
     out.mkdir(parents=True, exist_ok=True)
+    from snaplook.catalog import RESULT_COLUMNS
+
+    has_products = index.products() is not None
+    extra = RESULT_COLUMNS if has_products else ()
     backbone = str(index.meta.get("backbone"))
     weights = describe_weights(index.meta.get("weights"))
     # Query and gallery paths in the same (absolute) form, whatever form the query was given in.
     rows = [
-        (str(_absolute(r.query)), h.rank, str(_absolute(h.path)), f"{h.distance:.6f}", backbone,
-         weights)
+        (str(_absolute(r.query)), h.rank, str(_absolute(h.path)), f"{h.distance:.6f}")
+        + tuple((h.product or {}).get(c, "") for c in extra)
+        + (backbone, weights)
         for r in summary.results
         for h in r.hits
-    ]  # fmt: skip
-    write_csv_atomic(out / "results.csv", RESULTS_HEADER, rows)
+    ]
+    write_csv_atomic(
+        out / "results.csv",
+        (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
+        rows,
+    )
     write_csv_atomic(
         out / "skipped.csv",
         SKIPPED_HEADER,
@@ -1100,14 +1239,23 @@ def write_query_results(
             "backbone": index.meta.get("backbone"),
             "weights": index.meta.get("weights"),
             "k": summary.k,
+            **({"where": summary.where, "n_allowed": summary.n_allowed} if summary.where else {}),
+            **({"restrict": summary.restrict} if summary.restrict != "none" else {}),
             "results": [
                 {
                     "query": str(_absolute(r.query)),
+                    **(
+                        {"category": r.category, "confidence": round(r.confidence, 4)}
+                        if r.confidence is not None
+                        else {}
+                    ),
+                    "n_hits": len(r.hits),
                     "hits": [
                         {
                             "rank": h.rank,
                             "path": str(_absolute(h.path)),
                             "distance": round(h.distance, 6),
+                            **({"product": h.product} if has_products else {}),
                         }
                         for h in r.hits
                     ],
@@ -1132,12 +1280,19 @@ def write_query_results(
                 [h.path for h in result.hits],
                 grid,
                 distances=[h.distance for h in result.hits],
+                labels=[product_label(h.product, h.path.name) for h in result.hits]
+                if has_products
+                else None,
                 title=title,
             )
             summary.grids.append(grid)
             if on_progress is not None:
                 on_progress(n + 1)
         logger.info("wrote %d grid(s) in %s", len(summary.grids), out)
+    if page:
+        from snaplook.page import write_query_page
+
+        summary.page = write_query_page(summary, out, index=index, title_note=title_note)
     return summary
 
 

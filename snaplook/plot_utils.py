@@ -153,7 +153,8 @@ def plot_retrieval_grid(
             text += f"  d={shown[i]}"
         ax.set_title(text, fontsize=9)
         sub = str(labels[i]) if labels is not None else (_name_of(res) or "")
-        ax.set_xlabel(shorten(sub, 28), fontsize=7)
+        # Per line: a product label is "id · price" over its title.
+        ax.set_xlabel("\n".join(shorten(line, 28) for line in sub.splitlines()), fontsize=7)
         if hits is not None:
             _outline(ax, HIT_COLOUR if hits[i] else MISS_COLOUR)
     for ax in axes:
