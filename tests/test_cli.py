@@ -390,7 +390,7 @@ def test_query_table_is_plain_and_whole_when_piped(cli_index, tmp_path: Path) ->
     # Enough digits to tell the two ranks apart, nothing cut, no box drawing.
     assert first[3] != second[3] and "\u2026" not in result.stdout and "\u2502" not in result.stdout
     assert lines[-1] == (
-        f"Wrote {out / 'results.csv'} (all results), results.json, 1 grid in {out}."
+        f"Wrote {out / 'results.csv'} (all results), results.json, 1 grid, index.html in {out}."
     )
     # The unreadable query is listed, and stderr says where.
     assert read_csv(out / "skipped.csv") == [
@@ -416,7 +416,7 @@ def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
     for result, out in ((quiet, tmp_path / "a"), (quiet_local, tmp_path / "b")):
         assert result.exit_code == 0, result.output
         assert result.stdout.splitlines() == [
-            f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids in {out}."
+            f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids, index.html in {out}."
         ]
         assert result.stderr.splitlines() == [
             "Random weights: these neighbours test the pipeline, not retrieval quality."
