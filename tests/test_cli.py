@@ -416,7 +416,8 @@ def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
     for result, out in ((quiet, tmp_path / "a"), (quiet_local, tmp_path / "b")):
         assert result.exit_code == 0, result.output
         assert result.stdout.splitlines() == [
-            f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids, index.html in {out}."
+            f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids, index.html "
+            f"in {out}."
         ]
         assert result.stderr.splitlines() == [
             "Random weights: these neighbours test the pipeline, not retrieval quality."
