@@ -1325,6 +1325,7 @@ def write_lead_artists(
     try:
         rows = write_lead_artists_into(selection, tmp, out, clothes=clothes, skipped=skipped)
         replace_dir(tmp, out, marker="artists.csv")
+        logger.info("wrote %d crop(s), artists.csv and detections.csv in %s", len(rows), out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

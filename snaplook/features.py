@@ -10,6 +10,7 @@ reference runtime, and both give the same features to within 1e-4.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -231,18 +233,37 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
         return cached
     keras = import_keras()
     origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
+    logger.info(
+        "ImageNet weights for %s are not cached: downloading them once from %s into %s",
+        spec.name,
+        origin,
+        keras_cache_dir(),
+    )
+    # Keras prints "Downloading data from ..." and a progress bar on stdout, which holds
+    # only results; they go to the log (shown with --verbose) instead.
+    keras_says = io.StringIO()
+    # Keras falls back to /tmp/.keras when the cache folder does not exist yet; create it so
+    # the file lands where cached_imagenet_weights() and the messages look.
+    with contextlib.suppress(OSError):
+        keras_cache_dir().mkdir(parents=True, exist_ok=True)
     try:
         # cache_dir given: Keras reads $KERAS_HOME only at import (and may fall back to
         # /tmp/.keras); the file must land where keras_cache_dir() and the messages say.
-        path = keras.utils.get_file(
-            spec.weights_file,
-            origin,
-            cache_subdir="models",
-            file_hash=spec.weights_md5,
-            cache_dir=str(keras_cache_dir().parent),
-        )
+        with contextlib.redirect_stdout(keras_says):
+            path = keras.utils.get_file(
+                spec.weights_file,
+                origin,
+                cache_subdir="models",
+                file_hash=spec.weights_md5,
+                cache_dir=str(keras_cache_dir().parent),
+            )
     except Exception as exc:  # Keras raises a bare Exception on any fetch failure
         raise SnaplookError(_offline_message(spec, exc)) from exc
+    finally:
+        for line in keras_says.getvalue().replace("\r", "\n").splitlines():
+            if line.strip():
+                logger.debug("keras: %s", line.strip())
+    logger.info("wrote %s", path)
     return Path(path)
 
 
@@ -397,6 +418,14 @@ class Embedder:
         """The runtime :meth:`embed` uses, "litert" or "keras" (``runtime`` resolved once)."""
         if self.runtime_ is None:
             self.runtime_ = resolve_runtime(self.runtime)
+            logger.info(
+                "runtime: %s (asked for %s); backbone %s, weights %s, %s pooling",
+                self.runtime_,
+                self.runtime,
+                self.backbone,
+                self.weights_.kind if self.weights_.kind != "file" else self.weights_.path,
+                self.pooling,
+            )
         return self.runtime_
 
     def load(self) -> Any:
@@ -741,6 +770,13 @@ def iter_embeddings(
                 features = embedder.embed(np.stack(arrays))
                 yield EmbeddedBatch(good, sizes, features)
             done += len(chunk)
+            logger.info(
+                "batch %d of %d: %d image(s) embedded, %d skipped",
+                start // batch_size + 1,
+                -(-len(files) // batch_size),
+                len(good),
+                len(chunk) - len(good),
+            )
             if on_progress is not None:
                 on_progress(done)
     finally:
@@ -1112,7 +1148,7 @@ def embed_cached(
                 "n_skipped": len(skipped),
                 "cropped": sum(e["box"] is not None for e in entries),
                 "seconds": round(time.perf_counter() - started, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created": timestamp(),
                 "images": entries,
                 "skipped": skipped,
             },

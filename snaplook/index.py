@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,7 @@ from snaplook.features import (
     Embedder,
     Skipped,
 )
-from snaplook.io_utils import ManifestRow
+from snaplook.io_utils import ManifestRow, timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,6 +53,7 @@ DEFAULT_K = 5
 #: Version of the index folder layout; an index from a newer snaplook is refused.
 INDEX_FORMAT_VERSION = 1
 SKIPPED_HEADER = ("path", "reason")
+RESULTS_HEADER = ("query", "rank", "path", "distance", "backbone", "weights")
 #: Gallery rows per GEMM block in search: bounds the similarity matrix to
 #: n_queries x 8192 float32 whatever the gallery size.
 SEARCH_BLOCK_ROWS = 8192
@@ -98,6 +98,7 @@ def build_index(
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
+    strict: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
     ann: str | None = None,
@@ -126,6 +127,8 @@ def build_index(
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
             The result equals a full rebuild.
+        strict: refuse to write the index when any image could not be read (the
+            previous index at ``out``, if any, stays as it was).
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
         ann: approximate search structure built over the features (see
@@ -270,6 +273,13 @@ def build_index(
                     f"{root}: none of the {len(paths)} images could be read; see the warnings "
                     "above for why."
                 )
+            if strict and skipped:
+                checkpoint.remove()
+                raise SnaplookError(
+                    f"--strict: {len(skipped)} of {len(paths)} images could not be read (first: "
+                    f"{skipped[0].reason}); the index was not written. Fix or remove them, or "
+                    "drop --strict to index the rest."
+                )
             tmp = checkpoint.folder / "assembling"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
@@ -292,7 +302,7 @@ def build_index(
                 "count": len(rows),
                 "metric": "cosine",
                 "l2_normalized": True,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": timestamp(),
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
                 "ann": ann_meta,
@@ -305,6 +315,7 @@ def build_index(
             if old_features is not None:
                 del old_features, old  # release the memory map before replacing its folder
             replace_dir(tmp, out, marker="meta.json")
+            logger.info("wrote %s (features.npy, manifest.csv, meta.json, skipped.csv)", out)
         except KeyboardInterrupt:
             logger.warning(
                 "stopped: %d of %d images are checkpointed in %s; run the same command again "
@@ -845,22 +856,49 @@ def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
         )
 
 
-def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
-    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Embedder` arguments an index or cache recorded: backbone, weights (name
+    or file path), pooling, seed and resize mode."""
     weights_meta = meta.get("weights", {})
     kind = weights_meta.get("name", "imagenet")
     weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
-    kwargs: dict[str, Any] = dict(
+    return dict(
         backbone=meta.get("backbone", DEFAULT_BACKBONE),
         weights=weights,
         pooling=meta.get("pooling", DEFAULT_POOLING),
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
     )
+
+
+def update_settings(out: str | Path) -> dict[str, Any] | None:
+    """What ``--update`` of the index at ``out`` reuses by default (see
+    :func:`recorded_settings`), or None when ``out`` holds no index yet.
+
+    Raises:
+        SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
+    """
+    meta_path = Path(out) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnaplookError(f"{meta_path} cannot be read ({exc}); rebuild the index.") from exc
+    if not isinstance(meta, dict):
+        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
+    return recorded_settings(meta)
+
+
+def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
+    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+    weights_meta = meta.get("weights", {})
+    kwargs = recorded_settings(meta)
+    weights = kwargs["weights"]
     kwargs.update(overrides)
     embedder = Embedder(**kwargs)
     want = weights_meta.get("sha256")
-    if want and kind == "file":
+    if want and weights_meta.get("name") == "file":
         got = embedder.identity()["weights"].get("sha256")
         if got != want:
             raise SnaplookError(
@@ -897,6 +935,12 @@ def load_index(
         )
     meta_path = path / "meta.json"
     if not meta_path.is_file():
+        if not any((path / name).exists() for name in ("features.npy", "manifest.csv")):
+            raise SnaplookError(
+                f"{path}: no index here (no meta.json, features.npy or manifest.csv: "
+                f"`snaplook index` never wrote this folder); build one with `snaplook index "
+                f"DIR --out {path}` or pass --index with an index folder."
+            )
         raise SnaplookError(f"{meta_path} is missing: not a complete index; rebuild it.")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -1267,13 +1311,26 @@ def write_query_results(
 
     has_products = index.products() is not None
     extra = RESULT_COLUMNS if has_products else ()
+    backbone = str(index.meta.get("backbone"))
+    weights = describe_weights(index.meta.get("weights"))
+    # Query and gallery paths in the same (absolute) form, whatever form the query was given in.
     rows = [
-        (str(r.query), h.rank, str(h.path), f"{h.distance:.6f}")
+        (str(_absolute(r.query)), h.rank, str(_absolute(h.path)), f"{h.distance:.6f}")
         + tuple((h.product or {}).get(c, "") for c in extra)
+        + (backbone, weights)
         for r in summary.results
         for h in r.hits
     ]
-    write_csv_atomic(out / "results.csv", ("query", "rank", "path", "distance", *extra), rows)
+    write_csv_atomic(
+        out / "results.csv",
+        (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
+        rows,
+    )
+    write_csv_atomic(
+        out / "skipped.csv",
+        SKIPPED_HEADER,
+        ((str(_absolute(s.path)), s.reason) for s in summary.skipped),
+    )
     write_json_atomic(
         out / "results.json",
         {
@@ -1285,7 +1342,7 @@ def write_query_results(
             **({"restrict": summary.restrict} if summary.restrict != "none" else {}),
             "results": [
                 {
-                    "query": str(r.query),
+                    "query": str(_absolute(r.query)),
                     **(
                         {"category": r.category, "confidence": round(r.confidence, 4)}
                         if r.confidence is not None
@@ -1295,7 +1352,7 @@ def write_query_results(
                     "hits": [
                         {
                             "rank": h.rank,
-                            "path": str(h.path),
+                            "path": str(_absolute(h.path)),
                             "distance": round(h.distance, 6),
                             **({"product": h.product} if has_products else {}),
                         }
@@ -1307,6 +1364,7 @@ def write_query_results(
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
         },
     )
+    logger.info("wrote %s, results.json and skipped.csv", out / "results.csv")
     summary.out = out
     summary.grids = []
     if plot:
@@ -1329,11 +1387,28 @@ def write_query_results(
             summary.grids.append(grid)
             if on_progress is not None:
                 on_progress(n + 1)
+        logger.info("wrote %d grid(s) in %s", len(summary.grids), out)
     if page:
         from snaplook.page import write_query_page
 
         summary.page = write_query_page(summary, out, index=index, title_note=title_note)
     return summary
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` absolute and without symlinks or '..', as the index records its root."""
+    return Path(path).resolve()
+
+
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """One word or two for a weights identity: imagenet, random (seed 0), a file's path."""
+    weights = weights or {}
+    kind = weights.get("name", "unknown")
+    if kind == "random":
+        return f"random (seed {weights.get('seed')})"
+    if kind == "file":
+        return str(weights.get("path", "file"))
+    return str(kind)
 
 
 def _grid_names(queries: Sequence[Path]) -> list[str]:
@@ -1352,3 +1427,68 @@ def _grid_names(queries: Sequence[Path]) -> list[str]:
             name = f"{base}-{n}_grid.png"
         names.append(name)
     return names
+
+
+DEFAULT_MAP_IMAGES = 500
+DEFAULT_MAP_DIR = Path("output/maps")
+
+
+def map_index(
+    index: Index | str | Path = DEFAULT_INDEX_DIR,
+    out: str | Path | None = None,
+    *,
+    max_images: int = DEFAULT_MAP_IMAGES,
+    seed: int = DEFAULT_SEED,
+    thumb_size: int = 48,
+) -> Path:
+    """Draw the gallery of an index as a t-SNE map of thumbnails (see ``plot_utils.plot_tsne``).
+
+    Args:
+        index: a loaded :class:`Index` or its folder, default="output/index".
+        out: PNG to write, default ``output/maps/<index folder name>_tsne.png``.
+        max_images: draw at most this many images, a seeded sample of larger galleries
+            (t-SNE and the thumbnails stay readable), default=500.
+        seed: seeds the sample and t-SNE: the same seed draws the same map.
+        thumb_size: thumbnail side in pixels.
+
+    Returns:
+        the PNG written.
+
+    Raises:
+        SnaplookError: no index, or fewer than 2 images in it.
+    """
+    import numpy as np
+
+    from snaplook.plot_utils import plot_tsne
+
+    if not isinstance(index, Index):
+        index = load_index(index)
+    n = len(index)
+    if n < 2:
+        raise SnaplookError(f"{index.path} holds {n} image(s); a map needs at least 2.")
+    if max_images < 2:
+        raise SnaplookError(f"--max-images must be at least 2, got {max_images}.")
+    rows = np.arange(n)
+    if n > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    out = Path(out) if out is not None else DEFAULT_MAP_DIR / f"{index.path.name}_tsne.png"
+    if out.is_dir():
+        raise SnaplookError(f"--out {out} is a folder; pass the PNG file to write.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"t-SNE of {len(rows)} of {n} gallery images · {index.meta.get('backbone')}, "
+        f"{describe_weights(index.meta.get('weights'))} weights"
+    )
+    if (index.meta.get("weights") or {}).get("name") == "random":
+        title += ": shows the pipeline, not retrieval quality"
+    logger.info("t-SNE of %d gallery images of %s", len(rows), index.path)
+    plot_tsne(
+        np.asarray(index.features[rows]),
+        [index.gallery_path(int(r)) for r in rows],
+        out,
+        seed=seed,
+        thumb_size=thumb_size,
+        title=title,
+    )
+    logger.info("wrote %s", out)
+    return out

@@ -362,6 +362,7 @@ def look(
         )
         write_csv_atomic(tmp / "skipped.csv", SKIPPED_HEADER, skipped)
         replace_dir(tmp, out)
+        logger.info("wrote looks.csv, looks_fused.csv, grids and skipped.csv in %s", out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

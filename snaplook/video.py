@@ -52,6 +52,18 @@ DEFAULT_SCENE_WINDOW_S = 1.0
 DEFAULT_DEDUP = 6
 FRAMES_CSV = "frames.csv"
 FRAMES_CSV_HEADER = ("index", "frame", "time_s", "path", "reason")
+#: Written in the output root by :func:`extract_videos` on a folder: the videos skipped.
+SKIPPED_CSV = "skipped.csv"
+#: Leading bytes of still-image formats that FFmpeg would open as a one-frame "video".
+_IMAGE_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+)
 
 # Scene analysis works on frames this wide: enough for colour histograms, and resizing a
 # full HD frame down to it costs less than the decoder's own colour conversion.
@@ -200,6 +212,12 @@ def _open_video(video: Path) -> Any:
         raise SnaplookError(f"{video}: permission denied; check the file's permissions.")
     if video.stat().st_size == 0:
         raise SnaplookError(f"{video}: empty file (0 bytes), not a video.")
+    kind = _still_image_kind(video)
+    if kind:
+        raise SnaplookError(
+            f"{video}: is {kind}, not a video (judged by its content, whatever its name); "
+            "use `snaplook crop` or `snaplook index` on images."
+        )
     # OpenCV warns on stderr when a backend cannot open the file; we say it once, better.
     old_level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -212,6 +230,21 @@ def _open_video(video: Path) -> Any:
             f"{video}: not a video file that FFmpeg can open (unknown or corrupt container)."
         )
     return cap
+
+
+def _still_image_kind(path: Path) -> str | None:
+    """What still image ``path`` holds by its first bytes ("a JPEG image"), or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None  # OpenCV then says why it cannot open the file
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    for signature, kind in _IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    return None
 
 
 def _video_fps(cap: Any, video: Path) -> float:
@@ -708,6 +741,7 @@ def _extract_one(
                 ),
             )
             replace_dir(tmp, out, marker=FRAMES_CSV)
+            logger.info("wrote %d frame(s) and %s in %s", len(frames), FRAMES_CSV, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -861,7 +895,8 @@ def extract_videos(
 
     Returns:
         One :class:`VideoFrames` per video, in sorted path order. In a folder, a video that
-        fails is skipped and logged, with ``error`` set; the others go on.
+        fails is skipped and logged, with ``error`` set; the others go on, and the skipped
+        videos are listed in ``<out_root>/skipped.csv`` (``path, reason``).
 
     Raises:
         SnaplookError: bad options; for a single video, any failure of
@@ -934,4 +969,12 @@ def extract_videos(
         on_progress(total_s)
     if all(r.error for r in results):
         raise SnaplookError(f"{root}: no video could be read; first error: {results[0].error}")
+    if not single:
+        from snaplook.io_utils import write_csv_atomic
+
+        write_csv_atomic(
+            Path(out_root) / SKIPPED_CSV,
+            ("path", "reason"),
+            ((str(r.video), r.error) for r in results if r.error),
+        )
     return results

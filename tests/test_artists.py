@@ -508,8 +508,8 @@ def test_crop_cli_missing_onnx_detector_fails_cleanly(tmp_path):
     folder.mkdir()
     Image.fromarray(_frame()).save(folder / "a.png")
     result = runner.invoke(app, ["crop", str(folder), "--detector", str(tmp_path / "no.onnx")])
-    assert result.exit_code == 1
-    assert "detector model not found" in result.output
+    assert result.exit_code == 2  # usage error at parse time (issue 15)
+    assert "neither builtin nor an existing .onnx model file" in result.output
     assert "Traceback" not in result.output
 
 
