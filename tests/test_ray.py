@@ -163,7 +163,7 @@ def test_cli_index_engine_ray_matches_local_with_a_real_network(tmp_path: Path) 
             app, ["index", str(root), "--out", str(out), "--engine", engine, *extra, *common]
         )
         assert result.exit_code == 0, result.output
-        assert "Indexed 4 images" in result.stdout and "1 shards written" in result.stdout
+        assert "Indexed 4 images" in result.stdout and "1 shard written" in result.stdout
         runs[engine] = load_index(out)
 
     assert runs["ray"].manifest == runs["local"].manifest
