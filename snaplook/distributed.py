@@ -132,7 +132,6 @@ class RayEngine:
         interrupted: Callable[[], bool],
     ) -> str:
         """One pass over ``remaining`` (finished batches are removed); the first error."""
-        import cloudpickle
         import numpy as np
 
         context = ray.data.DataContext.get_current()
@@ -143,15 +142,14 @@ class RayEngine:
         # A block is a task: its batches come back (and are checkpointed) together, and a
         # dead worker's block is redone whole. One batch per block up to MAX_BLOCKS.
         dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
-        # The settings travel inside the class (pickled by value), not as constructor
-        # arguments in the object store, which a restarted actor could find gone.
+        # The embedder (settings only, no model) travels inside the worker class, which Ray
+        # serialises by value to start its actors, process to process (never to disk); not
+        # as constructor arguments in the object store, which a restarted actor could find
+        # gone.
         worker = type(
             "EmbedWorker",
             (_EmbedWorker,),
-            {
-                "payload": cloudpickle.dumps(_unloaded(embedder)),
-                "threads": max(1, int(self.cpus_per_worker)),
-            },
+            {"template": _unloaded(embedder), "threads": max(1, int(self.cpus_per_worker))},
         )
         results = dataset.map_batches(
             worker,
@@ -196,14 +194,15 @@ class RayEngine:
 class _EmbedWorker:
     """A Ray Data actor: loads the model once (on its first batch), embeds batches.
 
-    ``payload`` (the pickled embedder) and ``threads`` are set on a subclass made per run.
+    ``template`` (the embedder, without its model) and ``threads`` are set on a subclass
+    made per run.
     """
 
-    payload: bytes = b""
+    template: Any = None
     threads: int = 1
 
     def __init__(self) -> None:
-        import cloudpickle
+        import copy
 
         from snaplook import features
 
@@ -211,7 +210,7 @@ class _EmbedWorker:
         # The model would use a thread per core of the machine, as many times as there
         # are actors on it; an actor uses the CPUs it reserved.
         features._cpu_threads = lambda: threads
-        self.embedder = cloudpickle.loads(self.payload)
+        self.embedder = copy.copy(self.template)
         if _runtime(self.embedder) == "keras":
             import tensorflow as tf
 

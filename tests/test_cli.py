@@ -352,7 +352,7 @@ def test_index_update_reuses_the_index_weights(cli_index, tmp_path: Path) -> Non
     gallery, idx, _ = cli_index
     copy = tmp_path / "idx"
     shutil.copytree(idx, copy)
-    before = np.load(copy / "features.npy")
+    before = np.asarray(load_index(copy).features)
 
     # No --weights: the index's own (random, seed 0), not the default imagenet.
     result = _run("-v", "index", gallery, "--out", copy, "--update")
@@ -362,7 +362,7 @@ def test_index_update_reuses_the_index_weights(cli_index, tmp_path: Path) -> Non
     meta = json.loads((copy / "meta.json").read_text())
     assert meta["weights"] == {"name": "random", "seed": 0}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
-    np.testing.assert_array_equal(np.load(copy / "features.npy"), before)
+    np.testing.assert_array_equal(np.asarray(load_index(copy).features), before)
 
 
 def test_query_index_folder_that_was_never_an_index(tmp_path: Path) -> None:

