@@ -569,8 +569,8 @@ def index_cmd(
     typer.echo(
         f"Indexed {_plural(summary.n_indexed, 'image')} into {summary.out} "
         f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
-        f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''}; "
-        f"{_plural(summary.shards_written, 'shard')} written{kept})."
+        f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''}); "
+        f"{_plural(summary.shards_written, 'shard')} written{kept}."
     )
     if summary.ann and summary.ann.get("kind") != "exact":
         _console().print(

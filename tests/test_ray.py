@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from snaplook.index import build_index, load_index
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
-cloudpickle = pytest.importorskip("cloudpickle")
 
 from snaplook.distributed import RayEngine  # noqa: E402
 
@@ -31,9 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster():  # type: ignore[no-untyped-def]
     """One local cluster for the module, its workers importing this checkout."""
-    # The stand-in embedders live in test modules the workers cannot import: ship them.
+    # The stand-in embedders live in test modules the workers cannot import: Ray's own
+    # cloudpickle ships them by value.
+    from ray import cloudpickle
+
     cloudpickle.register_pickle_by_value(test_shards)
-    cloudpickle.register_pickle_by_value(__import__(__name__))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     ray.init(
         address="local",
