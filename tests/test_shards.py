@@ -279,3 +279,26 @@ def test_cli_index_bad_shard_or_engine_options_are_usage_errors(
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_ann_is_built_over_the_shards_and_checked_at_load(tmp_path: Path) -> None:
+    root = _gallery(tmp_path / "g", 30)
+
+    summary = build_index(
+        root, tmp_path / "idx", embedder=RowEmbedder(), batch_size=4, shard_rows=7, ann="hnsw"
+    )
+
+    index = load_index(tmp_path / "idx")
+    assert summary.shards_written == 5 and isinstance(index.features, ShardedFeatures)
+    assert index.ann_ is not None and index.meta["ann"]["kind"] == "hnsw"
+    queries = np.asarray(index.features)[[3, 17, 29]]
+    approx, exact = index.search(queries, k=3), index.search(queries, k=3, exact=True)
+    np.testing.assert_array_equal(approx[1], exact[1])
+    assert list(exact[1][:, 0]) == [3, 17, 29]
+    # The FAISS file belongs to these shards: other features under it are refused.
+    np.save(
+        tmp_path / "idx" / "features" / "shard-00001.npy",
+        np.asarray(index.features.shards[0])[::-1].copy(),
+    )
+    with pytest.raises(SnaplookError, match="was built over other features"):
+        load_index(tmp_path / "idx")
