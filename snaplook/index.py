@@ -237,8 +237,9 @@ def build_index(
         # Rows are written in gallery order; each is either copied from the old index
         # or embedded now, so --update gives the same file as a full rebuild.
         plan: list[tuple[Path, ManifestRow | None, int | None]] = []
+        rel_of: dict[Path, str] = {}  # once per file: a million of them take seconds
         for path in paths:
-            rel = _rel(path, root_dir)
+            rel = rel_of[path] = _rel(path, root_dir)
             hit = reuse.get(rel)
             plan.append((path, *_reusable(path, hit)) if hit else (path, None, None))
         to_embed = [p for p, old_row, _ in plan if old_row is None]
@@ -253,8 +254,8 @@ def build_index(
                 "runtime": _runtime_of(embedder),
                 "batch_size": batch_size,
                 "update_from": old_stamp,
-                "reused": [[_rel(p, root_dir), i] for p, r, i in plan if r is not None],
-                "embed": [[_rel(p, root_dir), *_stat(p)] for p in to_embed],
+                "reused": [[rel_of[p], i] for p, r, i in plan if r is not None],
+                "embed": [[rel_of[p], *_stat(p)] for p in to_embed],
             },
             n_images=len(to_embed),
             feature_dim=embedder.feature_dim,
