@@ -280,6 +280,8 @@ def _import_ray() -> Any:
 
 def _connect(ray: Any, address: str | None) -> bool:
     """Join ``address`` or start a local cluster; True when this call started Ray."""
+    if address is not None:
+        _check_reachable(address)
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {
@@ -304,6 +306,22 @@ def _connect(ray: Any, address: str | None) -> bool:
             "with `ray start --head` and pass the address it prints, or drop --address."
         ) from exc
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT nothing listens on at once: Ray itself waits minutes for it."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise SnaplookError(
+            f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); start one "
+            "with `ray start --head` and pass the address it prints, or drop --address."
+        ) from exc
 
 
 def _unloaded(embedder: Any) -> Any:

@@ -173,3 +173,19 @@ def test_cli_index_engine_ray_matches_local_with_a_real_network(tmp_path: Path) 
     np.testing.assert_allclose(
         np.asarray(runs["ray"].features), np.asarray(runs["local"].features), rtol=0, atol=1e-6
     )
+
+
+def test_cli_index_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from snaplook.cli import app
+
+    root = _gallery(tmp_path / "g", 2)
+    args = ["index", str(root), "--out", str(tmp_path / "idx"), "--weights", "random", "-q"]
+
+    result = CliRunner().invoke(app, [*args, "--engine", "ray", "--address", "127.0.0.1:1"])
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot reach the Ray cluster at '127.0.0.1:1'")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "idx.partial").exists()
