@@ -207,10 +207,29 @@ BackboneOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 RuntimeOpt = Annotated[
-    Literal["auto", "litert", "keras"],  # snaplook.features.RUNTIMES
+    Literal["auto", "openvino", "keras"],  # snaplook.features.RUNTIMES
     typer.Option(
         "--runtime",
-        help="auto (LiteRT on a CPU, Keras on a GPU), litert or keras; same features either way.",
+        help="auto (OpenVINO on a CPU, Keras on a GPU), openvino or keras; the same fp32 "
+        "features either way. --verbose says which ran and why.",
+    ),
+]
+_PRECISION_HELP = (
+    "fp32 (exact); bf16 (CPUs with AMX or AVX512-BF16; faster, features within ~1e-2, "
+    "see README Performance for neighbour agreement); int8 (NNCF, calibrated on a "
+    "seeded sample of the gallery; fastest, least exact); auto (bf16 where the CPU "
+    "has it natively, else fp32)."
+)
+PrecisionOpt = Annotated[
+    Literal["fp32", "bf16", "int8", "auto"],  # snaplook.features.PRECISIONS
+    typer.Option("--precision", help=_PRECISION_HELP + " Recorded in the index."),
+]
+QueryPrecisionOpt = Annotated[
+    Literal["fp32", "bf16", "int8", "auto"] | None,
+    typer.Option(
+        "--precision",
+        help="Must be the index's precision [default: the index's]. " + _PRECISION_HELP,
+        show_default=False,
     ),
 ]
 HeadOpt = Annotated[
@@ -255,11 +274,14 @@ def index_cmd(
         int, typer.Option("--seed", help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    precision: PrecisionOpt = _features.DEFAULT_PRECISION,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
-    embedder = _features.Embedder(backbone, weights=weights, seed=seed, runtime=runtime)
+    embedder = _features.Embedder(
+        backbone, weights=weights, seed=seed, runtime=runtime, precision=precision
+    )
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _index.build_index(
             gallery,
@@ -292,6 +314,7 @@ def features_cmd(
         int, typer.Option("--seed", help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    precision: PrecisionOpt = _features.DEFAULT_PRECISION,
     quiet: QuietOpt = False,
 ) -> None:
     """Write raw (not normalised) features and a manifest for scripting."""
@@ -304,6 +327,7 @@ def features_cmd(
             seed=seed,
             batch_size=batch_size,
             runtime=runtime,
+            precision=precision,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -328,6 +352,7 @@ def query_cmd(
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    precision: QueryPrecisionOpt = None,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -340,7 +365,7 @@ def query_cmd(
             k=k,
             backbone=backbone,
             batch_size=batch_size,
-            embedder=loaded.embedder(runtime=runtime, head=_load_head(head)),
+            embedder=loaded.embedder(runtime=runtime, precision=precision, head=_load_head(head)),
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -616,6 +641,8 @@ def look_cmd(
         ),
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
+    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    precision: QueryPrecisionOpt = None,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -635,6 +662,8 @@ def look_cmd(
             detector=detector,
             plot=not no_plot,
             head=_load_head(head),
+            runtime=runtime,
+            precision=precision,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -733,6 +762,8 @@ def evaluate_cmd(
         int, typer.Option("--seed", help="Seed for --weights random and the random grid.")
     ] = _features.DEFAULT_SEED,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    precision: PrecisionOpt = _features.DEFAULT_PRECISION,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -762,6 +793,8 @@ def evaluate_cmd(
             cache_dir=cache_dir,
             n_examples=examples,
             head=_load_head(head),
+            runtime=runtime,
+            precision=precision,
             on_stage=on_stage,
             on_progress=on_progress,
         )

@@ -391,6 +391,7 @@ class Embedder:
             from snaplook.runtime import resolve_precision
 
             self.precision_ = resolve_precision(self.precision, self.resolved_runtime())
+            logger.info("backbone %s: %s", self.backbone, self.explain_runtime())
         return self.precision_
 
     def calibrate_on(self, paths: Sequence[str | Path]) -> None:
@@ -398,6 +399,19 @@ class Embedder:
         if self.calibration is None:
             self.calibration = [Path(p) for p in paths]
             self.calibration_ = None
+
+    def use_calibration(self, record: dict[str, Any]) -> None:
+        """Use the int8 calibration an index recorded (``meta.json``'s ``calibration``).
+
+        The cached int8 model with that digest is used as is; if it is not cached, it is
+        quantized again from the recorded images, provided they are unchanged.
+        """
+        self.calibration = [Path(p) for p in record.get("images", [])]
+        self.calibration_ = {
+            "seed": int(record.get("seed", self.seed)),
+            "sha256": str(record.get("sha256", "")),
+            "images": [str(p) for p in record.get("images", [])],
+        }
 
     def _calibration(self) -> dict[str, Any]:
         """Which images the int8 model is calibrated on: seed, sorted paths, content digest."""
@@ -495,9 +509,15 @@ class Embedder:
             )
             if precision == "int8":
                 calibration = self._calibration()
+                fp32_model = model
+
+                def quantize() -> Any:
+                    ov_runtime.check_calibration(calibration, self.ir_path())
+                    return ov_runtime.quantize_int8(fp32_model, self._calibration_inputs())
+
                 model = ov_runtime.load_model(
                     self.ir_path(),
-                    lambda: ov_runtime.quantize_int8(model, self._calibration_inputs()),
+                    quantize,
                     what=f"quantizing {self.backbone} to int8 on "
                     f"{len(calibration['images'])} gallery images",
                 )

@@ -24,6 +24,7 @@ from snaplook.features import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_POOLING,
+    DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_WEIGHTS,
     Embedder,
@@ -82,6 +83,7 @@ def build_index(
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
+    precision: str = DEFAULT_PRECISION,
     embedder: Embedder | None = None,
     head: Any = None,
     on_start: Callable[[int], None] | None = None,
@@ -104,6 +106,9 @@ def build_index(
         backbone, weights, pooling, seed: the :class:`~snaplook.features.Embedder` to use
             (ignored when ``embedder`` is given).
         batch_size: images per forward pass, default=32.
+        precision: "fp32", "bf16", "int8" or "auto" (ignored when ``embedder`` is given);
+            recorded in ``meta.json``: queries and ``update`` must use the same. int8 is
+            calibrated on a seeded sample of the gallery (of the old index on ``update``).
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
             The result equals a full rebuild.
@@ -138,7 +143,9 @@ def build_index(
     root, out = Path(root), Path(out)
     if batch_size < 1:
         raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
-    embedder = embedder or Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
+    embedder = embedder or Embedder(
+        backbone, weights=weights, pooling=pooling, seed=seed, precision=precision
+    )
     if head is not None:
         from snaplook.features import with_head
 
@@ -150,6 +157,12 @@ def build_index(
         )
     root_dir = root if root.is_dir() else root.parent
     _check_out(out)
+    if embedder.resolved_precision() == "int8":
+        old_calibration = _old_calibration(out) if update else None
+        if old_calibration is not None:
+            embedder.use_calibration(old_calibration)
+        else:
+            embedder.calibrate_on(paths)
     identity = embedder.identity()
 
     with (
@@ -624,7 +637,31 @@ def _embed_batches(
     return records
 
 
+def _old_calibration(out: Path) -> dict[str, Any] | None:
+    """The int8 calibration an existing index at ``out`` recorded, if any."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    calibration = meta.get("calibration") if meta.get("precision") == "int8" else None
+    return calibration if isinstance(calibration, dict) else None
+
+
 def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
+    # Indexes from before issue 12 carry no precision: they were computed in fp32.
+    if meta.get("precision", "fp32") != identity.get("precision", "fp32"):
+        raise SnaplookError(
+            f"{out} was built at --precision {meta.get('precision', 'fp32')}, not "
+            f"{identity.get('precision')}; --update cannot mix features of two precisions. "
+            f"Pass --precision {meta.get('precision', 'fp32')} or rebuild without --update."
+        )
+    if meta.get("precision") == "int8" and (meta.get("calibration") or {}).get("sha256") != (
+        identity.get("calibration") or {}
+    ).get("sha256"):
+        raise SnaplookError(
+            f"{out} was built with an int8 model calibrated on other images; --update "
+            "cannot mix the two. Rebuild without --update."
+        )
     for key in ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling", "head"):
         if meta.get(key) != identity.get(key):
             raise SnaplookError(
@@ -665,9 +702,13 @@ class Index:
     def embedder(self, *, head: Any = None, **overrides: Any) -> Embedder:
         """An :class:`Embedder` identical to the one that built this index.
 
+        ``precision`` (or ``runtime``) may be passed: None means the index's; another
+        precision than the index's is refused.
+
         Raises:
             SnaplookError: ``head`` is not the head the index was built with (or the
-                index has a head and none is given); see :func:`check_head`.
+                index has a head and none is given); see :func:`check_head`. A
+                ``precision`` other than the index's.
         """
         check_head(self.meta, head, self.path)
         embedder = embedder_from_meta(self.meta, **overrides)
@@ -729,8 +770,20 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
     )
-    kwargs.update(overrides)
-    embedder = Embedder(**kwargs)
+    want_precision = meta.get("precision", "fp32")
+    asked = overrides.pop("precision", None)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if asked is not None and asked != want_precision:
+        got = Embedder(**kwargs, precision=asked).resolved_precision()
+        if got != want_precision:
+            raise SnaplookError(
+                f"the index was built at --precision {want_precision}; querying it at {got} "
+                f"would compare features of two different models. Pass --precision "
+                f"{want_precision} (or leave it out), or rebuild the index at {got}."
+            )
+    embedder = Embedder(**kwargs, precision=want_precision)
+    if want_precision == "int8":
+        embedder.use_calibration(meta.get("calibration") or {})
     want = weights_meta.get("sha256")
     if want and kind == "file":
         got = embedder.identity()["weights"].get("sha256")

@@ -159,6 +159,8 @@ def look(
     plot: bool = True,
     batch_size: int = 16,
     head: Any = None,
+    runtime: str | None = None,
+    precision: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LookSummary:
@@ -190,6 +192,8 @@ def look(
         batch_size: crops per forward pass.
         head: the ``snaplook.train.Head`` the index was built with, if any (see
             :func:`snaplook.index.check_head`).
+        runtime: "auto", "openvino" or "keras" (default: auto).
+        precision: must be the index's if given (default: the index's).
         on_start: called once with the video duration in whole seconds (0 if unknown).
         on_progress: called with the video time reached, in whole seconds.
 
@@ -218,6 +222,7 @@ def look(
     loaded = index if not isinstance(index, (str, Path)) else load_index(index)
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
+    embedder = loaded.embedder(head=head, runtime=runtime, precision=precision)
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
     crops_out = Path(crops_out) if crops_out is not None else DEFAULT_LEAD_ARTIST_ROOT / video.stem
     check_output_dir(out, "looks.csv")
@@ -240,13 +245,13 @@ def look(
     summary = LookSummary(
         video=video, out=out, crops_out=crops_out, selection=selection, crops=crops, k=k
     )
-    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, head=head)
+    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, embedder=embedder)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _query_crops(
-    summary: LookSummary, index: Index, *, plot: bool, batch_size: int, head: Any = None
+    summary: LookSummary, index: Index, *, plot: bool, batch_size: int, embedder: Any
 ) -> None:
     import shutil
 
@@ -261,7 +266,7 @@ def _query_crops(
         grids: list[tuple[str, Any]] = []
         if crops:
             images = [read_image(c.path) for c in crops]
-            features = embed_arrays(images, index.embedder(head=head), batch_size=batch_size)
+            features = embed_arrays(images, embedder, batch_size=batch_size)
             distances, rows = index.search(features, k=k)
             for crop, crop_rows, crop_dists in zip(crops, rows, distances):
                 for rank, (row, dist) in enumerate(zip(crop_rows, crop_dists), start=1):

@@ -7,7 +7,9 @@ too. Every compile names its precision: OpenVINO would otherwise run bf16 on AMX
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import random
@@ -234,6 +236,26 @@ def calibration_digest(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:24]
 
 
+def check_calibration(record: dict[str, Any], target: Path) -> None:
+    """Refuse to quantize from calibration images that differ from those ``record`` names.
+
+    Args:
+        record: ``{"sha256", "images", "seed"}`` as an index's ``meta.json`` records it.
+        target: the cached int8 model that is missing, for the message.
+
+    Raises:
+        SnaplookError: the images are missing or changed (another int8 model would result).
+    """
+    images = [Path(p) for p in record.get("images", [])]
+    if images and calibration_digest(images) == record.get("sha256"):
+        return
+    raise SnaplookError(
+        f"the int8 model {target.name} is not in the cache ({target.parent}) and the "
+        f"{len(images)} gallery images it was calibrated on are missing or changed; rebuild "
+        "the index, or copy that .xml/.bin pair from the machine that built it."
+    )
+
+
 def quantize_int8(model: Any, images: Sequence[np.ndarray]) -> Any:
     """Post-training int8 quantization (NNCF, default preset) of an OpenVINO model.
 
@@ -252,13 +274,20 @@ def quantize_int8(model: Any, images: Sequence[np.ndarray]) -> Any:
 
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)  # per-step INFO lines and progress bars
+    nncf_logger.setLevel(logging.WARNING)  # per-step INFO lines
+    captured = io.StringIO()
     try:
-        return nncf.quantize(
-            model, nncf.Dataset(list(images)), subset_size=len(images), fast_bias_correction=True
-        )
+        # NNCF draws rich progress bars on stdout, which belongs to the CLI's results.
+        with contextlib.redirect_stdout(captured):
+            return nncf.quantize(
+                model,
+                nncf.Dataset(list(images)),
+                subset_size=len(images),
+                fast_bias_correction=True,
+            )
     finally:
         nncf_logger.setLevel(level)
+        logger.debug("NNCF output: %s", captured.getvalue()[-2000:])
 
 
 class CompiledModel:
