@@ -502,7 +502,7 @@ class Embedder:
             precision = self.resolved_precision()
             had_model = self.model_ is not None
             fp32_path = ov_runtime.ir_path(runtime_cache_dir(), self.model_stem(), "fp32")
-            model = ov_runtime.load_model(
+            model = ov_runtime.load_or_build_ir(
                 fp32_path,
                 lambda: ov_runtime.convert_keras(self.load()),
                 what=f"converting {self.backbone}",
@@ -515,7 +515,7 @@ class Embedder:
                     ov_runtime.check_calibration(calibration, self.ir_path())
                     return ov_runtime.quantize_int8(fp32_model, self._calibration_inputs())
 
-                model = ov_runtime.load_model(
+                model = ov_runtime.load_or_build_ir(
                     self.ir_path(),
                     quantize,
                     what=f"quantizing {self.backbone} to int8 on "

@@ -345,7 +345,7 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def load_model(
+def load_or_build_ir(
     path: Path,
     build: Callable[[], Any],
     *,
