@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,7 +199,10 @@ def convert_keras(model: Any) -> Any:
     import openvino as ov
 
     try:
-        return ov.convert_model(model)
+        with warnings.catch_warnings():
+            # Keras warns that the converter's traced call passes a tuple, not a tensor.
+            warnings.filterwarnings("ignore", message="The structure of `inputs`")
+            return ov.convert_model(model)
     except Exception as exc:
         raise SnaplookError(
             f"OpenVINO {openvino_version()} could not convert the Keras model "
