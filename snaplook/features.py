@@ -580,17 +580,35 @@ class Embedder:
         Returns:
             ndarray of shape (n, feature_dim), float32 (not normalised).
         """
+        return self.embed_start(images).result()
+
+    def embed_start(self, images: np.ndarray) -> Any:
+        """Start embedding a batch of prepared images; ``.result()`` gives :meth:`embed`'s.
+
+        With OpenVINO the batch runs asynchronously, so the caller can handle the previous
+        batch meanwhile; Keras computes it here.
+        """
         import numpy as np
 
         from snaplook.transform_utils import PREPROCESSORS
 
         if len(images) == 0:
-            return np.zeros((0, self.feature_dim), dtype=np.float32)
+            return _Ready(np.zeros((0, self.feature_dim), dtype=np.float32))
         batch = PREPROCESSORS[self.spec_.preprocessing](images)
         if self.resolved_runtime() == "openvino":
-            return self.load_compiled().infer(batch)
+            return self.load_compiled().start(batch)
         out = self.load()(batch, training=False)
-        return np.asarray(out, dtype=np.float32).reshape(len(images), -1)
+        return _Ready(np.asarray(out, dtype=np.float32).reshape(len(images), -1))
+
+
+@dataclass
+class _Ready:
+    """A result computed already (the synchronous twin of ``runtime.PendingFeatures``)."""
+
+    features: np.ndarray
+
+    def result(self) -> np.ndarray:
+        return self.features
 
 
 def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_POOLING) -> Any:
@@ -759,7 +777,10 @@ def iter_embeddings(
 
     files = [Path(p) for p in paths]
     decoded = _decode_ahead(files, decode, depth=max(PREFETCH_IMAGES, 2 * batch_size))
-    done = 0
+    start_embedding = getattr(embedder, "embed_start", None)
+    # One batch in flight: the next batch is queued on the runtime before the previous one
+    # is handed to the consumer, so the model keeps running while the consumer writes.
+    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int] | None = None
     try:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -779,14 +800,30 @@ def iter_embeddings(
                 good.append(path)
                 sizes.append(size)
                 arrays.append(array)
+            pending = None
             if good:
-                features = embedder.embed(np.stack(arrays))
-                yield EmbeddedBatch(good, sizes, features)
-            done += len(chunk)
-            if on_progress is not None:
-                on_progress(done)
+                batch = np.stack(arrays)
+                pending = (
+                    start_embedding(batch) if start_embedding else _Ready(embedder.embed(batch))
+                )
+            if in_flight is not None:
+                yield from _finish_batch(in_flight, on_progress)
+            in_flight = (good, sizes, pending, start + len(chunk))
+        if in_flight is not None:
+            yield from _finish_batch(in_flight, on_progress)
     finally:
-        decoded.close()  # stops the decoding thread if the consumer stopped early
+        decoded.close()  # stops the decoding threads if the consumer stopped early
+
+
+def _finish_batch(
+    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int],
+    on_progress: Callable[[int], None] | None,
+) -> Iterator[EmbeddedBatch]:
+    good, sizes, pending, done = in_flight
+    if pending is not None:
+        yield EmbeddedBatch(good, sizes, pending.result())
+    if on_progress is not None:
+        on_progress(done)
 
 
 def _decode_ahead(
@@ -1217,6 +1254,21 @@ class HeadEmbedder:
             ndarray of shape (n, head dim), float32, unit rows.
         """
         return self.head.transform(self.base.embed(images))
+
+    def embed_start(self, images: np.ndarray) -> Any:
+        """Start :meth:`embed` (the backbone runs asynchronously); ``.result()`` waits."""
+        return _Mapped(self.base.embed_start(images), self.head.transform)
+
+
+@dataclass
+class _Mapped:
+    """A pending backbone result followed by a function (a head's ``transform``)."""
+
+    pending: Any
+    transform: Callable[[np.ndarray], np.ndarray]
+
+    def result(self) -> np.ndarray:
+        return self.transform(self.pending.result())
 
 
 def with_head(embedder: Embedder, head: Any | None) -> Embedder | HeadEmbedder:

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import random
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -294,6 +295,51 @@ def quantize_int8(model: Any, images: Sequence[np.ndarray]) -> Any:
         logger.debug("NNCF output: %s", captured.getvalue()[-2000:])
 
 
+#: Images per inference request, per precision: large enough to keep every core busy
+#: inside a layer, small enough that two requests overlap Python's work between batches
+#: (benchmarks/run.py times 4, 8 and 16).
+CHUNK_IMAGES = {"fp32": 8, "bf16": 16, "int8": 16}
+
+
+class PendingFeatures:
+    """Features of a batch being computed by :meth:`CompiledModel.start`; :meth:`result` waits."""
+
+    def __init__(self, n_images: int, n_chunks: int) -> None:
+        self.n_images = n_images
+        self.parts_: dict[int, np.ndarray] = {}
+        self.errors_: list[str] = []
+        self.left_ = n_chunks
+        self.lock_ = threading.Lock()
+        self.done_ = threading.Event()
+        if n_chunks == 0:
+            self.done_.set()
+
+    def _store(self, start: int, features: np.ndarray | None, error: str | None) -> None:
+        with self.lock_:
+            if features is not None:
+                self.parts_[start] = features
+            if error:
+                self.errors_.append(error)
+            self.left_ -= 1
+            if self.left_ == 0:
+                self.done_.set()
+
+    def result(self) -> np.ndarray:
+        """Wait for the batch; ndarray of shape (n, d), float32.
+
+        Raises:
+            RuntimeError: OpenVINO failed on a request.
+        """
+        import numpy as np
+
+        self.done_.wait()
+        if self.errors_:
+            raise RuntimeError(f"OpenVINO inference failed: {self.errors_[0]}")
+        if not self.parts_:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate([self.parts_[s] for s in sorted(self.parts_)])
+
+
 class CompiledModel:
     """A backbone compiled for the CPU at one precision, run as asynchronous requests.
 
@@ -308,37 +354,46 @@ class CompiledModel:
         import openvino as ov
 
         self.precision = precision
+        self.chunk = CHUNK_IMAGES[precision]
         config = {
             # Explicit, always: on AMX CPUs OpenVINO's default hint is bf16.
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
-            # One stream over all cores: a batch runs at full width, and the next request
-            # waits queued, so Python work between batches never leaves the cores idle.
+            # One stream over all cores: a request runs at full width and the next one waits
+            # queued, so the cores stay busy while Python handles the previous batch.
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads or cpu_threads(),
         }
         self.compiled_ = _core().compile_model(model, "CPU", config)
         self.queue_ = ov.AsyncInferQueue(self.compiled_, 2)
-        self.requests_ = 2
+        self.queue_.set_callback(self._done)
 
-    def infer(self, batch: np.ndarray, *, chunk: int = 8) -> np.ndarray:
-        """Features of a preprocessed batch (n, s, s, 3) float32: (n, d) float32.
-
-        The batch runs as chunks of ``chunk`` images on two asynchronous requests, so the
-        next chunk is queued while one runs.
-        """
+    @staticmethod
+    def _done(request: Any, userdata: tuple[PendingFeatures, int]) -> None:
         import numpy as np
 
-        results: dict[int, np.ndarray] = {}
+        pending, start = userdata
+        try:
+            features = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+            pending._store(start, features.reshape(features.shape[0], -1), None)
+        except Exception as exc:  # noqa: BLE001 - reported by PendingFeatures.result
+            pending._store(start, None, str(exc))
 
-        def done(request: Any, start: int) -> None:
-            results[start] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+    def start(self, batch: np.ndarray, *, chunk: int | None = None) -> PendingFeatures:
+        """Queue a preprocessed batch (n, s, s, 3) float32; returns at once, or when a
+        request frees up (two are in flight at most), with a :class:`PendingFeatures`."""
+        import numpy as np
 
-        self.queue_.set_callback(done)
-        for start in range(0, len(batch), chunk):
+        chunk = chunk or self.chunk
+        starts = range(0, len(batch), chunk)
+        pending = PendingFeatures(len(batch), len(starts))
+        for start in starts:
             part = np.ascontiguousarray(batch[start : start + chunk], dtype=np.float32)
-            self.queue_.start_async({0: part}, start)
-        self.queue_.wait_all()
-        return np.concatenate([results[s] for s in sorted(results)]).reshape(len(batch), -1)
+            self.queue_.start_async({0: part}, (pending, start))
+        return pending
+
+    def infer(self, batch: np.ndarray, *, chunk: int | None = None) -> np.ndarray:
+        """Features of a preprocessed batch (n, s, s, 3) float32: (n, d) float32."""
+        return self.start(batch, chunk=chunk).result()
 
 
 def cpu_threads() -> int:
