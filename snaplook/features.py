@@ -580,7 +580,7 @@ class Embedder:
         Returns:
             ndarray of shape (n, feature_dim), float32 (not normalised).
         """
-        return self.embed_start(images).result()
+        return self._embed_start(images).result()
 
     def embed_start(self, images: np.ndarray) -> Any:
         """Start embedding a batch of prepared images; ``.result()`` gives :meth:`embed`'s.
@@ -588,6 +588,11 @@ class Embedder:
         With OpenVINO the batch runs asynchronously, so the caller can handle the previous
         batch meanwhile; Keras computes it here.
         """
+        if type(self).embed is not Embedder.embed:  # a subclass computes features itself
+            return _Ready(self.embed(images))
+        return self._embed_start(images)
+
+    def _embed_start(self, images: np.ndarray) -> Any:
         import numpy as np
 
         from snaplook.transform_utils import PREPROCESSORS

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import random
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -302,46 +301,33 @@ CHUNK_IMAGES = {"fp32": 8, "bf16": 16, "int8": 16}
 
 
 class PendingFeatures:
-    """Features of a batch being computed by :meth:`CompiledModel.start`; :meth:`result` waits."""
+    """Features of a batch queued by :meth:`CompiledModel.start`; :meth:`result` waits."""
 
-    def __init__(self, n_images: int, n_chunks: int) -> None:
+    def __init__(self, model: CompiledModel, n_images: int) -> None:
+        self.model_ = model
         self.n_images = n_images
         self.parts_: dict[int, np.ndarray] = {}
         self.errors_: list[str] = []
-        self.left_ = n_chunks
-        self.lock_ = threading.Lock()
-        self.done_ = threading.Event()
-        if n_chunks == 0:
-            self.done_.set()
-
-    def _store(self, start: int, features: np.ndarray | None, error: str | None) -> None:
-        with self.lock_:
-            if features is not None:
-                self.parts_[start] = features
-            if error:
-                self.errors_.append(error)
-            self.left_ -= 1
-            if self.left_ == 0:
-                self.done_.set()
 
     def result(self) -> np.ndarray:
         """Wait for the batch; ndarray of shape (n, d), float32.
 
         Raises:
-            RuntimeError: OpenVINO failed on a request.
+            SnaplookError: OpenVINO failed on the batch (the message names the error).
         """
         import numpy as np
 
-        self.done_.wait()
+        self.model_._collect_all(self)
         if self.errors_:
-            raise RuntimeError(f"OpenVINO inference failed: {self.errors_[0]}")
-        if not self.parts_:
-            return np.zeros((0, 0), dtype=np.float32)
+            raise SnaplookError(f"OpenVINO inference failed: {self.errors_[0]}")
         return np.concatenate([self.parts_[s] for s in sorted(self.parts_)])
 
 
 class CompiledModel:
     """A backbone compiled for the CPU at one precision, run as asynchronous requests.
+
+    Two infer requests take turns: while one runs, the next chunk of images is queued on
+    the other, so the cores never wait for Python. Not thread-safe (one caller).
 
     Args:
         model: an OpenVINO model with input (n, s, s, 3) float32 and output (n, d).
@@ -351,8 +337,6 @@ class CompiledModel:
     """
 
     def __init__(self, model: Any, precision: str, *, threads: int | None = None) -> None:
-        import openvino as ov
-
         self.precision = precision
         self.chunk = CHUNK_IMAGES[precision]
         config = {
@@ -364,36 +348,61 @@ class CompiledModel:
             "INFERENCE_NUM_THREADS": threads or cpu_threads(),
         }
         self.compiled_ = _core().compile_model(model, "CPU", config)
-        self.queue_ = ov.AsyncInferQueue(self.compiled_, 2)
-        self.queue_.set_callback(self._done)
+        self.requests_ = [self.compiled_.create_infer_request() for _ in range(2)]
+        self.owners_: list[tuple[PendingFeatures, int] | None] = [None] * len(self.requests_)
+        self.turn_ = 0
 
-    @staticmethod
-    def _done(request: Any, userdata: tuple[PendingFeatures, int]) -> None:
+    def _collect(self, i: int) -> None:
         import numpy as np
 
-        pending, start = userdata
+        owner, self.owners_[i] = self.owners_[i], None
+        if owner is None:
+            return
+        pending, start = owner
         try:
-            features = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-            pending._store(start, features.reshape(features.shape[0], -1), None)
-        except Exception as exc:  # noqa: BLE001 - reported by PendingFeatures.result
-            pending._store(start, None, str(exc))
+            self.requests_[i].wait()
+            out = np.array(self.requests_[i].get_output_tensor(0).data, dtype=np.float32)
+            pending.parts_[start] = out.reshape(out.shape[0], -1)
+        except Exception as exc:  # OpenVINO's RuntimeError with C++ text
+            pending.errors_.append(_message(exc))
+
+    def _collect_all(self, pending: PendingFeatures) -> None:
+        for i, owner in enumerate(self.owners_):
+            if owner is not None and owner[0] is pending:
+                self._collect(i)
 
     def start(self, batch: np.ndarray, *, chunk: int | None = None) -> PendingFeatures:
-        """Queue a preprocessed batch (n, s, s, 3) float32; returns at once, or when a
-        request frees up (two are in flight at most), with a :class:`PendingFeatures`."""
+        """Queue a preprocessed batch (n, s, s, 3) float32 in chunks of ``chunk`` images.
+
+        Returns when its last chunk is queued (after the chunks before it have run, two
+        at most in flight), with a :class:`PendingFeatures` whose ``result()`` waits.
+        """
         import numpy as np
 
         chunk = chunk or self.chunk
-        starts = range(0, len(batch), chunk)
-        pending = PendingFeatures(len(batch), len(starts))
-        for start in starts:
+        pending = PendingFeatures(self, len(batch))
+        for start in range(0, len(batch), chunk):
+            i, self.turn_ = self.turn_, (self.turn_ + 1) % len(self.requests_)
+            self._collect(i)  # the request's previous chunk (of this or an earlier batch)
             part = np.ascontiguousarray(batch[start : start + chunk], dtype=np.float32)
-            self.queue_.start_async({0: part}, (pending, start))
+            try:
+                self.requests_[i].start_async({0: part})
+            except Exception as exc:  # a shape the model cannot take, for one
+                pending.errors_.append(_message(exc))
+                continue
+            self.owners_[i] = (pending, start)
         return pending
 
     def infer(self, batch: np.ndarray, *, chunk: int | None = None) -> np.ndarray:
         """Features of a preprocessed batch (n, s, s, 3) float32: (n, d) float32."""
         return self.start(batch, chunk=chunk).result()
+
+
+def _message(exc: BaseException) -> str:
+    """The informative line of an OpenVINO exception (its first names the C++ source file)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[0][:300]
 
 
 def cpu_threads() -> int:
