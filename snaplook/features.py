@@ -611,6 +611,7 @@ class _Ready:
     """A result computed already (the synchronous twin of ``runtime.PendingFeatures``)."""
 
     features: np.ndarray
+    done: bool = True
 
     def result(self) -> np.ndarray:
         return self.features
@@ -811,9 +812,16 @@ def iter_embeddings(
                 pending = (
                     start_embedding(batch) if start_embedding else _Ready(embedder.embed(batch))
                 )
+            current = (good, sizes, pending, start + len(chunk))
             if in_flight is not None:
                 yield from _finish_batch(in_flight, on_progress)
-            in_flight = (good, sizes, pending, start + len(chunk))
+                in_flight = None
+            if pending is None or getattr(pending, "done", False):
+                # Computed already (Keras): hand it on now, so a failure in the next batch
+                # never holds back a finished one.
+                yield from _finish_batch(current, on_progress)
+            else:
+                in_flight = current
         if in_flight is not None:
             yield from _finish_batch(in_flight, on_progress)
     finally:
@@ -1271,6 +1279,10 @@ class _Mapped:
 
     pending: Any
     transform: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def done(self) -> bool:
+        return bool(getattr(self.pending, "done", False))
 
     def result(self) -> np.ndarray:
         return self.transform(self.pending.result())

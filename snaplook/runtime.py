@@ -303,6 +303,8 @@ CHUNK_IMAGES = {"fp32": 8, "bf16": 16, "int8": 16}
 class PendingFeatures:
     """Features of a batch queued by :meth:`CompiledModel.start`; :meth:`result` waits."""
 
+    done = False  # still running (``features._Ready`` is the finished twin)
+
     def __init__(self, model: CompiledModel, n_images: int) -> None:
         self.model_ = model
         self.n_images = n_images
