@@ -5,9 +5,18 @@
     ``--rounds``);
 (b) ``PersonDetector.detect`` per frame of the real video (768x432), HOG and cascades apart;
 (c) ``snaplook look`` on the real video end to end (a subprocess, wall and CPU seconds),
-    against an index of data/train built with ``--weights random``.
+    against an index of data/train built with ``--weights random``;
+(d) false artists (issue 15): the lead artists chosen on each photo on its own (fully
+    labelled photos: every detection that matches no label is false) and on the real
+    video, whole and cut into ``--clip-s`` second clips, judged against the hand-checked
+    boxes in tests/data/video_boxes.csv (``background``: floorboards; ``partial``: part of
+    a person; every other detection at ``--every 1`` was checked to be a whole person).
+    An artist is false when most of its boxes are background. Also counts partial boxes
+    kept as ``full_shot`` views. Uses only API that predates issue 15, so the same script
+    measures the code before the change: ``PYTHONPATH=<old checkout> python ...``.
 
     .venv/bin/python benchmarks/bench_look.py [--every 1.0] [--rounds 3] [--skip-look]
+        [--only-false-artists] [--tag before]
 
 Prints a table and writes benchmarks/results/look-<date>.json. On a shared machine compare
 CPU seconds, not wall seconds.
@@ -133,19 +142,160 @@ def bench_look(every: float) -> dict:
         }
 
 
+#: Photos where every person is labelled in people_boxes.csv (PROVENANCE.md: one person).
+FULLY_LABELLED = (
+    "coco_000000000785.jpg",
+    "darknet_person.jpg",
+    "skimage_astronaut.png",
+    "skimage_camera.png",
+)
+
+
+def _judge(selection, label_of) -> dict:
+    false_artists, partial_full = [], 0
+    for artist in selection.artists:
+        labels = [label_of(f, b) for f, b in zip(artist.frames, artist.boxes)]
+        if labels.count("background") * 2 > len(labels):
+            false_artists.append(artist.artist)
+        partial_full += sum(
+            1 for c in artist.crops if c.full_shot and label_of(c.frame, c.box) == "partial"
+        )
+    return {
+        "artists": len(selection.artists),
+        "false_artists": false_artists,
+        "partial_full_shots": partial_full,
+    }
+
+
+def bench_false_artists(every: float, clip_s: float) -> dict:
+    from snaplook.artists import FrameDetections, PersonDetector, iou, select_lead_artists
+    from snaplook.io_utils import read_image
+    from snaplook.video import iter_frames
+
+    detector = PersonDetector()
+    photo_labels: dict[str, list[tuple[int, ...]]] = {}
+    with open(REPO / "tests" / "data" / "people_boxes.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            photo_labels.setdefault(row["file"], []).append(tuple(int(row[c]) for c in "xywh"))
+    photos = []
+    for path in sorted((TESTDATA / "people").iterdir()):
+        image = read_image(path)
+        dets = detector.detect(image)
+        labels = photo_labels.get(path.name, [])
+
+        def label_of(frame, box, labels=labels):
+            return "person" if any(iou(box, lab) >= 0.3 for lab in labels) else "unmatched"
+
+        sel = select_lead_artists([FrameDetections(0, None, image, dets)])
+        found = [label_of(0, a.boxes[0]) for a in sel.artists]
+        photos.append(
+            {
+                "file": path.name,
+                "fully_labelled": path.name in FULLY_LABELLED,
+                "labels": len(labels),
+                "labels_found": sum(any(iou(d.box, lab) >= 0.5 for d in dets) for lab in labels),
+                "artists": len(found),
+                "artists_unmatched": found.count("unmatched"),
+            }
+        )
+
+    video_labels: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+    with open(REPO / "tests" / "data" / "video_boxes.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            box = tuple(int(row[c]) for c in "xywh")
+            video_labels.setdefault(int(row["frame"]), []).append((box, row["label"]))
+
+    def video_label(frame, box):
+        for lab_box, label in video_labels.get(frame, []):
+            if iou(box, lab_box) >= 0.8:
+                return label
+        return "person"
+
+    frames = []
+    start = time.perf_counter()
+    for fr in iter_frames(VIDEO, every=every):
+        frames.append(FrameDetections(fr.frame, fr.time_s, fr.image, detector.detect(fr.image)))
+    seconds = time.perf_counter() - start
+    counts = {"person": 0, "partial": 0, "background": 0}
+    for fd in frames:
+        for d in fd.detections:
+            counts[video_label(fd.frame, d.box)] += 1
+    clips = []
+    for c in range(int(frames[-1].time_s // clip_s) + 1):
+        mine = [fd for fd in frames if c * clip_s <= fd.time_s < (c + 1) * clip_s]
+        if mine:
+            judged = _judge(select_lead_artists(mine), video_label)
+            clips.append({"clip": c, "start_s": c * clip_s, **judged})
+    return {
+        "photos": photos,
+        "video": {
+            "every": every,
+            "frames": len(frames),
+            "detect_s": seconds,
+            "detections": counts,
+            "whole_clip_max2": _judge(select_lead_artists(frames), video_label),
+            "whole_clip_all_tracks": _judge(
+                select_lead_artists(frames, max_artists=50), video_label
+            ),
+            "clip_s": clip_s,
+            "clips": clips,
+            "false_artists_in_clips": sum(len(c["false_artists"]) for c in clips),
+            "clips_with_false_artists": sum(1 for c in clips if c["false_artists"]),
+            "partial_full_shots_in_clips": sum(c["partial_full_shots"] for c in clips),
+        },
+    }
+
+
+def _print_false_artists(fa: dict) -> None:
+    print("false artists (issue 15): photos, each on its own, max 2 artists")
+    for p in fa["photos"]:
+        kind = "fully labelled" if p["fully_labelled"] else "partly labelled"
+        print(
+            f"  {p['file'][:40]:40s} {kind:15s} labels found {p['labels_found']}/{p['labels']}"
+            f"  artists {p['artists']}, matching no label {p['artists_unmatched']}"
+        )
+    v = fa["video"]
+    d = v["detections"]
+    print(
+        f"video, --every {v['every']}: {v['frames']} frames, detections: {d['person']} person, "
+        f"{d['partial']} partial, {d['background']} background"
+    )
+    for name in ("whole_clip_max2", "whole_clip_all_tracks"):
+        j = v[name]
+        print(
+            f"  {name:22s} artists {j['artists']:2d}, false {j['false_artists']}, "
+            f"partial full shots {j['partial_full_shots']}"
+        )
+    print(
+        f"  {len(v['clips'])} clips of {v['clip_s']:.0f} s (max 2 artists each): "
+        f"{v['false_artists_in_clips']} false artists in {v['clips_with_false_artists']} clips, "
+        f"{v['partial_full_shots_in_clips']} partial boxes kept as full shots"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--every", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-look", action="store_true")
+    parser.add_argument("--clip-s", type=float, default=10.0)
+    parser.add_argument("--only-false-artists", action="store_true")
+    parser.add_argument("--tag", default="", help="Suffix of the JSON file (e.g. before).")
     args = parser.parse_args()
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
-        "photos": bench_photos(args.rounds),
-        "video_frames": bench_video_frames(12),
+        "snaplook": _snaplook_source(),
     }
+    result["false_artists"] = bench_false_artists(args.every, args.clip_s)
+    _print_false_artists(result["false_artists"])
+    if args.only_false_artists:
+        _write(result, args.tag)
+        return
+    result["photos"] = bench_photos(args.rounds)
+    result["video_frames"] = bench_video_frames(12)
     for p in result["photos"]:
         print(
             f"{p['file'][:40]:40s} {p['size']:>9s} {p['seconds']:6.2f}s "
@@ -163,8 +313,29 @@ def main() -> None:
             f"look --every {args.every}: {lk['frames']} frames, {lk['crops']} crops, "
             f"wall {lk['wall_s']:.1f}s, CPU {lk['cpu_s']:.1f}s\n  {lk['command']}"
         )
+    _write(result, args.tag)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _snaplook_source() -> str:
+    import snaplook
+
+    return str(Path(snaplook.__file__).parent)
+
+
+def _write(result: dict, tag: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"look-{dt.date.today().isoformat()}.json"
+    suffix = f"-{tag}" if tag else ""
+    target = RESULTS / f"look-{dt.date.today().isoformat()}{suffix}.json"
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {target}")
 

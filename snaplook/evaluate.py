@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -999,8 +1000,8 @@ def evaluate(
     Loads the split (:func:`load_split`), embeds query and gallery images through the
     feature cache (``features.embed_cached``), ranks the gallery for every query in
     blocks (:func:`evaluate_embeddings`) and writes, atomically, into ``out``:
-    ``report.json``, ``per_query.csv``, ``recall_at_k.png``, ``worst_queries.png``,
-    ``random_queries.png`` and ``report.md``.
+    ``report.json``, ``per_query.csv``, ``recall_at_k.png``, ``worst_queries_grid.png``,
+    ``random_queries_grid.png`` and ``report.md``.
 
     Args:
         root: dataset root (see :func:`load_split`).
@@ -1066,6 +1067,7 @@ def evaluate(
             strict=strict,
             subset=subset,
         )
+        warn_ks_over_gallery(split, ks)
     if embedder is None:
         embedder = feats.Embedder(
             backbone or feats.DEFAULT_BACKBONE,
@@ -1195,7 +1197,7 @@ def evaluate(
         "leave_one_out": split.leave_one_out,
         "setting": name,
         "snaplook_version": _version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
     }
     report = Report(
         config=config,
@@ -1313,6 +1315,7 @@ def _grid_rows(
                 "hits": [g.item == query.item for g in gallery],
                 "labels": [g.item for g in gallery],
                 "query_label": f"{query.item} (hit@{rank})" if rank else query.item,
+                "query_name": Path(query.path).name,
             }
         )
     return rows
@@ -1365,17 +1368,18 @@ def _write_report(
     )
     files["worst_png"] = plot_retrieval_rows(
         _grid_rows(split, q_rows, g_rows, metrics, worst, report.config["crop"]),
-        folder / "worst_queries.png",
+        folder / "worst_queries_grid.png",
         title=f"{len(worst)} worst queries (lowest AP){note}",
     )
     files["random_png"] = plot_retrieval_rows(
         _grid_rows(split, q_rows, g_rows, metrics, random_rows, report.config["crop"]),
-        folder / "random_queries.png",
+        folder / "random_queries_grid.png",
         title=f"{len(random_rows)} random queries (seed {seed}){note}",
     )
     files["report_md"] = folder / "report.md"
     files["report_json"] = folder / "report.json"
     report.files = files
+    logger.info("wrote %s", ", ".join(sorted(p.name for p in files.values())))
     write_json_atomic(files["report_json"], report.to_dict())
     write_text_atomic(files["report_md"], render_report_md(report))
 
@@ -1484,11 +1488,11 @@ def render_report_md(report: Report) -> str:
         "",
         "Worst queries (lowest AP):",
         "",
-        "![worst queries](worst_queries.png)",
+        "![worst queries](worst_queries_grid.png)",
         "",
         "Random queries:",
         "",
-        "![random queries](random_queries.png)",
+        "![random queries](random_queries_grid.png)",
         "",
         "Per-query results (first hit rank, AP, MAP@R): `per_query.csv`; every number above: "
         "`report.json`.",
@@ -1588,6 +1592,7 @@ def evaluate_settings(
         strict=strict,
         subset=subset,
     )
+    warn_ks_over_gallery(split, kwargs.get("ks", DEFAULT_KS))
     out = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
     combos = list(itertools.product(backbones, poolings, normalizations, heads))
@@ -1626,6 +1631,23 @@ def evaluate_settings(
         write_json_atomic(comparison.files["compare_json"], table)
         write_text_atomic(comparison.files["compare_md"], render_compare_md(table))
     return comparison
+
+
+def warn_ks_over_gallery(split: Split, ks: Sequence[int]) -> list[int]:
+    """Warn about Recall@K cut-offs larger than the gallery a query is ranked against
+    (there every query with any gallery match counts as a hit); return those K."""
+    n = len(split.query) - 1 if split.leave_one_out else len(split.gallery)
+    over = sorted(k for k in set(ks) if k > n)
+    if over:
+        logger.warning(
+            "K=%s exceed%s the gallery (%d images per query): Recall@K there only says whether "
+            "a query has any match; use --k values up to %d",
+            ",".join(map(str, over)),
+            "s" if len(over) == 1 else "",
+            n,
+            n,
+        )
+    return over
 
 
 def compare_reports(reports: Sequence[Report]) -> dict[str, Any]:

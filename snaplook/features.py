@@ -10,6 +10,7 @@ Keras stays the reference runtime, and at fp32 both give the same features to wi
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -135,7 +137,7 @@ BACKBONES: dict[str, Backbone] = {
     )
 }
 
-#: Backbones built by a snaplook module rather than ``keras.applications``.
+#: The backbone snaplook builds itself (``snaplook.lite0``), not ``keras.applications``.
 LITE0 = "efficientnet_lite0"
 
 
@@ -237,19 +239,54 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
         return cached
     keras = import_keras()
     origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
+    logger.info(
+        "ImageNet weights for %s are not cached: downloading them once from %s into %s",
+        spec.name,
+        origin,
+        keras_cache_dir(),
+    )
+    # Keras prints "Downloading data from ..." and a progress bar on stdout, which holds
+    # only results; they go to the log (shown with --verbose) instead.
+    keras_says = io.StringIO()
+    # Keras falls back to /tmp/.keras when the cache folder does not exist yet; create it so
+    # the file lands where cached_imagenet_weights() and the messages look.
+    with contextlib.suppress(OSError):
+        keras_cache_dir().mkdir(parents=True, exist_ok=True)
     try:
         # cache_dir given: Keras reads $KERAS_HOME only at import (and may fall back to
         # /tmp/.keras); the file must land where keras_cache_dir() and the messages say.
-        path = keras.utils.get_file(
-            spec.weights_file,
-            origin,
-            cache_subdir="models",
-            file_hash=spec.weights_md5,
-            cache_dir=str(keras_cache_dir().parent),
-        )
+        with contextlib.redirect_stdout(keras_says):
+            path = keras.utils.get_file(
+                spec.weights_file,
+                origin,
+                cache_subdir="models",
+                file_hash=spec.weights_md5,
+                cache_dir=str(keras_cache_dir().parent),
+            )
     except Exception as exc:  # Keras raises a bare Exception on any fetch failure
         raise SnaplookError(_offline_message(spec, exc)) from exc
+    finally:
+        for line in keras_says.getvalue().replace("\r", "\n").splitlines():
+            if line.strip():
+                logger.debug("keras: %s", line.strip())
+    logger.info("wrote %s", path)
     return Path(path)
+
+
+def first_imagenet_backbone(backbones: Sequence[str]) -> str | None:
+    """The first of ``backbones`` whose ImageNet weights are at hand, or None.
+
+    "At hand" means cached, downloadable or (``efficientnet_lite0``) installed as a
+    package; each backbone is tried with :func:`fetch_imagenet_weights`, in order.
+    """
+    for backbone in backbones:
+        try:
+            fetch_imagenet_weights(backbone)
+        except SnaplookError as exc:
+            logger.info("no ImageNet weights for %s: %s", backbone, exc)
+            continue
+        return backbone
+    return None
 
 
 def _offline_message(spec: Backbone, exc: BaseException) -> str:
@@ -415,7 +452,7 @@ class Embedder:
             from snaplook.runtime import resolve_precision
 
             self.precision_ = resolve_precision(self.precision, self.resolved_runtime())
-            logger.info("backbone %s: %s", self.backbone, self.explain_runtime())
+            logger.info("%s", self.explain_runtime())
         return self.precision_
 
     def calibrate_on(self, paths: Sequence[str | Path]) -> None:
@@ -472,7 +509,11 @@ class Embedder:
         if self.precision == "auto":
             native = bf16_support()
             how += f" (auto: {'native bf16 via ' + native if native else 'no native bf16'})"
-        return f"runtime {runtime} ({why}), {how}, on {cpu_model()}"
+        weights = self.weights_.kind if self.weights_.kind != "file" else self.weights_.path
+        return (
+            f"runtime: {runtime} (asked for {self.runtime}; {why}), {how}; backbone "
+            f"{self.backbone}, weights {weights}, {self.pooling} pooling; CPU {cpu_model()}"
+        )
 
     def load(self) -> Any:
         """Build the Keras model and load its weights (once); return it."""
@@ -786,7 +827,7 @@ def iter_embeddings(
     start_embedding = getattr(embedder, "embed_start", None)
     # One batch in flight: the next batch is queued on the runtime before the previous one
     # is handed to the consumer, so the model keeps running while the consumer writes.
-    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int] | None = None
+    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int, str] | None = None
     try:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -812,7 +853,11 @@ def iter_embeddings(
                 pending = (
                     start_embedding(batch) if start_embedding else _Ready(embedder.embed(batch))
                 )
-            current = (good, sizes, pending, start + len(chunk))
+            label = (
+                f"batch {start // batch_size + 1} of {-(-len(files) // batch_size)}: "
+                f"{len(good)} image(s) embedded, {len(chunk) - len(good)} skipped"
+            )
+            current = (good, sizes, pending, start + len(chunk), label)
             if in_flight is not None:
                 yield from _finish_batch(in_flight, on_progress)
                 in_flight = None
@@ -829,12 +874,16 @@ def iter_embeddings(
 
 
 def _finish_batch(
-    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int],
+    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int, str],
     on_progress: Callable[[int], None] | None,
 ) -> Iterator[EmbeddedBatch]:
-    good, sizes, pending, done = in_flight
+    good, sizes, pending, done, label = in_flight
     if pending is not None:
-        yield EmbeddedBatch(good, sizes, pending.result())
+        features = pending.result()
+        logger.info("%s", label)
+        yield EmbeddedBatch(good, sizes, features)
+    else:
+        logger.info("%s", label)
     if on_progress is not None:
         on_progress(done)
 
@@ -1206,7 +1255,7 @@ def embed_cached(
                 "n_skipped": len(skipped),
                 "cropped": sum(e["box"] is not None for e in entries),
                 "seconds": round(time.perf_counter() - started, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created": timestamp(),
                 "images": entries,
                 "skipped": skipped,
             },

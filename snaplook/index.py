@@ -8,17 +8,29 @@ see DESIGN.md. Nothing is pickled; search is rebuilt from ``features.npy`` at lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
+from snaplook.ann import DEFAULT_ANN, AnnIndex, plan_ann
+from snaplook.catalog import (
+    CATALOG_FILE,
+    DEFAULT_IMAGE_COLUMN,
+    Catalog,
+    Products,
+    join_catalog,
+    load_products,
+    log_join,
+    read_catalog,
+    write_catalog,
+)
 from snaplook.errors import SnaplookError
 from snaplook.features import (
     DEFAULT_BACKBONE,
@@ -30,7 +42,7 @@ from snaplook.features import (
     Embedder,
     Skipped,
 )
-from snaplook.io_utils import ManifestRow
+from snaplook.io_utils import ManifestRow, timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +54,7 @@ DEFAULT_K = 5
 #: Version of the index folder layout; an index from a newer snaplook is refused.
 INDEX_FORMAT_VERSION = 1
 SKIPPED_HEADER = ("path", "reason")
+RESULTS_HEADER = ("query", "rank", "path", "distance", "backbone", "weights")
 #: Gallery rows per GEMM block in search: bounds the similarity matrix to
 #: n_queries x 8192 float32 whatever the gallery size.
 SEARCH_BLOCK_ROWS = 8192
@@ -59,6 +72,7 @@ class BuildSummary:
         seconds: wall time of the run.
         n_resumed: images embedded by an interrupted earlier run and taken from its
             checkpoint (not counted in ``n_embedded``).
+        ann: the ``meta.json["ann"]`` block (approximate search built, or exact).
     """
 
     out: Path
@@ -67,6 +81,8 @@ class BuildSummary:
     skipped: list[Skipped]
     seconds: float
     n_resumed: int = 0
+    ann: dict[str, Any] | None = None
+    catalog: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -84,8 +100,12 @@ def build_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
     precision: str = DEFAULT_PRECISION,
+    strict: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
+    ann: str | None = None,
+    catalog: str | Path | None = None,
+    catalog_image_column: str = DEFAULT_IMAGE_COLUMN,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BuildSummary:
@@ -112,8 +132,18 @@ def build_index(
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
             The result equals a full rebuild.
+        strict: refuse to write the index when any image could not be read (the
+            previous index at ``out``, if any, stays as it was).
         head: a trained ``snaplook.train.Head``: the index stores its output and
             ``meta.json`` records its identity (queries must then use the same head).
+        ann: approximate search structure built over the features (see
+            :mod:`snaplook.ann`): ``auto`` (exact below 100k rows), ``none``, ``hnsw``,
+            ``ivfpq`` or a FAISS index-factory string; default None: ``auto``, or with
+            ``update`` what the existing index was built with. Rebuilt on every run.
+        catalog: a product catalogue (CSV or Parquet, see :mod:`snaplook.catalog`) joined
+            to the gallery on the image path and stored as ``catalog.csv``; with
+            ``update`` and no ``catalog``, the index's stored catalogue is joined again.
+        catalog_image_column: the catalogue column naming the image, default="image".
         on_start: called once with the number of images found.
         on_progress: called with the number of images handled so far.
 
@@ -163,7 +193,10 @@ def build_index(
             embedder.use_calibration(old_calibration)
         else:
             embedder.calibrate_on(paths)
+    products = _read_catalog_for(out, catalog, catalog_image_column, root_dir, update=update)
     identity = embedder.identity()
+    if ann is not None:  # a bad --ann fails before any image is embedded
+        plan_ann(ann, len(paths), embedder.feature_dim)
 
     with (
         exclusive_lock(_beside(out, ".lock"), what=f"the index {out}"),
@@ -173,8 +206,10 @@ def build_index(
         old_features = None
         old_stamp = None
         if update and (out / "meta.json").exists():
-            old = load_index(out)
+            old = load_index(out, ann=False)
             _check_same_model(old.meta, identity, out)
+            if ann is None:
+                ann = (old.meta.get("ann") or {}).get("requested")
             old_features = old.features
             old_stamp = [old.meta.get("created"), len(old.manifest)]
             reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
@@ -251,6 +286,13 @@ def build_index(
                     f"{root}: none of the {len(paths)} images could be read; see the warnings "
                     "above for why."
                 )
+            if strict and skipped:
+                checkpoint.remove()
+                raise SnaplookError(
+                    f"--strict: {len(skipped)} of {len(paths)} images could not be read (first: "
+                    f"{skipped[0].reason}); the index was not written. Fix or remove them, or "
+                    "drop --strict to index the rest."
+                )
             tmp = checkpoint.folder / "assembling"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
@@ -261,6 +303,7 @@ def build_index(
                 [checkpoint.chunk_path(b) for b in range(checkpoint.n_batches)],
                 embedder,
             )
+            ann_meta = _build_ann(tmp, ann or DEFAULT_ANN, seed=seed)
             write_manifest(tmp / "manifest.csv", rows)
             write_csv_atomic(
                 tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
@@ -272,14 +315,20 @@ def build_index(
                 "count": len(rows),
                 "metric": "cosine",
                 "l2_normalized": True,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": timestamp(),
                 "root": str(root_dir.resolve()),
                 "skipped": len(skipped),
+                "ann": ann_meta,
             }
+            if products is not None:
+                join = join_catalog(products, [row.path for row in rows])
+                log_join(join, products)
+                meta["catalog"] = write_catalog(products, join, tmp)
             write_json_atomic(tmp / "meta.json", meta)
             if old_features is not None:
                 del old_features, old  # release the memory map before replacing its folder
             replace_dir(tmp, out, marker="meta.json")
+            logger.info("wrote %s (features.npy, manifest.csv, meta.json, skipped.csv)", out)
         except KeyboardInterrupt:
             logger.warning(
                 "stopped: %d of %d images are checkpointed in %s; run the same command again "
@@ -308,7 +357,33 @@ def build_index(
         skipped=skipped,
         seconds=time.perf_counter() - started,
         n_resumed=n_resumed,
+        ann=ann_meta,
+        catalog=meta.get("catalog"),
     )
+
+
+def _build_ann(folder: Path, spec: str, *, seed: int) -> dict[str, Any]:
+    """The ANN hook: build ``spec`` over the features just written to ``folder``."""
+    from snaplook.ann import build_ann
+    from snaplook.io_utils import load_npy
+
+    features = load_npy(folder / "features.npy", mmap=True)
+    try:
+        return build_ann(features, folder, spec=spec, seed=seed)
+    finally:
+        del features
+
+
+def _read_catalog_for(
+    out: Path, catalog: str | Path | None, image_column: str, root: Path, *, update: bool
+) -> Catalog | None:
+    # Read before anything is embedded: a bad catalogue line fails the run at once.
+    if catalog is not None:
+        return read_catalog(catalog, image_column=image_column, root=root)
+    stored = out / CATALOG_FILE
+    if update and stored.is_file():
+        return read_catalog(stored)
+    return None
 
 
 def _beside(out: Path, suffix: str) -> Path:
@@ -687,6 +762,9 @@ class Index:
     manifest: list[ManifestRow]
     meta: dict[str, Any]
     root_: Path = field(init=False)
+    #: The checked FAISS index when the folder has one (see :mod:`snaplook.ann`).
+    ann_: AnnIndex | None = None
+    products_: Products | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.root_ = Path(self.meta.get("root", self.path))
@@ -718,9 +796,70 @@ class Index:
 
         return with_head(embedder, head)
 
-    def search(self, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine k-NN of ``queries`` against the gallery (see :func:`cosine_knn`)."""
-        return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = DEFAULT_K,
+        *,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
+        nprobe: int | None = None,
+        ef: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine k-NN of ``queries`` against the gallery.
+
+        Exact (:func:`cosine_knn`) when the index has no FAISS index, with ``exact``, or
+        when ``allowed`` leaves fewer than ``snaplook.ann.AUTO_EXACT_BELOW`` rows;
+        otherwise FAISS candidates re-ranked exactly (:meth:`snaplook.ann.AnnIndex.search`).
+        Distances are 1 - cos either way.
+
+        Args:
+            queries: ndarray of shape (m, d).
+            k: neighbours per query, clamped to the gallery size n.
+            allowed: optional bool ndarray of shape (n,): only these rows may be returned
+                (a catalogue filter).
+            exact: force exact search.
+            nprobe: IVF lists visited per query (IVF indexes only).
+            ef: HNSW search breadth (HNSW indexes only).
+
+        Returns:
+            (distances, rows) of shape (m, min(k, n)), nearest first, ties by row. Where
+            fewer rows were found (``allowed`` keeps fewer than k, or the approximate
+            search came back short), the missing results are row -1 at distance inf.
+
+        Raises:
+            SnaplookError: ``allowed`` is not a bool array of shape (n,).
+        """
+        import numpy as np
+
+        from snaplook.ann import AUTO_EXACT_BELOW
+        from snaplook.transform_utils import l2_normalize
+
+        n = self.features.shape[0]
+        k = min(int(k), n)
+        if allowed is not None:
+            allowed = np.asarray(allowed)
+            if allowed.shape != (n,):
+                raise SnaplookError(
+                    f"allowed must be a bool array of shape ({n},) (one flag per gallery row), "
+                    f"got {allowed.dtype} of shape {allowed.shape}."
+                )
+            allowed = allowed.astype(bool, copy=False)
+            n_allowed = int(allowed.sum())
+            if exact or self.ann_ is None or n_allowed < AUTO_EXACT_BELOW:
+                return cosine_knn(
+                    queries, self.features, k=k, normalized_gallery=True, allowed=allowed
+                )
+        if exact or self.ann_ is None or k < 1:
+            return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+        q = l2_normalize(np.atleast_2d(queries))
+        return self.ann_.search(q, k, features=self.features, allowed=allowed, nprobe=nprobe, ef=ef)
+
+    def products(self) -> Products | None:
+        """The catalogue joined to the gallery rows, or None (loaded on first use)."""
+        if self.products_ is None and (self.path / CATALOG_FILE).is_file():
+            self.products_ = load_products(self.path, [row.path for row in self.manifest])
+        return self.products_
 
 
 def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
@@ -758,19 +897,48 @@ def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
         )
 
 
-def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
-    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Embedder` arguments an index or cache recorded: backbone, weights (name
+    or file path), pooling, seed, resize mode and precision."""
     weights_meta = meta.get("weights", {})
     kind = weights_meta.get("name", "imagenet")
     weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
-    kwargs: dict[str, Any] = dict(
+    return dict(
         backbone=meta.get("backbone", DEFAULT_BACKBONE),
         weights=weights,
         pooling=meta.get("pooling", DEFAULT_POOLING),
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
+        # Indexes from before issue 12 carry no precision: they were computed in fp32.
+        precision=meta.get("precision", "fp32"),
     )
-    want_precision = meta.get("precision", "fp32")
+
+
+def update_settings(out: str | Path) -> dict[str, Any] | None:
+    """What ``--update`` of the index at ``out`` reuses by default (see
+    :func:`recorded_settings`), or None when ``out`` holds no index yet.
+
+    Raises:
+        SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
+    """
+    meta_path = Path(out) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnaplookError(f"{meta_path} cannot be read ({exc}); rebuild the index.") from exc
+    if not isinstance(meta, dict):
+        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
+    return recorded_settings(meta)
+
+
+def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
+    """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
+    weights_meta = meta.get("weights", {})
+    kwargs = recorded_settings(meta)
+    weights = kwargs["weights"]
+    want_precision = kwargs.pop("precision")
     asked = overrides.pop("precision", None)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if asked is not None and asked != want_precision:
@@ -785,7 +953,7 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     if want_precision == "int8":
         embedder.use_calibration(meta.get("calibration") or {})
     want = weights_meta.get("sha256")
-    if want and kind == "file":
+    if want and weights_meta.get("name") == "file":
         got = embedder.identity()["weights"].get("sha256")
         if got != want:
             raise SnaplookError(
@@ -795,14 +963,23 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     return embedder
 
 
-def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> Index:
+def load_index(
+    path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True, ann: bool = True
+) -> Index:
     """Load and validate an index folder.
+
+    Args:
+        path: the index folder.
+        mmap: memory-map ``features.npy``.
+        ann: load and check the folder's FAISS index (``ann.faiss``) if it has one;
+            False for exact search only (and to skip reading that file).
 
     Raises:
         SnaplookError: missing folder or file, unreadable or newer-format ``meta.json``,
             a pickled or non-float32 ``features.npy``, counts that disagree, manifest rows
-            out of order or with paths that climb out of the indexed root (``..``), or
-            NaN/infinite features.
+            out of order or with paths that climb out of the indexed root (``..``),
+            NaN/infinite features, or an ``ann.faiss`` that does not belong to the
+            features (see :func:`snaplook.ann.load_ann`).
     """
     from snaplook.io_utils import load_npy, read_manifest
 
@@ -813,6 +990,12 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         )
     meta_path = path / "meta.json"
     if not meta_path.is_file():
+        if not any((path / name).exists() for name in ("features.npy", "manifest.csv")):
+            raise SnaplookError(
+                f"{path}: no index here (no meta.json, features.npy or manifest.csv: "
+                f"`snaplook index` never wrote this folder); build one with `snaplook index "
+                f"DIR --out {path}` or pass --index with an index folder."
+            )
         raise SnaplookError(f"{meta_path} is missing: not a complete index; rebuild it.")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -849,7 +1032,12 @@ def load_index(path: str | Path = DEFAULT_INDEX_DIR, *, mmap: bool = True) -> In
         )
     _check_manifest(path, manifest)
     _check_finite(path, features)
-    return Index(path=path, features=features, manifest=manifest, meta=meta)
+    ann_index = None
+    if ann:
+        from snaplook.ann import load_ann
+
+        ann_index = load_ann(path, meta.get("ann"), features)
+    return Index(path=path, features=features, manifest=manifest, meta=meta, ann_=ann_index)
 
 
 def _check_manifest(path: Path, manifest: Sequence[ManifestRow]) -> None:
@@ -895,6 +1083,7 @@ def cosine_knn(
     k: int = DEFAULT_K,
     normalized_gallery: bool = False,
     block_rows: int = SEARCH_BLOCK_ROWS,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours by blocked inner products.
 
@@ -907,10 +1096,14 @@ def cosine_knn(
         gallery: ndarray of shape (n, d); unit rows if ``normalized_gallery``.
         k: neighbours per query, clamped to n.
         block_rows: gallery rows per GEMM block.
+        allowed: boolean ndarray of shape (n,): search only these rows (a catalogue
+            filter); None searches all.
 
     Returns:
         (distances, indices): ndarrays of shape (m, min(k, n)); distances are cosine
         distances 1 - cos in [0, 2], ascending; equal distances are listed by gallery row.
+        When ``allowed`` leaves fewer than k rows, the rest is padded with index -1 and
+        distance inf.
     """
     import numpy as np
 
@@ -922,26 +1115,38 @@ def cosine_knn(
     m = q.shape[0]
     if k < 1 or m == 0:
         return np.zeros((m, 0), dtype=np.float32), np.zeros((m, 0), dtype=np.int64)
+    selected = None
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (n,):
+            raise ValueError(f"allowed has shape {allowed.shape}, expected ({n},)")
+        selected = np.flatnonzero(allowed)
+    n_searched = n if selected is None else len(selected)
     best_sim = np.full((m, k), -np.inf, dtype=np.float32)
-    best_idx = np.zeros((m, k), dtype=np.int64)
-    for start in range(0, n, block_rows):
-        block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+    best_idx = np.full((m, k), -1, dtype=np.int64)
+    for start in range(0, n_searched, block_rows):
+        if selected is None:
+            ids = np.arange(start, min(start + block_rows, n))
+            block = np.asarray(gallery[start : start + block_rows], dtype=np.float32)
+        else:
+            ids = selected[start : start + block_rows]
+            block = np.asarray(gallery[ids], dtype=np.float32)
         if not normalized_gallery:
             block = l2_normalize(block)
         sims = q @ block.T
         cand_sim = np.concatenate([best_sim, sims], axis=1)
-        cand_idx = np.concatenate(
-            [best_idx, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], axis=1
-        )
+        cand_idx = np.concatenate([best_idx, np.broadcast_to(ids, sims.shape)], axis=1)
         if cand_sim.shape[1] > k:
             part = np.argpartition(-cand_sim, k - 1, axis=1)[:, :k]
             cand_sim = np.take_along_axis(cand_sim, part, axis=1)
             cand_idx = np.take_along_axis(cand_idx, part, axis=1)
         best_sim, best_idx = cand_sim, cand_idx
-    order = np.lexsort((best_idx, -best_sim), axis=1)
+    # Unfilled slots (-inf, row -1) sort last: pad them as row -1 at distance inf.
+    order = np.lexsort((np.where(best_idx < 0, n, best_idx), -best_sim), axis=1)
     best_sim = np.take_along_axis(best_sim, order, axis=1)
     best_idx = np.take_along_axis(best_idx, order, axis=1)
     distances = np.clip(1.0 - best_sim, 0.0, 2.0).astype(np.float32)
+    distances[best_idx < 0] = np.inf
     return distances, best_idx
 
 
@@ -953,25 +1158,39 @@ class Hit:
     row: int
     path: Path
     distance: float
+    product: dict[str, str] | None = None
 
 
 @dataclass
 class QueryResult:
-    """The k nearest gallery images of one query, nearest first."""
+    """The k nearest gallery images of one query, nearest first.
+
+    ``category`` and ``confidence`` are the predicted category under ``restrict="auto"``.
+    """
 
     query: Path
     hits: list[Hit]
+    category: str | None = None
+    confidence: float | None = None
 
 
 @dataclass
 class QuerySummary:
-    """What :func:`query_index` did."""
+    """What :func:`query_index` did.
+
+    ``where`` and ``restrict`` are the filters applied; ``n_allowed`` the gallery rows
+    they left (None without ``where``).
+    """
 
     results: list[QueryResult]
     k: int
     skipped: list[Skipped]
     out: Path | None = None
     grids: list[Path] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    restrict: str = "none"
+    n_allowed: int | None = None
+    page: Path | None = None
 
 
 def check_k(k: int, index: Index) -> int:
@@ -995,6 +1214,11 @@ def query_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     embedder: Embedder | None = None,
     head: Any = None,
+    exact: bool = False,
+    nprobe: int | None = None,
+    ef: int | None = None,
+    where: Sequence[str] | None = None,
+    restrict: str = "none",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
@@ -1009,19 +1233,29 @@ def query_index(
         embedder: use this embedder instead of rebuilding the index's (it must match).
         head: the ``snaplook.train.Head`` the index was built with, if any (required
             then; see :func:`check_head`).
+        where: catalogue conditions (``"category=Dresses"``, ``"price<=50"``; grammar in
+            :func:`snaplook.catalog.parse_where`), all of which must hold; the search is
+            exact on the rows left (approximate through the FAISS index, if any, when
+            100,000 rows or more match), so k results come back when k rows match.
+        exact, nprobe, ef: search settings, see :meth:`Index.search`.
+        restrict: "none" (default) or "auto": search within each query's category as
+            predicted by its nearest catalogue neighbours (recorded in the results).
 
     Returns:
-        :class:`QuerySummary` with one :class:`QueryResult` per readable query.
+        :class:`QuerySummary` with one :class:`QueryResult` per readable query; a query
+        has fewer than k hits when fewer rows match ``where`` (a warning says so).
 
     Raises:
         SnaplookError: no query images or none readable, backbone mismatch, missing/corrupt
-            index.
+            index, a bad or unknown ``where`` column, ``where``/``restrict`` without a
+            catalogue.
     """
+    from snaplook.catalog import filter_mask, restricted_search, warn_if_few
     from snaplook.features import embed_images
     from snaplook.io_utils import find_images
 
     if not isinstance(index, Index):
-        index = load_index(index)
+        index = load_index(index, ann=not exact)
     if backbone is not None and backbone != index.meta.get("backbone"):
         raise SnaplookError(
             f"{index.path} was built with backbone {index.meta.get('backbone')!r}; "
@@ -1029,6 +1263,10 @@ def query_index(
             "or use an index built with it."
         )
     k = check_k(k, index)
+    products = index.products()
+    allowed = filter_mask(products, where, index.path)
+    n_allowed = None if allowed is None else int(allowed.sum())
+    warn_if_few(allowed, k, where)
     if isinstance(queries, (str, Path)):
         paths = find_images(queries)
         if not paths:
@@ -1049,18 +1287,52 @@ def query_index(
         raise SnaplookError(
             f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
         )
-    distances, rows = index.search(features, k=k)
+    search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
+    distances, rows, guesses = restricted_search(
+        search, features, k, products=products, allowed=allowed, restrict=restrict
+    )
     results = [
         QueryResult(
             query=q,
-            hits=[
-                Hit(rank=r + 1, row=int(row), path=index.gallery_path(int(row)), distance=float(d))
-                for r, (row, d) in enumerate(zip(rows[i], distances[i]))
-            ],
+            hits=hits_of(index, rows[i], distances[i]),
+            category=guesses[i].category if guesses else None,
+            confidence=guesses[i].confidence if guesses else None,
         )
         for i, q in enumerate(kept)
     ]
-    return QuerySummary(results=results, k=k, skipped=skipped)
+    return QuerySummary(
+        results=results,
+        k=k,
+        skipped=skipped,
+        where=list(where or ()),
+        restrict=restrict,
+        n_allowed=n_allowed,
+    )
+
+
+def hits_of(index: Index, rows: np.ndarray, distances: np.ndarray) -> list[Hit]:
+    """One query's search result as :class:`Hit` s, padding (row -1) left out."""
+    products = index.products()
+    return [
+        Hit(
+            rank=r + 1,
+            row=int(row),
+            path=index.gallery_path(int(row)),
+            distance=float(d),
+            product=products.product(int(row)) if products is not None else None,
+        )
+        for r, (row, d) in enumerate(zip(rows, distances))
+        if row >= 0
+    ]
+
+
+def product_label(product: dict[str, str] | None, fallback: str) -> str:
+    """A grid label: ``product_id · price`` and the title on a second line, or ``fallback``."""
+    if not product:
+        return fallback
+    price = f"{product.get('price', '')} {product.get('currency', '')}".strip()
+    first = " · ".join(x for x in (product.get("product_id", ""), price) if x)
+    return "\n".join(x for x in (first, product.get("title", "")) if x)
 
 
 def write_query_results(
@@ -1069,14 +1341,17 @@ def write_query_results(
     *,
     index: Index,
     plot: bool = True,
+    page: bool = True,
     title_note: str = "",
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
-    """Write ``results.csv``, ``results.json`` and (if ``plot``) one grid PNG per query.
+    """Write ``results.csv``, ``results.json``, (if ``plot``) one grid PNG per query and
+    (if ``page``) ``index.html``, a static page of the results (see :mod:`snaplook.page`).
 
     Files are written atomically; grids are named after the query file
     (``<stem>_grid.png``, with its parent folders joined by ``__`` when queries come from
-    several folders).
+    several folders). With a catalogue, results carry each hit's product_id, title and
+    price.
 
     Returns:
         ``summary`` with ``out`` and ``grids`` filled in.
@@ -1087,12 +1362,30 @@ def write_query_results(
     if out.exists() and not out.is_dir():
         raise SnaplookError(f"--out {out} is a file, not a folder; pass a folder for the results.")
     out.mkdir(parents=True, exist_ok=True)
+    from snaplook.catalog import RESULT_COLUMNS
+
+    has_products = index.products() is not None
+    extra = RESULT_COLUMNS if has_products else ()
+    backbone = str(index.meta.get("backbone"))
+    weights = describe_weights(index.meta.get("weights"))
+    # Query and gallery paths in the same (absolute) form, whatever form the query was given in.
     rows = [
-        (str(r.query), h.rank, str(h.path), f"{h.distance:.6f}")
+        (str(_absolute(r.query)), h.rank, str(_absolute(h.path)), f"{h.distance:.6f}")
+        + tuple((h.product or {}).get(c, "") for c in extra)
+        + (backbone, weights)
         for r in summary.results
         for h in r.hits
     ]
-    write_csv_atomic(out / "results.csv", ("query", "rank", "path", "distance"), rows)
+    write_csv_atomic(
+        out / "results.csv",
+        (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
+        rows,
+    )
+    write_csv_atomic(
+        out / "skipped.csv",
+        SKIPPED_HEADER,
+        ((str(_absolute(s.path)), s.reason) for s in summary.skipped),
+    )
     write_json_atomic(
         out / "results.json",
         {
@@ -1100,11 +1393,24 @@ def write_query_results(
             "backbone": index.meta.get("backbone"),
             "weights": index.meta.get("weights"),
             "k": summary.k,
+            **({"where": summary.where, "n_allowed": summary.n_allowed} if summary.where else {}),
+            **({"restrict": summary.restrict} if summary.restrict != "none" else {}),
             "results": [
                 {
-                    "query": str(r.query),
+                    "query": str(_absolute(r.query)),
+                    **(
+                        {"category": r.category, "confidence": round(r.confidence, 4)}
+                        if r.confidence is not None
+                        else {}
+                    ),
+                    "n_hits": len(r.hits),
                     "hits": [
-                        {"rank": h.rank, "path": str(h.path), "distance": round(h.distance, 6)}
+                        {
+                            "rank": h.rank,
+                            "path": str(_absolute(h.path)),
+                            "distance": round(h.distance, 6),
+                            **({"product": h.product} if has_products else {}),
+                        }
                         for h in r.hits
                     ],
                 }
@@ -1113,6 +1419,7 @@ def write_query_results(
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
         },
     )
+    logger.info("wrote %s, results.json and skipped.csv", out / "results.csv")
     summary.out = out
     summary.grids = []
     if plot:
@@ -1127,12 +1434,36 @@ def write_query_results(
                 [h.path for h in result.hits],
                 grid,
                 distances=[h.distance for h in result.hits],
+                labels=[product_label(h.product, h.path.name) for h in result.hits]
+                if has_products
+                else None,
                 title=title,
             )
             summary.grids.append(grid)
             if on_progress is not None:
                 on_progress(n + 1)
+        logger.info("wrote %d grid(s) in %s", len(summary.grids), out)
+    if page:
+        from snaplook.page import write_query_page
+
+        summary.page = write_query_page(summary, out, index=index, title_note=title_note)
     return summary
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` absolute and without symlinks or '..', as the index records its root."""
+    return Path(path).resolve()
+
+
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """One word or two for a weights identity: imagenet, random (seed 0), a file's path."""
+    weights = weights or {}
+    kind = weights.get("name", "unknown")
+    if kind == "random":
+        return f"random (seed {weights.get('seed')})"
+    if kind == "file":
+        return str(weights.get("path", "file"))
+    return str(kind)
 
 
 def _grid_names(queries: Sequence[Path]) -> list[str]:
@@ -1151,3 +1482,68 @@ def _grid_names(queries: Sequence[Path]) -> list[str]:
             name = f"{base}-{n}_grid.png"
         names.append(name)
     return names
+
+
+DEFAULT_MAP_IMAGES = 500
+DEFAULT_MAP_DIR = Path("output/maps")
+
+
+def map_index(
+    index: Index | str | Path = DEFAULT_INDEX_DIR,
+    out: str | Path | None = None,
+    *,
+    max_images: int = DEFAULT_MAP_IMAGES,
+    seed: int = DEFAULT_SEED,
+    thumb_size: int = 48,
+) -> Path:
+    """Draw the gallery of an index as a t-SNE map of thumbnails (see ``plot_utils.plot_tsne``).
+
+    Args:
+        index: a loaded :class:`Index` or its folder, default="output/index".
+        out: PNG to write, default ``output/maps/<index folder name>_tsne.png``.
+        max_images: draw at most this many images, a seeded sample of larger galleries
+            (t-SNE and the thumbnails stay readable), default=500.
+        seed: seeds the sample and t-SNE: the same seed draws the same map.
+        thumb_size: thumbnail side in pixels.
+
+    Returns:
+        the PNG written.
+
+    Raises:
+        SnaplookError: no index, or fewer than 2 images in it.
+    """
+    import numpy as np
+
+    from snaplook.plot_utils import plot_tsne
+
+    if not isinstance(index, Index):
+        index = load_index(index)
+    n = len(index)
+    if n < 2:
+        raise SnaplookError(f"{index.path} holds {n} image(s); a map needs at least 2.")
+    if max_images < 2:
+        raise SnaplookError(f"--max-images must be at least 2, got {max_images}.")
+    rows = np.arange(n)
+    if n > max_images:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    out = Path(out) if out is not None else DEFAULT_MAP_DIR / f"{index.path.name}_tsne.png"
+    if out.is_dir():
+        raise SnaplookError(f"--out {out} is a folder; pass the PNG file to write.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"t-SNE of {len(rows)} of {n} gallery images · {index.meta.get('backbone')}, "
+        f"{describe_weights(index.meta.get('weights'))} weights"
+    )
+    if (index.meta.get("weights") or {}).get("name") == "random":
+        title += ": shows the pipeline, not retrieval quality"
+    logger.info("t-SNE of %d gallery images of %s", len(rows), index.path)
+    plot_tsne(
+        np.asarray(index.features[rows]),
+        [index.gallery_path(int(r)) for r in rows],
+        out,
+        seed=seed,
+        thumb_size=thumb_size,
+        title=title,
+    )
+    logger.info("wrote %s", out)
+    return out

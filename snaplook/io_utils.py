@@ -52,7 +52,9 @@ def _find_files(root: Path, extensions: frozenset[str]) -> list[Path]:
         for name in filenames:
             if Path(name).suffix.lower() in extensions and not name.startswith("."):
                 found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    logger.info("found %d file(s) under %s", len(found), root)
+    return found
 
 
 def _log_walk_error(exc: OSError) -> None:
@@ -229,6 +231,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def timestamp() -> str:
+    """Now, as every snaplook JSON file records it: UTC ISO 8601 to the second
+    (``2026-12-03T07:50:00+00:00``)."""
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -298,8 +298,8 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     import numpy as np
 
     path = Path(path)
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
             if fh.read(2) == b"PK":
                 raise SnaplookError(
@@ -342,12 +342,18 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             "not need (loading it with PyTorch could run code). Use the file from "
             f"`{INSTALL_HINT}`."
         ) from None
+    except OSError as exc:
+        raise SnaplookError(f"{path}: cannot read the weights file ({exc}).") from exc
     except (
         pickle.UnpicklingError,
         EOFError,
         ValueError,
         TypeError,
         IndexError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
         struct.error,
     ) as exc:
         raise SnaplookError(
@@ -366,19 +372,29 @@ def _read_exact(fh: BinaryIO, n: int) -> bytes:
 
 
 def _materialise(name: str, ref: Any, path: Path) -> np.ndarray:
+    import math
+
     import numpy as np
 
-    if not isinstance(ref, _TensorRef) or ref.storage.data is None:
+    storage = getattr(ref, "storage", None)
+    if not (isinstance(ref, _TensorRef) and isinstance(storage, _Storage)) or not isinstance(
+        storage.data, np.ndarray
+    ):
         raise SnaplookError(f"{path}: entry {name} is not a tensor with data; file damaged.")
-    data = ref.storage.data
-    if any(v < 0 for v in ref.shape) or any(v < 0 for v in ref.stride) or ref.offset < 0:
-        raise SnaplookError(f"{path}: tensor {name} has a negative shape or stride.")
-    span = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) if all(ref.shape) else 0
+    data = storage.data
+    shape, stride = ref.shape, ref.stride
+    if len(shape) != len(stride) or min((*shape, *stride, ref.offset), default=0) < 0:
+        raise SnaplookError(f"{path}: tensor {name} has a malformed shape or stride.")
+    # A state dict's tensors never hold more elements than their storage; a crafted stride
+    # of 0 could otherwise blow a few bytes up into terabytes.
+    if math.prod(shape) > data.size:
+        raise SnaplookError(f"{path}: tensor {name} is larger than its storage; file damaged.")
+    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
     if ref.offset + span > data.size:
         raise SnaplookError(f"{path}: tensor {name} lies outside its storage; file damaged.")
     item = data.itemsize
     view = np.lib.stride_tricks.as_strided(
-        data[ref.offset :], shape=ref.shape, strides=[s * item for s in ref.stride], writeable=False
+        data[ref.offset :], shape=shape, strides=[s * item for s in stride], writeable=False
     )
     return np.array(view, dtype=data.dtype.newbyteorder("="), order="C")
 

@@ -1,14 +1,15 @@
 """`snaplook look`: the whole chain for one video, frames -> lead artists -> clothes -> k-NN.
 
-Every hit keeps its provenance (video, time, frame, artist, box, crop kind); each
-artist's crops are fused into one ranking of gallery items.
+Every hit keeps its provenance (video, time, frame, artist, box, crop kind) and, with a
+catalogue, its product; each artist's crops are fused into one ranking of products (of
+gallery images without a catalogue). ``index.html`` shows it all (see :mod:`snaplook.page`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from snaplook.artists import (
     DEFAULT_CROPS_PER_ARTIST,
     DEFAULT_DETECTOR,
-    DEFAULT_LEAD_ARTIST_ROOT,
     DEFAULT_MAX_ARTISTS,
     DEFAULT_MIN_SIZE,
     ArtistRow,
@@ -27,11 +27,16 @@ from snaplook.errors import SnaplookError
 from snaplook.index import DEFAULT_INDEX_DIR, DEFAULT_K
 
 if TYPE_CHECKING:
-    from snaplook.index import Index
+    import numpy as np
+
+    from snaplook.catalog import CategoryGuess
+    from snaplook.index import Hit, Index
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOOKS_ROOT = Path("output/looks")
+#: The lead-artist crops' folder inside a look's results folder.
+CROPS_DIR = "crops"
 #: Seconds between the frames `look` examines (the `extract` default).
 DEFAULT_EVERY = 1.0
 
@@ -63,15 +68,17 @@ FUSED_HEADER = (
 
 @dataclass
 class FusedHit:
-    """A gallery item in one artist's fused ranking.
+    """A product (a gallery image without a catalogue) in one artist's fused ranking.
 
     Attributes:
         rank: 1 for the best.
-        row: gallery row in the index.
-        path: gallery image.
+        row: gallery row in the index (the product's nearest image).
+        path: that gallery image.
         votes: how many of the artist's crops retrieved it in their top k.
-        mean_distance: mean cosine distance over those crops.
+        mean_distance: mean cosine distance over those crops (per crop, the product's
+            nearest image).
         best_distance: the smallest of them.
+        product: the catalogue row, or None.
     """
 
     rank: int
@@ -80,6 +87,14 @@ class FusedHit:
     votes: int
     mean_distance: float
     best_distance: float
+    product: dict[str, str] | None = None
+
+    @property
+    def hit(self) -> Hit:
+        """As a :class:`~snaplook.index.Hit` at the mean distance (for pages)."""
+        from snaplook.index import Hit
+
+        return Hit(self.rank, self.row, self.path, self.mean_distance, self.product)
 
 
 @dataclass
@@ -88,7 +103,7 @@ class LookSummary:
 
     Attributes:
         video: the video.
-        out: folder with grids, ``looks.csv`` and ``looks_fused.csv``.
+        out: folder with grids, ``looks.csv``, ``looks_fused.csv`` and ``skipped.csv``.
         crops_out: folder with the lead-artist crops and ``artists.csv``.
         selection: the lead artists and the per-frame record.
         crops: rows of ``artists.csv`` (the queries).
@@ -97,6 +112,11 @@ class LookSummary:
         grids: PNG grids written.
         k: neighbours per crop.
         seconds: wall time.
+        skipped: (video, reason) per frame that could not be decoded (``skipped.csv``).
+        crop_hits: per crop path (as text), its hits, nearest first.
+        categories: per crop path, the predicted category under ``restrict="auto"``.
+        where, restrict: the filters applied.
+        page: the ``index.html`` written, if any.
     """
 
     video: Path
@@ -109,6 +129,12 @@ class LookSummary:
     grids: list[Path] = field(default_factory=list)
     k: int = DEFAULT_K
     seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    crop_hits: dict[str, list[Hit]] = field(default_factory=dict)
+    categories: dict[str, CategoryGuess] = field(default_factory=dict)
+    where: list[str] = field(default_factory=list)
+    restrict: str = "none"
+    page: Path | None = None
 
     @property
     def n_frames(self) -> int:
@@ -116,27 +142,42 @@ class LookSummary:
 
 
 def fuse_hits(
-    distances: Any, rows: Any, *, k: int = DEFAULT_K
+    distances: Any, rows: Any, *, k: int = DEFAULT_K, keys: Sequence[str] | None = None
 ) -> list[tuple[int, int, float, float]]:
     """Fuse the rankings of several crops of one artist.
 
-    Gallery items are ranked by how many crops retrieved them (more first), then by their
-    mean distance over those crops (smaller first), then by gallery row.
+    Items (products when ``keys`` is given, else gallery images) are ranked by how many
+    crops retrieved them (more first), then by their mean distance over those crops
+    (smaller first), then by gallery row. Several images of one product in one crop's
+    results count once, at the distance of the nearest.
 
     Args:
         distances: ndarray of shape (n_crops, k'), cosine distances, ascending per row.
-        rows: ndarray of shape (n_crops, k'), gallery rows.
+        rows: ndarray of shape (n_crops, k'), gallery rows; -1 (padding) is ignored.
         k: how many fused items to return.
+        keys: per gallery row, the product it shows (rows with the same key are one
+            item); None: every row is its own item.
 
     Returns:
-        (row, votes, mean_distance, best_distance) tuples, best first, at most ``k``.
+        (row, votes, mean_distance, best_distance) tuples, best first, at most ``k``;
+        ``row`` is the item's nearest gallery image.
     """
-    found: dict[int, list[float]] = {}
+    found: dict[Any, list[float]] = {}
+    nearest: dict[Any, tuple[float, int]] = {}
     for crop_rows, crop_dists in zip(rows, distances):
+        seen: dict[Any, float] = {}
         for row, dist in zip(crop_rows, crop_dists):
-            found.setdefault(int(row), []).append(float(dist))
+            row, dist = int(row), float(dist)
+            if row < 0:
+                continue
+            key = keys[row] if keys is not None else row
+            if key not in seen or dist < seen[key]:
+                seen[key] = dist
+            nearest[key] = min(nearest.get(key, (dist, row)), (dist, row))
+        for key, dist in seen.items():
+            found.setdefault(key, []).append(dist)
     ranked = sorted(
-        ((row, len(d), sum(d) / len(d), min(d)) for row, d in found.items()),
+        ((nearest[key][1], len(d), sum(d) / len(d), min(d)) for key, d in found.items()),
         key=lambda t: (-t[1], t[2], t[0]),
     )
     return ranked[:k]
@@ -161,6 +202,13 @@ def look(
     head: Any = None,
     runtime: str | None = None,
     precision: str | None = None,
+    overwrite: bool = False,
+    where: Sequence[str] | None = None,
+    restrict: str = "none",
+    page: bool = True,
+    exact: bool = False,
+    nprobe: int | None = None,
+    ef: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LookSummary:
@@ -168,18 +216,24 @@ def look(
 
     Frames are streamed (never all held in memory); each is searched for people, people
     are followed across frames and the lead artists' best views are cut out
-    (``crops_out``: crops and ``artists.csv``). Every crop is embedded the way the index
-    was built and its k nearest gallery images are written with provenance to
-    ``looks.csv``; each artist's crops are fused into one ranking (``looks_fused.csv``).
+    (``crops_out``: crops, ``artists.csv``, ``detections.csv``). Every crop is embedded the
+    way the index was built and its k nearest gallery images are written with provenance
+    to ``looks.csv``; each artist's crops are fused into one ranking (``looks_fused.csv``)
+    of products when the index has a catalogue (of gallery images otherwise).
     One grid per crop (``<crop stem>_grid.png``) and one per artist
-    (``artist<k>_fused_grid.png``). Both folders are replaced atomically.
+    (``artist<k>_fused_grid.png``), ``index.html`` (a static page of it all, thumbnails in
+    ``thumbs/``); frames that could not be decoded are listed in
+    ``skipped.csv``. The crops live in the results folder (``<out>/crops``) unless
+    ``crops_out`` says otherwise, so ``look`` never replaces what ``snaplook crop`` wrote;
+    both folders are replaced atomically.
 
     Args:
         video: the video file.
         index: a loaded index or its folder, default="output/index".
         k: neighbours per crop and fused items per artist, default=5.
         out: results folder, default ``output/looks/<video stem>``.
-        crops_out: crops folder, default ``output/lead_artist/<video stem>``.
+        crops_out: crops folder, default ``<out>/crops``. Another folder that already
+            holds crops (``artists.csv``) is only replaced with ``overwrite``.
         every: seconds between examined frames, default=1.0.
         max_frames: stop after this many frames.
         max_artists: lead artists to keep, default=2.
@@ -194,6 +248,14 @@ def look(
             :func:`snaplook.index.check_head`).
         runtime: "auto", "openvino" or "keras" (default: auto).
         precision: must be the index's if given (default: the index's).
+        overwrite: replace the crops in an existing ``crops_out``.
+        where: catalogue conditions every hit must meet (see
+            :func:`snaplook.index.query_index`).
+        restrict: "none" or "auto": search each crop within its predicted category;
+            upper/lower crops then see only upper-/lower-body (or full) products when the
+            catalogue has a ``body`` column.
+        page: write ``index.html``.
+        exact, nprobe, ef: search settings, see :meth:`snaplook.index.Index.search`.
         on_start: called once with the video duration in whole seconds (0 if unknown).
         on_progress: called with the video time reached, in whole seconds.
 
@@ -203,142 +265,287 @@ def look(
 
     Raises:
         SnaplookError: missing or broken index, bad ``k``, unreadable video, bad detector,
-            an output folder that holds something else.
+            an output folder that holds something else, a ``crops_out`` that holds crops
+            (without ``overwrite``) or lies inside ``out``.
     """
+    import shutil
+
     from snaplook.artists import (
+        SKIPPED_HEADER,
         FrameDetections,
         check_output_dir,
         make_detector,
         select_lead_artists,
         write_lead_artists,
+        write_lead_artists_into,
     )
+    from snaplook.catalog import RESTRICT_MODES, filter_mask, warn_if_few
     from snaplook.index import check_head, check_k, load_index
+    from snaplook.io_utils import make_temp_dir, replace_dir, write_csv_atomic
+    from snaplook.page import MAX_TIMELINE
     from snaplook.video import iter_frames, probe_duration
 
     started = time.perf_counter()
     video = Path(video)
     if not video.is_file():
         raise SnaplookError(f"{video}: no such video file; check the path.")
-    loaded = index if not isinstance(index, (str, Path)) else load_index(index)
+    loaded = index if not isinstance(index, (str, Path)) else load_index(index, ann=not exact)
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
     embedder = loaded.embedder(head=head, runtime=runtime, precision=precision)
+    allowed = filter_mask(loaded.products(), where, loaded.path)  # so are bad filters
+    warn_if_few(allowed, k, where)
+    if restrict not in RESTRICT_MODES:
+        raise SnaplookError(f"--restrict must be one of {', '.join(RESTRICT_MODES)}.")
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
-    crops_out = Path(crops_out) if crops_out is not None else DEFAULT_LEAD_ARTIST_ROOT / video.stem
+    own_crops = crops_out is None or _same_path(Path(crops_out), out / CROPS_DIR)
+    crops_out = out / CROPS_DIR if own_crops else Path(crops_out)  # type: ignore[arg-type]
     check_output_dir(out, "looks.csv")
-    check_output_dir(crops_out, "artists.csv")
+    if not own_crops:
+        _check_crops_out(crops_out, out, overwrite=overwrite)
     person_detector = make_detector(detector, min_size=min_size)  # fails before decoding
     if on_start is not None:
         on_start(int(probe_duration(video) or 0))
+    skipped: list[tuple[str, str]] = []
+
+    def _skip(frame_no: int, time_s: float, reason: str) -> None:
+        skipped.append((str(video), f"frame {frame_no} ({time_s:.3f} s): {reason}"))
+
+    timeline: list[tuple[int, float | None, np.ndarray]] = []
+    stride = [1, 0]  # keep every stride-th frame's thumbnail; frames seen
 
     def _stream() -> Iterator[FrameDetections]:
         for frame in iter_frames(
-            video, every=every, max_frames=max_frames, on_progress=on_progress
+            video, every=every, max_frames=max_frames, on_progress=on_progress, on_skip=_skip
         ):
             image = frame.image
-            yield FrameDetections(frame.frame, frame.time_s, image, person_detector.detect(image))
+            if page and stride[1] % stride[0] == 0:
+                timeline.append((frame.frame, frame.time_s, _small(image)))
+                if len(timeline) > 2 * MAX_TIMELINE:  # a long video: halve, bounded memory
+                    timeline[:] = timeline[::2]
+                    stride[0] *= 2
+            stride[1] += 1
+            dets = person_detector.detect(image)
+            yield FrameDetections(frame.frame, frame.time_s, image, dets, source=str(video))
 
     selection = select_lead_artists(
         _stream(), max_artists=max_artists, crops_per_artist=crops_per_artist
     )
-    crops = write_lead_artists(selection, crops_out, clothes=clothes)
-    summary = LookSummary(
-        video=video, out=out, crops_out=crops_out, selection=selection, crops=crops, k=k
-    )
-    _query_crops(summary, loaded, plot=plot, batch_size=batch_size, embedder=embedder)
+    tmp = make_temp_dir(out)
+    try:
+        if own_crops:
+            crops_dir = tmp / CROPS_DIR
+            crops_dir.mkdir()
+            crops = write_lead_artists_into(
+                selection, crops_dir, crops_out, clothes=clothes, skipped=skipped
+            )
+        else:
+            crops = write_lead_artists(selection, crops_out, clothes=clothes, skipped=skipped)
+            crops_dir = crops_out
+        summary = LookSummary(
+            video=video,
+            out=out,
+            crops_out=crops_out,
+            selection=selection,
+            crops=crops,
+            k=k,
+            skipped=skipped,
+            where=list(where or ()),
+            restrict=restrict,
+        )
+        _query_crops(
+            summary,
+            loaded,
+            tmp,
+            crops_dir,
+            plot=plot,
+            batch_size=batch_size,
+            embedder=embedder,
+            allowed=allowed,
+            timeline=timeline if page else None,
+            search={"exact": exact, "nprobe": nprobe, "ef": ef},
+        )
+        write_csv_atomic(tmp / "skipped.csv", SKIPPED_HEADER, skipped)
+        replace_dir(tmp, out)
+        logger.info("wrote looks.csv, looks_fused.csv, grids and skipped.csv in %s", out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if page:
+        summary.page = out / "index.html"
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _query_crops(
-    summary: LookSummary, index: Index, *, plot: bool, batch_size: int, embedder: Any
-) -> None:
-    import shutil
+def _small(image: np.ndarray, width: int = 160) -> np.ndarray:
+    # The timeline keeps a thumbnail per examined frame, not the frame (a long video).
+    import cv2
 
+    h, w = image.shape[:2]
+    if w <= width:
+        return image.copy()
+    return cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _check_crops_out(crops_out: Path, out: Path, *, overwrite: bool) -> None:
+    from snaplook.artists import check_output_dir
+
+    a, b = crops_out.resolve(), out.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise SnaplookError(
+            f"--crops-out {crops_out} and --out {out} overlap; writing one would replace the "
+            "other. Leave out --crops-out (crops then go to <out>/crops) or pick separate "
+            "folders."
+        )
+    check_output_dir(crops_out, "artists.csv")
+    if (crops_out / "artists.csv").is_file() and not overwrite:
+        raise SnaplookError(
+            f"{crops_out} already holds lead-artist crops (artists.csv, e.g. from `snaplook "
+            "crop`); pass --overwrite to replace them, or leave out --crops-out to keep the "
+            f"crops in {out / CROPS_DIR}."
+        )
+
+
+def _query_crops(
+    summary: LookSummary,
+    index: Index,
+    tmp: Path,
+    crops_dir: Path,
+    *,
+    plot: bool,
+    batch_size: int,
+    embedder: Any,
+    allowed: np.ndarray | None = None,
+    timeline: list[tuple[int, float | None, np.ndarray]] | None = None,
+    search: dict[str, Any] | None = None,
+) -> None:
+    """Query the crops (read from ``crops_dir``) and write the results into ``tmp``."""
+    import functools
+
+    from snaplook.catalog import PRODUCT_ID, RESULT_COLUMNS, restricted_search
     from snaplook.features import embed_arrays
-    from snaplook.io_utils import make_temp_dir, read_image, replace_dir, write_csv_atomic
+    from snaplook.index import hits_of
+    from snaplook.io_utils import read_image, write_csv_atomic
 
     crops = summary.crops
     k = summary.k
-    tmp = make_temp_dir(summary.out)
-    try:
-        hits: list[dict[str, Any]] = []
-        grids: list[tuple[str, Any]] = []
-        if crops:
-            images = [read_image(c.path) for c in crops]
-            features = embed_arrays(images, embedder, batch_size=batch_size)
-            distances, rows = index.search(features, k=k)
-            for crop, crop_rows, crop_dists in zip(crops, rows, distances):
-                for rank, (row, dist) in enumerate(zip(crop_rows, crop_dists), start=1):
-                    hits.append(
-                        {
-                            "video": str(summary.video),
-                            "artist": crop.artist,
-                            "frame": crop.frame,
-                            "time_s": "" if crop.time_s is None else f"{crop.time_s:.3f}",
-                            "x": crop.box[0],
-                            "y": crop.box[1],
-                            "w": crop.box[2],
-                            "h": crop.box[3],
-                            "kind": crop.kind,
-                            "crop": str(crop.path),
-                            "rank": rank,
-                            "gallery_path": str(index.gallery_path(int(row))),
-                            "distance": f"{float(dist):.6f}",
-                        }
-                    )
-            for artist in sorted({c.artist for c in crops}):
-                mine = [i for i, c in enumerate(crops) if c.artist == artist]
-                fused = fuse_hits(distances[mine], rows[mine], k=k)
-                summary.fused[artist] = [
-                    FusedHit(rank, row, index.gallery_path(row), votes, mean_d, best_d)
-                    for rank, (row, votes, mean_d, best_d) in enumerate(fused, start=1)
-                ]
-        summary.hits = hits
-        write_csv_atomic(
-            tmp / "looks.csv", LOOKS_HEADER, ([h[c] for c in LOOKS_HEADER] for h in hits)
+    products = index.products()
+    extra = RESULT_COLUMNS if products is not None else ()
+    hits: list[dict[str, Any]] = []
+    grids: list[tuple[str, Any]] = []
+    if crops:
+        images = [read_image(crops_dir / c.path.name) for c in crops]
+        features = embed_arrays(images, embedder, batch_size=batch_size)
+        distances, rows, guesses = restricted_search(
+            functools.partial(index.search, **(search or {})),
+            features,
+            k,
+            products=products,
+            allowed=allowed,
+            restrict=summary.restrict,
+            kinds=[c.kind for c in crops],
         )
-        write_csv_atomic(
-            tmp / "looks_fused.csv",
-            FUSED_HEADER,
-            (
-                (
-                    artist,
-                    f.rank,
-                    str(f.path),
-                    f.votes,
-                    sum(1 for c in crops if c.artist == artist),
-                    f"{f.mean_distance:.6f}",
-                    f"{f.best_distance:.6f}",
+        for n, crop in enumerate(crops):
+            crop_hits = hits_of(index, rows[n], distances[n])
+            summary.crop_hits[str(crop.path)] = crop_hits
+            if guesses is not None:
+                summary.categories[str(crop.path)] = guesses[n]
+            for hit in crop_hits:
+                hits.append(
+                    {
+                        "video": str(summary.video),
+                        "artist": crop.artist,
+                        "frame": crop.frame,
+                        "time_s": "" if crop.time_s is None else f"{crop.time_s:.3f}",
+                        "x": crop.box[0],
+                        "y": crop.box[1],
+                        "w": crop.box[2],
+                        "h": crop.box[3],
+                        "kind": crop.kind,
+                        "crop": str(crop.path),
+                        "rank": hit.rank,
+                        "gallery_path": str(hit.path),
+                        "distance": f"{hit.distance:.6f}",
+                        **{c: (hit.product or {}).get(c, "") for c in extra},
+                    }
                 )
-                for artist, ranking in summary.fused.items()
-                for f in ranking
-            ),
-        )
-        if plot and crops:
-            grids = _draw_grids(summary, index, tmp)
-        replace_dir(tmp, summary.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Several images of one product are one item; images without a product are items
+        # of their own.
+        keys = None
+        if products is not None:
+            keys = [
+                (p or {}).get(PRODUCT_ID) or f"row:{row}" for row, p in enumerate(products.rows)
+            ]
+        for artist in sorted({c.artist for c in crops}):
+            mine = [i for i, c in enumerate(crops) if c.artist == artist]
+            fused = fuse_hits(distances[mine], rows[mine], k=k, keys=keys)
+            summary.fused[artist] = [
+                FusedHit(
+                    rank,
+                    row,
+                    index.gallery_path(row),
+                    votes,
+                    mean_d,
+                    best_d,
+                    products.product(row) if products is not None else None,
+                )
+                for rank, (row, votes, mean_d, best_d) in enumerate(fused, start=1)
+            ]
+    summary.hits = hits
+    header = (*LOOKS_HEADER, *extra)
+    write_csv_atomic(tmp / "looks.csv", header, ([h[c] for c in header] for h in hits))
+    n_crops = {a: sum(1 for c in crops if c.artist == a) for a in summary.fused}
+    write_csv_atomic(
+        tmp / "looks_fused.csv",
+        (*FUSED_HEADER, *extra),
+        (
+            (
+                artist,
+                f.rank,
+                str(f.path),
+                f.votes,
+                n_crops[artist],
+                f"{f.mean_distance:.6f}",
+                f"{f.best_distance:.6f}",
+                *((f.product or {}).get(c, "") for c in extra),
+            )
+            for artist, ranking in summary.fused.items()
+            for f in ranking
+        ),
+    )
+    if plot and crops:
+        grids = _draw_grids(summary, index, tmp, crops_dir)
+    if timeline is not None:
+        from snaplook.page import write_look_page
+
+        write_look_page(summary, tmp, index=index, frames=timeline, crops_dir=crops_dir)
     summary.grids = [summary.out / name for name, _ in grids]
 
 
-def _draw_grids(summary: LookSummary, index: Index, tmp: Path) -> list[tuple[str, Any]]:
+def _draw_grids(
+    summary: LookSummary, index: Index, tmp: Path, crops_dir: Path
+) -> list[tuple[str, Any]]:
+    from snaplook.index import product_label
     from snaplook.plot_utils import plot_retrieval_grid
 
     note = " · random weights" if index.meta.get("weights", {}).get("name") == "random" else ""
+    has_products = index.products() is not None
     drawn: list[tuple[str, Any]] = []
     k = summary.k
-    for n, crop in enumerate(summary.crops):
-        mine = summary.hits[n * k : (n + 1) * k]
+    for crop in summary.crops:
+        mine = summary.crop_hits.get(str(crop.path), [])
         when = f" · t={crop.time_s:.1f}s" if crop.time_s is not None else ""
         name = f"{crop.path.stem}_grid.png"
         plot_retrieval_grid(
-            crop.path,
-            [h["gallery_path"] for h in mine],
+            crops_dir / crop.path.name,
+            [h.path for h in mine],
             tmp / name,
-            distances=[float(h["distance"]) for h in mine],
+            distances=[h.distance for h in mine],
+            labels=[product_label(h.product, h.path.name) for h in mine] if has_products else None,
             query_label=f"artist {crop.artist} · {crop.kind}",
             title=f"{summary.video.name} · frame {crop.frame}{when} · k={k}{note}",
         )
@@ -348,11 +555,13 @@ def _draw_grids(summary: LookSummary, index: Index, tmp: Path) -> list[tuple[str
         query = persons[0] if persons else next(c for c in summary.crops if c.artist == artist)
         name = f"artist{artist}_fused_grid.png"
         plot_retrieval_grid(
-            query.path,
+            crops_dir / query.path.name,
             [f.path for f in ranking],
             tmp / name,
             distances=[f.mean_distance for f in ranking],
-            labels=[f"{f.votes} vote(s) · {f.path.name}" for f in ranking],
+            labels=[
+                f"{f.votes} vote(s) · {product_label(f.product, f.path.name)}" for f in ranking
+            ],
             query_label=f"artist {artist}",
             title=f"{summary.video.name} · artist {artist} fused over its crops · k={k}{note}",
         )

@@ -47,13 +47,53 @@ def _thumbnail(image: str | Path | np.ndarray, size: int = THUMB_SIZE) -> np.nda
     return resize_to_square(image, size, mode="pad")
 
 
-def _save(fig: Any, out: str | Path, *, dpi: int = 100) -> Path:
+def shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis in the middle, so a file name
+    keeps its end (``..._v1.png``) and a cut is always visible."""
+    if len(text) <= width:
+        return text
+    head = (width - 1 + 1) // 2
+    tail = width - 1 - head
+    return text[:head] + "\u2026" + (text[-tail:] if tail > 0 else "")
+
+
+def format_distances(distances: Sequence[float], *, min_decimals: int = 3) -> list[str]:
+    """Distances with the fewest decimals (at least ``min_decimals``, at most 8) that tell
+    apart every two distances that differ: random weights put all of a query's neighbours
+    within 0.001, where 3 decimals would print them all the same."""
+    values = [float(d) for d in distances]
+    distinct = len(set(values))
+    for decimals in range(min_decimals, 9):
+        labels = [f"{d:.{decimals}f}" for d in values]
+        if len(set(labels)) == distinct:
+            return labels
+    return [f"{d:.8f}" for d in values]
+
+
+def _name_of(image: Any) -> str | None:
+    return Path(image).name if isinstance(image, (str, Path)) else None
+
+
+def _captions(fig: Any) -> str:
+    """Every panel's title and label, one panel a line, for the PNG's Description chunk."""
+    lines = []
+    for ax in fig.axes:
+        parts = [t.replace("\n", " ") for t in (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())]
+        if any(parts):
+            lines.append(" | ".join(parts))
+    return "\n".join(lines)
+
+
+def _save(fig: Any, out: str | Path, *, dpi: int = 100, title: str = "") -> Path:
     from snaplook.io_utils import atomic_path
 
     plt = _pyplot()
     out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        # Title and panel captions also go into the PNG's text chunks, where image viewers,
+        # search tools (and tests) can read them without looking at pixels.
+        metadata = {"Title": title, "Description": _captions(fig)}
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return out
 
@@ -96,20 +136,25 @@ def plot_retrieval_grid(
     fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.9), squeeze=False)
     axes = axes[0]
     axes[0].imshow(_thumbnail(query))
-    axes[0].set_title("query", fontsize=10, fontweight="bold")
+    query_name = _name_of(query)
+    axes[0].set_title(
+        f"query\n{shorten(query_name, 28)}" if query_name else "query",
+        fontsize=8,
+        fontweight="bold",
+    )
     if query_label:
-        axes[0].set_xlabel(query_label, fontsize=8)
+        axes[0].set_xlabel(shorten(query_label, 30), fontsize=8)
     _outline(axes[0], "#2b83ba", 3)
+    shown = format_distances(distances) if distances is not None else None
     for i, (ax, res) in enumerate(zip(axes[1:], results)):
         ax.imshow(_thumbnail(res))
         text = f"#{i + 1}"
-        if distances is not None:
-            text += f"  d={distances[i]:.3f}"
+        if shown is not None:
+            text += f"  d={shown[i]}"
         ax.set_title(text, fontsize=9)
-        sub = [Path(res).name if isinstance(res, (str, Path)) else ""]
-        if labels is not None:
-            sub = [str(labels[i])]
-        ax.set_xlabel(sub[0][:28], fontsize=7)
+        sub = str(labels[i]) if labels is not None else (_name_of(res) or "")
+        # Per line: a product label is "id · price" over its title.
+        ax.set_xlabel("\n".join(shorten(line, 28) for line in sub.splitlines()), fontsize=7)
         if hits is not None:
             _outline(ax, HIT_COLOUR if hits[i] else MISS_COLOUR)
     for ax in axes:
@@ -117,7 +162,7 @@ def plot_retrieval_grid(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title=title)
 
 
 def plot_retrieval_rows(
@@ -130,7 +175,8 @@ def plot_retrieval_rows(
 
     Args:
         rows: dicts with keys ``query`` (path/array), ``results`` (list), and optional
-            ``distances``, ``hits``, ``labels``, ``query_label``.
+            ``distances``, ``hits``, ``labels``, ``query_label``, ``query_name`` (the
+            panel's title; default: the query's file name).
         out: PNG path to write.
     """
     plt = _pyplot()
@@ -140,13 +186,22 @@ def plot_retrieval_rows(
         ax.text(0.5, 0.5, "no queries", ha="center", va="center")
         return _save(fig, out)
     ncols = 1 + max(len(r["results"]) for r in rows)
+    # Constrained layout: with the default subplot margins a tall figure (many rows) kept a
+    # fixed 12% of its height blank between the title and the first row.
     fig, axes = plt.subplots(
-        len(rows), ncols, figsize=(1.9 * ncols, 2.2 * len(rows)), squeeze=False
+        len(rows),
+        ncols,
+        figsize=(1.9 * ncols, 2.2 * len(rows)),
+        squeeze=False,
+        layout="constrained",
     )
     for r, row in enumerate(rows):
         axes[r][0].imshow(_thumbnail(row["query"], 160))
-        axes[r][0].set_ylabel(str(row.get("query_label", ""))[:24], fontsize=7)
+        query_name = row.get("query_name") or _name_of(row["query"]) or "query"
+        axes[r][0].set_title(shorten(query_name, 24), fontsize=7, fontweight="bold")
+        axes[r][0].set_ylabel(shorten(str(row.get("query_label", "")), 24), fontsize=7)
         _outline(axes[r][0], "#2b83ba", 3)
+        shown = format_distances(row["distances"]) if row.get("distances") is not None else None
         for c in range(1, ncols):
             ax = axes[r][c]
             if c - 1 >= len(row["results"]):
@@ -154,11 +209,11 @@ def plot_retrieval_rows(
                 continue
             ax.imshow(_thumbnail(row["results"][c - 1], 160))
             parts = [f"#{c}"]
-            if row.get("distances") is not None:
-                parts.append(f"{row['distances'][c - 1]:.3f}")
+            if shown is not None:
+                parts.append(shown[c - 1])
             ax.set_title(" ".join(parts), fontsize=7)
             if row.get("labels") is not None:
-                ax.set_xlabel(str(row["labels"][c - 1])[:20], fontsize=6)
+                ax.set_xlabel(shorten(str(row["labels"][c - 1]), 20), fontsize=6)
             if row.get("hits") is not None:
                 _outline(ax, HIT_COLOUR if row["hits"][c - 1] else MISS_COLOUR, 4)
         for ax in axes[r]:
@@ -166,7 +221,7 @@ def plot_retrieval_rows(
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return _save(fig, out, title=title)
 
 
 def plot_tsne(
@@ -207,7 +262,7 @@ def plot_tsne(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
-    return _save(fig, out)
+    return _save(fig, out, title=title)
 
 
 def plot_recall_curve(
@@ -235,7 +290,7 @@ def plot_recall_curve(
     ax.set_title(title)
     if len(curves) > 1 or any(curves):
         ax.legend(fontsize=8)
-    return _save(fig, out)
+    return _save(fig, out, title=title)
 
 
 def plot_training_curves(
@@ -296,4 +351,4 @@ def plot_training_curves(
     else:
         ax_r1.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax_r1.transAxes)
     fig.suptitle(title)
-    return _save(fig, out)
+    return _save(fig, out, title=title)

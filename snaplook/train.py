@@ -15,12 +15,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
 from snaplook.errors import SnaplookError
+from snaplook.io_utils import timestamp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +42,9 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SEED = 0
 #: Epochs without a better validation Recall@1 before training stops.
 DEFAULT_PATIENCE = 5
+#: Fewer held-out items than this make validation Recall@1 too coarse to pick an epoch
+#: (2 items can score 100% at epoch 1 and stop training early): a warning says so.
+MIN_VAL_ITEMS = 10
 #: Triplet margin on Euclidean distances between unit vectors (range 0..2).
 DEFAULT_MARGIN = 0.2
 #: Proxy-Anchor scale and margin (Kim et al. 2020 defaults).
@@ -511,6 +514,17 @@ def _weights_key(weights: dict[str, Any]) -> tuple[Any, ...]:
     return (kind if kind != "file" else "imagenet-or-file", weights.get("sha256"))
 
 
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """Words for a weights identity, with a warning for random weights (for labels)."""
+    if not weights:
+        return "unknown weights"
+    if weights.get("name") == "random":
+        return (
+            f"random weights (seed {weights.get('seed')}): a pipeline test, not retrieval quality"
+        )
+    return f"{_describe(weights)} weights"
+
+
 def _describe(weights: dict[str, Any]) -> str:
     kind = weights.get("name", "?")
     if kind == "random":
@@ -690,6 +704,15 @@ def fit_head(
         val_items=len(np.unique(y_val)),
         val_images=len(val_rows),
     )
+    if 0 < counts["val_items"] < MIN_VAL_ITEMS:
+        logger.warning(
+            "validation holds only %d items (%d images), fewer than %d: its Recall@1 is too "
+            "coarse to choose the best epoch or to stop early; use a larger --val-fraction or "
+            "more training items",
+            counts["val_items"],
+            counts["val_images"],
+            MIN_VAL_ITEMS,
+        )
 
     keras = _keras()
     tf = _tf()
@@ -765,7 +788,7 @@ def fit_head(
         logger.warning("interrupted: keeping the best head so far (epoch %d)", best_epoch)
     model.set_weights(best_weights)
     info = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": timestamp(),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopped_early,
@@ -776,6 +799,8 @@ def fit_head(
             "protocol": "leave-one-out over held-out training items (cosine)",
         },
         "counts": counts,
+        # What the backbone features came from, in words, for anyone reading head.json.
+        "backbone_weights": describe_weights((source or {}).get("weights")),
     }
     return Head(config=config, info=info, history=history, model_=model)
 
@@ -1060,6 +1085,7 @@ def train_head(
 
         write_json_atomic(tmp / HEAD_JSON, head.to_json())  # with the final name
         replace_dir(tmp, out, marker=HEAD_JSON)
+        logger.info("wrote %s (%s)", out, ", ".join(sorted(p.name for p in files.values())))
     finally:
         if tmp.exists():
             import shutil
@@ -1112,7 +1138,9 @@ def write_head_outputs(head: Head, out: str | Path) -> dict[str, Path]:
         [vars(r) for r in head.history],
         out / "training.png",
         title=f"{head.config.get('loss')} head, dim {head.output_dim} "
-        f"(best epoch {head.info.get('best_epoch')})",
+        f"(best epoch {head.info.get('best_epoch')})\n"
+        f"{(head.config.get('source') or {}).get('backbone', '?')} features, "
+        + describe_weights((head.config.get("source") or {}).get("weights")),
         baseline=(head.info.get("val_metrics") or {}).get("raw_recall_at_1"),
     )
     return {

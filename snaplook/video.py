@@ -52,6 +52,18 @@ DEFAULT_SCENE_WINDOW_S = 1.0
 DEFAULT_DEDUP = 6
 FRAMES_CSV = "frames.csv"
 FRAMES_CSV_HEADER = ("index", "frame", "time_s", "path", "reason")
+#: Written in the output root by :func:`extract_videos` on a folder: the videos skipped.
+SKIPPED_CSV = "skipped.csv"
+#: Leading bytes of still-image formats that FFmpeg would open as a one-frame "video".
+_IMAGE_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+)
 
 # Scene analysis works on frames this wide: enough for colour histograms, and resizing a
 # full HD frame down to it costs less than the decoder's own colour conversion.
@@ -200,6 +212,12 @@ def _open_video(video: Path) -> Any:
         raise SnaplookError(f"{video}: permission denied; check the file's permissions.")
     if video.stat().st_size == 0:
         raise SnaplookError(f"{video}: empty file (0 bytes), not a video.")
+    kind = _still_image_kind(video)
+    if kind:
+        raise SnaplookError(
+            f"{video}: is {kind}, not a video (judged by its content, whatever its name); "
+            "use `snaplook crop` or `snaplook index` on images."
+        )
     # OpenCV warns on stderr when a backend cannot open the file; we say it once, better.
     old_level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -212,6 +230,21 @@ def _open_video(video: Path) -> Any:
             f"{video}: not a video file that FFmpeg can open (unknown or corrupt container)."
         )
     return cap
+
+
+def _still_image_kind(path: Path) -> str | None:
+    """What still image ``path`` holds by its first bytes ("a JPEG image"), or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None  # OpenCV then says why it cannot open the file
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    for signature, kind in _IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    return None
 
 
 def _video_fps(cap: Any, video: Path) -> float:
@@ -408,6 +441,7 @@ def _scan(
     stats: _Stats,
     on_progress: Callable[[int], None] | None,
     cap: Any = None,
+    on_skip: Callable[[int, float, str], None] | None = None,
 ) -> Iterator[Frame]:
     cv2 = _import_cv2()
     if cap is None:
@@ -471,6 +505,8 @@ def _scan(
                 ok, bgr = cap.retrieve()
                 if not ok:
                     logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
+                    if on_skip is not None:
+                        on_skip(frame_no, t, "frame could not be decoded")
                     continue
                 if detector.update(_hsv_hist(_small(bgr, _ANALYSIS_WIDTH)), t):
                     ready += close_window()
@@ -492,6 +528,8 @@ def _scan(
                     bgr = bgr if ok else None
                 if bgr is None:
                     logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
+                    if on_skip is not None:
+                        on_skip(frame_no, t, "frame could not be decoded")
                 else:
                     pick = _Pick(frame_no, t, bgr, {"interval"})
                     (held if window_end > -math.inf else ready).append(pick)
@@ -514,6 +552,13 @@ def _scan(
                 frame_no + 1,
                 int(expected),
             )
+            if on_skip is not None:
+                on_skip(
+                    frame_no + 1,
+                    stats.last_time_s,
+                    f"decoding stopped after {frame_no + 1} of {int(expected)} frames; the "
+                    "rest of the file may be truncated",
+                )
     finally:
         cap.release()
 
@@ -529,6 +574,7 @@ def iter_frames(
     min_scene_s: float = DEFAULT_MIN_SCENE_S,
     scene_window_s: float = DEFAULT_SCENE_WINDOW_S,
     on_progress: Callable[[int], None] | None = None,
+    on_skip: Callable[[int, float, str], None] | None = None,
 ) -> Iterator[Frame]:
     """Stream the frames worth keeping from a video, in video order; writes nothing.
 
@@ -554,6 +600,8 @@ def iter_frames(
         scene_window_s: float, default=1.0. Seconds at the start of each scene searched
             for its sharpest frame.
         on_progress: called with the video time reached, in whole seconds.
+        on_skip: called with (frame number, time in seconds, reason) for a frame that could
+            not be decoded, and once when decoding stops early (a truncated file).
 
     Returns:
         Iterator of :class:`Frame` with ``image`` set: ndarray of shape (H, W, 3), dtype
@@ -581,6 +629,7 @@ def iter_frames(
         scene_window_s=scene_window_s,
         stats=_Stats(),
         on_progress=on_progress,
+        on_skip=on_skip,
     )
 
 
@@ -692,6 +741,7 @@ def _extract_one(
                 ),
             )
             replace_dir(tmp, out, marker=FRAMES_CSV)
+            logger.info("wrote %d frame(s) and %s in %s", len(frames), FRAMES_CSV, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -845,7 +895,8 @@ def extract_videos(
 
     Returns:
         One :class:`VideoFrames` per video, in sorted path order. In a folder, a video that
-        fails is skipped and logged, with ``error`` set; the others go on.
+        fails is skipped and logged, with ``error`` set; the others go on, and the skipped
+        videos are listed in ``<out_root>/skipped.csv`` (``path, reason``).
 
     Raises:
         SnaplookError: bad options; for a single video, any failure of
@@ -918,4 +969,12 @@ def extract_videos(
         on_progress(total_s)
     if all(r.error for r in results):
         raise SnaplookError(f"{root}: no video could be read; first error: {results[0].error}")
+    if not single:
+        from snaplook.io_utils import write_csv_atomic
+
+        write_csv_atomic(
+            Path(out_root) / SKIPPED_CSV,
+            ("path", "reason"),
+            ((str(r.video), r.error) for r in results if r.error),
+        )
     return results

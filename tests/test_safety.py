@@ -250,7 +250,18 @@ def test_package_never_unpickles() -> None:
         text = source.read_text(encoding="utf-8")
         for call in re.findall(r"np\.load\([^)]*\)", text):
             assert "allow_pickle=False" in call, f"{source.name}: {call}"
-        assert not re.search(r"^\s*(import|from) (pickle|joblib|dill|cloudpickle)\b", text, re.M)
+        imports_pickle = re.search(
+            r"^\s*(import|from) (pickle|joblib|dill|cloudpickle)\b", text, re.M
+        )
+        if source.name == "lite0.py":
+            # The one exception: PyTorch's legacy .pth format is a pickle stream, read by an
+            # Unpickler subclass whose find_class admits only a fixed allow-list
+            # (test_lite0.py crafts os.system payloads against it). No plain load/loads.
+            assert "class _StateDictUnpickler(pickle.Unpickler)" in text
+            assert "def find_class(" in text
+            assert not re.search(r"pickle\.(load|loads|Unpickler\()", text), source.name
+        else:
+            assert not imports_pickle, source.name
         assert "load_model(" not in text, source.name
 
 

@@ -327,6 +327,40 @@ def test_train_cli_writes_head_and_training_record(trained: dict[str, object]):
     assert (out / "training.png").stat().st_size > 10_000
 
 
+def test_train_cli_random_weights_say_so_in_output_head_json_and_figure(trained):
+    result = trained["result"]
+    out = trained["head"]
+    assert "Random weights: this head and its validation Recall@1 test the pipeline only." in (
+        result.stderr
+    )
+    meta = json.loads((out / "head.json").read_text())
+    assert meta["backbone_weights"].startswith("random weights (seed 0): a pipeline test")
+    from PIL import Image
+
+    with Image.open(out / "training.png") as img:
+        assert "resnet50 features, random weights (seed 0)" in img.text["Title"]
+    # 6 held-out items are fewer than the minimum: the validation score is coarse.
+    assert "validation holds only 6 items (24 images), fewer than 10" in result.stderr
+
+
+def test_fit_head_warns_when_validation_has_few_items(caplog):
+    x, ids = _toy_features(n_items=24)
+    with caplog.at_level("WARNING", logger="snaplook.train"):
+        train.fit_head(x, ids, dim=8, epochs=1, batch=(4, 2), val_fraction=0.1, seed=0)
+    few = [r.getMessage() for r in caplog.records if "validation holds only" in r.getMessage()]
+    assert few == [
+        "validation holds only 2 items (8 images), fewer than 10: its Recall@1 is too coarse to "
+        "choose the best epoch or to stop early; use a larger --val-fraction or more training "
+        "items"
+    ]
+    caplog.clear()
+    x, ids = _toy_features(n_items=60)
+    with caplog.at_level("WARNING", logger="snaplook.train"):
+        head = train.fit_head(x, ids, dim=8, epochs=1, batch=(4, 2), val_fraction=0.2, seed=0)
+    assert head.info["counts"]["val_items"] == 12
+    assert not [r for r in caplog.records if "validation holds only" in r.getMessage()]
+
+
 def test_train_cli_loss_falls(trained: dict[str, object]):
     head = train.Head.load(trained["head"])
     losses = [r.loss for r in head.history]
@@ -380,7 +414,7 @@ def test_train_cli_refuses_a_bad_batch_value(workdir):
     result = CliRunner().invoke(
         app, ["train", str(workdir["root"]), "--weights", "random", "--batch", "eight"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad option value is a usage error, found at parse time
     assert "expected P items x K images per item" in " ".join(result.output.split())
 
 

@@ -328,7 +328,7 @@ def test_extract_videos_folder_writes_one_folder_per_video(tmp_path: Path) -> No
     assert [r.video.name for r in results] == ["a.mp4", "b.mp4", "broken.mp4"]
     assert [len(r.frames) for r in results] == [2, 3, 0]
     assert "not a video" in (results[2].error or "")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "skipped.csv"]
     assert seen == []  # the broken file has no duration, so the total is unknown
 
 
@@ -375,11 +375,6 @@ def _zero_frame_video(path: Path) -> Path:
             "not a video file",
         ),
         (lambda d: _zero_frame_video(d / "zero.avi"), [], "no decodable frames"),
-        (
-            lambda d: write_clip(d / "ok.mp4", [(0.0, RED)], seconds=1),
-            ["--every", "0"],
-            "--every must be > 0",
-        ),
         (lambda d: d, [], "no videos found"),
     ],
 )
@@ -393,3 +388,42 @@ def test_extract_cli_bad_inputs_exit_1(tmp_path: Path, make, args: list[str], me
     assert message in result.output
     assert "Traceback" not in result.output
     assert not out.exists() or not any(out.rglob("frames.csv"))
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "photo_renamed.mp4"])
+def test_extract_refuses_a_still_image_by_content(tmp_path: Path, name: str) -> None:
+    photo = tmp_path / name
+    ok, encoded = cv2.imencode(".jpg", np.full((96, 128, 3), 128, np.uint8))
+    photo.write_bytes(encoded.tobytes())
+    out = tmp_path / "out"
+
+    result = runner.invoke(app, ["extract", str(photo), "--out", str(out)])
+
+    assert result.exit_code == 1, result.output
+    assert f"Error: {photo}: is a JPEG image, not a video" in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.rglob("frames.csv"))
+
+
+def test_extract_cli_folder_lists_skipped_videos_once(tmp_path: Path) -> None:
+    src = tmp_path / "vids"
+    src.mkdir()
+    write_clip(src / "good.mp4", [(0.0, RED)], seconds=1)
+    (src / "broken.mp4").write_text("not a video")
+    out = tmp_path / "frames"
+
+    result = runner.invoke(app, ["extract", str(src), "--out", str(out), "-q"])
+
+    assert result.exit_code == 0, result.output
+    with open(out / "skipped.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(Path(r["path"]).name, "not a video file" in r["reason"]) for r in rows] == [
+        ("broken.mp4", True)
+    ]
+    # The reason is given once, naming the file once; then the tally with the list.
+    assert result.stderr.count(str(src / "broken.mp4")) == 1
+    assert f"Skipped 1 unreadable file(s); listed in {out / 'skipped.csv'}." in result.stderr
+    assert (out / "good" / "frames.csv").is_file()
+    assert result.stdout.strip().splitlines() == [
+        f"Extracted 1 frame from 1 of 2 videos into {out}/."
+    ]
