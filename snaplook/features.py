@@ -585,6 +585,7 @@ class Embedder:
                     quantize,
                     what=f"quantizing {self.backbone} to int8 on "
                     f"{len(calibration['images'])} gallery images",
+                    level=logging.WARNING,
                 )
             if not had_model:
                 self.model_ = None  # only needed for the conversion: free its memory

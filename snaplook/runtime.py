@@ -420,6 +420,7 @@ def load_or_build_ir(
     build: Callable[[], Any],
     *,
     what: str,
+    level: int = logging.INFO,
 ) -> Any:
     """The OpenVINO model cached at ``path``, or ``build()`` saved there first.
 
@@ -427,12 +428,14 @@ def load_or_build_ir(
         path: the IR's .xml path (see :func:`ir_path`).
         build: makes the model when the cache has none (convert or quantize).
         what: how the log line names the one-time work ("converting resnet50").
+        level: of that log line: info for a conversion (seconds, shown under --verbose),
+            warning for slower work the user should expect (int8 quantization).
     """
     model = read_cached_ir(path)
     if model is not None:
         logger.debug("loaded cached OpenVINO model %s", path)
         return model
-    logger.warning("%s for OpenVINO, once for these settings; cached at %s", what, path)
+    logger.log(level, "%s for OpenVINO, once for these settings; cached at %s", what, path)
     model = build()
     save_ir_atomic(model, path)
     return model
