@@ -204,12 +204,12 @@ class _EmbedWorker:
     def __init__(self) -> None:
         import copy
 
-        from snaplook import features
+        from snaplook import runtime
 
         threads = self.threads
         # The model would use a thread per core of the machine, as many times as there
         # are actors on it; an actor uses the CPUs it reserved.
-        features._cpu_threads = lambda: threads
+        runtime.cpu_threads = lambda: threads
         self.embedder = copy.copy(self.template)
         if _runtime(self.embedder) == "keras":
             import tensorflow as tf

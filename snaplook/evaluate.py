@@ -986,6 +986,8 @@ def evaluate(
     batch_size: int | None = None,
     cache_dir: str | Path | None = None,
     n_examples: int = DEFAULT_N_EXAMPLES,
+    runtime: str = "auto",
+    precision: str = "fp32",
     embedder: Any = None,
     split: Split | None = None,
     head: Any = None,
@@ -1020,6 +1022,8 @@ def evaluate(
         batch_size: images per forward pass, default=32.
         cache_dir: feature cache folder, default="output/cache/features".
         n_examples: queries in the worst and in the random grid, default=8.
+        runtime, precision: see :class:`~snaplook.features.Embedder` (ignored when
+            ``embedder`` is given); int8 is calibrated on a seeded sample of the gallery.
         embedder: a ready :class:`~snaplook.features.Embedder` (or anything with its
             ``identity``/``prepare``/``embed``/``input_size``/``feature_dim``).
         split: an already loaded :class:`Split` (skips reading the partition again).
@@ -1070,7 +1074,11 @@ def evaluate(
             weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
             pooling=pooling or feats.DEFAULT_POOLING,
             seed=seed,
+            runtime=runtime,
+            precision=precision,
         )
+    if getattr(embedder, "calibrate_on", None) and embedder.resolved_precision() == "int8":
+        embedder.calibrate_on([split.root / s.path for s in split.gallery])
     identity = embedder.identity()
     name = _setting_name(identity["backbone"], identity["pooling"], normalization)
     if head is not None:
@@ -1599,6 +1607,8 @@ def evaluate_settings(
             weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
             pooling=p,
             seed=kwargs.get("seed", DEFAULT_SEED),
+            runtime=kwargs.get("runtime", feats.DEFAULT_RUNTIME),
+            precision=kwargs.get("precision", feats.DEFAULT_PRECISION),
         )
         reports.append(
             evaluate(

@@ -2,9 +2,9 @@
 
 The backbone is a Keras application without its classifier, followed by global pooling:
 ResNet50 (ImageNet) by default, 2048-d. TensorFlow and Keras load inside the functions
-that need them, on first use. On a CPU the backbone runs as a LiteRT (TFLite) flatbuffer
-converted once from the Keras model and cached (``runtime="auto"``); Keras stays the
-reference runtime, and both give the same features to within 1e-4.
+that need them, on first use. On a CPU the backbone runs on OpenVINO (``snaplook.runtime``:
+converted once from the Keras model and cached; ``runtime="auto"``) at an explicit precision;
+Keras stays the reference runtime, and at fp32 both give the same features to within 1e-4.
 """
 
 from __future__ import annotations
@@ -33,17 +33,23 @@ DEFAULT_POOLING = "avg"
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEED = 0
 POOLINGS = ("avg", "max")
-#: "auto": LiteRT on a CPU, Keras when TensorFlow sees a GPU; "litert"; "keras" (reference).
-RUNTIMES = ("auto", "litert", "keras")
+#: "auto": OpenVINO on a CPU, Keras when TensorFlow sees a GPU; "openvino"; "keras" (reference).
+RUNTIMES = ("auto", "openvino", "keras")
 DEFAULT_RUNTIME = "auto"
-#: Environment variable that decides what ``runtime="auto"`` means (litert or keras).
+#: Environment variable that decides what ``runtime="auto"`` means (openvino or keras).
 RUNTIME_ENV = "SNAPLOOK_RUNTIME"
+#: ``--precision`` values and default (see ``snaplook.runtime.resolve_precision``).
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
+DEFAULT_PRECISION = "fp32"
 #: Environment variable for the folder of converted models (default: ``$KERAS_HOME/snaplook``).
 CACHE_DIR_ENV = "SNAPLOOK_CACHE_DIR"
 #: Prepared images decoded ahead of the model in :func:`iter_embeddings`: enough to hide
 #: decoding behind the forward pass, bounded (~150 KB each at 224 px) so memory does not
 #: grow with the gallery.
 PREFETCH_IMAGES = 64
+#: Threads decoding and resizing images while the model runs (Pillow and OpenCV release
+#: the GIL): half the CPUs, at least one, so decoding keeps pace without starving inference.
+DECODE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -339,8 +345,12 @@ class Embedder:
         pooling: "avg" or "max" global pooling, default="avg".
         seed: seed for ``weights="random"``, default=0.
         resize_mode: "pad" or "crop" (see ``transform_utils.resize_to_square``).
-        runtime: "auto", "litert" or "keras", default="auto" (see :func:`resolve_runtime`).
-            The runtime does not change the features (beyond 1e-4) nor :meth:`identity`.
+        runtime: "auto", "openvino" or "keras", default="auto" (see :func:`resolve_runtime`).
+            The runtime does not change fp32 features (beyond 1e-4) nor :meth:`identity`.
+        precision: "fp32" (exact), "bf16", "int8" or "auto", default="fp32" (see
+            ``snaplook.runtime.resolve_precision``). Part of :meth:`identity`.
+        calibration: images an int8 model is calibrated on (a seeded sample of them is
+            used; see :meth:`calibrate_on`). Needed for ``precision="int8"`` only.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -349,12 +359,16 @@ class Embedder:
     seed: int = DEFAULT_SEED
     resize_mode: str = "pad"
     runtime: str = DEFAULT_RUNTIME
+    precision: str = DEFAULT_PRECISION
+    calibration: Sequence[str | Path] | None = None
     spec_: Backbone = field(init=False, repr=False)
     weights_: WeightsSpec = field(init=False, repr=False)
     model_: Any = field(init=False, default=None, repr=False)
     weights_sha256_: str | None = field(init=False, default=None, repr=False)
     runtime_: str | None = field(init=False, default=None, repr=False)
-    interpreter_: Any = field(init=False, default=None, repr=False)
+    precision_: str | None = field(init=False, default=None, repr=False)
+    calibration_: dict[str, Any] | None = field(init=False, default=None, repr=False)
+    compiled_: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         from snaplook.transform_utils import RESIZE_MODES
@@ -367,6 +381,10 @@ class Embedder:
         if self.runtime not in RUNTIMES:
             raise SnaplookError(
                 f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}."
+            )
+        if self.precision not in PRECISIONS:
+            raise SnaplookError(
+                f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}."
             )
         self.weights_ = WeightsSpec.parse(self.weights, seed=self.seed)
 
@@ -404,7 +422,7 @@ class Embedder:
                 weights["sha256"] = self.weights_sha256_
                 if self.weights_.kind == "file":
                     weights["path"] = str(path)
-        return {
+        identity = {
             "backbone": self.backbone,
             "weights": weights,
             "input_size": self.input_size,
@@ -412,21 +430,90 @@ class Embedder:
             "resize": self.resize_mode,
             "pooling": self.pooling,
             "feature_dim": self.feature_dim,
+            "precision": self.resolved_precision(),
         }
+        if identity["precision"] == "int8":
+            identity["calibration"] = self._calibration()
+        return identity
 
     def resolved_runtime(self) -> str:
-        """The runtime :meth:`embed` uses, "litert" or "keras" (``runtime`` resolved once)."""
+        """The runtime :meth:`embed` uses, "openvino" or "keras" (``runtime`` resolved once)."""
         if self.runtime_ is None:
             self.runtime_ = resolve_runtime(self.runtime)
-            logger.info(
-                "runtime: %s (asked for %s); backbone %s, weights %s, %s pooling",
-                self.runtime_,
-                self.runtime,
-                self.backbone,
-                self.weights_.kind if self.weights_.kind != "file" else self.weights_.path,
-                self.pooling,
-            )
         return self.runtime_
+
+    def resolved_precision(self) -> str:
+        """The precision :meth:`embed` computes in, "fp32", "bf16" or "int8" (resolved once).
+
+        Raises:
+            SnaplookError: bf16 on a CPU without it; bf16 or int8 on the Keras runtime.
+        """
+        if self.precision_ is None:
+            from snaplook.runtime import resolve_precision
+
+            self.precision_ = resolve_precision(self.precision, self.resolved_runtime())
+            logger.info("%s", self.explain_runtime())
+        return self.precision_
+
+    def calibrate_on(self, paths: Sequence[str | Path]) -> None:
+        """Calibrate an int8 model on (a seeded sample of) ``paths``, unless already set."""
+        if self.calibration is None:
+            self.calibration = [Path(p) for p in paths]
+            self.calibration_ = None
+
+    def use_calibration(self, record: dict[str, Any]) -> None:
+        """Use the int8 calibration an index recorded (``meta.json``'s ``calibration``).
+
+        The cached int8 model with that digest is used as is; if it is not cached, it is
+        quantized again from the recorded images, provided they are unchanged.
+        """
+        self.calibration = [Path(p) for p in record.get("images", [])]
+        self.calibration_ = {
+            "seed": int(record.get("seed", self.seed)),
+            "sha256": str(record.get("sha256", "")),
+            "images": [str(p) for p in record.get("images", [])],
+        }
+
+    def _calibration(self) -> dict[str, Any]:
+        """Which images the int8 model is calibrated on: seed, sorted paths, content digest."""
+        from snaplook.runtime import calibration_digest, sample_calibration
+
+        if self.calibration_ is None:
+            if not self.calibration:
+                raise SnaplookError(
+                    "--precision int8 calibrates on a sample of the gallery, and none was "
+                    "given (from Python: Embedder(..., calibration=gallery_paths))."
+                )
+            sample = sample_calibration(self.calibration, seed=self.seed)
+            self.calibration_ = {
+                "seed": self.seed,
+                "sha256": calibration_digest(sample),
+                "images": [str(p.resolve()) for p in sample],
+            }
+        return self.calibration_
+
+    def explain_runtime(self) -> str:
+        """One line saying which runtime and precision run the backbone, and why."""
+        from snaplook.runtime import bf16_support, cpu_model
+
+        runtime, precision = self.resolved_runtime(), self.resolved_precision()
+        if self.runtime != "auto":
+            why = f"--runtime {self.runtime}"
+        elif os.environ.get(RUNTIME_ENV, "").strip().lower() in ("openvino", "keras"):
+            why = f"{RUNTIME_ENV}={os.environ[RUNTIME_ENV].strip().lower()}"
+        elif runtime == "keras":
+            why = "TensorFlow sees a GPU" if _gpu_visible() else "OpenVINO is not installed"
+        else:
+            why = "CPU only, OpenVINO is the fastest exact CPU runtime"
+        how = f"precision {precision}"
+        if self.precision == "auto":
+            native = bf16_support()
+            how += f" (auto: {'native bf16 via ' + native if native else 'no native bf16'})"
+        weights = self.weights_.kind if self.weights_.kind != "file" else self.weights_.path
+        return (
+            f"runtime: {runtime} (asked for {self.runtime}; {why}), {how}; backbone "
+            f"{self.backbone}, weights {weights}, {self.pooling} pooling; CPU {cpu_model()}"
+        )
 
     def load(self) -> Any:
         """Build the Keras model and load its weights (once); return it."""
@@ -434,12 +521,12 @@ class Embedder:
             self.model_ = build_model(self.backbone, self.weights_, pooling=self.pooling)
         return self.model_
 
-    def tflite_path(self) -> Path:
-        """Where the converted LiteRT flatbuffer of this backbone + weights is cached.
+    def model_stem(self) -> str:
+        """``<backbone>-<weights key>-<input size>-<pooling>``: the converted model's cache name.
 
-        ``<cache>/<backbone>-<weights key>-<input size>-<pooling>.tflite`` in
-        :func:`runtime_cache_dir`; the weights key is the weights file's SHA-256 (prefix),
-        or the seed and Keras version for random weights.
+        The weights key is the weights file's SHA-256 (prefix), or the seed and Keras
+        version for random weights; ``snaplook.runtime.ir_path`` adds the stored precision
+        and the OpenVINO version.
         """
         if self.weights_.kind == "random":
             from importlib.metadata import PackageNotFoundError, version
@@ -453,33 +540,72 @@ class Embedder:
             if self.weights_.kind == "imagenet":
                 fetch_imagenet_weights(self.backbone)
             key = "sha256-" + str(self.identity()["weights"]["sha256"])[:16]
-        name = f"{self.backbone}-{key}-{self.input_size}-{self.pooling}.tflite"
-        return runtime_cache_dir() / name
+        return f"{self.backbone}-{key}-{self.input_size}-{self.pooling}"
 
-    def load_interpreter(self) -> Any:
-        """Load the LiteRT interpreter (converting and caching the model once); return it.
+    def ir_path(self) -> Path:
+        """Where this embedder's OpenVINO model (.xml + .bin) is cached."""
+        from snaplook.runtime import ir_path
+
+        precision = self.resolved_precision()
+        stored = f"int8-{self._calibration()['sha256']}" if precision == "int8" else "fp32"
+        return ir_path(runtime_cache_dir(), self.model_stem(), stored)
+
+    def load_compiled(self) -> Any:
+        """The backbone compiled by OpenVINO at :meth:`resolved_precision` (built once).
+
+        The first use of a backbone + weights converts the Keras model to OpenVINO IR and
+        caches it (see :meth:`ir_path`); int8 also quantizes it once on the calibration
+        sample. Later runs read the cache and never build the Keras model.
 
         Raises:
-            SnaplookError: ImageNet weights unavailable offline, or weights that do not fit.
+            SnaplookError: ImageNet weights unavailable offline, weights that do not fit,
+                bf16 on a CPU without it, int8 without calibration images.
         """
-        if self.interpreter_ is None:
-            path = self.tflite_path()
-            interpreter = _open_interpreter(path) if path.is_file() else None
-            if interpreter is None:
-                # Shown by default: the one-time conversion takes 30-60 s on two cores.
-                logger.warning(
-                    "converting %s to a LiteRT model, once for these weights (about a minute); "
-                    "cached at %s",
-                    self.backbone,
-                    path,
+        if self.compiled_ is None:
+            from snaplook import runtime as ov_runtime
+
+            precision = self.resolved_precision()
+            had_model = self.model_ is not None
+            fp32_path = ov_runtime.ir_path(runtime_cache_dir(), self.model_stem(), "fp32")
+            model = ov_runtime.load_or_build_ir(
+                fp32_path,
+                lambda: ov_runtime.convert_keras(self.load()),
+                what=f"converting {self.backbone}",
+            )
+            if precision == "int8":
+                calibration = self._calibration()
+                fp32_model = model
+
+                def quantize() -> Any:
+                    ov_runtime.check_calibration(calibration, self.ir_path())
+                    return ov_runtime.quantize_int8(fp32_model, self._calibration_inputs())
+
+                model = ov_runtime.load_or_build_ir(
+                    self.ir_path(),
+                    quantize,
+                    what=f"quantizing {self.backbone} to int8 on "
+                    f"{len(calibration['images'])} gallery images",
+                    level=logging.WARNING,
                 )
-                had_model = self.model_ is not None
-                convert_to_tflite(self.load(), path)
-                if not had_model:
-                    self.model_ = None  # only needed for the conversion: free its memory
-                interpreter = _open_interpreter(path, strict=True)
-            self.interpreter_ = interpreter
-        return self.interpreter_
+            if not had_model:
+                self.model_ = None  # only needed for the conversion: free its memory
+            self.compiled_ = ov_runtime.CompiledModel(model, precision)
+        return self.compiled_
+
+    def _calibration_inputs(self) -> list[np.ndarray]:
+        from snaplook.io_utils import read_image_with_size
+        from snaplook.transform_utils import PREPROCESSORS
+
+        inputs = []
+        for path in self._calibration()["images"]:
+            try:
+                image, _ = read_image_with_size(path, min_size=self.input_size)
+            except SnaplookError as exc:
+                logger.warning("calibration: skipped %s", exc)
+                continue
+            prepared = self.prepare(image)[None]
+            inputs.append(PREPROCESSORS[self.spec_.preprocessing](prepared))
+        return inputs
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Fit one RGB uint8 image into the model's square input (uint8, not preprocessed)."""
@@ -496,17 +622,41 @@ class Embedder:
         Returns:
             ndarray of shape (n, feature_dim), float32 (not normalised).
         """
+        return self._embed_start(images).result()
+
+    def embed_start(self, images: np.ndarray) -> Any:
+        """Start embedding a batch of prepared images; ``.result()`` gives :meth:`embed`'s.
+
+        With OpenVINO the batch runs asynchronously, so the caller can handle the previous
+        batch meanwhile; Keras computes it here.
+        """
+        if type(self).embed is not Embedder.embed:  # a subclass computes features itself
+            return _Ready(self.embed(images))
+        return self._embed_start(images)
+
+    def _embed_start(self, images: np.ndarray) -> Any:
         import numpy as np
 
         from snaplook.transform_utils import PREPROCESSORS
 
         if len(images) == 0:
-            return np.zeros((0, self.feature_dim), dtype=np.float32)
+            return _Ready(np.zeros((0, self.feature_dim), dtype=np.float32))
         batch = PREPROCESSORS[self.spec_.preprocessing](images)
-        if self.resolved_runtime() == "litert":
-            return _invoke_litert(self.load_interpreter(), batch, self.feature_dim)
+        if self.resolved_runtime() == "openvino":
+            return self.load_compiled().start(batch)
         out = self.load()(batch, training=False)
-        return np.asarray(out, dtype=np.float32).reshape(len(images), -1)
+        return _Ready(np.asarray(out, dtype=np.float32).reshape(len(images), -1))
+
+
+@dataclass
+class _Ready:
+    """A result computed already (the synchronous twin of ``runtime.PendingFeatures``)."""
+
+    features: np.ndarray
+    done: bool = True
+
+    def result(self) -> np.ndarray:
+        return self.features
 
 
 def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_POOLING) -> Any:
@@ -554,44 +704,48 @@ def _build_lite0(weights: WeightsSpec, *, pooling: str) -> Any:
 
 
 def resolve_runtime(runtime: str = DEFAULT_RUNTIME) -> str:
-    """Decide which runtime runs the backbone: "litert" or "keras".
+    """Decide which runtime runs the backbone: "openvino" or "keras".
 
-    "auto" reads ``$SNAPLOOK_RUNTIME`` (litert or keras) if set; otherwise it is "keras"
-    when TensorFlow sees a GPU and "litert" on a CPU, where the LiteRT interpreter
-    (XNNPACK) runs ResNet50 faster than Keras (1.3-1.7x on two AVX2 cores, near the
-    FLOP ceiling; see benchmarks/run.py). "litert" without the
-    ``ai-edge-litert`` package falls back to "keras" with a warning.
+    "auto" reads ``$SNAPLOOK_RUNTIME`` (openvino or keras) if set; otherwise it is "keras"
+    when TensorFlow sees a GPU and "openvino" on a CPU, where OpenVINO runs the fp32
+    backbone faster than Keras and any other CPU runtime measured (benchmarks/run.py; it
+    replaced LiteRT, which measured 1.2-1.4x Keras). Without the ``openvino`` package,
+    "auto" falls back to Keras with a warning.
 
     Raises:
-        SnaplookError: an unknown runtime name.
+        SnaplookError: an unknown runtime name; "openvino" without the package.
     """
+    from snaplook.runtime import openvino_available
+
     if runtime not in RUNTIMES:
         raise SnaplookError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}.")
     if runtime == "auto":
         env = os.environ.get(RUNTIME_ENV, "").strip().lower()
         if env not in ("", *RUNTIMES):
             raise SnaplookError(
-                f"{RUNTIME_ENV}={env!r} is not a runtime; set it to auto, litert or keras."
+                f"{RUNTIME_ENV}={env!r} is not a runtime; set it to auto, openvino or keras."
             )
-        if env in ("litert", "keras"):
+        if env in ("openvino", "keras"):
             runtime = env
         elif _gpu_visible():
             return "keras"
+        elif not openvino_available():
+            logger.warning(
+                "OpenVINO is not installed (pip install openvino): running the slower Keras "
+                "runtime; the features are the same."
+            )
+            return "keras"
         else:
-            runtime = "litert"
-    if runtime == "litert" and not _litert_available():
-        logger.warning(
-            "LiteRT is not available (pip install ai-edge-litert): running the slower Keras "
-            "runtime; the features are the same."
-        )
-        return "keras"
+            return "openvino"
+    if runtime == "openvino" and not openvino_available():
+        raise SnaplookError("--runtime openvino needs the openvino package: pip install openvino.")
     return runtime
 
 
 def _gpu_visible() -> bool:
     # On Linux TensorFlow can only reach a GPU through these device nodes (CUDA, WSL2,
     # ROCm): checking them first keeps a CPU run from importing TensorFlow (5-10 s) just
-    # to ask, so a cached LiteRT model embeds without TensorFlow at all.
+    # to ask, so a cached OpenVINO model embeds without TensorFlow at all.
     nodes = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
     if sys.platform == "linux" and "tensorflow" not in sys.modules:
         if not any(os.path.exists(node) for node in nodes):
@@ -602,86 +756,10 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def _litert_available() -> bool:
-    try:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def runtime_cache_dir() -> Path:
-    """Folder of converted LiteRT models: ``$SNAPLOOK_CACHE_DIR`` or ``$KERAS_HOME/snaplook``."""
+    """Folder of converted models: ``$SNAPLOOK_CACHE_DIR`` or ``$KERAS_HOME/snaplook``."""
     env = os.environ.get(CACHE_DIR_ENV)
     return Path(env).expanduser() if env else keras_cache_dir().parent / "snaplook"
-
-
-def convert_to_tflite(model: Any, path: str | Path) -> Path:
-    """Convert a Keras model with its weights to a float32 TFLite flatbuffer at ``path``.
-
-    The file is written atomically, so a concurrent or interrupted conversion never
-    leaves a half model behind.
-
-    Returns:
-        ``path``.
-    """
-    import io
-
-    from snaplook.io_utils import atomic_path
-
-    import_keras()
-    import tensorflow as tf
-
-    path = Path(path)
-    # The converter exports a SavedModel first and prints its signature (hundreds of lines),
-    # and MLIR passes log on fd 2.
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured), _native_stderr_silenced():
-        flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    logger.debug("TFLite converter output: %s", captured.getvalue()[:2000])
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(flatbuffer)
-    return path
-
-
-def _cpu_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _open_interpreter(path: Path, *, strict: bool = False) -> Any:
-    """A ready LiteRT interpreter for ``path`` (XNNPACK, one thread per core), or None."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        # LiteRT announces "Created TensorFlow Lite XNNPACK delegate" on fd 2 every time.
-        with _native_stderr_silenced():
-            interpreter = Interpreter(model_path=str(path), num_threads=_cpu_threads())
-            interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as exc:
-        if strict:
-            raise SnaplookError(f"{path}: cannot load the converted model ({exc}).") from exc
-        logger.warning("cached model %s is unreadable (%s); converting again", path, exc)
-        return None
-    return interpreter
-
-
-def _invoke_litert(interpreter: Any, batch: np.ndarray, feature_dim: int) -> np.ndarray:
-    import numpy as np
-
-    inp = interpreter.get_input_details()[0]["index"]
-    out = interpreter.get_output_details()[0]["index"]
-    features = np.empty((len(batch), feature_dim), dtype=np.float32)
-    # One image per invoke: on an idle 2-core AVX2 machine batch 1 was XNNPACK's best
-    # (21 img/s, issue 6); batches of 4-16 measured within noise of it on a loaded one
-    # (benchmarks/run.py records both), and need a tensor resize per batch size.
-    for i in range(len(batch)):
-        interpreter.set_tensor(inp, np.ascontiguousarray(batch[i : i + 1]))
-        interpreter.invoke()
-        features[i] = interpreter.get_tensor(out).reshape(-1)
-    return features
 
 
 @dataclass
@@ -717,10 +795,11 @@ def iter_embeddings(
 ) -> Iterator[EmbeddedBatch]:
     """Decode and embed images in batches, streaming: memory does not grow with ``paths``.
 
-    A background thread decodes and resizes the next images (at most
-    ``max(PREFETCH_IMAGES, 2 * batch_size)`` ahead) while the model embeds the current
-    batch; results keep the order of ``paths``. Unreadable images are skipped
-    (``on_skip`` is told why) and the batch goes on.
+    Background threads (:data:`DECODE_THREADS`) decode and resize the next images (at most
+    ``max(PREFETCH_IMAGES, 2 * batch_size)`` ahead; JPEGs at a reduced DCT scale while
+    still at least the input size) while the model embeds the current batch; results keep
+    the order of ``paths``. Unreadable images are skipped (``on_skip`` is told why) and the
+    batch goes on.
 
     Args:
         paths: image files, embedded in this order.
@@ -746,7 +825,10 @@ def iter_embeddings(
 
     files = [Path(p) for p in paths]
     decoded = _decode_ahead(files, decode, depth=max(PREFETCH_IMAGES, 2 * batch_size))
-    done = 0
+    start_embedding = getattr(embedder, "embed_start", None)
+    # One batch in flight: the next batch is queued on the runtime before the previous one
+    # is handed to the consumer, so the model keeps running while the consumer writes.
+    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int, str] | None = None
     try:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -766,67 +848,84 @@ def iter_embeddings(
                 good.append(path)
                 sizes.append(size)
                 arrays.append(array)
+            pending = None
             if good:
-                features = embedder.embed(np.stack(arrays))
-                yield EmbeddedBatch(good, sizes, features)
-            done += len(chunk)
-            logger.info(
-                "batch %d of %d: %d image(s) embedded, %d skipped",
-                start // batch_size + 1,
-                -(-len(files) // batch_size),
-                len(good),
-                len(chunk) - len(good),
+                batch = np.stack(arrays)
+                pending = (
+                    start_embedding(batch) if start_embedding else _Ready(embedder.embed(batch))
+                )
+            label = (
+                f"batch {start // batch_size + 1} of {-(-len(files) // batch_size)}: "
+                f"{len(good)} image(s) embedded, {len(chunk) - len(good)} skipped"
             )
-            if on_progress is not None:
-                on_progress(done)
+            current = (good, sizes, pending, start + len(chunk), label)
+            if in_flight is not None:
+                yield from _finish_batch(in_flight, on_progress)
+                in_flight = None
+            if pending is None or getattr(pending, "done", False):
+                # Computed already (Keras): hand it on now, so a failure in the next batch
+                # never holds back a finished one.
+                yield from _finish_batch(current, on_progress)
+            else:
+                in_flight = current
+        if in_flight is not None:
+            yield from _finish_batch(in_flight, on_progress)
     finally:
-        decoded.close()  # stops the decoding thread if the consumer stopped early
+        decoded.close()  # stops the decoding threads if the consumer stopped early
+
+
+def _finish_batch(
+    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int, str],
+    on_progress: Callable[[int], None] | None,
+) -> Iterator[EmbeddedBatch]:
+    good, sizes, pending, done, label = in_flight
+    if pending is not None:
+        features = pending.result()
+        logger.info("%s", label)
+        yield EmbeddedBatch(good, sizes, features)
+    else:
+        logger.info("%s", label)
+    if on_progress is not None:
+        on_progress(done)
 
 
 def _decode_ahead(
-    paths: list[Path], decode: Callable[[Path], Any], *, depth: int
+    paths: list[Path], decode: Callable[[Path], Any], *, depth: int, threads: int | None = None
 ) -> Iterator[tuple[Any, Exception | None]]:
     """Yield ``(decode(path), None)`` or ``(None, error)`` per path, in order.
 
-    Up to ``depth`` paths are decoded ahead in a daemon thread (Pillow and OpenCV release
-    the GIL, so decoding overlaps the model). Closing the generator (the consumer stopped
-    or failed) stops the thread.
+    Up to ``depth`` paths are decoded ahead by ``threads`` worker threads (default
+    :data:`DECODE_THREADS`; Pillow and OpenCV release the GIL, so decoding overlaps the
+    model). Closing the generator (the consumer stopped or failed) cancels what is queued
+    and waits only for the decodes already running.
     """
-    import queue
-    import threading
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-    ready: queue.Queue[tuple[Any, Exception | None]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    pool = ThreadPoolExecutor(
+        max_workers=threads or DECODE_THREADS, thread_name_prefix="snaplook-decode"
+    )
+    pending: deque[Future[Any]] = deque()
+    upcoming = iter(paths)
 
-    def work() -> None:
-        for path in paths:
-            if stop.is_set():
-                return
+    def submit_next() -> None:
+        path = next(upcoming, None)
+        if path is not None:
+            pending.append(pool.submit(decode, path))
+
+    try:
+        for _ in range(max(1, depth)):
+            submit_next()
+        while pending:
+            future = pending.popleft()
             try:
-                item: tuple[Any, Exception | None] = (decode(path), None)
+                item: tuple[Any, Exception | None] = (future.result(), None)
             except Exception as exc:  # handed to the consumer, which decides
                 item = (None, exc)
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-
-    thread = threading.Thread(target=work, name="snaplook-decode", daemon=True)
-    thread.start()
-    try:
-        for _ in paths:
-            while True:
-                try:
-                    yield ready.get(timeout=0.1)
-                    break
-                except queue.Empty:
-                    if not thread.is_alive() and ready.empty():
-                        raise RuntimeError("the image decoding thread stopped early") from None
+            submit_next()
+            yield item
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def embed_images(
@@ -894,6 +993,7 @@ def write_features(
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     runtime: str = DEFAULT_RUNTIME,
+    precision: str = DEFAULT_PRECISION,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> FeaturesResult:
@@ -915,7 +1015,15 @@ def write_features(
     if not paths:
         raise SnaplookError(f"{images}: no images found.")
     root = images if images.is_dir() else images.parent
-    embedder = Embedder(backbone, weights=weights, pooling=pooling, seed=seed, runtime=runtime)
+    embedder = Embedder(
+        backbone,
+        weights=weights,
+        pooling=pooling,
+        seed=seed,
+        runtime=runtime,
+        precision=precision,
+        calibration=paths,
+    )
     if on_start is not None:
         on_start(len(paths))
     skipped: list[Skipped] = []
@@ -982,7 +1090,7 @@ def feature_cache_key(
     payload = {
         "format": CACHE_FORMAT_VERSION,
         "identity": embedder.identity(),
-        # Keras and LiteRT agree only to float tolerance: keep their features apart.
+        # Keras and OpenVINO agree only to float tolerance: keep their features apart.
         "runtime": _embedder_runtime(embedder),
         "images": [[e["path"], e["box"], e["bytes"], e["mtime_ns"]] for e in entries],
     }
@@ -1209,6 +1317,25 @@ class HeadEmbedder:
             ndarray of shape (n, head dim), float32, unit rows.
         """
         return self.head.transform(self.base.embed(images))
+
+    def embed_start(self, images: np.ndarray) -> Any:
+        """Start :meth:`embed` (the backbone runs asynchronously); ``.result()`` waits."""
+        return _Mapped(self.base.embed_start(images), self.head.transform)
+
+
+@dataclass
+class _Mapped:
+    """A pending backbone result followed by a function (a head's ``transform``)."""
+
+    pending: Any
+    transform: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def done(self) -> bool:
+        return bool(getattr(self.pending, "done", False))
+
+    def result(self) -> np.ndarray:
+        return self.transform(self.pending.result())
 
 
 def with_head(embedder: Embedder, head: Any | None) -> Embedder | HeadEmbedder:

@@ -39,6 +39,7 @@ from snaplook.features import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_POOLING,
+    DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_WEIGHTS,
     Embedder,
@@ -117,6 +118,7 @@ def build_index(
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
+    precision: str = DEFAULT_PRECISION,
     strict: bool = False,
     embedder: Embedder | None = None,
     head: Any = None,
@@ -146,6 +148,9 @@ def build_index(
         backbone, weights, pooling, seed: the :class:`~snaplook.features.Embedder` to use
             (ignored when ``embedder`` is given).
         batch_size: images per forward pass, default=32.
+        precision: "fp32", "bf16", "int8" or "auto" (ignored when ``embedder`` is given);
+            recorded in ``meta.json``: queries and ``update`` must use the same. int8 is
+            calibrated on a seeded sample of the gallery (of the old index on ``update``).
         update: reuse rows of the existing index at ``out`` for files whose size and
             mtime (or, on doubt, SHA-1) are unchanged; embed only new or changed files.
             The rows equal a full rebuild's; shards of the old index whose rows all come
@@ -200,7 +205,9 @@ def build_index(
         raise SnaplookError(f"--shard-rows must be at least 1, got {shard_rows}.")
     if engine not in ("local", "ray") and not hasattr(engine, "embed_batches"):
         raise SnaplookError(f"unknown engine {engine!r}; choose local or ray.")
-    embedder = embedder or Embedder(backbone, weights=weights, pooling=pooling, seed=seed)
+    embedder = embedder or Embedder(
+        backbone, weights=weights, pooling=pooling, seed=seed, precision=precision
+    )
     if head is not None:
         from snaplook.features import with_head
 
@@ -212,6 +219,12 @@ def build_index(
         )
     root_dir = root if root.is_dir() else root.parent
     _check_out(out)
+    if embedder.resolved_precision() == "int8":
+        old_calibration = _old_calibration(out) if update else None
+        if old_calibration is not None:
+            embedder.use_calibration(old_calibration)
+        else:
+            embedder.calibrate_on(paths)
     products = _read_catalog_for(out, catalog, catalog_image_column, root_dir, update=update)
     identity = embedder.identity()
     if ann is not None:  # a bad --ann fails before any image is embedded
@@ -958,7 +971,31 @@ def _embed_batches(
     return records
 
 
+def _old_calibration(out: Path) -> dict[str, Any] | None:
+    """The int8 calibration an existing index at ``out`` recorded, if any."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    calibration = meta.get("calibration") if meta.get("precision") == "int8" else None
+    return calibration if isinstance(calibration, dict) else None
+
+
 def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
+    # Indexes from before issue 12 carry no precision: they were computed in fp32.
+    if meta.get("precision", "fp32") != identity.get("precision", "fp32"):
+        raise SnaplookError(
+            f"{out} was built at --precision {meta.get('precision', 'fp32')}, not "
+            f"{identity.get('precision')}; --update cannot mix features of two precisions. "
+            f"Pass --precision {meta.get('precision', 'fp32')} or rebuild without --update."
+        )
+    if meta.get("precision") == "int8" and (meta.get("calibration") or {}).get("sha256") != (
+        identity.get("calibration") or {}
+    ).get("sha256"):
+        raise SnaplookError(
+            f"{out} was built with an int8 model calibrated on other images; --update "
+            "cannot mix the two. Rebuild without --update."
+        )
     for key in ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling", "head"):
         if meta.get(key) != identity.get(key):
             raise SnaplookError(
@@ -1092,9 +1129,13 @@ class Index:
     def embedder(self, *, head: Any = None, **overrides: Any) -> Embedder:
         """An :class:`Embedder` identical to the one that built this index.
 
+        ``precision`` (or ``runtime``) may be passed: None means the index's; another
+        precision than the index's is refused.
+
         Raises:
             SnaplookError: ``head`` is not the head the index was built with (or the
-                index has a head and none is given); see :func:`check_head`.
+                index has a head and none is given); see :func:`check_head`. A
+                ``precision`` other than the index's.
         """
         check_head(self.meta, head, self.path)
         embedder = embedder_from_meta(self.meta, **overrides)
@@ -1207,7 +1248,7 @@ def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
 
 def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The :class:`Embedder` arguments an index or cache recorded: backbone, weights (name
-    or file path), pooling, seed and resize mode."""
+    or file path), pooling, seed, resize mode and precision."""
     weights_meta = meta.get("weights", {})
     kind = weights_meta.get("name", "imagenet")
     weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
@@ -1217,6 +1258,8 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
         pooling=meta.get("pooling", DEFAULT_POOLING),
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
+        # Indexes from before issue 12 carry no precision: they were computed in fp32.
+        precision=meta.get("precision", "fp32"),
     )
 
 
@@ -1244,8 +1287,20 @@ def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     weights_meta = meta.get("weights", {})
     kwargs = recorded_settings(meta)
     weights = kwargs["weights"]
-    kwargs.update(overrides)
-    embedder = Embedder(**kwargs)
+    want_precision = kwargs.pop("precision")
+    asked = overrides.pop("precision", None)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if asked is not None and asked != want_precision:
+        got = Embedder(**kwargs, precision=asked).resolved_precision()
+        if got != want_precision:
+            raise SnaplookError(
+                f"the index was built at --precision {want_precision}; querying it at {got} "
+                f"would compare features of two different models. Pass --precision "
+                f"{want_precision} (or leave it out), or rebuild the index at {got}."
+            )
+    embedder = Embedder(**kwargs, precision=want_precision)
+    if want_precision == "int8":
+        embedder.use_calibration(meta.get("calibration") or {})
     want = weights_meta.get("sha256")
     if want and weights_meta.get("name") == "file":
         got = embedder.identity()["weights"].get("sha256")

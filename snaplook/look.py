@@ -200,6 +200,8 @@ def look(
     plot: bool = True,
     batch_size: int = 16,
     head: Any = None,
+    runtime: str | None = None,
+    precision: str | None = None,
     overwrite: bool = False,
     where: Sequence[str] | None = None,
     restrict: str = "none",
@@ -244,6 +246,8 @@ def look(
         batch_size: crops per forward pass.
         head: the ``snaplook.train.Head`` the index was built with, if any (see
             :func:`snaplook.index.check_head`).
+        runtime: "auto", "openvino" or "keras" (default: auto).
+        precision: must be the index's if given (default: the index's).
         overwrite: replace the crops in an existing ``crops_out``.
         where: catalogue conditions every hit must meet (see
             :func:`snaplook.index.query_index`).
@@ -288,6 +292,7 @@ def look(
     loaded = index if not isinstance(index, (str, Path)) else load_index(index, ann=not exact)
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
+    embedder = loaded.embedder(head=head, runtime=runtime, precision=precision)
     allowed = filter_mask(loaded.products(), where, loaded.path)  # so are bad filters
     warn_if_few(allowed, k, where)
     if restrict not in RESTRICT_MODES:
@@ -355,7 +360,7 @@ def look(
             crops_dir,
             plot=plot,
             batch_size=batch_size,
-            head=head,
+            embedder=embedder,
             allowed=allowed,
             timeline=timeline if page else None,
             search={"exact": exact, "nprobe": nprobe, "ef": ef},
@@ -413,7 +418,7 @@ def _query_crops(
     *,
     plot: bool,
     batch_size: int,
-    head: Any = None,
+    embedder: Any,
     allowed: np.ndarray | None = None,
     timeline: list[tuple[int, float | None, np.ndarray]] | None = None,
     search: dict[str, Any] | None = None,
@@ -434,7 +439,7 @@ def _query_crops(
     grids: list[tuple[str, Any]] = []
     if crops:
         images = [read_image(crops_dir / c.path.name) for c in crops]
-        features = embed_arrays(images, index.embedder(head=head), batch_size=batch_size)
+        features = embed_arrays(images, embedder, batch_size=batch_size)
         distances, rows, guesses = restricted_search(
             functools.partial(index.search, **(search or {})),
             features,

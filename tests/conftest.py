@@ -6,8 +6,11 @@ their own test modules or helper files, not here.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,14 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# runtime="auto" means LiteRT on a CPU, whose first use per backbone + weights converts the
-# Keras model (30-60 s); the suite runs the Keras reference runtime, and
-# tests/test_runtime.py checks that LiteRT gives the same features.
-os.environ.setdefault("SNAPLOOK_RUNTIME", "keras")
+# The suite runs the default runtime (OpenVINO on a CPU). Its first use of a backbone +
+# weights converts the Keras model (a few seconds); one converted-model cache for the whole
+# session means each random model converts once, not once per test, and nothing is written
+# to ~/.keras. An explicit SNAPLOOK_CACHE_DIR is kept (to reuse conversions across runs).
+if "SNAPLOOK_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="snaplook-test-models-")
+    os.environ["SNAPLOOK_CACHE_DIR"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"

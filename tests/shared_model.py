@@ -3,8 +3,8 @@
 Building a ResNet50 costs seconds on a CPU; with ``--weights random`` the network is a
 pure function of its seed (test_features.py checks that with fresh builds), so tests of
 plumbing (index folders, CLI output, --update) reuse one model per (backbone, seed,
-pooling) instead of building one per command. They also pin the Keras runtime, so their
-results do not depend on a converted-model cache.
+pooling) instead of building one per command. They run the default runtime (OpenVINO on a
+CPU), whose converted model is cached once per session (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,5 @@ def build_model_fresh(backbone: str, weights: features.WeightsSpec, *, pooling: 
 
 @pytest.fixture
 def shared_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Embedders in this test reuse the process-wide random models, on the Keras runtime."""
+    """Embedders in this test reuse the process-wide random models (default runtime)."""
     monkeypatch.setattr(features, "build_model", build_model_shared)
-    monkeypatch.setenv("SNAPLOOK_RUNTIME", "keras")

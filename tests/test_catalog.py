@@ -65,7 +65,6 @@ def _write(path: Path, lines: list[str]) -> Path:
 @pytest.fixture(autouse=True)
 def _shared(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(features, "build_model", build_model_shared)
-    monkeypatch.setenv("SNAPLOOK_RUNTIME", "keras")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,6 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features, "build_model", build_model_shared)
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
         args = ["index", str(root), "-o", str(base / "index"), "--catalog", str(catalog), *MODEL]
         result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

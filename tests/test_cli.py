@@ -37,7 +37,6 @@ def cli_index(tmp_path_factory: pytest.TempPathFactory):
     write_gallery(gallery, subfolders=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features, "build_model", build_model_shared)
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
         result = _run("index", gallery, "--out", base / "idx", "--weights", "random")
     return gallery, base / "idx", result
 
@@ -279,7 +278,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
         "    except SystemExit as exc:\n"
         "        assert exc.code in (0, None), exc.code\n"
         "heavy = ('tensorflow', 'keras', 'numpy', 'cv2', 'matplotlib', 'sklearn', 'PIL',\n"
-        "         'skimage', 'ai_edge_litert', 'scipy', 'faiss')\n"
+        "         'skimage', 'ai_edge_litert', 'scipy', 'faiss', 'openvino', 'nncf')\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
     )
 
@@ -437,7 +436,7 @@ def test_quiet_leaves_only_the_summary_and_verbose_logs_each_step(
     assert verbose.exit_code == 0, verbose.output
     log = verbose.stderr
     assert f"found 2 file(s) under {queries}" in log
-    assert "runtime: keras (asked for auto)" in log
+    assert "runtime: openvino (asked for auto; CPU only" in log
     assert "batch 1 of 1: 2 image(s) embedded, 0 skipped" in log
     assert f"wrote {tmp_path / 'c' / 'results.csv'}, results.json and skipped.csv" in log
     assert f"wrote 2 grid(s) in {tmp_path / 'c'}" in log

@@ -39,7 +39,6 @@ def gallery_index(tmp_path_factory: pytest.TempPathFactory):
     write_gallery(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features, "build_model", build_model_shared)
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
         summary = build_index(root, base / "index", weights="random", batch_size=5)
     return root, base / "index", summary
 

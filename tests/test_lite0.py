@@ -42,7 +42,6 @@ def keras_home(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("keras_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KERAS_HOME", str(home))
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
         yield home
 
 

@@ -120,7 +120,6 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (base / "products.csv").write_text("\n".join(lines) + "\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(features, "build_model", build_model_shared)
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
         args = ["index", str(root), "-o", str(base / "index"), *MODEL]
         result = runner.invoke(app, args + ["--catalog", str(base / "products.csv")])
     assert result.exit_code == 0, result.output
@@ -130,7 +129,6 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def _shared(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(features, "build_model", build_model_shared)
-    monkeypatch.setenv("SNAPLOOK_RUNTIME", "keras")
 
 
 def test_query_page_in_browser(shop, tmp_path: Path) -> None:

@@ -1,37 +1,42 @@
-"""The LiteRT fast path gives Keras' features, caches its converted model, and streams in order.
+"""OpenVINO runtime: Keras' features at fp32, its model cache, precision checks and identity.
 
-MobileNetV2 stands in for ResNet50 here: its conversion takes a third of the time and the
-code path is the same; benchmarks/run.py compares ResNet50 on a larger set.
+MobileNetV2 stands in for ResNet50 where a model is converted here (a third of the time,
+same code path); benchmarks/run.py measures ResNet50. Nothing here depends on the CPU
+model: bf16 support is simulated through ``$SNAPLOOK_CPU_FLAGS``.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image
+from conftest import make_image, write_gallery
+from shared_model import build_model_shared
+from typer.testing import CliRunner
 
-from snaplook import features
+from snaplook import features, runtime
+from snaplook.cli import app
 from snaplook.errors import SnaplookError
 from snaplook.features import Embedder, embed_images, iter_embeddings, resolve_runtime
+from snaplook.index import build_index, load_index, query_index
 
+pytest.importorskip("openvino")
 BACKBONE = "mobilenet_v2"
-pytest.importorskip("ai_edge_litert")
+NO_BF16 = "fpu sse2 avx2 fma avx512f"
+WITH_BF16 = NO_BF16 + " avx512_bf16"
 
 
 @pytest.fixture(scope="module")
-def litert_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A private model cache for this module: the conversion runs once, in the first test."""
-    cache = tmp_path_factory.mktemp("snaplook-cache")
-    old = os.environ.get(features.CACHE_DIR_ENV)
-    os.environ[features.CACHE_DIR_ENV] = str(cache)
-    yield cache
-    if old is None:
-        del os.environ[features.CACHE_DIR_ENV]
-    else:
-        os.environ[features.CACHE_DIR_ENV] = old
+def model_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private model cache for this module, so its conversions are counted here."""
+    cache = tmp_path_factory.mktemp("ov-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(features.CACHE_DIR_ENV, str(cache))
+        mp.setattr(features, "build_model", build_model_shared)
+        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -48,59 +53,202 @@ def _max_relative_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b).max(axis=1) / np.abs(b).max(axis=1)
 
 
-def test_embedder_litert_matches_keras(litert_cache: Path, photos: list[Path]):
+def test_openvino_fp32_matches_keras(model_cache: Path, photos: list[Path]):
     keras_embedder = Embedder(BACKBONE, weights="random", runtime="keras")
-    litert_embedder = Embedder(BACKBONE, weights="random", runtime="litert")
+    ov_embedder = Embedder(BACKBONE, weights="random", runtime="openvino")
 
     reference, kept = embed_images(photos, keras_embedder)
-    fast, fast_kept = embed_images(photos, litert_embedder)
+    fast, fast_kept = embed_images(photos, ov_embedder)
 
-    assert keras_embedder.resolved_runtime() == "keras"
-    assert keras_embedder.interpreter_ is None and keras_embedder.model_ is not None
-    assert litert_embedder.resolved_runtime() == "litert"
+    assert ov_embedder.resolved_runtime() == "openvino"
+    assert ov_embedder.resolved_precision() == "fp32"
     assert reference.shape == fast.shape == (3, 1280)
     assert kept == fast_kept == photos
     assert _max_relative_diff(fast, reference).max() <= 1e-4
-    # the runtime is not part of what produced the features
-    assert litert_embedder.identity() == keras_embedder.identity()
-    assert list(litert_cache.glob("*.tflite")) == [litert_embedder.tflite_path()]
+    assert ov_embedder.identity() == keras_embedder.identity()  # the runtime is not identity
+    assert sorted(p.name for p in model_cache.glob("*.xml")) == [ov_embedder.ir_path().name]
+    assert ov_embedder.ir_path().name.endswith(f"-fp32-ov{runtime.openvino_version()}.xml")
+    assert ov_embedder.ir_path().with_suffix(".bin").stat().st_size > 1_000_000
 
 
-def test_embedder_litert_reuses_cached_model(
-    litert_cache: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+def test_second_run_reads_the_cache_without_converting(
+    model_cache: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ):
-    first = Embedder(BACKBONE, weights="random", runtime="litert")
+    first = Embedder(BACKBONE, weights="random")
     expected, _ = embed_images(photos[:2], first)
-    cached = first.tflite_path()
-    stamp = cached.stat().st_mtime_ns
+    stamp = first.ir_path().stat().st_mtime_ns
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of using the cache")
 
-    monkeypatch.setattr(features, "convert_to_tflite", no_conversion)
-    second = Embedder(BACKBONE, weights="random", runtime="litert")
+    monkeypatch.setattr(runtime, "convert_keras", no_conversion)
+    second = Embedder(BACKBONE, weights="random")
     again, _ = embed_images(photos[:2], second)
 
-    assert second.tflite_path() == cached
-    assert cached.stat().st_mtime_ns == stamp
+    assert first.ir_path().stat().st_mtime_ns == stamp
     assert second.model_ is None  # Keras was not needed
     np.testing.assert_array_equal(again, expected)
 
 
-def test_embedder_litert_other_seed_gets_its_own_cache_file(litert_cache: Path):
-    assert (
-        Embedder(BACKBONE, weights="random", seed=1).tflite_path()
-        != Embedder(BACKBONE, weights="random", seed=0).tflite_path()
-    )
-
-
-def test_iter_embeddings_keeps_order_and_skips_with_prefetch(
-    litert_cache: Path, photos: list[Path], tmp_path: Path
+def test_cache_of_another_openvino_version_is_not_reused(
+    model_cache: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ):
+    embed_images(photos[:1], Embedder(BACKBONE, weights="random"))  # today's version cached
+    monkeypatch.setattr(runtime, "openvino_version", lambda: "2099.1.0")
+    other = Embedder(BACKBONE, weights="random")
+
+    assert other.ir_path().name.endswith("-fp32-ov2099.1.0.xml")
+    assert not other.ir_path().exists()
+    embed_images(photos[:1], other)
+    assert other.ir_path().is_file()  # converted again, for that version
+
+
+def test_corrupt_cached_model_is_rebuilt_with_a_warning(
+    model_cache: Path, photos: list[Path], caplog: pytest.LogCaptureFixture, tmp_path: Path
+):
+    first = Embedder(BACKBONE, weights="random", seed=3)
+    expected, _ = embed_images(photos[:1], first)
+    bin_path = first.ir_path().with_suffix(".bin")
+    bin_path.write_bytes(bin_path.read_bytes()[:1000])  # truncated weights
+
+    again, _ = embed_images(photos[:1], Embedder(BACKBONE, weights="random", seed=3))
+
+    assert any("is unreadable" in r.getMessage() for r in caplog.records)
+    assert bin_path.stat().st_size > 1_000_000
+    np.testing.assert_allclose(again, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_without_native_support_fails_with_one_line(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(runtime.CPU_FLAGS_ENV, NO_BF16)
+
+    with pytest.raises(SnaplookError, match="needs a CPU with AMX or AVX512-BF16") as err:
+        Embedder(BACKBONE, weights="random", precision="bf16").identity()
+    assert "\n" not in str(err.value)
+    assert Embedder(BACKBONE, weights="random", precision="auto").resolved_precision() == "fp32"
+    monkeypatch.setenv(runtime.CPU_FLAGS_ENV, WITH_BF16)
+    assert Embedder(BACKBONE, weights="random", precision="auto").resolved_precision() == "bf16"
+    with pytest.raises(SnaplookError, match="needs the OpenVINO runtime"):
+        Embedder(BACKBONE, weights="random", runtime="keras", precision="bf16").identity()
+
+
+def test_cli_bf16_without_native_support_is_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    monkeypatch.setenv(runtime.CPU_FLAGS_ENV, NO_BF16)
+    gallery = write_gallery(tmp_path / "g", subfolders=False)
+
+    result = CliRunner().invoke(
+        app,
+        ["index", str(gallery), "--out", str(tmp_path / "i"), "--weights", "random",
+         "--backbone", BACKBONE, "--precision", "bf16"],
+    )  # fmt: skip
+
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --precision bf16 needs a CPU")
+    assert not (tmp_path / "i").exists()
+    bad = CliRunner().invoke(app, ["index", str(gallery), "--precision", "fp16"])
+    assert bad.exit_code == 2
+
+
+def test_bf16_features_close_to_fp32_when_simulated_support(
+    model_cache: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+):
+    # Where the CPU really lacks bf16, OpenVINO emulates it: still close, only slower.
+    monkeypatch.setenv(runtime.CPU_FLAGS_ENV, WITH_BF16)
+    exact, _ = embed_images(photos, Embedder(BACKBONE, weights="random"))
+    half = Embedder(BACKBONE, weights="random", precision="bf16")
+    approx, _ = embed_images(photos, half)
+
+    assert half.identity()["precision"] == "bf16"
+    assert half.ir_path() == Embedder(BACKBONE, weights="random").ir_path()  # one fp32 IR
+    err = _max_relative_diff(approx, exact)
+    assert 0 < err.max() < 0.05  # bf16 really ran (not exact), and stayed close
+
+
+def test_index_at_one_precision_refuses_queries_and_updates_at_another(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(runtime.CPU_FLAGS_ENV, WITH_BF16)
+    gallery = write_gallery(tmp_path / "g", subfolders=False)
+    out = tmp_path / "idx"
+    build_index(gallery, out, backbone=BACKBONE, weights="random", precision="bf16")
+    index = load_index(out)
+
+    assert index.meta["precision"] == "bf16"
+    with pytest.raises(SnaplookError, match="built at --precision bf16; querying it at fp32"):
+        index.embedder(precision="fp32")
+    assert index.embedder().resolved_precision() == "bf16"  # default: the index's
+    assert index.embedder(precision="auto").resolved_precision() == "bf16"
+    with pytest.raises(SnaplookError, match="--update cannot mix features of two precisions"):
+        build_index(gallery, out, backbone=BACKBONE, weights="random", update=True)
+    summary = query_index(sorted(gallery.glob("*.png"))[:2], index, k=1)
+    assert [r.hits[0].distance for r in summary.results] == pytest.approx([0, 0], abs=1e-5)
+
+    result = CliRunner().invoke(
+        app, ["query", str(gallery), "--index", str(out), "--precision", "fp32", "--no-plot"]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the index was built at --precision bf16")
+
+
+def test_int8_is_calibrated_on_the_gallery_cached_and_recorded(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # ResNet50 (already converted for other tests of the session): a random MobileNetV2's
+    # features are ~1e-11, below int8's resolution.
+    gallery = write_gallery(tmp_path / "g", subfolders=False)
+    out = tmp_path / "idx8"
+    build_index(gallery, out, weights="random", precision="int8")
+    meta = json.loads((out / "meta.json").read_text())
+    fp32 = Embedder(weights="random")
+    exact, _ = embed_images(sorted(gallery.glob("*.png")), fp32)
+
+    assert meta["precision"] == "int8"
+    assert len(meta["calibration"]["images"]) == 12 and len(meta["calibration"]["sha256"]) == 24
+    int8_irs = list(model_cache.glob(f"*-int8-{meta['calibration']['sha256']}-ov*.xml"))
+    assert len(int8_irs) == 1
+    rows = np.load(out / "features.npy")
+    cos = np.sum(rows * exact / np.linalg.norm(exact, axis=1, keepdims=True), axis=1)
+    assert cos.min() > 0.9 and _max_relative_diff(rows, exact).max() > 0  # quantized, close
+
+    def no_quantization(*args, **kwargs):
+        raise AssertionError("quantized again instead of using the cache")
+
+    monkeypatch.setattr(runtime, "quantize_int8", no_quantization)
+    summary = query_index(sorted(gallery.glob("*.png"))[:3], load_index(out), k=1)
+    assert [r.hits[0].path.name for r in summary.results] == [
+        p.name for p in sorted(gallery.glob("*.png"))[:3]
+    ]
+
+
+def test_runtime_choice_is_explained_under_verbose(
+    model_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    gallery = write_gallery(tmp_path / "g", subfolders=False)
+    caplog.set_level(logging.INFO, logger="snaplook")
+
+    result = CliRunner().invoke(
+        app,
+        ["--verbose", "features", str(gallery), "-o", str(tmp_path / "f.npy"),
+         "--weights", "random", "--backbone", BACKBONE],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    explained = [line for line in result.stderr.splitlines() if "runtime: openvino (" in line]
+    assert len(explained) == 1, result.stderr
+    assert "precision fp32" in explained[0]
+    assert np.load(tmp_path / "f.npy").shape == (12, 1280)
+
+
+def test_iter_embeddings_keeps_order_and_skips_with_parallel_decode(
+    model_cache: Path, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(features, "DECODE_THREADS", 3)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     paths = [photos[0], bad, photos[1], photos[2], photos[0]]
-    embedder = Embedder(BACKBONE, weights="random", runtime="litert")
+    embedder = Embedder(BACKBONE, weights="random")
     skipped, progress = [], []
 
     batches = list(
@@ -114,13 +262,11 @@ def test_iter_embeddings_keeps_order_and_skips_with_prefetch(
     assert progress == [2, 4, 5]
     assert all(b.sizes == [(600, 450)] * len(b.paths) for b in batches)
     feats = np.concatenate([b.features for b in batches])
-    np.testing.assert_allclose(feats[0], feats[3], rtol=0, atol=0)
-    single, _ = embed_images([photos[1]], embedder)
-    np.testing.assert_array_equal(feats[1], single[0])
+    np.testing.assert_allclose(feats[0], feats[3], rtol=1e-6, atol=1e-6)
 
 
-def test_iter_embeddings_stops_early_without_hanging(litert_cache: Path, photos: list[Path]):
-    embedder = Embedder(BACKBONE, weights="random", runtime="litert")
+def test_iter_embeddings_stops_early_without_hanging(model_cache: Path, photos: list[Path]):
+    embedder = Embedder(BACKBONE, weights="random")
     stream = iter_embeddings(photos * 40, embedder, batch_size=1)
     first = next(stream)
     stream.close()
@@ -131,9 +277,11 @@ def test_iter_embeddings_stops_early_without_hanging(litert_cache: Path, photos:
 def test_resolve_runtime_reads_environment(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(features.RUNTIME_ENV, "keras")
     assert resolve_runtime("auto") == "keras"
-    assert resolve_runtime("litert") == "litert"
-    monkeypatch.setenv(features.RUNTIME_ENV, "tpu")
-    with pytest.raises(SnaplookError, match="SNAPLOOK_RUNTIME='tpu'"):
+    assert resolve_runtime("openvino") == "openvino"
+    monkeypatch.delenv(features.RUNTIME_ENV)
+    assert resolve_runtime("auto") == "openvino"  # no GPU in CI
+    monkeypatch.setenv(features.RUNTIME_ENV, "litert")
+    with pytest.raises(SnaplookError, match="SNAPLOOK_RUNTIME='litert'"):
         resolve_runtime("auto")
-    with pytest.raises(SnaplookError, match="unknown runtime 'fast'"):
-        Embedder(BACKBONE, weights="random", runtime="fast")
+    with pytest.raises(SnaplookError, match="unknown precision 'fp16'"):
+        Embedder(BACKBONE, weights="random", precision="fp16")

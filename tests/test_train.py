@@ -80,9 +80,8 @@ def make_inshop_tree(root: Path, *, seed: int = 0) -> Path:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
-        # The Keras runtime: no converted-model cache to build or share between tests; one
-        # random ResNet50 for every command of this module (it is a function of its seed).
-        mp.setenv("SNAPLOOK_RUNTIME", "keras")
+        # One random ResNet50 for every command of this module (a function of its seed),
+        # converted once per session for the default runtime.
         mp.setattr(features, "build_model", build_model_shared)
         root = make_inshop_tree(base / "inshop")
         yield {"base": base, "root": root, "cache": base / "cache", "head": base / "head"}
