@@ -208,7 +208,7 @@ def test_int8_is_calibrated_on_the_gallery_cached_and_recorded(
     assert len(meta["calibration"]["images"]) == 12 and len(meta["calibration"]["sha256"]) == 24
     int8_irs = list(model_cache.glob(f"*-int8-{meta['calibration']['sha256']}-ov*.xml"))
     assert len(int8_irs) == 1
-    rows = np.load(out / "features.npy")
+    rows = np.asarray(load_index(out).features)
     cos = np.sum(rows * exact / np.linalg.norm(exact, axis=1, keepdims=True), axis=1)
     assert cos.min() > 0.9 and _max_relative_diff(rows, exact).max() > 0  # quantized, close
 
