@@ -33,7 +33,6 @@ import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import multiprocessing as mp  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,6 +40,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from snaplook import runtime  # noqa: E402
 
 K = 10
 REPEAT = 3
@@ -239,16 +240,6 @@ def project(rows: list[dict], to_n: int) -> list[dict]:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -304,7 +295,7 @@ def main() -> None:
     result = {
         "date": dt.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "cpu": _cpu(),
+        "cpu": runtime.cpu_model(),
         "cpu_flags": sorted(
             f
             for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")

@@ -35,27 +35,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import make_photo_folders  # noqa: E402
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
+from snaplook import runtime  # noqa: E402
 
 
 def _snaplook(*args: object) -> None:
@@ -118,8 +98,10 @@ def main() -> None:
         "benchmark": "lite0-recall",
         "date": now.isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_lite0_recall.py " + " ".join(sys.argv[1:]),
-        "cpu": _cpu(),
-        "cpu_flags": _cpu_flags(),
+        "cpu": runtime.cpu_model(),
+        "cpu_flags": sorted(
+            runtime.cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
+        ),  # noqa: E501
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "backbone": "efficientnet_lite0",

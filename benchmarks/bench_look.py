@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from snaplook import runtime  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
 VIDEO = TESTDATA / "video" / "one-by-one-person-detection.mp4"
@@ -284,7 +286,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": runtime.cpu_model(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
         "snaplook": _snaplook_source(),
@@ -314,16 +316,6 @@ def main() -> None:
             f"wall {lk['wall_s']:.1f}s, CPU {lk['cpu_s']:.1f}s\n  {lk['command']}"
         )
     _write(result, args.tag)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _snaplook_source() -> str:
