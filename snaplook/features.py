@@ -48,8 +48,10 @@ CACHE_DIR_ENV = "SNAPLOOK_CACHE_DIR"
 #: grow with the gallery.
 PREFETCH_IMAGES = 64
 #: Threads decoding and resizing images while the model runs (Pillow and OpenCV release
-#: the GIL): half the CPUs, at least one, so decoding keeps pace without starving inference.
-DECODE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+#: the GIL): half the CPUs, at least two (the first batch is decoded before the model has
+#: work, so a second thread halves that wait), at most eight. Once ``PREFETCH_IMAGES``
+#: are decoded ahead they wait, so they do not starve inference.
+DECODE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -589,7 +591,9 @@ class Embedder:
                 )
             if not had_model:
                 self.model_ = None  # only needed for the conversion: free its memory
-            self.compiled_ = ov_runtime.CompiledModel(model, precision)
+            self.compiled_ = ov_runtime.CompiledModel(
+                ov_runtime.with_preprocessing(model, self.spec_.preprocessing), precision
+            )
         return self.compiled_
 
     def _calibration_inputs(self) -> list[np.ndarray]:
@@ -641,11 +645,21 @@ class Embedder:
 
         if len(images) == 0:
             return _Ready(np.zeros((0, self.feature_dim), dtype=np.float32))
-        batch = PREPROCESSORS[self.spec_.preprocessing](images)
         if self.resolved_runtime() == "openvino":
-            return self.load_compiled().start(batch)
+            # The compiled model takes the uint8 pixels and preprocesses them itself.
+            return self.load_compiled().start(_as_pixels(images))
+        batch = PREPROCESSORS[self.spec_.preprocessing](images)
         out = self.load()(batch, training=False)
         return _Ready(np.asarray(out, dtype=np.float32).reshape(len(images), -1))
+
+
+def _as_pixels(images: np.ndarray) -> np.ndarray:
+    """``images`` as uint8 (prepared images are; other numbers are rounded and clipped)."""
+    import numpy as np
+
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
 @dataclass

@@ -211,6 +211,49 @@ def convert_keras(model: Any) -> Any:
         ) from exc
 
 
+#: The ``transform_utils.PREPROCESSORS`` as OpenVINO preprocessing steps on float32 input,
+#: ``(x - mean) / scale`` per channel (RGB order, after any channel swap):
+#: (swap RGB to BGR, mean, scale).
+_PREPROCESSING = {
+    "caffe": (True, (103.939, 116.779, 123.68), None),
+    "torch": (
+        False,
+        (0.485 * 255, 0.456 * 255, 0.406 * 255),
+        (0.229 * 255, 0.224 * 255, 0.225 * 255),
+    ),
+    "tf": (False, (127.5,) * 3, (127.5,) * 3),
+    "none": (False, None, None),
+    "lite": (False, (127.0,) * 3, (128.0,) * 3),
+}
+
+
+def with_preprocessing(model: Any, kind: str) -> Any:
+    """``model`` taking RGB uint8 images (n, s, s, 3), with the preprocessing ``kind`` of
+    :data:`snaplook.transform_utils.PREPROCESSORS` compiled into the graph.
+
+    OpenVINO then converts, swaps and normalises the pixels on its own threads, in the same
+    pass that feeds the first layer, instead of NumPy writing a float32 copy of every batch
+    on the Python thread (about 0.4 ms an image at 224 px, 1-2% of the CPU at fp32 and
+    more at int8). The model and its cached IR keep their float32 input; this is applied
+    at every compile and costs milliseconds.
+    """
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    swap, mean, scale = _PREPROCESSING[kind]
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NHWC"))
+    steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+    if swap:
+        steps.reverse_channels()
+    if mean is not None:
+        steps.mean(list(mean))
+    if scale is not None:
+        steps.scale(list(scale))
+    return ppp.build()
+
+
 def sample_calibration(paths: Sequence[str | Path], *, seed: int, n: int = CALIBRATION_IMAGES):
     """A seeded sample of up to ``n`` of ``paths`` (sorted first, so order does not matter).
 
@@ -294,8 +337,8 @@ def quantize_int8(model: Any, images: Sequence[np.ndarray]) -> Any:
         logger.debug("NNCF output: %s", captured.getvalue()[-2000:])
 
 
-#: Images per inference request, per precision: large enough to keep every core busy
-#: inside a layer, small enough that two requests overlap Python's work between batches
+#: Images per inference request, per precision: large enough to keep a stream's cores
+#: busy inside a layer, small enough that two requests overlap Python's work between batches
 #: (benchmarks/run.py times 4, 8 and 16).
 CHUNK_IMAGES = {"fp32": 8, "bf16": 16, "int8": 16}
 
@@ -328,11 +371,15 @@ class PendingFeatures:
 class CompiledModel:
     """A backbone compiled for the CPU at one precision, run as asynchronous requests.
 
-    Two infer requests take turns: while one runs, the next chunk of images is queued on
-    the other, so the cores never wait for Python. Not thread-safe (one caller).
+    Compiled with OpenVINO's throughput hint: the cores are split into streams (OpenVINO
+    picks how many; two on a 2-core CPU) that each run one request at a time on their own
+    threads, so a decoding thread that takes a core stalls one stream, not every core at a
+    barrier. Two requests per stream take turns: while one runs, the next chunk of images
+    is queued on the other, so no stream waits for Python. Not thread-safe (one caller).
 
     Args:
-        model: an OpenVINO model with input (n, s, s, 3) float32 and output (n, d).
+        model: an OpenVINO model with input (n, s, s, 3) and output (n, d): RGB uint8
+            images after :func:`with_preprocessing`, float32 before.
         precision: "fp32", "bf16" or "int8" (int8 models compute their non-quantized
             layers in f32).
         threads: inference threads, default=the CPUs this process may use.
@@ -344,13 +391,17 @@ class CompiledModel:
         config = {
             # Explicit, always: on AMX CPUs OpenVINO's default hint is bf16.
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
-            # One stream over all cores: a request runs at full width and the next one waits
-            # queued, so the cores stay busy while Python handles the previous batch.
-            "PERFORMANCE_HINT": "LATENCY",
+            # Streams of a few cores each, every stream with its own queue of requests:
+            # measured steadier and faster than one stream over all cores when decoding
+            # shares the CPU (benchmarks/run.py, row a).
+            "PERFORMANCE_HINT": "THROUGHPUT",
             "INFERENCE_NUM_THREADS": threads or cpu_threads(),
         }
         self.compiled_ = _core().compile_model(model, "CPU", config)
-        self.requests_ = [self.compiled_.create_infer_request() for _ in range(2)]
+        self.streams = max(1, int(self.compiled_.get_property("NUM_STREAMS")))
+        n_requests = 2 * max(self.streams, int(self.compiled_.get_property(
+            "OPTIMAL_NUMBER_OF_INFER_REQUESTS")))  # fmt: skip
+        self.requests_ = [self.compiled_.create_infer_request() for _ in range(n_requests)]
         self.owners_: list[tuple[PendingFeatures, int] | None] = [None] * len(self.requests_)
         self.turn_ = 0
 
@@ -374,19 +425,21 @@ class CompiledModel:
                 self._collect(i)
 
     def start(self, batch: np.ndarray, *, chunk: int | None = None) -> PendingFeatures:
-        """Queue a preprocessed batch (n, s, s, 3) float32 in chunks of ``chunk`` images.
+        """Queue a batch (n, s, s, 3) of the model's input type in chunks of ``chunk`` images.
 
         Returns when its last chunk is queued (after the chunks before it have run, two
-        at most in flight), with a :class:`PendingFeatures` whose ``result()`` waits.
+        per stream at most in flight), with a :class:`PendingFeatures` whose ``result()``
+        waits. A batch smaller than a chunk per stream is split across the streams, so a
+        few query images still use every core.
         """
         import numpy as np
 
-        chunk = chunk or self.chunk
+        chunk = chunk or min(self.chunk, max(1, -(-len(batch) // self.streams)))
         pending = PendingFeatures(self, len(batch))
         for start in range(0, len(batch), chunk):
             i, self.turn_ = self.turn_, (self.turn_ + 1) % len(self.requests_)
             self._collect(i)  # the request's previous chunk (of this or an earlier batch)
-            part = np.ascontiguousarray(batch[start : start + chunk], dtype=np.float32)
+            part = np.ascontiguousarray(batch[start : start + chunk])
             try:
                 self.requests_[i].start_async({0: part})
             except Exception as exc:  # a shape the model cannot take, for one
@@ -396,7 +449,7 @@ class CompiledModel:
         return pending
 
     def infer(self, batch: np.ndarray, *, chunk: int | None = None) -> np.ndarray:
-        """Features of a preprocessed batch (n, s, s, 3) float32: (n, d) float32."""
+        """Features of a batch (n, s, s, 3) of the model's input type: (n, d) float32."""
         return self.start(batch, chunk=chunk).result()
 
 

@@ -285,3 +285,49 @@ def test_resolve_runtime_reads_environment(monkeypatch: pytest.MonkeyPatch):
         resolve_runtime("auto")
     with pytest.raises(SnaplookError, match="unknown precision 'fp16'"):
         Embedder(BACKBONE, weights="random", precision="fp16")
+
+
+def _identity_model(size: int = 8):
+    """An OpenVINO model that returns its float32 input (n, size, size, 3) flattened."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, size, size, 3], np.float32, name="images")
+    flat = ops.reshape(x, ops.constant(np.array([0, -1], dtype=np.int64)), special_zero=True)
+    return ov.Model([flat], [x], "identity")
+
+
+@pytest.mark.parametrize("kind", sorted(runtime._PREPROCESSING))
+def test_preprocessing_in_the_graph_equals_numpy_preprocessing(kind: str):
+    from snaplook.transform_utils import PREPROCESSORS
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    compiled = runtime.CompiledModel(
+        runtime.with_preprocessing(_identity_model(), kind), "fp32", threads=1
+    )
+
+    got = compiled.infer(pixels)
+
+    want = PREPROCESSORS[kind](pixels).reshape(3, -1)
+    assert got.shape == (3, 8 * 8 * 3)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    if kind == "caffe":  # BGR order: pixel (0, 0)'s blue comes first
+        assert got[0, 0] == pytest.approx(pixels[0, 0, 0, 2] - 103.939, abs=1e-4)
+
+
+def test_small_batches_are_split_across_streams_without_changing_rows():
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    compiled = runtime.CompiledModel(
+        runtime.with_preprocessing(_identity_model(), "none"), "fp32", threads=2
+    )
+    assert compiled.streams >= 1
+    assert len(compiled.requests_) >= 2 * compiled.streams
+
+    whole = compiled.infer(pixels)
+    one_by_one = np.concatenate([compiled.infer(pixels[i : i + 1]) for i in range(5)])
+    by_twos = compiled.infer(pixels, chunk=2)
+
+    expected = pixels.reshape(5, -1).astype(np.float32)
+    np.testing.assert_array_equal(whole, expected)
+    np.testing.assert_array_equal(one_by_one, expected)
+    np.testing.assert_array_equal(by_twos, expected)
