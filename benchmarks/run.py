@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     )
     rows: list[dict[str, object]] = []
     n_small, n_large = (100, 400) if args.quick else (500, 2000)
-    n_round = args.round_images or (48 if args.quick else 192)
+    n_round = args.round_images or (48 if args.quick else 384)
     if args.images:
         from snaplook.io_utils import find_images
 
@@ -718,7 +718,10 @@ def main() -> None:
     parser.add_argument("--fidelity-backbone", default="efficientnet_lite0", help="for (e)")
     parser.add_argument("--fidelity-weights", default="imagenet", help="for (e); not random")
     parser.add_argument(
-        "--round-images", type=int, default=0, help="images per throughput round (a-d)"
+        "--round-images",
+        type=int,
+        default=0,
+        help="images per throughput round (a-d), default 384 (48 with --quick)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     args = parser.parse_args()
