@@ -211,9 +211,9 @@ def convert_keras(model: Any) -> Any:
         ) from exc
 
 
-#: The ``transform_utils.PREPROCESSORS`` as OpenVINO preprocessing steps on float32 input,
-#: ``(x - mean) / scale`` per channel (RGB order, after any channel swap):
-#: (swap RGB to BGR, mean, scale).
+#: The ``transform_utils.PREPROCESSORS`` as OpenVINO preprocessing steps, computed in
+#: float32 as ``(x - mean) / scale`` per channel: (swap RGB to BGR first, mean, scale), the
+#: means and scales in the channel order after the swap (BGR for caffe).
 _PREPROCESSING = {
     "caffe": (True, (103.939, 116.779, 123.68), None),
     "torch": (
