@@ -30,7 +30,24 @@ from snaplook.features import Embedder
 from snaplook.index import build_index, load_index
 from snaplook.io_utils import exclusive_lock
 
-SNAPLOOK = [sys.executable, "-c", "from snaplook.cli import app; app()"]
+#: The real command, each batch held back by ``BATCH_PAUSE_S`` before it starts: OpenVINO
+#: embeds a batch of 4 in milliseconds, so without the pause a Ctrl-C sent after a
+#: checkpoint could land when every batch is finished (seen in CI), and there would be
+#: nothing left to resume.
+BATCH_PAUSE_S = 0.15
+SNAPLOOK = [
+    sys.executable,
+    "-c",
+    "import time\n"
+    "from snaplook.features import Embedder\n"
+    "start = Embedder._embed_start\n"
+    "def paused(self, images):\n"
+    f"    time.sleep({BATCH_PAUSE_S})\n"
+    "    return start(self, images)\n"
+    "Embedder._embed_start = paused\n"
+    "from snaplook.cli import app\n"
+    "app()",
+]
 N_IMAGES = 40
 BATCH = 4
 #: The kill test is about checkpoints, not the network: MobileNetV2 (random weights, Keras
