@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import DATA, REPO, RESULTS, ensure_photos, link_subset, machine  # noqa: E402
 
 from snaplook.distributed import RayEngine  # noqa: E402
-from snaplook.features import Embedder  # noqa: E402
+from snaplook.features import RUNTIMES, Embedder  # noqa: E402
 from snaplook.index import build_index, load_index  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--runtime", default="auto", choices=["auto", "litert", "keras"])
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES)
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
     load_start = os.getloadavg()
@@ -68,7 +68,7 @@ def main() -> None:
     try:
         gallery = link_subset(photos, work / "gallery")
         one_batch = link_subset(photos[: args.batch_size], work / "one-batch")
-        # Warm-up outside the timings: the LiteRT conversion (once per weights) and the
+        # Warm-up outside the timings: the OpenVINO conversion (once per weights) and the
         # page cache of the JPEGs.
         _index(one_batch, work / "warm", "local", args)
         t = time.perf_counter()

@@ -333,7 +333,7 @@ def _unloaded(embedder: Any) -> Any:
     if state.get("base") is not None:  # a HeadEmbedder: the backbone's model is in base
         clone.base = _unloaded(state["base"])
         return clone
-    for attr in ("model_", "interpreter_"):
+    for attr in ("model_", "compiled_"):  # Keras model, OpenVINO compiled model (unpicklable)
         if state.get(attr) is not None:
             setattr(clone, attr, None)
     return clone

@@ -397,6 +397,10 @@ class CompiledModel:
             "PERFORMANCE_HINT": "THROUGHPUT",
             "INFERENCE_NUM_THREADS": threads or cpu_threads(),
         }
+        if config["INFERENCE_NUM_THREADS"] < _usable_cpus():
+            # Fewer threads than cores means other processes share them (Ray actors):
+            # OpenVINO would pin every such process's threads to the same first cores.
+            config["ENABLE_CPU_PINNING"] = False
         self.compiled_ = _core().compile_model(model, "CPU", config)
         self.streams = max(1, int(self.compiled_.get_property("NUM_STREAMS")))
         n_requests = 2 * max(self.streams, int(self.compiled_.get_property(
@@ -461,6 +465,12 @@ def _message(exc: BaseException) -> str:
 
 
 def cpu_threads() -> int:
+    """Inference threads by default: the CPUs this process may run on (a Ray actor sets
+    its own share)."""
+    return _usable_cpus()
+
+
+def _usable_cpus() -> int:
     """CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))

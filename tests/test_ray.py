@@ -175,6 +175,29 @@ def test_cli_index_engine_ray_matches_local_with_a_real_network(tmp_path: Path) 
     )
 
 
+@pytest.mark.usefixtures("cluster")
+def test_ray_engine_takes_an_embedder_that_already_ran_on_openvino(tmp_path: Path) -> None:
+    from snaplook.features import Embedder
+
+    root = _gallery(tmp_path / "g", 4)
+    embedder = Embedder("mobilenet_v2", weights="random")
+    size = embedder.input_size
+    embedder.embed(np.zeros((1, size, size, 3), dtype=np.uint8))  # compiles the model
+    assert embedder.resolved_runtime() == "openvino" and embedder.compiled_ is not None
+
+    # The actors get the settings without the compiled model (which cannot be pickled).
+    summary = _build(root, tmp_path / "ray", RayEngine(workers=1), embedder)
+    _build(root, tmp_path / "local", "local", embedder)
+
+    assert summary.n_embedded == 4
+    ray_index, local_index = load_index(tmp_path / "ray"), load_index(tmp_path / "local")
+    assert ray_index.manifest == local_index.manifest
+    np.testing.assert_allclose(
+        np.asarray(ray_index.features), np.asarray(local_index.features), rtol=0, atol=1e-6
+    )
+    assert embedder.compiled_ is not None  # the caller's embedder keeps its model
+
+
 def test_cli_index_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

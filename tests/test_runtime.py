@@ -331,3 +331,19 @@ def test_small_batches_are_split_across_streams_without_changing_rows():
     np.testing.assert_array_equal(whole, expected)
     np.testing.assert_array_equal(one_by_one, expected)
     np.testing.assert_array_equal(by_twos, expected)
+
+
+def test_fewer_threads_than_cpus_are_not_pinned(monkeypatch: pytest.MonkeyPatch):
+    # A Ray actor runs one thread per CPU it reserved; OpenVINO would pin the thread of
+    # every actor on the machine to the same first core (two actors ran at the speed of one).
+    monkeypatch.setattr(runtime, "_usable_cpus", lambda: 4)
+    model = runtime.with_preprocessing(_identity_model(), "none")
+
+    share = runtime.CompiledModel(model, "fp32", threads=1)
+    whole = runtime.CompiledModel(model, "fp32")
+
+    assert share.compiled_.get_property("INFERENCE_NUM_THREADS") == 1
+    assert share.compiled_.get_property("ENABLE_CPU_PINNING") is False
+    assert whole.compiled_.get_property("ENABLE_CPU_PINNING") == runtime._core().get_property(
+        "CPU", "ENABLE_CPU_PINNING"
+    )
