@@ -556,7 +556,12 @@ def index_cmd(
     )
     embedder = _features.Embedder(runtime=runtime, **model)
     ray_options = (address, workers, cpus_per_worker, gpus_per_worker)
-    if engine == "local" and ray_options != (None, None, 1.0, 0.0):
+    if engine == "local" and ray_options != (
+        None,
+        None,
+        _distributed.DEFAULT_CPUS_PER_WORKER,
+        _distributed.DEFAULT_GPUS_PER_WORKER,
+    ):
         raise typer.BadParameter(
             "--address/--workers/--cpus-per-worker/--gpus-per-worker need --engine ray.",
             param_hint="--engine",

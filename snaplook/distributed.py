@@ -205,13 +205,14 @@ class _EmbedWorker:
         import copy
 
         from snaplook import runtime
+        from snaplook.features import embedder_runtime
 
         threads = self.threads
         # The model would use a thread per core of the machine, as many times as there
         # are actors on it; an actor uses the CPUs it reserved.
         runtime.cpu_threads = lambda: threads
         self.embedder = copy.copy(self.template)
-        if _runtime(self.embedder) == "keras":
+        if embedder_runtime(self.embedder) == "keras":
             import tensorflow as tf
 
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -337,11 +338,6 @@ def _unloaded(embedder: Any) -> Any:
         if state.get(attr) is not None:
             setattr(clone, attr, None)
     return clone
-
-
-def _runtime(embedder: Any) -> str | None:
-    resolve = getattr(embedder, "resolved_runtime", None)
-    return resolve() if callable(resolve) else None
 
 
 def _user_error(exc: BaseException) -> SnaplookError | None:

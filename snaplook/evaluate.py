@@ -1185,7 +1185,7 @@ def evaluate(
         "pooling": identity["pooling"],
         "feature_dim": identity.get("feature_dim"),
         "head": identity.get("head"),
-        "runtime": _runtime(embedder),
+        "runtime": feats.embedder_runtime(embedder),
         "feature_cache": {
             "dir": str(Path(cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR)),
             "images_embedded": n_embedded[0] if n_embedded else 0,
@@ -1221,11 +1221,6 @@ def evaluate(
             shutil.rmtree(tmp, ignore_errors=True)
     report.files = {name: out / path.name for name, path in report.files.items()}
     return report
-
-
-def _runtime(embedder: Any) -> str | None:
-    resolve = getattr(embedder, "resolved_runtime", None)
-    return resolve() if callable(resolve) else None
 
 
 def _version() -> str:

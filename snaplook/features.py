@@ -1105,14 +1105,16 @@ def feature_cache_key(
         "format": CACHE_FORMAT_VERSION,
         "identity": embedder.identity(),
         # Keras and OpenVINO agree only to float tolerance: keep their features apart.
-        "runtime": _embedder_runtime(embedder),
+        "runtime": embedder_runtime(embedder),
         "images": [[e["path"], e["box"], e["bytes"], e["mtime_ns"]] for e in entries],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8"))
     return digest.hexdigest()[:32], entries
 
 
-def _embedder_runtime(embedder: Any) -> str | None:
+def embedder_runtime(embedder: Any) -> str | None:
+    """The runtime ``embedder`` runs on ("openvino", "keras"); None for a stand-in without
+    :meth:`Embedder.resolved_runtime`."""
     resolve = getattr(embedder, "resolved_runtime", None)
     return resolve() if callable(resolve) else None
 
@@ -1264,7 +1266,7 @@ def embed_cached(
                 "format": CACHE_FORMAT_VERSION,
                 "key": key,
                 "identity": embedder.identity(),
-                "runtime": _embedder_runtime(embedder),
+                "runtime": embedder_runtime(embedder),
                 "shape": list(matrix.shape),
                 "n_images": len(entries),
                 "n_skipped": len(skipped),

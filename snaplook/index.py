@@ -44,6 +44,7 @@ from snaplook.features import (
     DEFAULT_WEIGHTS,
     Embedder,
     Skipped,
+    embedder_runtime,
 )
 from snaplook.io_utils import ManifestRow, timestamp
 
@@ -264,7 +265,7 @@ def build_index(
                 "root": str(root_dir.resolve()),
                 "identity": identity,
                 # Runtimes agree to 1e-4, not to the bit: a resume must not mix them.
-                "runtime": _runtime_of(embedder),
+                "runtime": embedder_runtime(embedder),
                 "batch_size": batch_size,
                 "update_from": old_stamp,
                 "reused": [[rel_of[p], i] for p, r, i in plan if r is not None],
@@ -719,11 +720,6 @@ def _embed_batches_distributed(
 
 #: Layout version of the ``<out>.partial/`` checkpoint folder of :func:`build_index`.
 _CHECKPOINT_FORMAT = 1
-
-
-def _runtime_of(embedder: Embedder) -> str | None:
-    resolve = getattr(embedder, "resolved_runtime", None)
-    return resolve() if callable(resolve) else None
 
 
 def _stat(path: Path) -> list[int | None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.transform_utils import CAFFE_BGR_MEAN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -215,7 +216,7 @@ def convert_keras(model: Any) -> Any:
 #: float32 as ``(x - mean) / scale`` per channel: (swap RGB to BGR first, mean, scale), the
 #: means and scales in the channel order after the swap (BGR for caffe).
 _PREPROCESSING = {
-    "caffe": (True, (103.939, 116.779, 123.68), None),
+    "caffe": (True, CAFFE_BGR_MEAN, None),
     "torch": (
         False,
         (0.485 * 255, 0.456 * 255, 0.406 * 255),
