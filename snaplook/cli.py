@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -40,7 +39,8 @@ class _Group(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException, click.ClickException):
+        # Typer's own Click exceptions (usage errors, exit 2) derive from TyperException.
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except SnaplookError as exc:
             if os.environ.get("SNAPLOOK_DEBUG"):
@@ -144,8 +144,8 @@ def _fraction(value: float) -> float:
     return value
 
 
-def _check_weights(value: str) -> str:
-    if value in ("imagenet", "random") or Path(value).expanduser().is_file():
+def _check_weights(value: str | None) -> str | None:
+    if value is None or value in ("imagenet", "random") or Path(value).expanduser().is_file():
         return value
     raise typer.BadParameter(
         f"{value!r} is neither imagenet, random nor an existing weights file (.weights.h5, "
@@ -339,6 +339,36 @@ BackboneOpt = Annotated[
     _choice(_features.BACKBONES),
     typer.Option("--backbone", help="The CNN that embeds images."),
 ]
+# `index` takes None for "not given": --update then keeps the index's own setting.
+_AS_INDEXED = " [default: {}; with --update: the index's]"
+IndexBackboneOpt = Annotated[
+    _choice(_features.BACKBONES) | None,
+    typer.Option(
+        "--backbone",
+        help="The CNN that embeds images." + _AS_INDEXED.format(_features.DEFAULT_BACKBONE),
+        show_default=False,
+    ),
+]
+IndexWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        callback=_check_weights,
+        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+        "package), random (seeded, for tests only) or a weights file path."
+        + _AS_INDEXED.format(_features.DEFAULT_WEIGHTS),
+        show_default=False,
+    ),
+]
+IndexSeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        min=0,
+        help="Seed for --weights random." + _AS_INDEXED.format(_features.DEFAULT_SEED),
+        show_default=False,
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 QuietOpt = Annotated[
     bool,
@@ -369,6 +399,16 @@ QueryPrecisionOpt = Annotated[
     typer.Option(
         "--precision",
         help="Must be the index's precision [default: the index's]. " + _PRECISION_HELP,
+        show_default=False,
+    ),
+]
+IndexPrecisionOpt = Annotated[
+    Literal["fp32", "bf16", "int8", "auto"] | None,  # snaplook.features.PRECISIONS
+    typer.Option(
+        "--precision",
+        help=_PRECISION_HELP
+        + " Recorded in the index."
+        + _AS_INDEXED.format(_features.DEFAULT_PRECISION),
         show_default=False,
     ),
 ]
@@ -467,34 +507,16 @@ def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> Non
         raise typer.Exit(1)
 
 
-def _model_options(ctx: Any, out: Path, update: bool, **given: Any) -> dict[str, Any]:
-    """--update keeps the index's own model (backbone, weights, seed, pooling) unless an
-    option given on the command line says otherwise."""
-    recorded = _index.update_settings(out) if update else None
-    if not recorded:
-        return given
-    chosen = {
-        name: value
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        else recorded[name]
-        for name, value in given.items()
-    }
-    chosen.update(pooling=recorded["pooling"], resize_mode=recorded["resize_mode"])
-    logger.info("--update of %s: %s", out, chosen)
-    return chosen
-
-
 @app.command("index")
 def index_cmd(
-    ctx: typer.Context,
     gallery: Annotated[
         Path, typer.Argument(help="Folder of gallery images (searched recursively).")
     ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Index folder to write.")
     ] = _index.DEFAULT_INDEX_DIR,
-    backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
-    weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
+    backbone: IndexBackboneOpt = None,
+    weights: IndexWeightsOpt = None,
     batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
     update: Annotated[
         bool, typer.Option("--update", help="Re-embed only new or changed files.")
@@ -503,11 +525,9 @@ def index_cmd(
         bool,
         typer.Option("--strict", help="Exit 1, writing nothing, if any file cannot be read."),
     ] = False,
-    seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seed for --weights random.")
-    ] = _features.DEFAULT_SEED,
+    seed: IndexSeedOpt = None,
     runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
-    precision: PrecisionOpt = _features.DEFAULT_PRECISION,
+    precision: IndexPrecisionOpt = None,
     head: HeadOpt = None,
     ann: AnnOpt = None,
     catalog: Annotated[
@@ -551,8 +571,8 @@ def index_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (meta.json + features/ shards)."""
-    model = _model_options(
-        ctx, out, update, backbone=backbone, weights=weights, seed=seed, precision=precision
+    model = _index.model_settings(
+        out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
     )
     embedder = _features.Embedder(runtime=runtime, **model)
     ray_options = (address, workers, cpus_per_worker, gpus_per_worker)

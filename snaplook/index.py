@@ -1278,6 +1278,51 @@ def update_settings(out: str | Path) -> dict[str, Any] | None:
     return recorded_settings(meta)
 
 
+def model_settings(out: str | Path, *, update: bool, **given: Any) -> dict[str, Any]:
+    """The model settings (backbone, weights, seed, precision) ``snaplook index`` builds with.
+
+    A setting given (not None) is used as given; with ``update``, build_index then refuses it
+    unless it equals the index's. A setting left None is the index's own on ``update`` (and
+    pooling and resize mode always are), else the library default.
+
+    Raises:
+        SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
+    """
+    defaults = dict(
+        backbone=DEFAULT_BACKBONE,
+        weights=DEFAULT_WEIGHTS,
+        seed=DEFAULT_SEED,
+        precision=DEFAULT_PRECISION,
+    )
+    recorded = update_settings(out) if update else None
+    base = recorded or defaults
+    chosen = {name: base[name] if value is None else value for name, value in given.items()}
+    if recorded:
+        _refuse_other_model(out, recorded, chosen)
+        chosen.update(pooling=recorded["pooling"], resize_mode=recorded["resize_mode"])
+        logger.info("--update of %s: %s", out, chosen)
+    return chosen
+
+
+def _refuse_other_model(out: str | Path, recorded: dict[str, Any], chosen: dict[str, Any]) -> None:
+    # Before any weights load (ImageNet may be offline): differences visible from the names.
+    # Two weights files, or precision auto, are compared by build_index once resolved.
+    differ = [
+        name
+        for name in ("backbone", "weights", "seed")
+        if name in chosen
+        and str(chosen[name]) != str(recorded[name])
+        and (name != "weights" or {"imagenet", "random"} & {chosen[name], recorded[name]})
+        and (name != "seed" or recorded["weights"] == "random")
+    ]
+    if differ:
+        name = differ[0]
+        raise SnaplookError(
+            f"{out} was built with {name}={recorded[name]!r}, not {chosen[name]!r}; --update "
+            "needs the same settings. Rebuild without --update or pass the index's settings."
+        )
+
+
 def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
     weights_meta = meta.get("weights", {})

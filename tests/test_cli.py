@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image, write_gallery
+from conftest import REPO, make_image, shard_bytes, write_gallery
 from shared_model import build_model_shared, shared_model  # noqa: F401
 from typer.testing import CliRunner
 
@@ -518,3 +518,61 @@ def test_table_on_a_terminal_is_drawn_only_when_every_cell_fits(
             "setting                           R@1   mAP",
             "resnet50-avg-centered+my_head  100.00  7.25",
         ]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "recorded"),
+    [
+        ("--backbone", "mobilenet_v2", "backbone='resnet50', not 'mobilenet_v2'"),
+        ("--weights", "imagenet", "weights='random', not 'imagenet'"),
+        ("--seed", "4", "seed=0, not 4"),
+    ],
+)
+def test_index_update_refuses_other_model_option(
+    cli_index, tmp_path: Path, option: str, value: str, recorded: str
+) -> None:
+    # Issue 20: a given option used to be replaced by the index's own (Typer's vendored Click
+    # enum compared with another Click's), so --update with another backbone exited 0.
+    gallery, idx, _ = cli_index
+    shutil.copytree(idx, tmp_path / "idx")
+    before = shard_bytes(tmp_path / "idx")
+    meta_before = (tmp_path / "idx" / "meta.json").read_bytes()
+
+    result = _run("index", gallery, "--out", tmp_path / "idx", "--update", option, value)
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ")
+    assert result.stderr.count("\n") == 1
+    assert f"was built with {recorded}" in result.stderr
+    assert shard_bytes(tmp_path / "idx") == before
+    assert (tmp_path / "idx" / "meta.json").read_bytes() == meta_before
+
+
+def test_index_update_accepts_the_index_own_model_options(cli_index, tmp_path: Path) -> None:
+    gallery, idx, _ = cli_index
+    shutil.copytree(idx, tmp_path / "idx")
+    before = shard_bytes(tmp_path / "idx")
+    given = ("--backbone", "resnet50", "--weights", "random", "--seed", "0")
+
+    result = _run("index", gallery, "--out", tmp_path / "idx", "--update", *given)
+
+    assert result.exit_code == 0, result.output
+    assert "(0 embedded" in result.stdout
+    assert shard_bytes(tmp_path / "idx") == before
+
+
+def test_no_snaplook_module_imports_click() -> None:
+    # Typer >= 0.28 vendors its own Click; `click` is not a dependency of snaplook, so a
+    # module importing it works only where something else installed it (issue 20).
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "snaplook").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "click"]
+    assert offenders == []
