@@ -1,4 +1,4 @@
-"""Shared fixtures: generated images, paths into ../shared/testdata, log hygiene.
+"""Shared fixtures: generated images, paths into the real test media, log hygiene.
 
 Topic-specific fixtures (generated videos, In-shop trees, bad-input corpus) live in
 their own test modules or helper files, not here.
@@ -28,15 +28,21 @@ if "SNAPLOOK_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
-TESTDATA = REPO.parent / "shared" / "testdata"
+# Real photos and a real video (not in the repository): $SNAPLOOK_TESTDATA, by default the
+# project's shared folder beside the clone.
+TESTDATA = Path(os.environ.get("SNAPLOOK_TESTDATA") or REPO.parent / "shared" / "testdata")
 REQUIRE_TESTDATA = os.environ.get("SNAPLOOK_REQUIRE_TESTDATA") == "1"
 
 
 def testdata_path(*parts: str) -> Path:
-    """A path under ../shared/testdata; skips when absent, fails in CI (REQUIRE_TESTDATA)."""
+    """A path under the real test media ($SNAPLOOK_TESTDATA); skips when absent, fails in CI
+    (SNAPLOOK_REQUIRE_TESTDATA=1)."""
     path = TESTDATA.joinpath(*parts)
     if not path.exists():
-        message = f"real test media not found at {path} (see ../shared/testdata/PROVENANCE.md)"
+        message = (
+            f"real test media not found at {path} (set SNAPLOOK_TESTDATA to the folder with "
+            "PROVENANCE.md, people/ and video/)"
+        )
         if REQUIRE_TESTDATA:
             pytest.fail(message + "; SNAPLOOK_REQUIRE_TESTDATA=1 requires it")
         pytest.skip(message)
