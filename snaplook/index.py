@@ -34,6 +34,7 @@ from snaplook.catalog import (
     read_catalog,
     write_catalog,
 )
+from snaplook.checkpoint import CHECKPOINT_FORMAT, BatchRecord, Checkpoint
 from snaplook.errors import SnaplookError
 from snaplook.features import (
     DEFAULT_BACKBONE,
@@ -258,10 +259,10 @@ def build_index(
             plan.append((path, *_reusable(path, hit)) if hit else (path, None, None))
         to_embed = [p for p, old_row, _ in plan if old_row is None]
 
-        checkpoint = _Checkpoint(
+        checkpoint = Checkpoint(
             _beside(out, ".partial"),
             {
-                "format": _CHECKPOINT_FORMAT,
+                "format": CHECKPOINT_FORMAT,
                 "root": str(root_dir.resolve()),
                 "identity": identity,
                 # Runtimes agree to 1e-4, not to the bit: a resume must not mix them.
@@ -674,12 +675,12 @@ def _digest(data: Any) -> str:
 def _embed_batches_distributed(
     to_embed: Sequence[Path],
     embedder: Embedder,
-    checkpoint: _Checkpoint,
-    records: dict[int, _BatchRecord],
+    checkpoint: Checkpoint,
+    records: dict[int, BatchRecord],
     engine: str | RayEngine,
     interrupted: Callable[[], bool],
     on_progress: Callable[[int], None] | None,
-) -> dict[int, _BatchRecord]:
+) -> dict[int, BatchRecord]:
     """Embed the batches missing from ``records`` on a Ray cluster, checkpointing each.
 
     Batches come back in any order; each is saved as it arrives, so a killed run keeps
@@ -694,7 +695,7 @@ def _embed_batches_distributed(
         for b in range(checkpoint.n_batches)
         if b not in records
     }
-    done: dict[int, _BatchRecord] = {}
+    done: dict[int, BatchRecord] = {}
     handled = 0
 
     def save(b: int, features: np.ndarray, rows: list[Any], skipped: list[Any]) -> None:
@@ -702,7 +703,7 @@ def _embed_batches_distributed(
         first = b * checkpoint.batch_size
         for _, why in skipped:
             logger.warning("skipped %s", why)
-        record = _BatchRecord(
+        record = BatchRecord(
             size=len(checkpoint.batch_positions(b)),
             rows=[(first + p, int(w), int(h)) for p, w, h in rows],
             skipped=[(first + p, str(why)) for p, why in skipped],
@@ -718,10 +719,6 @@ def _embed_batches_distributed(
     return done
 
 
-#: Layout version of the ``<out>.partial/`` checkpoint folder of :func:`build_index`.
-_CHECKPOINT_FORMAT = 1
-
-
 def _stat(path: Path) -> list[int | None]:
     try:
         st = path.stat()
@@ -730,171 +727,16 @@ def _stat(path: Path) -> list[int | None]:
     return [st.st_size, st.st_mtime_ns]
 
 
-@dataclass
-class _BatchRecord:
-    """One finished batch: (position, width, height) per embedded input, (position, reason)
-    per skipped one; positions index the run's list of images to embed."""
-
-    size: int
-    rows: list[tuple[int, int, int]]
-    skipped: list[tuple[int, str]]
-
-
-class _Checkpoint:
-    """Finished batches of one :func:`build_index` run, kept in ``<out>.partial/``.
-
-    ``plan.json`` records what the run does (images to embed with size and mtime, reused
-    rows, embedder identity, batch size). Each finished batch leaves ``batch-NNNNNN.npy``
-    (raw float32 features of its readable images) and then ``batch-NNNNNN.json`` (rows,
-    sizes, skipped inputs, SHA-256 of the .npy), both written atomically: a batch counts
-    as finished only once its .json is in place. Batch ``b`` always holds inputs
-    ``b*batch_size`` to ``(b+1)*batch_size - 1``, so a resumed run feeds the network the
-    same batches as an uninterrupted one and gets the same bytes.
-    """
-
-    def __init__(
-        self, folder: Path, plan: dict[str, Any], *, n_images: int, feature_dim: int
-    ) -> None:
-        self.folder = folder
-        self.plan = json.loads(json.dumps(plan, default=str))
-        self.batch_size = int(plan["batch_size"])
-        self.n_images = n_images
-        self.feature_dim = feature_dim
-        self.n_batches = -(-n_images // self.batch_size)
-        self.n_done = 0
-
-    def batch_positions(self, b: int) -> range:
-        return range(b * self.batch_size, min((b + 1) * self.batch_size, self.n_images))
-
-    def chunk_path(self, b: int) -> Path:
-        return self.folder / f"batch-{b:06d}.npy"
-
-    def _record_path(self, b: int) -> Path:
-        return self.folder / f"batch-{b:06d}.json"
-
-    def resume(self) -> dict[int, _BatchRecord]:
-        """Batches finished by an earlier run with the same plan; start afresh otherwise."""
-        import shutil
-
-        from snaplook.io_utils import write_json_atomic
-
-        plan_path = self.folder / "plan.json"
-        shutil.rmtree(self._trash(), ignore_errors=True)  # a removal cut short by a kill
-        if self.folder.exists() or self.folder.is_symlink():
-            try:
-                old_plan = json.loads(plan_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                old_plan = None
-            if old_plan != self.plan:
-                logger.warning(
-                    "%s holds an interrupted run with other images or settings; starting over.",
-                    self.folder,
-                )
-                self.remove()
-        if not self.folder.is_dir():
-            self.folder.mkdir(parents=True)
-            write_json_atomic(plan_path, self.plan)
-            return {}
-        for stale in self.folder.glob(".*.tmp"):  # a write cut short by a kill
-            stale.unlink(missing_ok=True)
-        records: dict[int, _BatchRecord] = {}
-        for b in range(self.n_batches):  # any finished batch: the Ray engine finishes out of order
-            record = self._load(b)
-            if record is not None:
-                records[b] = record
-        self.n_done = sum(r.size for r in records.values())
-        if records:
-            logger.warning(
-                "resuming from %s: %d of %d batches (%d images) were already done.",
-                self.folder,
-                len(records),
-                self.n_batches,
-                self.n_done,
-            )
-        return records
-
-    def _load(self, b: int) -> _BatchRecord | None:
-        from snaplook.io_utils import file_sha256, load_npy
-
-        try:
-            doc = json.loads(self._record_path(b).read_text(encoding="utf-8"))
-            record = _BatchRecord(
-                size=int(doc["size"]),
-                rows=[(int(p), int(w), int(h)) for p, w, h in doc["rows"]],
-                skipped=[(int(p), str(why)) for p, why in doc["skipped"]],
-            )
-            positions = sorted([r[0] for r in record.rows] + [s[0] for s in record.skipped])
-            if positions != list(self.batch_positions(b)) or record.size != len(positions):
-                return None
-            if record.rows:
-                if file_sha256(self.chunk_path(b)) != doc["sha256"]:
-                    return None
-                shape = load_npy(self.chunk_path(b), mmap=True).shape
-                if shape != (len(record.rows), self.feature_dim):
-                    return None
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, SnaplookError) as exc:
-            logger.info("batch %d in %s is damaged (%s); embedding it again", b, self.folder, exc)
-            return None
-        return record
-
-    def save(self, b: int, features: np.ndarray | None, record: _BatchRecord) -> None:
-        """Write batch ``b``'s features, then its record (the commit point)."""
-        import numpy as np
-
-        from snaplook.io_utils import file_sha256, save_npy_atomic, write_json_atomic
-
-        digest = None
-        if record.rows:
-            save_npy_atomic(self.chunk_path(b), np.asarray(features, dtype=np.float32))
-            digest = file_sha256(self.chunk_path(b))
-        write_json_atomic(
-            self._record_path(b),
-            {
-                "batch": b,
-                "size": record.size,
-                "rows": record.rows,
-                "skipped": record.skipped,
-                "sha256": digest,
-            },
-        )
-        self.n_done += record.size
-
-    def n_checkpointed(self) -> int:
-        return self.n_done
-
-    def remove(self) -> None:
-        import shutil
-
-        if self.folder.is_symlink() or self.folder.is_file():
-            self.folder.unlink()
-        elif self.folder.exists():
-            # Renamed away first: a kill during the slow delete must not leave a folder
-            # that looks like a checkpoint with batches missing.
-            trash = self._trash()
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def _trash(self) -> Path:
-        return self.folder.with_name(self.folder.name + ".removing")
-
-    def remove_if_empty(self) -> None:
-        if self.folder.is_dir() and not any(self.folder.glob("batch-*.json")):
-            self.remove()
-
-
 def _embed_batches(
     to_embed: Sequence[Path],
     embedder: Embedder,
-    checkpoint: _Checkpoint,
+    checkpoint: Checkpoint,
     *,
     first: int,
     batch_size: int,
     interrupted: Callable[[], bool],
     on_progress: Callable[[int], None] | None,
-) -> dict[int, _BatchRecord]:
+) -> dict[int, BatchRecord]:
     """Embed batches ``first``.. of ``to_embed``, checkpointing each as it finishes.
 
     Raises ``KeyboardInterrupt`` after the batch during which Ctrl-C was pressed.
@@ -909,7 +751,7 @@ def _embed_batches(
     rows: dict[int, list[tuple[int, int, int]]] = {}
     feats: dict[int, list[np.ndarray]] = {}
     handled: dict[int, int] = {}
-    records: dict[int, _BatchRecord] = {}
+    records: dict[int, BatchRecord] = {}
     next_b = first
     n_skips_seen = 0
 
@@ -932,7 +774,7 @@ def _embed_batches(
                 for s in skips
                 if position[Path(s.path)] // batch_size == b
             )
-            record = _BatchRecord(len(checkpoint.batch_positions(b)), rows.pop(b, []), skipped)
+            record = BatchRecord(len(checkpoint.batch_positions(b)), rows.pop(b, []), skipped)
             batch_feats = feats.pop(b, [])
             checkpoint.save(b, np.stack(batch_feats) if batch_feats else None, record)
             records[b] = record
