@@ -1,7 +1,8 @@
 """Matplotlib figures of results it is given: retrieval grids, t-SNE maps, recall curves.
 
-Headless (Agg backend); every function writes a PNG atomically and returns its path.
-Nothing here computes results.
+Headless: figures are drawn through matplotlib's object API (``Figure`` on an Agg canvas),
+never through pyplot, so a notebook's backend is left as it was. Every function writes a
+PNG atomically and returns its path. Nothing here computes results.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ MISS_COLOUR = "#d7191c"
 THUMB_SIZE = 224
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(**kwargs: Any) -> Any:
+    """A ``matplotlib.figure.Figure`` on its own Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _thumbnail(image: str | Path | np.ndarray, size: int = THUMB_SIZE) -> np.ndarray:
@@ -47,7 +49,7 @@ def _thumbnail(image: str | Path | np.ndarray, size: int = THUMB_SIZE) -> np.nda
     return resize_to_square(image, size, mode="pad")
 
 
-def shorten(text: str, width: int) -> str:
+def _shorten(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters with an ellipsis in the middle, so a file name
     keeps its end (``..._v1.png``) and a cut is always visible."""
     if len(text) <= width:
@@ -87,14 +89,12 @@ def _captions(fig: Any) -> str:
 def _save(fig: Any, out: str | Path, *, dpi: int = 100, title: str = "") -> Path:
     from snaplook.io_utils import atomic_path
 
-    plt = _pyplot()
     out = Path(out)
     with atomic_path(out) as tmp:
         # Title and panel captions also go into the PNG's text chunks, where image viewers,
         # search tools (and tests) can read them without looking at pixels.
         metadata = {"Title": title, "Description": _captions(fig)}
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=metadata)
-    plt.close(fig)
     return out
 
 
@@ -131,19 +131,19 @@ def plot_retrieval_grid(
     Returns:
         ``out``.
     """
-    plt = _pyplot()
     n = len(results) + 1
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.9), squeeze=False)
+    fig = _figure(figsize=(2.2 * n, 2.9))
+    axes = fig.subplots(1, n, squeeze=False)
     axes = axes[0]
     axes[0].imshow(_thumbnail(query))
     query_name = _name_of(query)
     axes[0].set_title(
-        f"query\n{shorten(query_name, 28)}" if query_name else "query",
+        f"query\n{_shorten(query_name, 28)}" if query_name else "query",
         fontsize=8,
         fontweight="bold",
     )
     if query_label:
-        axes[0].set_xlabel(shorten(query_label, 30), fontsize=8)
+        axes[0].set_xlabel(_shorten(query_label, 30), fontsize=8)
     _outline(axes[0], "#2b83ba", 3)
     shown = format_distances(distances) if distances is not None else None
     for i, (ax, res) in enumerate(zip(axes[1:], results)):
@@ -154,7 +154,7 @@ def plot_retrieval_grid(
         ax.set_title(text, fontsize=9)
         sub = str(labels[i]) if labels is not None else (_name_of(res) or "")
         # Per line: a product label is "id · price" over its title.
-        ax.set_xlabel("\n".join(shorten(line, 28) for line in sub.splitlines()), fontsize=7)
+        ax.set_xlabel("\n".join(_shorten(line, 28) for line in sub.splitlines()), fontsize=7)
         if hits is not None:
             _outline(ax, HIT_COLOUR if hits[i] else MISS_COLOUR)
     for ax in axes:
@@ -179,27 +179,22 @@ def plot_retrieval_rows(
             panel's title; default: the query's file name).
         out: PNG path to write.
     """
-    plt = _pyplot()
     if not rows:
-        fig, ax = plt.subplots(figsize=(4, 1))
+        fig = _figure(figsize=(4, 1))
+        ax = fig.subplots()
         ax.axis("off")
         ax.text(0.5, 0.5, "no queries", ha="center", va="center")
         return _save(fig, out)
     ncols = 1 + max(len(r["results"]) for r in rows)
     # Constrained layout: with the default subplot margins a tall figure (many rows) kept a
     # fixed 12% of its height blank between the title and the first row.
-    fig, axes = plt.subplots(
-        len(rows),
-        ncols,
-        figsize=(1.9 * ncols, 2.2 * len(rows)),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig = _figure(figsize=(1.9 * ncols, 2.2 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, row in enumerate(rows):
         axes[r][0].imshow(_thumbnail(row["query"], 160))
         query_name = row.get("query_name") or _name_of(row["query"]) or "query"
-        axes[r][0].set_title(shorten(query_name, 24), fontsize=7, fontweight="bold")
-        axes[r][0].set_ylabel(shorten(str(row.get("query_label", "")), 24), fontsize=7)
+        axes[r][0].set_title(_shorten(query_name, 24), fontsize=7, fontweight="bold")
+        axes[r][0].set_ylabel(_shorten(str(row.get("query_label", "")), 24), fontsize=7)
         _outline(axes[r][0], "#2b83ba", 3)
         shown = format_distances(row["distances"]) if row.get("distances") is not None else None
         for c in range(1, ncols):
@@ -213,7 +208,7 @@ def plot_retrieval_rows(
                 parts.append(shown[c - 1])
             ax.set_title(" ".join(parts), fontsize=7)
             if row.get("labels") is not None:
-                ax.set_xlabel(shorten(str(row["labels"][c - 1]), 20), fontsize=6)
+                ax.set_xlabel(_shorten(str(row["labels"][c - 1]), 20), fontsize=6)
             if row.get("hits") is not None:
                 _outline(ax, HIT_COLOUR if row["hits"][c - 1] else MISS_COLOUR, 4)
         for ax in axes[r]:
@@ -245,7 +240,6 @@ def plot_tsne(
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from sklearn.manifold import TSNE
 
-    plt = _pyplot()
     features = np.asarray(features, dtype=np.float32)
     n = len(features)
     if n < 2:
@@ -254,7 +248,8 @@ def plot_tsne(
     coords = TSNE(
         n_components=2, perplexity=perplexity, random_state=seed, init="pca", metric="cosine"
     ).fit_transform(features)
-    fig, ax = plt.subplots(figsize=(10, 10))
+    fig = _figure(figsize=(10, 10))
+    ax = fig.subplots()
     ax.scatter(coords[:, 0], coords[:, 1], s=2, alpha=0)
     for (x, y), image in zip(coords, images):
         box = OffsetImage(_thumbnail(image, thumb_size), zoom=1.0)
@@ -278,8 +273,8 @@ def plot_recall_curve(
         curves: name -> {k: recall in [0, 1]}.
         out: PNG path to write.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, curve in curves.items():
         ks = sorted(curve)
         ax.plot(ks, [curve[k] for k in ks], marker="o", label=name)
@@ -309,10 +304,10 @@ def plot_training_curves(
         title: figure title.
         baseline: validation Recall@1 of the raw features, drawn as a dashed line.
     """
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    ax_loss, ax_r1 = fig.subplots(1, 2)
     for ax in (ax_loss, ax_r1):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [h["epoch"] for h in history]

@@ -1,8 +1,11 @@
-"""Tests for snaplook.plot_utils: figures render headless (Agg) to PNGs of plausible size."""
+"""Tests for snaplook.plot_utils: figures render headless (Agg canvas) to PNGs of plausible size,
+leaving matplotlib's global backend alone."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +34,6 @@ def images(tmp_path: Path) -> list[Path]:
 
 
 def test_plot_retrieval_grid_writes_one_row_png(tmp_path: Path, images: list[Path]) -> None:
-    import matplotlib
-
     out = plot_retrieval_grid(
         images[0],
         images[1:4],
@@ -49,8 +50,25 @@ def test_plot_retrieval_grid_writes_one_row_png(tmp_path: Path, images: list[Pat
     # 4 panels at 2.2 x 2.9 inches, 100 dpi, tight bounding box.
     assert 600 <= width <= 900
     assert 200 <= height <= 320
-    assert matplotlib.get_backend().lower() == "agg"
     assert [p.name for p in out.parent.iterdir()] == ["q_grid.png"]  # no temp file left
+
+
+def test_plot_retrieval_grid_leaves_the_backend_and_pyplot_alone(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    # A notebook's backend must survive a plot (issue 21: no matplotlib.use(..., force=True)).
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "from snaplook.plot_utils import plot_retrieval_grid\n"
+        f"plot_retrieval_grid({str(images[0])!r}, [{str(images[1])!r}], "
+        f"{str(tmp_path / 'g.png')!r})\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert _png_size(tmp_path / "g.png")[0] > 0
 
 
 def test_plot_retrieval_grid_arrays_and_unreadable_result(
@@ -115,10 +133,10 @@ def _captions(path: Path) -> list[str]:
 
 
 def test_shorten_keeps_both_ends_with_an_ellipsis() -> None:
-    from snaplook.plot_utils import shorten
+    from snaplook.plot_utils import _shorten
 
-    assert shorten("short.png", 20) == "short.png"
-    cut = shorten("a_very_long_product_name_v1.png", 20)
+    assert _shorten("short.png", 20) == "short.png"
+    cut = _shorten("a_very_long_product_name_v1.png", 20)
     assert len(cut) == 20 and "\u2026" in cut
     assert cut.startswith("a_very_lo") and cut.endswith("e_v1.png")
 
