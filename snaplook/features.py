@@ -9,8 +9,6 @@ Keras stays the reference runtime, and at fp32 both give the same features to wi
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import sys
@@ -19,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snaplook import _keras
 from snaplook.errors import SnaplookError
 from snaplook.io_utils import timestamp
 
@@ -79,7 +78,7 @@ class Backbone:
     weights_md5: str | None = None
 
 
-_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+_KERAS_WEIGHTS = _keras.KERAS_WEIGHTS_URL
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
@@ -156,12 +155,6 @@ def get_backbone(name: str) -> Backbone:
         raise SnaplookError(f"unknown backbone {name!r}; choose one of: {known}.") from None
 
 
-def keras_cache_dir() -> Path:
-    """Folder where Keras caches downloaded weights (``$KERAS_HOME/models``)."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
-
-
 def cached_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path | None:
     """Path of the backbone's ImageNet weights in Keras' cache, or None if not cached."""
     if backbone == LITE0:
@@ -171,57 +164,7 @@ def cached_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path | None:
             return find_imagenet_weights()
         except SnaplookError:
             return None
-    path = keras_cache_dir() / get_backbone(backbone).weights_file
-    return path if path.is_file() else None
-
-
-def _quiet_tensorflow() -> None:
-    # TensorFlow prints C++ info lines (CUDA probing, CPU features) at import; a CLI user
-    # should see only snaplook's own messages.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-
-def import_keras() -> Any:
-    """Import Keras (TensorFlow backend) quietly and return the module."""
-    _quiet_tensorflow()
-    if "keras" in sys.modules:
-        return sys.modules["keras"]
-    with _native_stderr_silenced():
-        import keras
-        import tensorflow as tf
-
-        # Device discovery prints absl/CUDA probing lines ("failed call to cuInit") from
-        # C++ straight to fd 2, ignoring TF_CPP_MIN_LOG_LEVEL; do it here, silenced.
-        tf.config.list_physical_devices()
-    return keras
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null while native code prints its start-up chatter.
-
-    Python exceptions still propagate; only C/C++ writes to stderr are dropped. Off with
-    SNAPLOOK_DEBUG=1, or when stderr is not a real file (pytest capture, CliRunner).
-    """
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = -1
-    if fd < 0 or os.environ.get("SNAPLOOK_DEBUG"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, fd)
-        os.close(null)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
+    return _keras.cached_weights(get_backbone(backbone).weights_file)
 
 
 def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
@@ -236,43 +179,9 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
         from snaplook.lite0 import find_imagenet_weights
 
         return find_imagenet_weights()
-    cached = cached_imagenet_weights(backbone)
-    if cached is not None:
-        return cached
-    keras = import_keras()
-    origin = spec.weights_origin or f"{_KERAS_WEIGHTS}{spec.weights_file}"
-    logger.info(
-        "ImageNet weights for %s are not cached: downloading them once from %s into %s",
-        spec.name,
-        origin,
-        keras_cache_dir(),
+    return _keras.fetch_weights(
+        spec.weights_file, origin=spec.weights_origin, md5=spec.weights_md5, name=spec.name
     )
-    # Keras prints "Downloading data from ..." and a progress bar on stdout, which holds
-    # only results; they go to the log (shown with --verbose) instead.
-    keras_says = io.StringIO()
-    # Keras falls back to /tmp/.keras when the cache folder does not exist yet; create it so
-    # the file lands where cached_imagenet_weights() and the messages look.
-    with contextlib.suppress(OSError):
-        keras_cache_dir().mkdir(parents=True, exist_ok=True)
-    try:
-        # cache_dir given: Keras reads $KERAS_HOME only at import (and may fall back to
-        # /tmp/.keras); the file must land where keras_cache_dir() and the messages say.
-        with contextlib.redirect_stdout(keras_says):
-            path = keras.utils.get_file(
-                spec.weights_file,
-                origin,
-                cache_subdir="models",
-                file_hash=spec.weights_md5,
-                cache_dir=str(keras_cache_dir().parent),
-            )
-    except Exception as exc:  # Keras raises a bare Exception on any fetch failure
-        raise SnaplookError(_offline_message(spec, exc)) from exc
-    finally:
-        for line in keras_says.getvalue().replace("\r", "\n").splitlines():
-            if line.strip():
-                logger.debug("keras: %s", line.strip())
-    logger.info("wrote %s", path)
-    return Path(path)
 
 
 def first_imagenet_backbone(backbones: Sequence[str]) -> str | None:
@@ -289,17 +198,6 @@ def first_imagenet_backbone(backbones: Sequence[str]) -> str | None:
             continue
         return backbone
     return None
-
-
-def _offline_message(spec: Backbone, exc: BaseException) -> str:
-    target = keras_cache_dir() / spec.weights_file
-    origin = spec.weights_origin or "the Keras applications release"
-    return (
-        f"could not fetch the ImageNet weights for {spec.name} ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0] if str(exc) else 'no network?'}). Download {origin} on a "
-        f"machine with network access and copy it to {target}, or pass --weights PATH "
-        "(or --weights random for a pipeline test without meaningful results)."
-    )
 
 
 @dataclass(frozen=True)
@@ -681,7 +579,7 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
             not fit the backbone.
     """
     spec = get_backbone(backbone)
-    keras = import_keras()
+    keras = _keras.import_keras()
     if backbone == LITE0:
         return _build_lite0(weights, pooling=pooling)
     constructor = getattr(keras.applications, spec.constructor)
@@ -710,11 +608,11 @@ def _build_lite0(weights: WeightsSpec, *, pooling: str) -> Any:
     from snaplook import lite0
 
     if weights.kind == "random":
-        import_keras().utils.set_random_seed(weights.seed)
+        _keras.import_keras().utils.set_random_seed(weights.seed)
         return lite0.build_lite0(pooling=pooling)
     path = fetch_imagenet_weights(LITE0) if weights.kind == "imagenet" else weights.path
     # The .pth is converted once into Keras' weights cache, keyed by its SHA-256.
-    return lite0.load_lite0(path, cache_dir=keras_cache_dir(), pooling=pooling)
+    return lite0.load_lite0(path, cache_dir=_keras.keras_cache_dir(), pooling=pooling)
 
 
 def resolve_runtime(runtime: str = DEFAULT_RUNTIME) -> str:
@@ -764,7 +662,7 @@ def _gpu_visible() -> bool:
     if sys.platform == "linux" and "tensorflow" not in sys.modules:
         if not any(os.path.exists(node) for node in nodes):
             return False
-    import_keras()
+    _keras.import_keras()
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
@@ -773,7 +671,7 @@ def _gpu_visible() -> bool:
 def runtime_cache_dir() -> Path:
     """Folder of converted models: ``$SNAPLOOK_CACHE_DIR`` or ``$KERAS_HOME/snaplook``."""
     env = os.environ.get(CACHE_DIR_ENV)
-    return Path(env).expanduser() if env else keras_cache_dir().parent / "snaplook"
+    return Path(env).expanduser() if env else _keras.keras_cache_dir().parent / "snaplook"
 
 
 @dataclass

@@ -69,7 +69,7 @@ def build_lite0(
         keras.Model mapping (n, s, s, 3) float32 to (n, 1280) features or (n, 1000)
         class probabilities.
     """
-    from snaplook.features import import_keras
+    from snaplook._keras import import_keras
 
     keras = import_keras()
     layers = keras.layers
@@ -471,7 +471,7 @@ def load_lite0(
         ) from exc
     if include_top:
         return full
-    from snaplook.features import import_keras
+    from snaplook._keras import import_keras
 
     keras = import_keras()
     trunk = full.get_layer("top_relu6").output

@@ -12,6 +12,7 @@ from shared_model import build_model_fresh, build_model_shared, shared_model  # 
 from typer.testing import CliRunner
 
 from snaplook import features
+from snaplook._keras import import_keras
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
 from snaplook.features import (
@@ -20,7 +21,6 @@ from snaplook.features import (
     embed_arrays,
     embed_images,
     get_backbone,
-    import_keras,
 )
 from snaplook.index import load_index
 from snaplook.io_utils import file_sha256, read_image
@@ -194,7 +194,7 @@ def test_fetch_imagenet_weights_keeps_keras_download_lines_off_stdout(
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger("snaplook.features")
+    log = logging.getLogger("snaplook._keras")
     log.addHandler(handler)
     monkeypatch.setattr(log, "level", logging.DEBUG)
     try:
