@@ -60,7 +60,7 @@ HEAD_FORMAT_VERSION = 1
 
 
 def _tf() -> Any:
-    from snaplook.features import import_keras
+    from snaplook._keras import import_keras
 
     import_keras()  # quiet TensorFlow's start-up lines
     import tensorflow as tf
@@ -276,7 +276,7 @@ def _build_model(input_dim: int, dim: int, hidden: int, mean: np.ndarray | None)
 
 
 def _keras() -> Any:
-    from snaplook.features import import_keras
+    from snaplook._keras import import_keras
 
     return import_keras()
 
