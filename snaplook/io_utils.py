@@ -1,7 +1,11 @@
-"""Files in and out: finding images and videos, reading images robustly, atomic writes.
+"""Files in and out: the input gate, finding images and videos, reading images robustly,
+atomic writes, the output lock.
 
-Every reader here either returns good data or raises `SnaplookError` naming the file;
-every writer writes to a temporary name in the same folder and renames it into place.
+Every file snaplook reads passes the input gate (:func:`check_input`, :func:`open_input`):
+regular files only, under a size cap per kind, so a FIFO, a device or a runaway file can
+neither hang a command nor fill its memory. Every reader here either returns good data or
+raises `SnaplookError` naming the file; every writer writes to a temporary name in the same
+folder and renames it into place.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import stat
 import struct
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from snaplook.errors import SnaplookError
 
@@ -36,50 +43,284 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", "
 #: decoded (a decompression bomb: 60000x60000 RGB would need 10 GB).
 MAX_IMAGE_PIXELS = 100_000_000
 
+_MIB = 1 << 20
+#: Size caps of the input gate in bytes, by kind of file: a bigger file is refused before a
+#: byte of it is read. Images are read whole into memory (an uncompressed 100 Mpx RGB TIFF,
+#: the pixel cap, is 300 MB); videos are streamed by FFmpeg, so their cap only stops
+#: nonsense; tables are manifests, catalogues and partition lists (a 10 M-row manifest is
+#: about 1.2 GB); JSON files are index/head metadata and checkpoints; heads are trained
+#: head weights; arrays are feature shards (memory-mapped, never read whole); "file" is any
+#: other file hashed or copied.
+INPUT_CAPS: dict[str, int] = {
+    "image": 512 * _MIB,
+    "video": 1 << 40,
+    "table": 2048 * _MIB,
+    "json": 64 * _MIB,
+    "head": 1024 * _MIB,
+    "array": 1 << 40,
+    "file": 1 << 40,
+}
+_KIND_NOUNS = {
+    "image": "an image",
+    "video": "a video",
+    "table": "a CSV or text table",
+    "json": "a JSON file",
+    "head": "a head weights file",
+    "array": "an array file",
+    "file": "a file",
+}
+# What a non-regular file is, for the refusal message.
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
-def _find_files(root: Path, extensions: frozenset[str]) -> list[Path]:
+
+def display_path(path: str | Path) -> str:
+    """``path`` as text that can always be printed and written into a UTF-8 file.
+
+    A file name that is not valid UTF-8 reaches Python with surrogate escapes, which
+    cannot be encoded; its raw bytes are shown as ``\\xff`` escapes instead (the name
+    ``caf\\xe9.jpg``). Valid names are returned unchanged.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_name(path: str | Path) -> None:
+    """Refuse a file name that is not valid UTF-8 (it could not be written into the UTF-8
+    CSV and JSON files that list it).
+
+    Raises:
+        SnaplookError: naming the file with its bad bytes escaped (:func:`display_path`).
+    """
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SnaplookError(
+            f"{display_path(path)}: file name is not valid UTF-8; rename the file "
+            "(snaplook lists names in UTF-8 CSV and JSON files)."
+        ) from None
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", _MIB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def _check_stat(st: os.stat_result, name: str, kind: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise SnaplookError(f"{name}: is a folder, not {_KIND_NOUNS[kind]}.")
+    if not stat.S_ISREG(st.st_mode):
+        what = next((w for test, w in _SPECIAL_KINDS if test(st.st_mode)), "not a regular file")
+        raise SnaplookError(
+            f"{name}: is {what}, not a regular file; snaplook reads only regular files."
+        )
+    cap = INPUT_CAPS[kind]
+    if st.st_size > cap:
+        raise SnaplookError(
+            f"{name}: {_format_bytes(st.st_size)} is over snaplook's {_format_bytes(cap)} "
+            f"limit for {_KIND_NOUNS[kind]}; refusing to read it."
+        )
+
+
+def check_input(path: str | Path, *, kind: str) -> os.stat_result:
+    """The input gate's checks without opening: ``path`` is a regular file (or a symlink
+    to one) no bigger than ``INPUT_CAPS[kind]``; its name is valid UTF-8 (except videos,
+    which are opened through an ASCII link).
+
+    Use it before handing a path to a library that opens it itself (FFmpeg, Keras, FAISS,
+    ``np.load``); read through :func:`open_input` wherever snaplook opens the file.
+
+    Args:
+        path: the file.
+        kind: one of ``INPUT_CAPS`` ("image", "video", "table", "json", "head", "array",
+            "file").
+
+    Returns:
+        The file's ``os.stat`` result.
+
+    Raises:
+        SnaplookError: missing or unreadable path, a folder, a FIFO, device or socket, a
+            file over the cap, or (except videos) a name that is not valid UTF-8.
+    """
+    if kind not in INPUT_CAPS:
+        raise ValueError(f"kind must be one of {sorted(INPUT_CAPS)}, got {kind!r}")
+    if kind != "video":
+        check_utf8_name(path)
+    name = display_path(path)
+    try:
+        st = os.stat(path)
+    except PermissionError as exc:
+        raise SnaplookError(f"{name}: permission denied; check the file's permissions.") from exc
+    except OSError as exc:
+        raise SnaplookError(f"{name}: cannot read ({exc.strerror or exc}).") from exc
+    _check_stat(st, name, kind)
+    return st
+
+
+def open_input(path: str | Path, *, kind: str) -> BinaryIO:
+    """Open a file for reading through the input gate (see :func:`check_input`).
+
+    The file is opened with ``O_NONBLOCK``, so a FIFO swapped in after the check cannot
+    block the open, and checked again on the open descriptor (``fstat``).
+
+    Returns:
+        A binary file object, to use as ``with open_input(path, kind="json") as fh:``.
+
+    Raises:
+        SnaplookError: as :func:`check_input`, or the file cannot be opened.
+    """
+    check_input(path, kind=kind)
+    name = display_path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError as exc:
+        raise SnaplookError(f"{name}: permission denied; check the file's permissions.") from exc
+    except IsADirectoryError as exc:
+        raise SnaplookError(f"{name}: is a folder, not {_KIND_NOUNS[kind]}.") from exc
+    except OSError as exc:
+        raise SnaplookError(f"{name}: cannot read ({exc.strerror or exc}).") from exc
+    try:
+        _check_stat(os.fstat(fd), name, kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_input_bytes(path: str | Path, *, kind: str) -> bytes:
+    """All the bytes of a file, read through the input gate (see :func:`open_input`).
+
+    Raises:
+        SnaplookError: as :func:`open_input`, or the file grew past the cap while read.
+    """
+    cap = INPUT_CAPS[kind]
+    with open_input(path, kind=kind) as fh:
+        try:
+            data = fh.read(cap + 1)
+        except OSError as exc:
+            raise SnaplookError(
+                f"{display_path(path)}: cannot read ({exc.strerror or exc})."
+            ) from exc
+    if len(data) > cap:
+        raise SnaplookError(
+            f"{display_path(path)}: grew past snaplook's {_format_bytes(cap)} limit for "
+            f"{_KIND_NOUNS[kind]} while being read; refusing it."
+        )
+    return data
+
+
+def _find_files(
+    root: Path,
+    extensions: frozenset[str],
+    on_skip: Callable[[Path, str], None] | None,
+    *,
+    utf8_names: bool,
+) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
+        if os.path.exists(root):  # a FIFO or device given as the gallery
+            check_input(root, kind="file")
         raise SnaplookError(f"{root}: no such file or folder; check the path.")
     found: list[Path] = []
-    # os.walk without followlinks never enters a symlinked folder, so a symlink loop
-    # cannot make discovery spin; symlinked files are still listed.
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_log_walk_error):
-        # Hidden folders (.git, .thumbnails, snaplook's own .<name>.tmp) hold no gallery.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if Path(name).suffix.lower() in extensions and not name.startswith("."):
-                found.append(Path(dirpath) / name)
+    # Not os.walk: its listing would need one more stat per file to tell FIFOs and devices
+    # from regular files, which scandir's entries know for free. Symlinked folders are
+    # never entered, so a symlink loop cannot make discovery spin; symlinked files are
+    # listed.
+    folders = [root]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            _log_walk_error(exc)
+            continue
+        for entry in entries:
+            # Hidden entries (.git, .thumbnails, snaplook's own .<name>.tmp) hold no gallery.
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                refused = _refusal(entry, check_name=utf8_names)
+                if refused is None:
+                    found.append(Path(entry.path))
+                elif refused:
+                    logger.warning("skipped %s", refused)
+                    if on_skip is not None:
+                        on_skip(Path(entry.path), refused)
     found.sort(key=lambda p: p.relative_to(root).as_posix())
-    logger.info("found %d file(s) under %s", len(found), root)
+    logger.info("found %d file(s) under %s", len(found), display_path(root))
     return found
 
 
+def _refusal(entry: os.DirEntry[str], *, check_name: bool) -> str | None:
+    """Why discovery leaves ``entry`` out: a message, "" to leave it out silently (a
+    symlinked folder), or None to list it."""
+    if check_name:
+        try:
+            check_utf8_name(entry.path)
+        except SnaplookError as exc:
+            return str(exc)
+    if entry.is_file():  # a regular file, or a symlink to one (d_type: no system call)
+        return None
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return None  # dangling or looping symlink: the reader says why, in skipped.csv
+    if stat.S_ISDIR(st.st_mode):
+        return ""
+    try:
+        _check_stat(st, display_path(entry.path), "file")
+    except SnaplookError as exc:
+        return str(exc)
+    return None
+
+
 def _log_walk_error(exc: OSError) -> None:
-    logger.warning("cannot list %s: %s", exc.filename, exc.strerror)
+    logger.warning("cannot list %s: %s", display_path(exc.filename or "?"), exc.strerror)
 
 
-def find_images(root: str | Path) -> list[Path]:
+def find_images(
+    root: str | Path, *, on_skip: Callable[[Path, str], None] | None = None
+) -> list[Path]:
     """List the images under ``root`` (recursive, case-insensitive extensions, sorted).
+
+    Only regular files (and symlinks to them) with valid UTF-8 names are listed; a FIFO,
+    device or socket with an image extension, or a name that is not UTF-8, is left out,
+    logged and handed to ``on_skip``.
 
     Args:
         root: a folder, or a single image file (returned as a one-element list).
+        on_skip: called with (path, reason) for each file left out, for ``skipped.csv``;
+            the reason names the file with :func:`display_path`, so it can be written.
 
     Returns:
         Paths sorted by their path relative to ``root``, so the order is the same on
         every machine.
 
     Raises:
-        SnaplookError: if ``root`` does not exist.
+        SnaplookError: if ``root`` does not exist or is not a folder or regular file.
     """
-    return _find_files(Path(root), IMAGE_EXTENSIONS)
+    return _find_files(Path(root), IMAGE_EXTENSIONS, on_skip, utf8_names=True)
 
 
-def find_videos(root: str | Path) -> list[Path]:
-    """List the videos under ``root`` (a folder, recursive and sorted) or ``root`` itself."""
-    return _find_files(Path(root), VIDEO_EXTENSIONS)
+def find_videos(
+    root: str | Path, *, on_skip: Callable[[Path, str], None] | None = None
+) -> list[Path]:
+    """List the videos under ``root`` (a folder, recursive and sorted) or ``root`` itself.
+
+    As :func:`find_images`, except that names need not be UTF-8 (videos are opened through
+    an ASCII link).
+    """
+    return _find_files(Path(root), VIDEO_EXTENSIONS, on_skip, utf8_names=False)
 
 
 def read_image(path: str | Path, *, min_size: int | None = None) -> np.ndarray:
@@ -106,21 +347,15 @@ def read_image_with_size(
         file declares (upright, after EXIF orientation), whatever scale it was decoded at.
 
     Raises:
-        SnaplookError: empty, unreadable, truncated or non-image file, or a decompression
-            bomb; the message names the file.
+        SnaplookError: empty, unreadable, truncated or non-image file, a decompression
+            bomb, or a file the input gate refuses (not a regular file, over
+            ``INPUT_CAPS["image"]``, a name that is not UTF-8); the message names the file.
     """
     import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError as exc:
-        raise SnaplookError(f"{path}: is a folder, not an image.") from exc
-    except PermissionError as exc:
-        raise SnaplookError(f"{path}: permission denied; check the file's permissions.") from exc
-    except OSError as exc:
-        raise SnaplookError(f"{path}: cannot read ({exc.strerror or exc}).") from exc
+    data = read_input_bytes(path, kind="image")
     if not data:
         raise SnaplookError(f"{path}: empty file (0 bytes).")
     try:
@@ -192,19 +427,18 @@ def _to_rgb_uint8(img: Any, np: Any) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def file_sha1(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-1 of a file's bytes (read in chunks)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha1(path: str | Path, *, kind: str = "file", chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-1 of a file's bytes (read in chunks through the input gate, as ``kind``)."""
+    return _file_digest(hashlib.sha1(), path, kind, chunk_size)
 
 
-def file_sha256(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (read in chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+def file_sha256(path: str | Path, *, kind: str = "file", chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (read in chunks through the input gate, as ``kind``)."""
+    return _file_digest(hashlib.sha256(), path, kind, chunk_size)
+
+
+def _file_digest(digest: Any, path: str | Path, kind: str, chunk_size: int) -> str:
+    with open_input(path, kind=kind) as fh:
         for chunk in iter(lambda: fh.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -247,9 +481,28 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 
 def write_csv_atomic(
-    path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]
+    path: str | Path,
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    spreadsheet: bool = False,
 ) -> None:
-    """Write a CSV file (header first) to ``path`` atomically."""
+    """Write a CSV file (header first) to ``path`` atomically.
+
+    Args:
+        path: the CSV file.
+        header: the column names.
+        rows: the rows, one sequence of cells each.
+        spreadsheet: bool, default=False. The file is one a person opens in a spreadsheet
+            (query results, looks): a text cell that starts with ``=``, ``+``, ``-``,
+            ``@``, a tab or a carriage return, and is not a plain number, is written with a
+            leading ``'`` so the spreadsheet shows it as text instead of running it as a
+            formula (OWASP "CSV injection"). Numbers, including ``-0.5`` as a number or as
+            text, are written as they are. Keep the raw values in the JSON twin; never set
+            this for files snaplook reads back (manifests), whose paths must stay exact.
+    """
+    if spreadsheet:
+        rows = ([neutralise_formula(cell) for cell in row] for row in rows)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
@@ -257,10 +510,30 @@ def write_csv_atomic(
             writer.writerows(rows)
 
 
-def read_csv(path: str | Path) -> list[dict[str, str]]:
-    """Read a CSV file with a header row as a list of dicts."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+_FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formula(cell: Any) -> Any:
+    """``cell`` made safe for a spreadsheet: a ``str`` that a spreadsheet would run as a
+    formula (it starts with ``= + - @``, a tab or a carriage return and is not a plain
+    number) gets a leading ``'``; anything else is returned unchanged."""
+    if not isinstance(cell, str) or not cell.startswith(_FORMULA_LEADS):
+        return cell
+    with contextlib.suppress(ValueError):
+        float(cell)
+        return cell
+    return "'" + cell
+
+
+def read_csv(path: str | Path, *, kind: str = "table") -> list[dict[str, str]]:
+    """Read a CSV file with a header row, through the input gate, as a list of dicts.
+
+    Raises:
+        SnaplookError: the input gate refuses the file (see :func:`check_input`).
+    """
+    with open_input(path, kind=kind) as raw:
+        with io.TextIOWrapper(raw, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
@@ -276,13 +549,15 @@ def load_npy(path: str | Path, *, mmap: bool = False) -> np.ndarray:
     """Load a ``.npy`` file without ever unpickling (object arrays are refused).
 
     Raises:
-        SnaplookError: missing, truncated, pickled or otherwise unreadable file.
+        SnaplookError: missing, truncated, pickled or otherwise unreadable file, or one the
+            input gate refuses (a FIFO, a device, over ``INPUT_CAPS["array"]``).
     """
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise SnaplookError(f"{path}: file not found.")
+    check_input(path, kind="array")
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as exc:
@@ -325,6 +600,7 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path, *, marker: str | Non
             f"{final_dir} exists and is not a snaplook output (no {marker}); refusing to "
             "replace it. Choose another output folder or move it away."
         )
+    _let_go(tmp_dir)
     if final_dir.is_dir() and not final_dir.is_symlink() and _exchange(tmp_dir, final_dir):
         shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old result
         return
@@ -363,11 +639,81 @@ def _exchange(a: Path, b: Path) -> bool:
     return done == 0
 
 
+# Temporary folders this process is building: path -> descriptor holding a flock on the
+# folder, which tells a later run that its owner is alive (the kernel drops it on death).
+_HELD_TEMP_DIRS: dict[str, int] = {}
+# An unlocked temporary folder younger than this may be one another process has just made
+# and not yet locked (mkdir, then flock): it is left alone.
+_ORPHAN_MIN_AGE_S = 5.0
+
+
 def make_temp_dir(final_dir: str | Path) -> Path:
-    """Create an empty temporary folder beside ``final_dir`` (same file system)."""
+    """Create an empty temporary folder beside ``final_dir`` (same file system).
+
+    Leftovers of earlier runs for the same ``final_dir`` (``.<name>.<hex>.tmp`` folders of a
+    killed process) are removed first; a folder another live process is still building
+    is kept. Hand the folder to :func:`replace_dir` when it is finished.
+    """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return _make_temp(final_dir, folder=True)
+    _remove_orphan_temp_dirs(final_dir)
+    tmp = _make_temp(final_dir, folder=True)
+    _hold(tmp)
+    return tmp
+
+
+def _hold(folder: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: leftovers are then never removed
+        return
+    for stale in [p for p in _HELD_TEMP_DIRS if not os.path.lexists(p)]:
+        _let_go(stale)  # removed by its caller (a failed run): close its descriptor
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    _HELD_TEMP_DIRS[os.fspath(folder)] = fd
+
+
+def _let_go(folder: str | Path) -> None:
+    fd = _HELD_TEMP_DIRS.pop(os.fspath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_orphan_temp_dirs(final_dir: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        return
+    pattern = re.compile(rf"\.{re.escape(final_dir.name)}\.[0-9a-f]{{8}}\.tmp")
+    with contextlib.suppress(OSError), os.scandir(final_dir.parent) as listing:
+        leftovers = [
+            Path(e.path)
+            for e in listing
+            if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+        ]
+    for folder in leftovers:
+        if os.fspath(folder) in _HELD_TEMP_DIRS:
+            continue
+        try:
+            if time.time() - folder.stat().st_mtime < _ORPHAN_MIN_AGE_S:
+                continue
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner is alive and still building it
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, left by a run that was stopped", display_path(folder))
+        finally:
+            os.close(fd)
 
 
 def _make_temp(final: Path, *, folder: bool) -> Path:
@@ -474,33 +820,59 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, *, what: str) -> Iterator[Path]:
-    """Hold the lock file ``path`` (holding our pid) for the duration of the block.
+    """Hold the output lock ``path`` for the duration of the block.
 
-    The file is created with ``O_CREAT | O_EXCL``, so only one process can hold it. A
-    lock left by a process that no longer runs (killed, crashed) is taken over.
+    The lock is a kernel lock (``flock`` through the ``filelock`` package) on the hidden
+    file ``.<name>.flock`` beside ``path``, which stays in place. The kernel releases it
+    when its holder exits in any way (killed, crashed), so there is no stale lock to take
+    over and no race in taking one over. ``path`` itself holds the holder's pid and host,
+    for people and for the refusal message; it is removed when the block ends (a killed
+    run leaves it, and the next run replaces it, saying so).
 
     Args:
         path: the lock file, e.g. ``output/index.lock``.
-        what: what the lock protects, for the message, e.g. "index output/index".
+        what: what the lock protects, for the message, e.g. "the index output/index".
 
     Raises:
-        SnaplookError: another live process holds the lock.
+        SnaplookError: another process holds the lock ("... is being written by another
+            snaplook process (pid N); wait for it to finish."), or the lock file cannot be
+            created.
     """
+    from filelock import FileLock, Timeout
+
     path = Path(path)
+    kernel_lock = FileLock(path.with_name(f".{path.name}.flock"), timeout=0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _take_lock(path, what)
+        kernel_lock.acquire(timeout=0)
+    except Timeout:
+        owner = _lock_owner(path)
+        holder = "pid unknown" if owner is None else f"pid {owner[0]}"
+        if owner is not None and owner[1] != _hostname():
+            holder += f" on {owner[1]}"
+        raise SnaplookError(
+            f"{what} is being written by another snaplook process ({holder}); wait for it "
+            "to finish."
+        ) from None
     except OSError as exc:
         raise SnaplookError(
             f"cannot create {path} for {what} ({exc.strerror or exc}); check that the "
             "output folder is writable."
         ) from exc
     try:
+        previous = _lock_owner(path)
+        if previous is not None and previous != (os.getpid(), _hostname()):
+            logger.warning(
+                "taking over the stale lock %s (its process %s is not running)",
+                path,
+                previous[0],
+            )
+        write_text_atomic(path, f"{os.getpid()} {_hostname()}\n")
         yield path
     finally:
-        if _lock_owner(path) == (os.getpid(), _hostname()):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        with contextlib.suppress(OSError):
+            path.unlink()  # only the holder of the kernel lock gets here
+        kernel_lock.release()
 
 
 def _hostname() -> str:
@@ -515,57 +887,6 @@ def _lock_owner(path: Path) -> tuple[int, str] | None:
         return int(pid), host
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _take_lock(path: Path, what: str) -> None:
-    import time
-
-    for _ in range(5):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _lock_owner(path)
-            if owner is None:
-                # Empty or garbled: a process may be between creating and writing it.
-                try:
-                    young = time.time() - path.stat().st_mtime < 10
-                except FileNotFoundError:
-                    continue
-                if young:
-                    time.sleep(0.2)
-                    continue
-            else:
-                pid, host = owner
-                if host != _hostname() or _pid_alive(pid):
-                    raise SnaplookError(
-                        f"{what} is being written by another snaplook process (pid {pid}"
-                        f"{'' if host == _hostname() else ' on ' + host}); wait for it to "
-                        f"finish. If that process is gone, delete {path}."
-                    ) from None
-            logger.warning(
-                "taking over the stale lock %s (its process %s is not running)",
-                path,
-                owner[0] if owner else "?",
-            )
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(f"{os.getpid()} {_hostname()}\n")
-        return
-    raise SnaplookError(f"cannot take the lock {path} for {what}; delete it if no run is active.")
 
 
 @contextlib.contextmanager
