@@ -169,16 +169,9 @@ def is_full_shot(
 
 
 def _resize_width(image: np.ndarray, width: int) -> tuple[np.ndarray, float]:
-    import cv2
+    from snaplook.transform_utils import resize_to_width
 
-    h, w = image.shape[:2]
-    scale = min(1.0, width / w)
-    if scale >= 1.0:
-        return image, 1.0
-    small = cv2.resize(
-        image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
-    )
-    return small, scale
+    return resize_to_width(image, width), min(1.0, width / image.shape[1])
 
 
 def foreground_fraction(image: np.ndarray, box: Sequence[int]) -> float:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from snaplook.catalog import CategoryGuess
     from snaplook.index import Hit, Index
+    from snaplook.page import LookPage
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,6 @@ class FusedHit:
     mean_distance: float
     best_distance: float
     product: dict[str, str] | None = None
-
-    @property
-    def hit(self) -> Hit:
-        """As a :class:`~snaplook.index.Hit` at the mean distance (for pages)."""
-        from snaplook.index import Hit
-
-        return Hit(self.rank, self.row, self.path, self.mean_distance, self.product)
 
 
 @dataclass
@@ -379,12 +373,10 @@ def look(
 
 def _small(image: np.ndarray, width: int = 160) -> np.ndarray:
     # The timeline keeps a thumbnail per examined frame, not the frame (a long video).
-    import cv2
+    from snaplook.transform_utils import resize_to_width
 
-    h, w = image.shape[:2]
-    if w <= width:
-        return image.copy()
-    return cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+    small = resize_to_width(image, width)
+    return small.copy() if small is image else small
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -522,15 +514,15 @@ def _query_crops(
     if timeline is not None:
         from snaplook.page import write_look_page
 
-        write_look_page(summary, tmp, index=index, frames=timeline, crops_dir=crops_dir)
+        write_look_page(_look_page(summary, index, timeline, crops_dir), tmp)
     summary.grids = [summary.out / name for name, _ in grids]
 
 
 def _draw_grids(
     summary: LookSummary, index: Index, tmp: Path, crops_dir: Path
 ) -> list[tuple[str, Any]]:
-    from snaplook.index import product_label
     from snaplook.plot_utils import plot_retrieval_grid
+    from snaplook.results import product_label
 
     note = " · random weights" if index.meta.get("weights", {}).get("name") == "random" else ""
     has_products = index.products() is not None
@@ -567,3 +559,48 @@ def _draw_grids(
         )
         drawn.append((name, None))
     return drawn
+
+
+def _look_page(
+    summary: LookSummary,
+    index: Index,
+    frames: list[tuple[int, float | None, np.ndarray]],
+    crops_dir: Path,
+) -> LookPage:
+    """The page's view of a look; the crop files are read from ``crops_dir``."""
+    from snaplook.page import CropView, FusedView, LookPage, PageHit
+    from snaplook.results import page_hits
+
+    crops = []
+    for c in summary.crops:
+        guess = summary.categories.get(str(c.path))
+        crops.append(
+            CropView(
+                c.artist,
+                c.kind,
+                c.frame,
+                c.time_s,
+                crops_dir / c.path.name,
+                page_hits(summary.crop_hits.get(str(c.path), [])),
+                guess.category if guess else None,
+                guess.confidence if guess else None,
+            )
+        )
+    fused = {
+        artist: [
+            FusedView(PageHit(f.rank, f.path, f.mean_distance, f.product), f.votes, f.best_distance)
+            for f in ranking
+        ]
+        for artist, ranking in summary.fused.items()
+    }
+    return LookPage(
+        video=summary.video.name,
+        k=summary.k,
+        frames=frames,
+        people={r.frame: len(r.detections) for r in summary.selection.frames},
+        crops=crops,
+        fused=fused,
+        where=summary.where,
+        restrict=summary.restrict,
+        random_weights=index.meta.get("weights", {}).get("name") == "random",
+    )

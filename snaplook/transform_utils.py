@@ -1,4 +1,4 @@
-"""Pure array transforms: aspect-preserving resize, crops, backbone preprocessing.
+"""Pure array transforms: aspect-preserving resizes, crops, backbone preprocessing.
 
 Images are ndarrays of shape (height, width, 3), dtype uint8, RGB.
 """
@@ -57,6 +57,34 @@ def resize_to_square(
     left = (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = resized
     return out
+
+
+#: Filters :func:`resize_to_width` offers, by name (cv2 loads only when an image is resized).
+RESIZE_FILTERS = ("area", "linear")
+
+
+def resize_to_width(image: np.ndarray, width: int, *, interpolation: str = "area") -> np.ndarray:
+    """Shrink an image to ``width`` pixels wide, keeping its aspect ratio.
+
+    Args:
+        image: ndarray of shape (h, w, c) or (h, w).
+        width: the widest the result may be, in pixels.
+        interpolation: "area" (averages, no aliasing: thumbnails, detection) or "linear"
+            (samples, several times faster: colour histograms of video frames).
+
+    Returns:
+        ndarray of shape (max(1, round(h * width / w)), width, ...) of the same dtype, or
+        ``image`` itself (not a copy) when it is no wider than ``width``.
+    """
+    if interpolation not in RESIZE_FILTERS:
+        raise ValueError(f"interpolation must be one of {RESIZE_FILTERS}, got {interpolation!r}")
+    h, w = image.shape[:2]
+    if w <= width:
+        return image
+    import cv2
+
+    flag = cv2.INTER_AREA if interpolation == "area" else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=flag)
 
 
 def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for snaplook.transform_utils: aspect-preserving resize, crops, preprocessing."""
+"""Tests for snaplook.transform_utils: aspect-preserving resizes, crops, preprocessing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from snaplook.transform_utils import (
     preprocess_tf,
     preprocess_torch,
     resize_to_square,
+    resize_to_width,
 )
 
 RED = (255, 0, 0)
@@ -86,6 +87,34 @@ def test_resize_to_square_extreme_aspect_keeps_one_row() -> None:
 def test_resize_to_square_unknown_mode_raises() -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         resize_to_square(np.zeros((4, 4, 3), dtype=np.uint8), 8, mode="stretch")
+
+
+# --- resize_to_width ---------------------------------------------------------------------
+
+
+def test_resize_to_width_keeps_aspect_and_dtype() -> None:
+    image = _two_halves(720, 1280)
+
+    for interpolation in ("area", "linear"):
+        small = resize_to_width(image, 160, interpolation=interpolation)
+        assert small.shape == (90, 160, 3) and small.dtype == np.uint8
+        assert tuple(small[45, 10]) == RED and tuple(small[45, 150]) == BLUE
+
+
+def test_resize_to_width_narrow_image_is_returned_as_is() -> None:
+    image = _two_halves(40, 100)
+
+    assert resize_to_width(image, 100) is image
+    assert resize_to_width(image, 160) is image
+
+
+def test_resize_to_width_extreme_aspect_keeps_one_row() -> None:
+    assert resize_to_width(np.zeros((2, 1000, 3), dtype=np.uint8), 100).shape == (1, 100, 3)
+
+
+def test_resize_to_width_unknown_filter_raises() -> None:
+    with pytest.raises(ValueError, match="interpolation"):
+        resize_to_width(np.zeros((4, 4, 3), dtype=np.uint8), 2, interpolation="cubic")
 
 
 # --- crop_box ----------------------------------------------------------------------------
