@@ -916,3 +916,22 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
         yield lambda: bool(hits)
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+#: Columns of every ``skipped.csv`` (index, results, crops, looks, frames, evaluation).
+SKIPPED_HEADER = ("path", "reason")
+
+
+def write_skipped(path: str | Path, skipped: Iterable[tuple[str | Path, str]]) -> Path:
+    """Write ``skipped.csv`` atomically: one row per input left out of a run.
+
+    Args:
+        path: the CSV file (``<folder>/skipped.csv``).
+        skipped: (path, reason) pairs; a path may be a ``Path`` or text.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    write_csv_atomic(path, SKIPPED_HEADER, ((str(p), reason) for p, reason in skipped))
+    return path
