@@ -75,7 +75,6 @@ DETECTIONS_HEADER = (
     "artist",
     "source",
 )
-SKIPPED_HEADER = ("path", "reason")
 #: Longest part of a crop's file name taken from its photo's name (file systems allow 255).
 _MAX_STEM = 100
 
@@ -1340,7 +1339,7 @@ def write_lead_artists_into(
     """
     from PIL import Image
 
-    from snaplook.io_utils import write_csv_atomic
+    from snaplook.io_utils import write_csv_atomic, write_skipped
     from snaplook.transform_utils import crop_box
 
     rows: list[ArtistRow] = []
@@ -1391,7 +1390,7 @@ def write_lead_artists_into(
                 )
     write_csv_atomic(folder / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
     write_csv_atomic(folder / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
-    write_csv_atomic(folder / "skipped.csv", SKIPPED_HEADER, ((str(p), r) for p, r in skipped))
+    write_skipped(folder / "skipped.csv", skipped)
     return rows
 
 

@@ -265,7 +265,6 @@ def look(
     import shutil
 
     from snaplook.artists import (
-        SKIPPED_HEADER,
         FrameDetections,
         check_output_dir,
         make_detector,
@@ -275,7 +274,7 @@ def look(
     )
     from snaplook.catalog import RESTRICT_MODES, filter_mask, warn_if_few
     from snaplook.index import check_head, check_k, load_index
-    from snaplook.io_utils import make_temp_dir, replace_dir, write_csv_atomic
+    from snaplook.io_utils import make_temp_dir, replace_dir, write_skipped
     from snaplook.page import MAX_TIMELINE
     from snaplook.video import iter_frames, probe_duration
 
@@ -359,7 +358,7 @@ def look(
             timeline=timeline if page else None,
             search={"exact": exact, "nprobe": nprobe, "ef": ef},
         )
-        write_csv_atomic(tmp / "skipped.csv", SKIPPED_HEADER, skipped)
+        write_skipped(tmp / "skipped.csv", skipped)
         replace_dir(tmp, out)
         logger.info("wrote looks.csv, looks_fused.csv, grids and skipped.csv in %s", out)
     except BaseException:
