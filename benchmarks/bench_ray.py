@@ -37,7 +37,8 @@ from run import DATA, REPO, RESULTS, ensure_photos, link_subset, machine  # noqa
 
 from snaplook.distributed import RayEngine  # noqa: E402
 from snaplook.features import RUNTIMES, Embedder  # noqa: E402
-from snaplook.index import build_index, load_index  # noqa: E402
+from snaplook.index import load_index  # noqa: E402
+from snaplook.indexing import build_index  # noqa: E402
 
 
 def _index(folder: Path, out: Path, engine, args) -> tuple[float, int]:  # type: ignore[no-untyped-def]

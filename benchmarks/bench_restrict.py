@@ -173,7 +173,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from snaplook.index import build_index, load_index, query_index
+    from snaplook.index import load_index, query_index
+    from snaplook.indexing import build_index
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

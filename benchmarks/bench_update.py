@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import RESULTS, machine  # noqa: E402
 
 from snaplook.features import Embedder  # noqa: E402
-from snaplook.index import _HashingWriter, build_index, load_index  # noqa: E402
+from snaplook.index import load_index  # noqa: E402
+from snaplook.indexing import _HashingWriter, build_index  # noqa: E402
 from snaplook.io_utils import MANIFEST_HEADER, write_csv_atomic  # noqa: E402
 
 PER_FOLDER = 1000

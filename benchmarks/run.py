@@ -212,7 +212,7 @@ def index_rate(folder: Path, n: int, work: Path, embedder) -> float:
     Everything per image is timed: decoding, resizing, preprocessing, inference, hashing
     and writing; the one-time model load and compile (about a second) is not.
     """
-    from snaplook.index import build_index
+    from snaplook.indexing import build_index
 
     out = work / f"index-{embedder.resolved_precision()}"
     t = time.perf_counter()

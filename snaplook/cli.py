@@ -26,7 +26,10 @@ from snaplook import distributed as _distributed
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
+from snaplook import indexing as _indexing
 from snaplook import look as _look
+from snaplook import page as _page
+from snaplook import results as _results
 from snaplook import video as _video
 from snaplook.errors import SnaplookError
 
@@ -545,7 +548,7 @@ def index_cmd(
     ] = _catalog.DEFAULT_IMAGE_COLUMN,
     shard_rows: Annotated[
         int, typer.Option("--shard-rows", min=1, help="Rows per feature shard.")
-    ] = _index.DEFAULT_SHARD_ROWS,
+    ] = _indexing.DEFAULT_SHARD_ROWS,
     engine: Annotated[
         Literal["local", "ray"],  # snaplook.distributed.ENGINES
         typer.Option("--engine", help="local (this process) or ray (Ray Data actor pool)."),
@@ -571,7 +574,7 @@ def index_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (meta.json + features/ shards)."""
-    model = _index.model_settings(
+    model = _indexing.model_settings(
         out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
     )
     embedder = _features.Embedder(runtime=runtime, **model)
@@ -589,7 +592,7 @@ def index_cmd(
     if engine == "ray" and not _state["verbose"]:
         _quiet_ray()
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
-        summary = _index.build_index(
+        summary = _indexing.build_index(
             gallery,
             out,
             embedder=embedder,
@@ -690,7 +693,7 @@ def map_cmd(
     ] = None,
     max_images: Annotated[
         int, typer.Option("--max-images", min=2, help="Draw a seeded sample of at most N images.")
-    ] = _index.DEFAULT_MAP_IMAGES,
+    ] = _results.DEFAULT_MAP_IMAGES,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seeds the sample and t-SNE.")
     ] = _features.DEFAULT_SEED,
@@ -699,7 +702,9 @@ def map_cmd(
     ] = 48,
 ) -> None:
     """Draw the gallery of an index as a t-SNE map of thumbnails (similar images close)."""
-    written = _index.map_index(index, out, max_images=max_images, seed=seed, thumb_size=thumb_size)
+    written = _results.map_index(
+        index, out, max_images=max_images, seed=seed, thumb_size=thumb_size
+    )
     typer.echo(f"Wrote the t-SNE map of {index} to {written}.")
 
 
@@ -758,15 +763,16 @@ def query_cmd(
     note = " · random weights" if loaded.meta.get("weights", {}).get("name") == "random" else ""
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
-        _index.write_query_results(
+        _results.write_query_results(
             summary,
             out,
             index=loaded,
             plot=not no_plot,
-            page=not no_page,
             title_note=note,
             on_progress=on_progress,
         )
+    if not no_page:
+        summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), out)
     _print_results(summary, quiet=quiet)
     _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
     _random_weights_notice(loaded.meta, "these neighbours")
@@ -850,7 +856,7 @@ def demo_cmd(
         )
     index_dir = out / "index"
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
-        built = _index.build_index(
+        built = _indexing.build_index(
             data / "train",
             index_dir,
             backbone=backbone,
@@ -864,9 +870,10 @@ def demo_cmd(
             data / "test", loaded, k=k, on_start=on_start, on_progress=on_progress
         )
     note = " · random weights" if weights == "random" else " · ImageNet weights"
-    _index.write_query_results(
+    _results.write_query_results(
         summary, out / str(loaded.meta["backbone"]), index=loaded, title_note=note
     )
+    summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), summary.out)
     _print_results(summary, quiet=quiet, final=False)
     typer.echo(
         f"Demo done: {_plural(built.n_indexed, 'gallery image')} indexed in {index_dir}; "

@@ -2,7 +2,8 @@
 
 Hand-written Jinja2 templates (``snaplook/templates``); every image is a small JPEG copied
 into the page's ``thumbs/`` folder and linked relatively, so the folder opens from the file
-system, moves as a whole and needs no server.
+system, moves as a whole and needs no server. The pages render the plain view objects
+defined here (:class:`QueryPage`, :class:`LookPage`); the chain and the CLI build them.
 """
 
 from __future__ import annotations
@@ -10,15 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from snaplook.index import Hit, Index, QuerySummary
-    from snaplook.look import LookSummary
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +26,99 @@ THUMBS_DIR = "thumbs"
 THUMB_PX = 200
 #: Frames shown on a look page's timeline at most (evenly spaced beyond that).
 MAX_TIMELINE = 120
+
+
+@dataclass
+class PageHit:
+    """One retrieved gallery image: its rank, file, cosine distance and catalogue row."""
+
+    rank: int
+    path: Path
+    distance: float
+    product: dict[str, str] | None = None
+
+
+@dataclass
+class QueryView:
+    """One query image with its hits, nearest first (and its predicted category, if any)."""
+
+    image: Path
+    hits: list[PageHit]
+    category: str | None = None
+    confidence: float | None = None
+
+
+@dataclass
+class QueryPage:
+    """What a ``query`` page shows.
+
+    Attributes:
+        backbone: the index's backbone (in the title).
+        k: neighbours per query.
+        queries: the queries, in order.
+        skipped: names of the query images that could not be read.
+        where, restrict, n_allowed: the filters applied and the gallery rows they left.
+        random_weights: the index was built on random weights (the page says so).
+    """
+
+    backbone: str
+    k: int
+    queries: list[QueryView]
+    skipped: list[str] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    restrict: str = "none"
+    n_allowed: int | None = None
+    random_weights: bool = False
+
+
+@dataclass
+class CropView:
+    """One lead-artist crop of a look with its hits; ``image`` is the crop file to show."""
+
+    artist: int
+    kind: str
+    frame: int
+    time_s: float | None
+    image: Path
+    hits: list[PageHit]
+    category: str | None = None
+    confidence: float | None = None
+
+
+@dataclass
+class FusedView:
+    """A product in an artist's fused ranking: ``hit`` at the mean distance, its votes."""
+
+    hit: PageHit
+    votes: int
+    best_distance: float
+
+
+@dataclass
+class LookPage:
+    """What a ``look`` page shows.
+
+    Attributes:
+        video: the video's file name.
+        k: neighbours per crop.
+        frames: (frame number, time in seconds, thumbnail RGB uint8) of the examined
+            frames, for the timeline.
+        people: per frame number, the people found in it.
+        crops: the crops, in order.
+        fused: per artist number, the fused ranking.
+        where, restrict: the filters applied.
+        random_weights: the index was built on random weights (the page says so).
+    """
+
+    video: str
+    k: int
+    frames: Sequence[tuple[int, float | None, np.ndarray]]
+    people: dict[int, int]
+    crops: list[CropView]
+    fused: dict[int, list[FusedView]]
+    where: list[str] = field(default_factory=list)
+    restrict: str = "none"
+    random_weights: bool = False
 
 
 @dataclass
@@ -81,7 +172,7 @@ def _safe_url(url: str) -> str:
     return url if url.lower().startswith(("http://", "https://")) else ""
 
 
-def _card(hit: Hit, thumbs: _Thumbs) -> Card:
+def _card(hit: PageHit, thumbs: _Thumbs) -> Card:
     product = hit.product or {}
     extra = " · ".join(
         product[c] for c in ("brand", "category", "colour", "color") if product.get(c)
@@ -112,21 +203,19 @@ def _render(template: str, **context: Any) -> str:
     return env.get_template(template).render(**context)
 
 
-def _weights_note(index: Index) -> str:
-    if index.meta.get("weights", {}).get("name") == "random":
+def _weights_note(random_weights: bool) -> str:
+    if random_weights:
         return "random weights: these results show the pipeline, not retrieval quality"
     return ""
 
 
-def write_query_page(
-    summary: QuerySummary, out: str | Path, *, index: Index, title_note: str = ""
-) -> Path:
+def write_query_page(view: QueryPage, out: str | Path) -> Path:
     """Write ``out/index.html``: each query with its top-k products.
 
     Args:
-        summary: results of :func:`snaplook.index.query_index`.
+        view: the results to show (``snaplook.results.query_page`` builds it from a
+            query's results).
         out: the results folder (thumbnails go to ``out/thumbs``).
-        index: the index that was searched.
 
     Returns:
         the page's path.
@@ -137,47 +226,35 @@ def write_query_page(
     thumbs = _Thumbs(out)
     queries = [
         {
-            "name": r.query.name,
-            "thumb": thumbs.link(r.query),
-            "category": r.category,
-            "confidence": r.confidence,
-            "cards": [_card(h, thumbs) for h in r.hits],
+            "name": q.image.name,
+            "thumb": thumbs.link(q.image),
+            "category": q.category,
+            "confidence": q.confidence,
+            "cards": [_card(h, thumbs) for h in q.hits],
         }
-        for r in summary.results
+        for q in view.queries
     ]
     html = _render(
         "query.html",
-        title=f"snaplook query · {index.meta.get('backbone')} · k={summary.k}",
-        note=_weights_note(index),
-        k=summary.k,
-        where=summary.where,
-        restrict=summary.restrict,
-        n_allowed=summary.n_allowed,
+        title=f"snaplook query · {view.backbone} · k={view.k}",
+        note=_weights_note(view.random_weights),
+        k=view.k,
+        where=view.where,
+        restrict=view.restrict,
+        n_allowed=view.n_allowed,
         queries=queries,
-        skipped=[s.path.name if hasattr(s.path, "name") else str(s.path) for s in summary.skipped],
+        skipped=view.skipped,
     )
     write_text_atomic(out / PAGE_FILE, html)
     return out / PAGE_FILE
 
 
-def write_look_page(
-    summary: LookSummary,
-    out: str | Path,
-    *,
-    index: Index,
-    frames: Sequence[tuple[int, float | None, np.ndarray]] = (),
-    crops_dir: str | Path | None = None,
-) -> Path:
+def write_look_page(view: LookPage, out: str | Path) -> Path:
     """Write ``out/index.html`` for a look: timeline, artists' crops and products, fused list.
 
     Args:
-        summary: the look so far (crops, hits, fused rankings).
+        view: the look to show (``snaplook.look`` builds it).
         out: the folder the page goes in (thumbnails in ``out/thumbs``).
-        index: the index that was searched.
-        frames: (frame number, time in seconds, thumbnail RGB uint8) of the examined
-            frames, for the timeline.
-        crops_dir: where the crop files are now, if not yet at their ``crop.path`` (``look``
-            assembles its folder under a temporary name).
 
     Returns:
         the page's path.
@@ -186,48 +263,48 @@ def write_look_page(
 
     out = Path(out)
     thumbs = _Thumbs(out)
-    crop_frames = {c.frame for c in summary.crops}
-    people = {r.frame: len(r.detections) for r in summary.selection.frames}
-    step = max(1, -(-len(frames) // MAX_TIMELINE))
+    crop_frames = {c.frame for c in view.crops}
+    step = max(1, -(-len(view.frames) // MAX_TIMELINE))
     timeline = [
         {
             "frame": frame,
             "time": "" if time_s is None else f"{time_s:.1f} s",
             "thumb": thumbs.link(image, name=f"frame:{frame}"),
-            "people": people.get(frame, 0),
+            "people": view.people.get(frame, 0),
             "used": frame in crop_frames,
         }
-        for frame, time_s, image in list(frames)[::step]
+        for frame, time_s, image in list(view.frames)[::step]
     ]
     artists = []
-    for artist in sorted({c.artist for c in summary.crops}):
+    for artist in sorted({c.artist for c in view.crops}):
         crops = [
             {
                 "kind": c.kind,
                 "frame": c.frame,
                 "time": "" if c.time_s is None else f"{c.time_s:.1f} s",
-                "thumb": thumbs.link(Path(crops_dir) / c.path.name if crops_dir else c.path),
-                "category": summary.categories.get(str(c.path)),
-                "cards": [_card(h, thumbs) for h in summary.crop_hits.get(str(c.path), [])],
+                "thumb": thumbs.link(c.image),
+                "category": c.category,
+                "confidence": c.confidence,
+                "cards": [_card(h, thumbs) for h in c.hits],
             }
-            for c in summary.crops
+            for c in view.crops
             if c.artist == artist
         ]
         fused = [
             {"card": _card(f.hit, thumbs), "votes": f.votes, "best": f.best_distance}
-            for f in summary.fused.get(artist, [])
+            for f in view.fused.get(artist, [])
         ]
         artists.append({"artist": artist, "crops": crops, "fused": fused})
     html = _render(
         "look.html",
-        title=f"snaplook look · {summary.video.name}",
-        note=_weights_note(index),
-        video=summary.video.name,
-        k=summary.k,
-        where=summary.where,
-        restrict=summary.restrict,
+        title=f"snaplook look · {view.video}",
+        note=_weights_note(view.random_weights),
+        video=view.video,
+        k=view.k,
+        where=view.where,
+        restrict=view.restrict,
         timeline=timeline,
-        n_frames=len(frames),
+        n_frames=len(view.frames),
         artists=artists,
     )
     write_text_atomic(out / PAGE_FILE, html)

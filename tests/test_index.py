@@ -22,13 +22,14 @@ from snaplook.index import (
     Hit,
     QueryResult,
     QuerySummary,
-    build_index,
     cosine_knn,
     load_index,
     query_index,
-    write_query_results,
 )
+from snaplook.indexing import build_index
 from snaplook.io_utils import file_sha256, read_csv, read_manifest
+from snaplook.page import write_query_page
+from snaplook.results import query_page, write_query_results
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +331,7 @@ def test_write_query_results_same_stems_get_distinct_grids(tmp_path: Path) -> No
     out = tmp_path / "res"
 
     write_query_results(summary, out, index=index, title_note=" · random weights")
+    write_query_page(query_page(summary, index=index), out)
 
     assert summary.grids == [
         out / "q__a__x_grid.png",

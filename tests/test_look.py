@@ -25,7 +25,7 @@ def _read(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory) -> Path:
     """An index of 4 generated images on seeded random MobileNetV2 weights (cheap to build)."""
-    from snaplook.index import build_index
+    from snaplook.indexing import build_index
 
     root = tmp_path_factory.mktemp("look_gallery")
     colours = [(200, 30, 30), (20, 20, 20), (120, 120, 130), (30, 60, 200)]

@@ -17,7 +17,8 @@ from PIL import Image
 from test_shards import RowEmbedder, _gallery
 
 from snaplook.errors import SnaplookError
-from snaplook.index import build_index, load_index
+from snaplook.index import load_index
+from snaplook.indexing import build_index
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")

@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
 from snaplook.features import Embedder
-from snaplook.index import build_index, load_index
+from snaplook.index import load_index
+from snaplook.indexing import build_index
 from snaplook.io_utils import exclusive_lock
 
 #: The real command, each batch held back by ``BATCH_PAUSE_S`` before it starts: OpenVINO

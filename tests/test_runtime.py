@@ -21,7 +21,8 @@ from snaplook import features, runtime
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
 from snaplook.features import Embedder, embed_images, iter_embeddings, resolve_runtime
-from snaplook.index import build_index, load_index, query_index
+from snaplook.index import load_index, query_index
+from snaplook.indexing import build_index
 
 pytest.importorskip("openvino")
 BACKBONE = "mobilenet_v2"

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from snaplook.cli import app
 from snaplook.errors import SnaplookError
 from snaplook.features import Embedder
-from snaplook.index import ShardedFeatures, build_index, cosine_knn, load_index
+from snaplook.index import ShardedFeatures, cosine_knn, load_index
+from snaplook.indexing import build_index
 from snaplook.io_utils import write_manifest
 
 TESTS = Path(__file__).resolve().parent
@@ -165,10 +166,10 @@ def _killed_build(root: str, out: str) -> None:
     """Run in a subprocess: build the index, SIGKILL itself while writing the third shard."""
     import signal
 
-    from snaplook import index
+    from snaplook import indexing
 
     made = []
-    real_init, real_write = index._HashingWriter.__init__, index._HashingWriter.write
+    real_init, real_write = indexing._HashingWriter.__init__, indexing._HashingWriter.write
 
     def init(self, fh) -> None:  # type: ignore[no-untyped-def]
         made.append(self)
@@ -180,7 +181,7 @@ def _killed_build(root: str, out: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return n
 
-    index._HashingWriter.__init__, index._HashingWriter.write = init, write
+    indexing._HashingWriter.__init__, indexing._HashingWriter.write = init, write
     _build(Path(root), Path(out))
 
 
