@@ -1,8 +1,8 @@
 """Benchmark the blocked ranking of `snaplook evaluate` at DeepFashion In-shop scale.
 
 Seeded random 2048-d features for 14,218 queries x 12,612 gallery images over 3,985 items
-(the In-shop query/gallery sizes) are ranked with :func:`snaplook.evaluate.evaluate_embeddings`;
-the baseline is the single-matrix :func:`snaplook.evaluate.rank_metrics` on a slice of
+(the In-shop query/gallery sizes) are ranked with :func:`snaplook.metrics.evaluate_embeddings`;
+the baseline is the single-matrix :func:`snaplook.metrics.rank_metrics` on a slice of
 queries, scaled to the full set. Peak memory of the ranking is traced with tracemalloc
 (NumPy reports its buffers to it); the full distance matrix alone would be m x n x 4 bytes.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from snaplook import __version__
-from snaplook.evaluate import RANKING_BLOCK_BYTES, evaluate_embeddings, rank_metrics
+from snaplook.metrics import RANKING_BLOCK_BYTES, evaluate_embeddings, rank_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -328,9 +328,9 @@ def fidelity_images(folder: Path, *, augment: int = 3, video_frames: int = 20) -
 def fidelity_rows(backbone: str, weights: str, work: Path) -> list[dict[str, object]]:
     """(e): bf16 and int8 against fp32 on real photos with real weights, and Recall@1 each."""
     from snaplook.errors import SnaplookError
-    from snaplook.evaluate import evaluate_embeddings
     from snaplook.features import BACKBONES, Embedder, embed_images
     from snaplook.index import cosine_knn
+    from snaplook.metrics import evaluate_embeddings
     from snaplook.runtime import bf16_support
 
     if backbone not in BACKBONES:

@@ -1,882 +1,54 @@
-"""DeepFashion retrieval evaluation: protocols (In-shop, Consumer-to-shop, folders) and metrics.
+"""DeepFashion retrieval evaluation runs: embed a split, rank, and write a report folder.
 
-Protocol loaders turn a dataset tree into :class:`Split` (train/query/gallery image lists
-with item ids); metric functions take distances or features plus labels, so any embedding
-can be scored; :func:`evaluate` runs a whole evaluation and writes a report folder.
+:func:`evaluate` scores one setting on a :class:`~snaplook.datasets.Split` (read by
+:mod:`snaplook.datasets`, ranked by :mod:`snaplook.metrics`) and writes ``report.md`` with
+its figures; :func:`evaluate_settings` compares several settings side by side.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# `NAME as NAME`: re-exported for cli.py, which reads option choices and --k's parser here.
+from snaplook.datasets import CROPS as CROPS
+from snaplook.datasets import (
+    DEFAULT_C2S_SUBSET,
+    DEFAULT_CROP,
+    DEFAULT_PROTOCOL,
+    Sample,
+    Split,
+    check_crop,
+    load_split,
+    resolve_bbox,
+)
+from snaplook.datasets import PROTOCOLS as PROTOCOLS
 from snaplook.errors import SnaplookError
 from snaplook.io_utils import timestamp
+from snaplook.metrics import (
+    DEFAULT_KS,
+    DEFAULT_NORMALIZATION,
+    DEFAULT_TIES,
+    METRIC_DEFINITIONS,
+    QueryMetrics,
+    check_ks,
+    check_normalization,
+    check_ties,
+    evaluate_embeddings,
+)
+from snaplook.metrics import NORMALIZATIONS as NORMALIZATIONS
+from snaplook.metrics import TIE_RULES as TIE_RULES
+from snaplook.metrics import parse_ks as parse_ks
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("inshop", "consumer2shop", "folders")
-DEFAULT_PROTOCOL = "inshop"
-PARTITION_FILE = "list_eval_partition.txt"
-BBOX_FILES = {"inshop": "list_bbox_inshop.txt", "consumer2shop": "list_bbox_consumer2shop.txt"}
-#: Where the DeepFashion archives put their annotation files, relative to the benchmark
-#: folder (the partition file lives in ``Eval/``, boxes in ``Anno/``).
-_ANNOTATION_DIRS = (".", "Eval", "Anno")
 
-#: Columns of the partition file, line 2 (after the count line), per protocol.
-_PARTITION_HEADER = {
-    "inshop": ("image_name", "item_id", "evaluation_status"),
-    "consumer2shop": ("image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status"),
-}
-_STATUSES = {
-    "inshop": frozenset({"train", "query", "gallery"}),
-    "consumer2shop": frozenset({"train", "val", "test"}),
-}
-#: Consumer-to-shop has no query/gallery column: the evaluated split's consumer images
-#: are the queries and its shop images the gallery.
-DEFAULT_C2S_SUBSET = "test"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of an evaluation set.
-
-    Attributes:
-        path: path relative to :attr:`Split.root`, POSIX, as written in the partition file.
-        item: item id (the label: same item = relevant).
-        category: the folder(s) between ``img/`` and the item folder (e.g.
-            ``WOMEN/Dresses``), or the label folder for the folders protocol.
-        box: ground-truth garment box (x, y, w, h) in pixels, or None.
-    """
-
-    path: str
-    item: str
-    category: str
-    box: tuple[int, int, int, int] | None = None
-
-
-@dataclass
-class Split:
-    """One evaluation set: which images are trained on, queried and searched.
-
-    Attributes:
-        root: folder the sample paths are relative to.
-        train: training images (not used by evaluation).
-        query: query images.
-        gallery: gallery images. For ``protocol="folders"`` it is the same list as
-            ``query`` and each query is searched against all images but itself.
-        protocol: "inshop", "consumer2shop" or "folders".
-        partition: the partition file read (None for folders).
-        bbox: the box file read, or None.
-        missing: paths listed in the partition file whose image file does not exist
-            (dropped from the lists above).
-    """
-
-    root: Path
-    train: list[Sample]
-    query: list[Sample]
-    gallery: list[Sample]
-    protocol: str
-    partition: Path | None = None
-    bbox: Path | None = None
-    missing: list[str] = field(default_factory=list)
-
-    @property
-    def leave_one_out(self) -> bool:
-        """True when queries are searched against the other images of the same list."""
-        return self.protocol == "folders"
-
-    def counts(self) -> dict[str, int]:
-        """Image and item counts per list, for reports."""
-        return {
-            "train_images": len(self.train),
-            "query_images": len(self.query),
-            "gallery_images": len(self.gallery),
-            "query_items": len({s.item for s in self.query}),
-            "gallery_items": len({s.item for s in self.gallery}),
-            "missing_images": len(self.missing),
-        }
-
-
-def find_annotation(root: str | Path, name: str) -> Path | None:
-    """Look for a DeepFashion annotation file under ``root``, ``root/Eval`` or ``root/Anno``."""
-    root = Path(root)
-    for sub in _ANNOTATION_DIRS:
-        path = root / sub / name
-        if path.is_file():
-            return path
-    return None
-
-
-def _image_root(root: Path) -> Path:
-    # The archives unpack to <benchmark>/Img/img/...; partition paths start with "img/".
-    if not (root / "img").is_dir() and (root / "Img" / "img").is_dir():
-        return root / "Img"
-    return root
-
-
-def _category_of(path: str) -> str:
-    parts = PurePosixPath(path).parts
-    if parts and parts[0].lower() == "img":
-        parts = parts[1:]
-    return "/".join(parts[:-2]) or "(none)"
-
-
-def _read_lines(path: Path, what: str) -> list[str]:
-    try:
-        # utf-8-sig: a file saved by a Windows editor starts with a BOM.
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise SnaplookError(f"{what} {path} not found; pass its path with --partition.") from None
-    except UnicodeDecodeError as exc:
-        raise SnaplookError(f"{path}: not a UTF-8 text file ({exc.reason}).") from exc
-    except OSError as exc:
-        raise SnaplookError(f"{path}: cannot read ({exc.strerror or exc}).") from exc
-
-
-def _parse_listing(
-    path: Path, header: tuple[str, ...] | None, n_columns: int, what: str
-) -> list[tuple[int, list[str]]]:
-    """Parse a DeepFashion listing: a count line, a header line, then whitespace rows.
-
-    Returns (line number, tokens) per data row; raises naming the first bad line.
-    """
-    lines = _read_lines(path, what)
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise SnaplookError(f"{path}: empty file; expected a DeepFashion {what}.")
-    first = lines[0].split()
-    # isdigit() alone accepts '²' and other Unicode digits that int() refuses.
-    if len(first) != 1 or not (first[0].isascii() and first[0].isdigit()):
-        raise SnaplookError(
-            f"{path}, line 1: expected the number of entries, found {lines[0].strip()[:80]!r}. "
-            f"Is this a DeepFashion {what}?"
-        )
-    declared = int(first[0])
-    if len(lines) < 2:
-        raise SnaplookError(f"{path}, line 2: missing the header line.")
-    found = tuple(lines[1].split())
-    if header is not None and found[: len(header)] != header:
-        raise SnaplookError(
-            f"{path}, line 2: expected the header {' '.join(header)!r}, found "
-            f"{lines[1].strip()[:80]!r}. Check --protocol and the file."
-        )
-    rows: list[tuple[int, list[str]]] = []
-    for number, line in enumerate(lines[2:], start=3):
-        tokens = line.split()
-        if not tokens:
-            raise SnaplookError(f"{path}, line {number}: empty line inside the listing.")
-        if len(tokens) != n_columns:
-            raise SnaplookError(
-                f"{path}, line {number}: expected {n_columns} columns, found {len(tokens)} "
-                f"({line.strip()[:100]!r})."
-            )
-        rows.append((number, tokens))
-    if declared != len(rows):
-        raise SnaplookError(
-            f"{path}, line 1: declares {declared} entries but the file has {len(rows)}; "
-            "the file may be truncated."
-        )
-    return rows
-
-
-def read_bbox_file(path: str | Path) -> dict[str, tuple[int, int, int, int]]:
-    """Read a DeepFashion box file (``list_bbox_inshop.txt`` or ``list_bbox_consumer2shop.txt``).
-
-    Rows are ``image_name ... x_1 y_1 x_2 y_2`` (corner coordinates).
-
-    Returns:
-        image name -> box (x, y, w, h).
-
-    Raises:
-        SnaplookError: missing file, or a malformed line (the message names it).
-    """
-    path = Path(path)
-    lines = _read_lines(path, "box file")
-    n_columns = len(lines[1].split()) if len(lines) > 1 else 7
-    boxes: dict[str, tuple[int, int, int, int]] = {}
-    for number, tokens in _parse_listing(path, None, n_columns, "box file"):
-        try:
-            x1, y1, x2, y2 = (int(t) for t in tokens[-4:])
-        except ValueError:
-            raise SnaplookError(
-                f"{path}, line {number}: box corners must be integers, found "
-                f"{' '.join(tokens[-4:])!r}."
-            ) from None
-        if x2 <= x1 or y2 <= y1:
-            raise SnaplookError(
-                f"{path}, line {number}: empty box ({x1}, {y1}, {x2}, {y2}); expected "
-                "x_1 < x_2 and y_1 < y_2."
-            )
-        boxes[tokens[0]] = (x1, y1, x2 - x1, y2 - y1)
-    return boxes
-
-
-def load_split(
-    root: str | Path,
-    *,
-    protocol: str = DEFAULT_PROTOCOL,
-    partition: str | Path | None = None,
-    bbox: str | Path | None = None,
-    strict: bool = False,
-    subset: str = DEFAULT_C2S_SUBSET,
-) -> Split:
-    """Read a dataset's evaluation protocol into image lists with item ids.
-
-    Protocols:
-        - "inshop": DeepFashion In-shop; ``list_eval_partition.txt`` rows are
-          ``image_name item_id evaluation_status`` (train / query / gallery).
-        - "consumer2shop": DeepFashion Consumer-to-shop; rows are ``image_pair_name_1
-          image_pair_name_2 item_id evaluation_status``; the consumer images (first column)
-          of ``subset`` are the queries, its shop images (second column) the gallery.
-        - "folders": ``root/<label>/<images>``; every image is a query against all others.
-
-    Args:
-        root: the benchmark folder (containing ``img/`` or ``Img/img/``), or for
-            "folders" the folder of label folders.
-        protocol: "inshop", "consumer2shop" or "folders", default="inshop".
-        partition: the partition file; default: ``list_eval_partition.txt`` in ``root`` or
-            ``root/Eval``.
-        bbox: a box file; when given, each sample carries its ground-truth box.
-        strict: raise if any listed image is missing, instead of dropping and counting it.
-        subset: Consumer-to-shop status that is evaluated, default="test" ("val" for
-            model selection).
-
-    Returns:
-        :class:`Split`.
-
-    Raises:
-        SnaplookError: unknown protocol; partition or box file missing or malformed (the
-            message names the line); listed images missing with ``strict``; no queries.
-    """
-    root = Path(root)
-    if protocol not in PROTOCOLS:
-        raise SnaplookError(
-            f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}."
-        )
-    if not root.is_dir():
-        raise SnaplookError(f"{root}: no such folder; pass the dataset root.")
-    if protocol == "folders":
-        split = _load_folders(root)
-    else:
-        split = _load_deepfashion(root, protocol, partition, subset)
-    if bbox is not None:
-        split = _attach_boxes(split, Path(bbox), strict=strict)
-    split = _drop_missing(split, strict=strict)
-    if not split.query:
-        raise SnaplookError(f"{split.partition or root}: no query images to evaluate.")
-    if not split.gallery:
-        raise SnaplookError(f"{split.partition or root}: no gallery images to search.")
-    return split
-
-
-def _load_deepfashion(
-    root: Path, protocol: str, partition: str | Path | None, subset: str
-) -> Split:
-    if partition is None:
-        found = find_annotation(root, PARTITION_FILE)
-        if found is None:
-            raise SnaplookError(
-                f"{PARTITION_FILE} not found in {root}, {root / 'Eval'}; pass its path with "
-                "--partition."
-            )
-        partition = found
-    partition = Path(partition)
-    header = _PARTITION_HEADER[protocol]
-    statuses = _STATUSES[protocol]
-    if protocol == "consumer2shop" and subset not in statuses:
-        raise SnaplookError(f"unknown subset {subset!r}; choose train, val or test.")
-    rows = _parse_listing(partition, header, len(header), "partition file")
-    train: list[Sample] = []
-    query: list[Sample] = []
-    gallery: list[Sample] = []
-    seen: dict[str, set[str]] = {"train": set(), "query": set(), "gallery": set()}
-
-    def add(kind: str, target: list[Sample], path: str, item: str) -> None:
-        # Consumer-to-shop lists an image once per pair it is in; keep it once.
-        if path not in seen[kind]:
-            seen[kind].add(path)
-            target.append(Sample(path, item, _category_of(path)))
-
-    for number, tokens in rows:
-        status = tokens[-1]
-        if status not in statuses:
-            raise SnaplookError(
-                f"{partition}, line {number}: unknown evaluation_status {status!r}; expected "
-                f"one of {', '.join(sorted(statuses))}."
-            )
-        if protocol == "inshop":
-            path, item = tokens[0], tokens[1]
-            target = {"train": train, "query": query, "gallery": gallery}[status]
-            add(status, target, path, item)
-        else:
-            consumer, shop, item = tokens[0], tokens[1], tokens[2]
-            if status == subset:
-                add("query", query, consumer, item)
-                add("gallery", gallery, shop, item)
-            elif status == "train":
-                add("train", train, consumer, item)
-                add("train", train, shop, item)
-    return Split(_image_root(root), train, query, gallery, protocol, partition=partition)
-
-
-def _load_folders(root: Path) -> Split:
-    from snaplook.io_utils import find_images
-
-    samples: list[Sample] = []
-    loose = 0
-    for path in find_images(root):
-        rel = path.relative_to(root).as_posix()
-        parts = PurePosixPath(rel).parts
-        if len(parts) < 2:
-            loose += 1
-            continue
-        samples.append(Sample(rel, parts[0], parts[0]))
-    if loose:
-        logger.warning(
-            "%d image(s) directly in %s have no label folder and were left out", loose, root
-        )
-    if not samples:
-        raise SnaplookError(
-            f"{root}: no images in label folders; the folders protocol expects "
-            "ROOT/<label>/<images>."
-        )
-    return Split(root, [], samples, samples, "folders")
-
-
-def _attach_boxes(split: Split, bbox: Path, *, strict: bool) -> Split:
-    boxes = read_bbox_file(bbox)
-
-    def with_box(samples: list[Sample]) -> list[Sample]:
-        return [dataclasses.replace(s, box=boxes.get(s.path)) for s in samples]
-
-    query = with_box(split.query)
-    gallery = query if split.leave_one_out else with_box(split.gallery)
-    unboxed = len({s.path for s in query + gallery if s.box is None})
-    if unboxed:
-        message = f"{bbox}: {unboxed} evaluated image(s) have no box"
-        if strict:
-            raise SnaplookError(message + " (--strict); check that it matches the partition file.")
-        logger.warning("%s; they are used uncropped", message)
-    return dataclasses.replace(
-        split, train=with_box(split.train), query=query, gallery=gallery, bbox=bbox
-    )
-
-
-def _drop_missing(split: Split, *, strict: bool) -> Split:
-    checked: dict[str, bool] = {}
-
-    def exists(s: Sample) -> bool:
-        if s.path not in checked:
-            checked[s.path] = (split.root / s.path).is_file()
-        return checked[s.path]
-
-    train = [s for s in split.train if exists(s)]
-    query = [s for s in split.query if exists(s)]
-    gallery = query if split.leave_one_out else [s for s in split.gallery if exists(s)]
-    missing = sorted(p for p, ok in checked.items() if not ok)
-    if missing:
-        message = (
-            f"{len(missing)} image(s) listed in {split.partition} are missing under "
-            f"{split.root} (first: {missing[0]})"
-        )
-        if strict:
-            raise SnaplookError(message + "; --strict stops here. Check the dataset root.")
-        logger.warning("%s; they are left out and counted in the report", message)
-    return dataclasses.replace(split, train=train, query=query, gallery=gallery, missing=missing)
-
-
-# --- metrics -------------------------------------------------------------------------
-
-DEFAULT_KS = (1, 5, 10, 20, 30, 50)
-#: How gallery images at exactly the same distance are ordered. "pessimistic" puts the
-#: query's non-matching images before its matching ones (a tie never helps a score, so a
-#: collapsed embedding cannot score well by luck of order); "gallery-order" keeps the
-#: gallery order (what a stable argsort, e.g. ``cosine_knn``, returns).
-TIE_RULES = ("pessimistic", "gallery-order")
-DEFAULT_TIES = "pessimistic"
-#: Feature normalisations before ranking: "l2" ranks by cosine distance; "centered"
-#: subtracts the gallery mean first, then L2 (cosine around the gallery centre); "none"
-#: ranks raw features by Euclidean distance.
-NORMALIZATIONS = ("l2", "centered", "none")
-DEFAULT_NORMALIZATION = "l2"
-#: Working memory for one block of the query x gallery ranking, in bytes.
-RANKING_BLOCK_BYTES = 256 * 1024 * 1024
-#: Nearest gallery images kept per query (for grids).
-DEFAULT_TOP_N = 5
-
-METRIC_DEFINITIONS = {
-    "recall_at_k": (
-        "Recall@K (DeepFashion hit rate): the share of queries with at least one image of "
-        "the same item among their K nearest gallery images."
-    ),
-    "map": (
-        "mAP: the mean over queries of average precision over the full gallery ranking "
-        "(precision at the rank of each same-item image, averaged over those images)."
-    ),
-    "map_at_r": (
-        "MAP@R: like AP, but only the first R ranks count, R being the query's number of "
-        "same-item gallery images (Musgrave et al., 2020); 1.0 means they are all first."
-    ),
-    "mmfashion_recall_at_k": (
-        "MMFashion averaged recall@K: the share of the query's same-item gallery images "
-        "found in its top K, averaged over queries (MMFashion's retrieval_eval.py); it is "
-        "not the hit rate and is lower whenever an item has more than one gallery image."
-    ),
-}
-
-
-@dataclasses.dataclass
-class QueryMetrics:
-    """Per-query retrieval results.
-
-    Attributes:
-        ks: the cut-offs, ascending.
-        n_relevant: ndarray of shape (m,), int: same-item gallery images per query.
-        first_hit_rank: ndarray of shape (m,), int: 1-based rank of the first same-item
-            image, 0 when the query has none (such queries are excluded from means).
-        ap: ndarray of shape (m,), float: average precision (NaN without same-item image).
-        map_at_r: ndarray of shape (m,), float: precision@R-based AP (NaN likewise).
-        mmfashion_recall: ndarray of shape (m, len(ks)), float: same-item images found in
-            the top K over ``n_relevant`` (NaN likewise).
-        tied_first_hit: ndarray of shape (m,), bool: the first same-item image is at
-            exactly the distance of a non-matching one (the tie rule decided its rank).
-        top_index: ndarray of shape (m, t), int: gallery rows of the t nearest, in rank
-            order (-1 pads when the gallery is smaller).
-        top_distance: ndarray of shape (m, t), float32: their distances.
-        ties: the tie rule used.
-    """
-
-    ks: tuple[int, ...]
-    n_relevant: np.ndarray
-    first_hit_rank: np.ndarray
-    ap: np.ndarray
-    map_at_r: np.ndarray
-    mmfashion_recall: np.ndarray
-    tied_first_hit: np.ndarray
-    top_index: np.ndarray
-    top_distance: np.ndarray
-    ties: str = DEFAULT_TIES
-
-    @property
-    def evaluated(self) -> np.ndarray:
-        """ndarray of shape (m,), bool: queries with at least one same-item gallery image."""
-        return self.n_relevant > 0
-
-    def hits(self) -> np.ndarray:
-        """ndarray of shape (m, len(ks)), bool: a same-item image within the top K."""
-        import numpy as np
-
-        ks = np.asarray(self.ks)
-        return (self.first_hit_rank[:, None] > 0) & (self.first_hit_rank[:, None] <= ks)
-
-    def summary(self, mask: np.ndarray | None = None) -> dict[str, Any]:
-        """Mean metrics over the evaluated queries (those with a same-item gallery image).
-
-        Args:
-            mask: ndarray of shape (m,), bool: restrict to these queries (e.g. a category).
-
-        Returns:
-            dict with ``n_queries``, ``n_evaluated``, ``n_without_match``,
-            ``recall_at_k`` {k: hit rate}, ``map``, ``map_at_r``,
-            ``mmfashion_recall_at_k`` {k: value}, ``tied_first_hit``; means are None when
-            no query is evaluated.
-        """
-        import numpy as np
-
-        m = len(self.n_relevant)
-        mask = np.ones(m, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-        use = mask & self.evaluated
-        n = int(use.sum())
-
-        def mean(values: np.ndarray) -> float | None:
-            return float(np.mean(values[use])) if n else None
-
-        hits = self.hits()
-        return {
-            "n_queries": int(mask.sum()),
-            "n_evaluated": n,
-            "n_without_match": int((mask & ~self.evaluated).sum()),
-            "recall_at_k": {k: mean(hits[:, j]) for j, k in enumerate(self.ks)},
-            "map": mean(self.ap),
-            "map_at_r": mean(self.map_at_r),
-            "mmfashion_recall_at_k": {
-                k: mean(self.mmfashion_recall[:, j]) for j, k in enumerate(self.ks)
-            },
-            "tied_first_hit": int((use & self.tied_first_hit).sum()),
-        }
-
-
-def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    out = tuple(sorted({int(k) for k in ks}))
-    if not out or out[0] < 1:
-        raise SnaplookError(f"K values must be positive integers, got {list(ks)}.")
-    return out
-
-
-def _check_ties(ties: str) -> None:
-    if ties not in TIE_RULES:
-        raise SnaplookError(f"unknown tie rule {ties!r}; choose one of: {', '.join(TIE_RULES)}.")
-
-
-def _rank_block(
-    distances: np.ndarray,
-    relevant: np.ndarray,
-    ks: tuple[int, ...],
-    ties: str,
-    top_n: int,
-) -> dict[str, np.ndarray]:
-    """Metrics of one block of queries from its (b, n) distances and relevance mask.
-
-    Only each row's sorted distances are needed, not a full argsort: the rank of the j-th
-    same-item image is j plus the number of other images ranked before it, counted with
-    ``searchsorted`` (ties resolved by ``ties``). Excluded pairs carry distance +inf.
-    """
-    import numpy as np
-
-    b, n = distances.shape
-    kk = np.asarray(ks)
-    n_rel = np.zeros(b, dtype=np.int64)
-    first = np.zeros(b, dtype=np.int64)
-    ap = np.full(b, np.nan)
-    map_r = np.full(b, np.nan)
-    mm = np.full((b, len(ks)), np.nan)
-    tied = np.zeros(b, dtype=bool)
-    top_index = np.full((b, top_n), -1, dtype=np.int64)
-    top_distance = np.full((b, top_n), np.nan, dtype=np.float32)
-    if n == 0:
-        return _block_dict(n_rel, first, ap, map_r, mm, tied, top_index, top_distance)
-    sorted_d = np.sort(distances, axis=1)
-    t = min(top_n, n)
-    threshold = sorted_d[:, t - 1 : t]
-    positions = np.arange(n)
-    for i in range(b):
-        row, rel_row = distances[i], relevant[i]
-        cols = np.flatnonzero(rel_row)
-        # Nearest images for the grids, ordered by the same tie rule as the metrics.
-        near = np.flatnonzero((row <= threshold[i]) & np.isfinite(row))
-        second = rel_row[near] if ties == "pessimistic" else near
-        near = near[np.lexsort((second, row[near]))][:t]
-        top_index[i, : len(near)] = near
-        top_distance[i, : len(near)] = row[near]
-        if len(cols) == 0:
-            continue
-        d_rel = row[cols]
-        order = np.lexsort((cols, d_rel))  # by distance, then gallery order
-        d_rel, cols = d_rel[order], cols[order]
-        count = len(cols)
-        j = np.arange(1, count + 1)
-        if ties == "pessimistic":
-            # Others at distance <= d: all images at <= d minus same-item ones at <= d.
-            others = np.searchsorted(sorted_d[i], d_rel, "right") - np.searchsorted(
-                d_rel, d_rel, "right"
-            )
-        else:
-            others = np.searchsorted(sorted_d[i], d_rel, "left") - np.searchsorted(
-                d_rel, d_rel, "left"
-            )
-            n_equal = np.searchsorted(sorted_d[i], d_rel, "right") - np.searchsorted(
-                sorted_d[i], d_rel, "left"
-            )
-            rel_equal = np.searchsorted(d_rel, d_rel, "right") - np.searchsorted(
-                d_rel, d_rel, "left"
-            )
-            for m in np.flatnonzero(n_equal > rel_equal):  # a tie with another item
-                others[m] += np.count_nonzero((row == d_rel[m]) & ~rel_row & (positions < cols[m]))
-        ranks = others + j
-        n_rel[i] = count
-        first[i] = ranks[0]
-        precision = j / ranks
-        ap[i] = precision.mean()
-        map_r[i] = precision[ranks <= count].sum() / count
-        mm[i] = (ranks[None, :] <= kk[:, None]).sum(axis=1) / count
-        equal_first = np.searchsorted(sorted_d[i], d_rel[0], "right") - np.searchsorted(
-            sorted_d[i], d_rel[0], "left"
-        )
-        tied[i] = equal_first > np.count_nonzero(d_rel == d_rel[0])
-    return _block_dict(n_rel, first, ap, map_r, mm, tied, top_index, top_distance)
-
-
-def _block_dict(*arrays: np.ndarray) -> dict[str, np.ndarray]:
-    names = (
-        "n_relevant",
-        "first_hit_rank",
-        "ap",
-        "map_at_r",
-        "mmfashion_recall",
-        "tied_first_hit",
-        "top_index",
-        "top_distance",
-    )
-    return dict(zip(names, arrays))
-
-
-def _concat_blocks(
-    blocks: list[dict[str, np.ndarray]], ks: tuple[int, ...], ties: str, top_n: int
-) -> QueryMetrics:
-    import numpy as np
-
-    if not blocks:
-        empty = np.zeros(0, dtype=np.int64)
-        return QueryMetrics(
-            ks,
-            empty,
-            empty,
-            np.zeros(0),
-            np.zeros(0),
-            np.zeros((0, len(ks))),
-            np.zeros(0, dtype=bool),
-            np.zeros((0, top_n), dtype=np.int64),
-            np.zeros((0, top_n), dtype=np.float32),
-            ties,
-        )
-    merged = {key: np.concatenate([blk[key] for blk in blocks]) for key in blocks[0]}
-    return QueryMetrics(ks=ks, ties=ties, **merged)
-
-
-def rank_metrics(
-    distances: np.ndarray,
-    query_ids: Sequence[Any],
-    gallery_ids: Sequence[Any],
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    ties: str = DEFAULT_TIES,
-    exclude: np.ndarray | None = None,
-    top_n: int = DEFAULT_TOP_N,
-) -> QueryMetrics:
-    """Per-query retrieval metrics from a query x gallery distance matrix and labels.
-
-    A gallery image is relevant to a query when their ids are equal. Smaller distance
-    ranks first; equal distances follow ``ties``.
-
-    Args:
-        distances: ndarray of shape (m, n), any distance (smaller = more similar).
-        query_ids: m labels.
-        gallery_ids: n labels.
-        ks: cut-offs for Recall@K, default=(1, 5, 10, 20, 30, 50).
-        ties: "pessimistic" (default) or "gallery-order", see :data:`TIE_RULES`.
-        exclude: ndarray of shape (m, n), bool: pairs left out of the ranking (e.g. each
-            query itself in leave-one-out); default none.
-        top_n: nearest gallery images kept per query, default=5.
-
-    Returns:
-        :class:`QueryMetrics`; call ``.summary()`` for the means.
-
-    Raises:
-        SnaplookError: shapes that do not match the labels, bad ``ks`` or ``ties``.
-    """
-    import numpy as np
-
-    ks = _check_ks(ks)
-    _check_ties(ties)
-    distances = np.asarray(distances, dtype=np.float64)
-    q = np.asarray(query_ids)
-    g = np.asarray(gallery_ids)
-    if distances.ndim != 2 or distances.shape != (len(q), len(g)):
-        raise SnaplookError(
-            f"distances has shape {distances.shape}, expected ({len(q)}, {len(g)}) "
-            "(queries x gallery)."
-        )
-    relevant = q[:, None] == g[None, :]
-    if exclude is not None:
-        exclude = np.asarray(exclude, dtype=bool)
-        distances = np.where(exclude, np.inf, distances)
-        relevant = relevant & ~exclude
-    return _concat_blocks([_rank_block(distances, relevant, ks, ties, top_n)], ks, ties, top_n)
-
-
-def recall_at_k(
-    distances: np.ndarray,
-    query_ids: Sequence[Any],
-    gallery_ids: Sequence[Any],
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    ties: str = DEFAULT_TIES,
-) -> dict[int, float | None]:
-    """Recall@K as the DeepFashion hit rate (see :data:`METRIC_DEFINITIONS`).
-
-    Queries without a same-item gallery image are excluded from the mean.
-
-    Returns:
-        {k: share of queries with a same-item image in their top k}.
-    """
-    return rank_metrics(distances, query_ids, gallery_ids, ks=ks, ties=ties).summary()[
-        "recall_at_k"
-    ]
-
-
-def mean_average_precision(
-    distances: np.ndarray,
-    query_ids: Sequence[Any],
-    gallery_ids: Sequence[Any],
-    *,
-    ties: str = DEFAULT_TIES,
-) -> float | None:
-    """mAP over the full ranking (see :data:`METRIC_DEFINITIONS`)."""
-    return rank_metrics(distances, query_ids, gallery_ids, ks=(1,), ties=ties).summary()["map"]
-
-
-def map_at_r(
-    distances: np.ndarray,
-    query_ids: Sequence[Any],
-    gallery_ids: Sequence[Any],
-    *,
-    ties: str = DEFAULT_TIES,
-) -> float | None:
-    """MAP@R (see :data:`METRIC_DEFINITIONS`)."""
-    metrics = rank_metrics(distances, query_ids, gallery_ids, ks=(1,), ties=ties)
-    return metrics.summary()["map_at_r"]
-
-
-def mmfashion_recall_at_k(
-    distances: np.ndarray,
-    query_ids: Sequence[Any],
-    gallery_ids: Sequence[Any],
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    ties: str = DEFAULT_TIES,
-) -> dict[int, float | None]:
-    """MMFashion's averaged recall@K (see :data:`METRIC_DEFINITIONS`); not the hit rate."""
-    metrics = rank_metrics(distances, query_ids, gallery_ids, ks=ks, ties=ties)
-    return metrics.summary()["mmfashion_recall_at_k"]
-
-
-def normalize_features(
-    query_feats: np.ndarray,
-    gallery_feats: np.ndarray,
-    *,
-    normalization: str = DEFAULT_NORMALIZATION,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a :data:`NORMALIZATIONS` setting to query and gallery features.
-
-    Returns:
-        (queries, gallery): float32 arrays of the input shapes.
-
-    Raises:
-        SnaplookError: unknown normalisation.
-    """
-    import numpy as np
-
-    from snaplook.transform_utils import l2_normalize
-
-    q = np.asarray(query_feats, dtype=np.float32)
-    g = np.asarray(gallery_feats, dtype=np.float32)
-    if normalization == "l2":
-        return l2_normalize(q), l2_normalize(g)
-    if normalization == "centered":
-        centre = g.mean(axis=0, keepdims=True) if len(g) else 0.0
-        return l2_normalize(q - centre), l2_normalize(g - centre)
-    if normalization == "none":
-        return q, g
-    raise SnaplookError(
-        f"unknown normalisation {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}."
-    )
-
-
-def _block_distances(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray | None) -> np.ndarray:
-    import numpy as np
-
-    dots = q @ g.T
-    if g_sq is None:  # unit rows: cosine distance
-        return np.clip(1.0 - dots, 0.0, 2.0)
-    q_sq = np.einsum("ij,ij->i", q, q)[:, None]
-    return np.sqrt(np.maximum(q_sq + g_sq[None, :] - 2.0 * dots, 0.0))
-
-
-def evaluate_embeddings(
-    query_feats: np.ndarray,
-    query_ids: Sequence[Any],
-    gallery_feats: np.ndarray,
-    gallery_ids: Sequence[Any],
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    ties: str = DEFAULT_TIES,
-    normalization: str = DEFAULT_NORMALIZATION,
-    leave_one_out: bool = False,
-    top_n: int = DEFAULT_TOP_N,
-    block_bytes: int = RANKING_BLOCK_BYTES,
-    on_progress: Callable[[int], None] | None = None,
-) -> QueryMetrics:
-    """Score embeddings: rank the gallery for every query, in blocks, and measure.
-
-    Memory stays bounded: queries are processed in blocks so that one block's distances
-    and ranking take about ``block_bytes`` (In-shop: 14,218 x 12,612 in 16 blocks).
-
-    Args:
-        query_feats: ndarray of shape (m, d).
-        query_ids: m item ids.
-        gallery_feats: ndarray of shape (n, d).
-        gallery_ids: n item ids.
-        ks: cut-offs, default=(1, 5, 10, 20, 30, 50).
-        ties: tie rule, default="pessimistic" (see :data:`TIE_RULES`).
-        normalization: "l2" (cosine, default), "centered" or "none" (Euclidean).
-        leave_one_out: queries and gallery are the same images (same order); each
-            query's own row is left out of its ranking.
-        top_n: nearest gallery images kept per query, default=5.
-        block_bytes: working-memory budget per block, default=256 MiB.
-        on_progress: called with the number of queries ranked so far.
-
-    Returns:
-        :class:`QueryMetrics`; ``.summary()`` gives the means.
-
-    Raises:
-        SnaplookError: feature and id counts that disagree, different dimensions, or an
-            unknown ``ties`` / ``normalization``.
-    """
-    import numpy as np
-
-    ks = _check_ks(ks)
-    _check_ties(ties)
-    q_ids = np.asarray(query_ids)
-    g_ids = np.asarray(gallery_ids)
-    query_feats = np.atleast_2d(np.asarray(query_feats))
-    gallery_feats = np.atleast_2d(np.asarray(gallery_feats))
-    if len(query_feats) != len(q_ids) or len(gallery_feats) != len(g_ids):
-        raise SnaplookError(
-            f"{len(query_feats)} query features for {len(q_ids)} query ids and "
-            f"{len(gallery_feats)} gallery features for {len(g_ids)} gallery ids; they must "
-            "match one to one."
-        )
-    if len(query_feats) and len(gallery_feats) and query_feats.shape[1] != gallery_feats.shape[1]:
-        raise SnaplookError(
-            f"query features are {query_feats.shape[1]}-d but gallery features "
-            f"{gallery_feats.shape[1]}-d."
-        )
-    if leave_one_out and len(query_feats) != len(gallery_feats):
-        raise SnaplookError("leave_one_out needs the same images as queries and gallery.")
-    q, g = normalize_features(query_feats, gallery_feats, normalization=normalization)
-    g_sq = np.einsum("ij,ij->i", g, g) if normalization == "none" else None
-    m, n = len(q), len(g)
-    # Per (query, gallery) cell a block holds about 24 bytes: the product and distances
-    # (float32), sorted distances, the relevance mask and temporaries.
-    rows = max(1, int(block_bytes // max(1, 24 * n)))
-    blocks = []
-    for start in range(0, m, rows):
-        stop = min(m, start + rows)
-        dist = _block_distances(q[start:stop], g, g_sq)
-        relevant = q_ids[start:stop, None] == g_ids[None, :]
-        if leave_one_out:
-            own = np.arange(start, stop)
-            dist[own - start, own] = np.inf
-            relevant[own - start, own] = False
-        blocks.append(_rank_block(dist, relevant, ks, ties, top_n))
-        if on_progress is not None:
-            on_progress(stop)
-    return _concat_blocks(blocks, ks, ties, top_n)
-
-
-# --- evaluation runs and reports -----------------------------------------------------
-
-CROPS = ("none", "gt")
-DEFAULT_CROP = "none"
 DEFAULT_OUT_ROOT = Path("output/eval")
 #: Queries drawn in each of the worst and random grids.
 DEFAULT_N_EXAMPLES = 8
@@ -1042,43 +214,126 @@ def evaluate(
         SnaplookError: bad protocol files, missing images with ``strict``, unknown
             settings, unloadable weights, no query with a same-item gallery image.
     """
+    # Over 80 lines only through its signature and docstring: the keyword parameters are the
+    # public API (the CLI, notebooks and tests call it with them); the stages are helpers.
     import time
 
-    import numpy as np
-
-    from snaplook import features as feats
-    from snaplook.io_utils import make_temp_dir, replace_dir
-
-    ks = _check_ks(ks)
-    _check_ties(ties)
-    if crop not in CROPS:
-        raise SnaplookError(f"unknown crop {crop!r}; choose none or gt.")
-    if normalization not in NORMALIZATIONS:
-        raise SnaplookError(
-            f"unknown normalisation {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}."
-        )
+    ks = check_ks(ks)
+    check_ties(ties)
+    check_crop(crop)
+    check_normalization(normalization)
     root = Path(root)
     if split is None:
         split = load_split(
             root,
             protocol=protocol,
             partition=partition,
-            bbox=_resolve_bbox(root, protocol, bbox, crop),
+            bbox=resolve_bbox(root, protocol, bbox, crop),
             strict=strict,
             subset=subset,
         )
         warn_ks_over_gallery(split, ks)
     if embedder is None:
-        embedder = feats.Embedder(
-            backbone or feats.DEFAULT_BACKBONE,
-            weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
-            pooling=pooling or feats.DEFAULT_POOLING,
-            seed=seed,
-            runtime=runtime,
-            precision=precision,
-        )
+        embedder = _make_embedder(backbone, weights, pooling, seed, runtime, precision)
     if getattr(embedder, "calibrate_on", None) and embedder.resolved_precision() == "int8":
         embedder.calibrate_on([split.root / s.path for s in split.gallery])
+    identity, name = _identity_and_name(embedder, normalization, head)
+    out = (
+        Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}-{name}"
+    )
+    embedded = _embed_split(
+        split,
+        embedder,
+        crop=crop,
+        head=head,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        strict=strict,
+        on_start=_stage_start(f"Embedding ({name})", on_stage, on_start),
+        on_progress=on_progress,
+    )
+    if on_stage is not None:
+        on_stage(f"Ranking ({name})", len(embedded.q_rows))
+    ranking = _Ranking(ks=ks, ties=ties, normalization=normalization)
+    started = time.perf_counter()
+    metrics = _rank_split(
+        split, embedded, ranking, on_progress=on_progress if on_stage is not None else None
+    )
+    seconds = {
+        "embedding": round(embedded.seconds, 3),
+        "ranking": round(time.perf_counter() - started, 3),
+    }
+    config = _report_config(
+        root, split, embedder, embedded, identity, name, ranking, crop=crop, subset=subset
+    )
+    report = _make_report(config, split, embedded, metrics, out=out, seconds=seconds)
+    _write_report_folder(report, out, split, embedded, metrics, n_examples=n_examples, seed=seed)
+    return report
+
+
+@dataclass(frozen=True)
+class _Ranking:
+    """How the gallery is ranked and scored: cut-offs, tie rule, normalisation (checked)."""
+
+    ks: tuple[int, ...]
+    ties: str
+    normalization: str
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """A split's features: every query row and gallery row, and which images were readable.
+
+    ``q_feats`` / ``g_feats``: ndarray of shape (n_query, d) / (n_gallery, d), float32
+    (zeros for unreadable images); ``q_ok`` / ``g_ok``: bool masks of the readable ones.
+    """
+
+    q_feats: np.ndarray
+    g_feats: np.ndarray
+    q_ok: np.ndarray
+    g_ok: np.ndarray
+    skipped: list[Any]
+    n_embedded: int
+    cache_dir: Path
+    seconds: float
+
+    @property
+    def q_rows(self) -> np.ndarray:
+        """Row indices of the readable queries."""
+        import numpy as np
+
+        return np.flatnonzero(self.q_ok)
+
+    @property
+    def g_rows(self) -> np.ndarray:
+        """Row indices of the readable gallery images."""
+        import numpy as np
+
+        return np.flatnonzero(self.g_ok)
+
+
+def _make_embedder(
+    backbone: str | None,
+    weights: str | Path | None,
+    pooling: str | None,
+    seed: int,
+    runtime: str,
+    precision: str,
+) -> Any:
+    from snaplook import features as feats
+
+    return feats.Embedder(
+        backbone or feats.DEFAULT_BACKBONE,
+        weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
+        pooling=pooling or feats.DEFAULT_POOLING,
+        seed=seed,
+        runtime=runtime,
+        precision=precision,
+    )
+
+
+def _identity_and_name(embedder: Any, normalization: str, head: Any) -> tuple[dict, str]:
+    """The features' identity (with the head's, if any) and the setting's name."""
     identity = embedder.identity()
     name = _setting_name(identity["backbone"], identity["pooling"], normalization)
     if head is not None:
@@ -1087,38 +342,69 @@ def evaluate(
         head.check_source(identity)
         identity = {**identity, "feature_dim": head.output_dim, "head": head.identity()}
         name += f"+{head.name}"
-    out = (
-        Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}-{name}"
-    )
+    return identity, name
 
-    # Embed every distinct evaluated image once (queries and gallery may share images).
+
+def _stage_start(
+    description: str,
+    on_stage: Callable[[str, int], None] | None,
+    on_start: Callable[[int], None] | None,
+) -> Callable[[int], None]:
+    """One ``on_start(total)`` that announces a stage to both callbacks."""
+
+    def started(total: int) -> None:
+        if on_stage is not None:
+            on_stage(description, total)
+        if on_start is not None:
+            on_start(total)
+
+    return started
+
+
+def _embed_split(
+    split: Split,
+    embedder: Any,
+    *,
+    crop: str,
+    head: Any,
+    cache_dir: str | Path | None,
+    batch_size: int | None,
+    strict: bool,
+    on_start: Callable[[int], None],
+    on_progress: Callable[[int], None] | None,
+) -> _Embedded:
+    """Embed every distinct evaluated image once (queries and gallery may share images)."""
+    import time
+
+    import numpy as np
+
+    from snaplook import features as feats
+
     def ref(s: Sample) -> tuple[Path, tuple[int, int, int, int] | None]:
         return split.root / s.path, s.box if crop == "gt" else None
 
     images = split.query if split.leave_one_out else split.query + split.gallery
+    cache_dir = Path(cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR)
     skipped: list[Any] = []
     n_embedded: list[int] = []
 
-    def embedding_started(total: int) -> None:
+    def started(total: int) -> None:
         n_embedded.append(total)
-        if on_stage is not None:
-            on_stage(f"Embedding ({name})", total)
-        if on_start is not None:
-            on_start(total)
+        on_start(total)
 
-    started = time.perf_counter()
+    t0 = time.perf_counter()
     matrix = feats.embed_cached(
         [ref(s) for s in images],
         embedder,
-        cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
+        cache_dir=cache_dir,
         batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
         on_skip=skipped.append,
-        on_start=embedding_started,
+        on_start=started,
         on_progress=on_progress,
     )
     if head is not None:
         matrix = head.transform(matrix)
-    embed_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - t0
     unreadable = {str(s.path) for s in skipped}
     if unreadable and strict:
         raise SnaplookError(
@@ -1127,49 +413,100 @@ def evaluate(
         )
     readable = np.array([str(ref(s)[0].resolve()) not in unreadable for s in images])
     n_q = len(split.query)
-    q_ok = readable[:n_q]
-    g_ok = readable[:n_q] if split.leave_one_out else readable[n_q:]
-    q_feats = matrix[:n_q]
-    g_feats = q_feats if split.leave_one_out else matrix[n_q:]
-    q_rows = np.flatnonzero(q_ok)
-    g_rows = np.flatnonzero(g_ok)
-
-    if on_stage is not None:
-        on_stage(f"Ranking ({name})", len(q_rows))
-    started = time.perf_counter()
-    metrics = evaluate_embeddings(
-        q_feats[q_rows],
-        [split.query[i].item for i in q_rows],
-        g_feats[g_rows],
-        [split.gallery[i].item for i in g_rows],
-        ks=ks,
-        ties=ties,
-        normalization=normalization,
-        leave_one_out=split.leave_one_out,
-        on_progress=on_progress if on_stage is not None else None,
+    return _Embedded(
+        q_feats=matrix[:n_q],
+        g_feats=matrix[:n_q] if split.leave_one_out else matrix[n_q:],
+        q_ok=readable[:n_q],
+        g_ok=readable[:n_q] if split.leave_one_out else readable[n_q:],
+        skipped=skipped,
+        n_embedded=n_embedded[0] if n_embedded else 0,
+        cache_dir=cache_dir,
+        seconds=seconds,
     )
-    rank_seconds = time.perf_counter() - started
+
+
+def _rank_split(
+    split: Split,
+    embedded: _Embedded,
+    ranking: _Ranking,
+    *,
+    on_progress: Callable[[int], None] | None,
+) -> QueryMetrics:
+    """Rank the readable gallery for every readable query; raise if no query has a match."""
+    q_rows, g_rows = embedded.q_rows, embedded.g_rows
+    metrics = evaluate_embeddings(
+        embedded.q_feats[q_rows],
+        [split.query[i].item for i in q_rows],
+        embedded.g_feats[g_rows],
+        [split.gallery[i].item for i in g_rows],
+        ks=ranking.ks,
+        ties=ranking.ties,
+        normalization=ranking.normalization,
+        leave_one_out=split.leave_one_out,
+        on_progress=on_progress,
+    )
     if not metrics.evaluated.any():
         raise SnaplookError(
             f"none of the {len(q_rows)} readable queries has an image of its item in the "
             "gallery; check the partition file and --protocol."
         )
+    return metrics
 
-    per_query = _per_query_rows(split, q_rows, metrics, q_ok)
+
+def _make_report(
+    config: dict[str, Any],
+    split: Split,
+    embedded: _Embedded,
+    metrics: QueryMetrics,
+    *,
+    out: Path,
+    seconds: dict[str, float],
+) -> Report:
+    import numpy as np
+
+    q_rows = embedded.q_rows
     categories = np.array([split.query[i].category for i in q_rows])
-    per_category = {c: metrics.summary(categories == c) for c in sorted(set(categories.tolist()))}
     summary = metrics.summary()
     counts = {
         **split.counts(),
-        "unreadable_query_images": int((~q_ok).sum()),
-        "unreadable_gallery_images": int((~g_ok).sum()),
+        "unreadable_query_images": int((~embedded.q_ok).sum()),
+        "unreadable_gallery_images": int((~embedded.g_ok).sum()),
         "queries_ranked": len(q_rows),
-        "gallery_images_searched": len(g_rows) - (1 if split.leave_one_out else 0),
+        "gallery_images_searched": len(embedded.g_rows) - (1 if split.leave_one_out else 0),
         "queries_without_gallery_match": summary["n_without_match"],
         "queries_evaluated": summary["n_evaluated"],
         "queries_with_tied_first_hit": summary["tied_first_hit"],
     }
-    config = {
+    return Report(
+        config=config,
+        counts=counts,
+        metrics=summary,
+        per_category={
+            c: metrics.summary(categories == c) for c in sorted(set(categories.tolist()))
+        },
+        per_query=_per_query_rows(split, q_rows, metrics, embedded.q_ok),
+        out=out,
+        seconds=seconds,
+        skipped=[(p, "listed in the partition file but missing") for p in split.missing]
+        + sorted((str(s.path), s.reason) for s in embedded.skipped),
+    )
+
+
+def _report_config(
+    root: Path,
+    split: Split,
+    embedder: Any,
+    embedded: _Embedded,
+    identity: dict[str, Any],
+    name: str,
+    ranking: _Ranking,
+    *,
+    crop: str,
+    subset: str,
+) -> dict[str, Any]:
+    from snaplook import features as feats
+
+    return {
         "root": str(root.resolve()),
         "image_root": str(split.root.resolve()),
         "protocol": split.protocol,
@@ -1187,32 +524,45 @@ def evaluate(
         "head": identity.get("head"),
         "runtime": feats.embedder_runtime(embedder),
         "feature_cache": {
-            "dir": str(Path(cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR)),
-            "images_embedded": n_embedded[0] if n_embedded else 0,
+            "dir": str(embedded.cache_dir),
+            "images_embedded": embedded.n_embedded,
         },
-        "normalization": normalization,
-        "distance": "euclidean" if normalization == "none" else "cosine",
-        "ks": list(ks),
-        "ties": ties,
+        "normalization": ranking.normalization,
+        "distance": "euclidean" if ranking.normalization == "none" else "cosine",
+        "ks": list(ranking.ks),
+        "ties": ranking.ties,
         "leave_one_out": split.leave_one_out,
         "setting": name,
         "snaplook_version": _version(),
         "created": timestamp(),
     }
-    report = Report(
-        config=config,
-        counts=counts,
-        metrics=summary,
-        per_category=per_category,
-        per_query=per_query,
-        out=out,
-        seconds={"embedding": round(embed_seconds, 3), "ranking": round(rank_seconds, 3)},
-        skipped=[(p, "listed in the partition file but missing") for p in split.missing]
-        + sorted((str(s.path), s.reason) for s in skipped),
-    )
+
+
+def _write_report_folder(
+    report: Report,
+    out: Path,
+    split: Split,
+    embedded: _Embedded,
+    metrics: QueryMetrics,
+    *,
+    n_examples: int,
+    seed: int,
+) -> None:
+    """Write the report into a temporary folder, then replace ``out`` with it."""
+    from snaplook.io_utils import make_temp_dir, replace_dir
+
     tmp = make_temp_dir(out)
     try:
-        _write_report(report, tmp, split, q_rows, g_rows, metrics, n_examples=n_examples, seed=seed)
+        _write_report(
+            report,
+            tmp,
+            split,
+            embedded.q_rows,
+            embedded.g_rows,
+            metrics,
+            n_examples=n_examples,
+            seed=seed,
+        )
         replace_dir(tmp, out, marker="report.json")
     finally:
         if tmp.exists():
@@ -1220,29 +570,12 @@ def evaluate(
 
             shutil.rmtree(tmp, ignore_errors=True)
     report.files = {name: out / path.name for name, path in report.files.items()}
-    return report
 
 
 def _version() -> str:
     from snaplook import __version__
 
     return __version__
-
-
-def _resolve_bbox(
-    root: Path, protocol: str, bbox: str | Path | None, crop: str
-) -> str | Path | None:
-    if bbox is not None or crop != "gt":
-        return bbox
-    if protocol == "folders":
-        raise SnaplookError("--crop gt needs boxes; the folders protocol has none (use --bbox).")
-    found = find_annotation(root, BBOX_FILES[protocol])
-    if found is None:
-        raise SnaplookError(
-            f"--crop gt needs {BBOX_FILES[protocol]}; not found in {root} or {root / 'Anno'}. "
-            "Pass it with --bbox, or use --crop none."
-        )
-    return found
 
 
 def _per_query_rows(
@@ -1583,7 +916,7 @@ def evaluate_settings(
         root,
         protocol=protocol,
         partition=partition,
-        bbox=_resolve_bbox(root, protocol, bbox, crop),
+        bbox=resolve_bbox(root, protocol, bbox, crop),
         strict=strict,
         subset=subset,
     )
@@ -1713,24 +1046,6 @@ def render_compare_md(table: dict[str, Any]) -> str:
     if any(r["weights"].get("name") == "random" for r in rows):
         lines += ["", "Random weights: these numbers test the pipeline, not retrieval quality."]
     return "\n".join(lines) + "\n"
-
-
-def parse_ks(text: str) -> tuple[int, ...]:
-    """Read a ``--k`` value such as "1,5,10" into sorted distinct cut-offs.
-
-    Raises:
-        SnaplookError: an empty list, or a value that is not a positive integer.
-    """
-    values = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        if not (part.isascii() and part.isdigit()) or int(part) < 1:
-            raise SnaplookError(f"--k: {part!r} is not a positive integer; use e.g. --k 1,5,10.")
-        values.append(int(part))
-    if not values:
-        raise SnaplookError("--k: no values; use e.g. --k 1,5,10,20,30,50.")
-    return _check_ks(values)
 
 
 def split_values(values: Sequence[str] | None) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
+from snaplook.datasets import Sample, Split, check_crop, load_split, read_bbox_file, resolve_bbox
 from snaplook.errors import SnaplookError
 from snaplook.io_utils import timestamp
 
@@ -544,7 +545,7 @@ def load_head(path: str | Path) -> Head:
 def recall_at_1_leave_one_out(features: np.ndarray, labels: Sequence[Any] | np.ndarray) -> float:
     """Share of rows whose nearest other row (cosine) has the same label.
 
-    Computed by :func:`snaplook.evaluate.evaluate_embeddings` (leave-one-out, its default
+    Computed by :func:`snaplook.metrics.evaluate_embeddings` (leave-one-out, its default
     pessimistic tie rule), so validation numbers mean what ``snaplook evaluate`` reports.
 
     Args:
@@ -554,7 +555,7 @@ def recall_at_1_leave_one_out(features: np.ndarray, labels: Sequence[Any] | np.n
     Returns:
         float in [0, 1] (0 when no row has another row of its label).
     """
-    from snaplook.evaluate import evaluate_embeddings
+    from snaplook.metrics import evaluate_embeddings
 
     if len(features) < 2:
         return 0.0
@@ -673,9 +674,7 @@ def fit_head(
 
     feats = np.asarray(train_feats, dtype=np.float32)
     ids = np.asarray([str(x) for x in train_ids])
-    _check_settings(
-        feats,
-        ids,
+    settings = _FitSettings(
         loss=loss,
         dim=dim,
         hidden=hidden,
@@ -683,7 +682,138 @@ def fit_head(
         batch=batch,
         lr=lr,
         val_fraction=val_fraction,
+        seed=seed,
+        patience=patience,
+        margin=margin,
     )
+    settings.check(feats, ids)
+    data = _training_data(feats, ids, batch=batch, val_fraction=val_fraction, seed=seed)
+    keras = _keras()
+    tf = _tf()
+    keras.utils.set_random_seed(seed)
+    model = _build_model(feats.shape[1], dim, hidden, _l2(data.x_train).mean(axis=0))
+    step = _make_step(model, data, settings, tf=tf, keras=keras)
+    run = _run_epochs(model, step, data, settings, on_epoch=on_epoch, tf=tf)
+    model.set_weights(run.best_weights)
+    return Head(
+        config=settings.config(int(feats.shape[1]), source),
+        info=_fit_info(run, data, source),
+        history=run.history,
+        model_=model,
+    )
+
+
+@dataclass(frozen=True)
+class _FitSettings:
+    """The training settings of :func:`fit_head` (see there), checked by :meth:`check`."""
+
+    loss: str
+    dim: int
+    hidden: int
+    epochs: int
+    batch: tuple[int, int]
+    lr: float
+    val_fraction: float
+    seed: int
+    patience: int
+    margin: float
+
+    def check(self, feats: np.ndarray, ids: np.ndarray) -> None:
+        """Raise on features and ids that do not pair up, or on a bad setting."""
+        if feats.ndim != 2 or len(feats) != len(ids):
+            raise SnaplookError(
+                f"train_feats of shape {feats.shape} and {len(ids)} ids: expected (n, d) "
+                "features and one id per row."
+            )
+        if self.loss not in LOSSES:
+            raise SnaplookError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}.")
+        p, k = self.batch
+        if p < 2 or k < 2:
+            raise SnaplookError(
+                f"--batch {p}x{k}: need at least 2 items (P) and 2 images per item (K), e.g. 16x4."
+            )
+        if self.dim < 1 or self.hidden < 0 or self.epochs < 1 or not self.lr > 0:
+            raise SnaplookError(
+                f"--dim {self.dim}, --hidden {self.hidden}, --epochs {self.epochs}, "
+                f"--lr {self.lr}: need dim >= 1, hidden >= 0, epochs >= 1 and lr > 0."
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise SnaplookError(f"--val-fraction must be in [0, 1), got {self.val_fraction}.")
+
+    def config(self, input_dim: int, source: dict[str, Any] | None) -> dict[str, Any]:
+        """The head's ``config`` (the architecture and training part of ``head.json``)."""
+        p, k = self.batch
+        return {
+            "input_dim": input_dim,
+            "dim": self.dim,
+            "hidden": self.hidden,
+            "loss": self.loss,
+            "epochs": self.epochs,
+            "batch": [p, k],
+            "lr": self.lr,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "patience": self.patience,
+            "margin": self.margin,
+            "alpha": DEFAULT_ALPHA,
+            "delta": DEFAULT_DELTA,
+            "source": source or {},
+        }
+
+
+def _fit_info(
+    run: _EpochsRun, data: _TrainingData, source: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The head's training record (``info``): best epoch, validation Recall@1, counts."""
+    return {
+        "created": timestamp(),
+        "best_epoch": run.best_epoch,
+        "epochs_run": len(run.history),
+        "stopped_early": run.stopped_early,
+        "interrupted": run.interrupted,
+        "val_metrics": {
+            "recall_at_1": run.history[run.best_epoch - 1].val_recall_at_1,
+            "raw_recall_at_1": data.raw_val_recall,
+            "protocol": "leave-one-out over held-out training items (cosine)",
+        },
+        "counts": data.counts,
+        # What the backbone features came from, in words, for anyone reading head.json.
+        "backbone_weights": describe_weights((source or {}).get("weights")),
+    }
+
+
+@dataclass(frozen=True)
+class _TrainingData:
+    """Rows to train on and held-out validation rows, with labels and counts.
+
+    ``x_train`` (n_train, d) float32 with ``train_labels`` in [0, n_train_items);
+    ``x_val`` / ``y_val`` the held-out items' rows; ``raw_val_recall`` the validation
+    Recall@1 of the raw features (None without validation items).
+    """
+
+    x_train: np.ndarray
+    train_labels: np.ndarray
+    n_train_items: int
+    x_val: np.ndarray
+    y_val: np.ndarray
+    counts: dict[str, int]
+    raw_val_recall: float | None
+
+    def val_recall(self, model: Any) -> float | None:
+        """Validation Recall@1 of ``model``'s embedding (None without validation items)."""
+        import numpy as np
+
+        if not len(self.y_val):
+            return None
+        return recall_at_1_leave_one_out(np.asarray(model(self.x_val, training=False)), self.y_val)
+
+
+def _training_data(
+    feats: np.ndarray, ids: np.ndarray, *, batch: tuple[int, int], val_fraction: float, seed: int
+) -> _TrainingData:
+    """Drop single-image items, hold out validation items, and check P still fits."""
+    import numpy as np
+
     p, k = batch
     usable, counts = _usable_rows(ids, k, p)
     feats, ids = feats[usable], ids[usable]
@@ -696,7 +826,6 @@ def fit_head(
             f"--batch asks for P={p} items per batch, but only {n_train_items} items are left "
             f"for training after holding out validation items; use P <= {n_train_items}."
         )
-    x_train = feats[train_rows]
     x_val, y_val = feats[val_rows], labels[val_rows]
     counts.update(
         train_items=n_train_items,
@@ -713,135 +842,80 @@ def fit_head(
             counts["val_images"],
             MIN_VAL_ITEMS,
         )
-
-    keras = _keras()
-    tf = _tf()
-    keras.utils.set_random_seed(seed)
-    mean = _l2(x_train).mean(axis=0)
-    model = _build_model(feats.shape[1], dim, hidden, mean)
-    config = {
-        "input_dim": int(feats.shape[1]),
-        "dim": dim,
-        "hidden": hidden,
-        "loss": loss,
-        "epochs": epochs,
-        "batch": [p, k],
-        "lr": lr,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "patience": patience,
-        "margin": margin,
-        "alpha": DEFAULT_ALPHA,
-        "delta": DEFAULT_DELTA,
-        "source": source or {},
-    }
-    step = _make_step(
-        model,
-        x_train,
-        train_labels,
-        n_train_items,
-        loss=loss,
-        lr=lr,
-        margin=margin,
-        seed=seed,
-        tf=tf,
-        keras=keras,
+    return _TrainingData(
+        x_train=feats[train_rows],
+        train_labels=train_labels,
+        n_train_items=n_train_items,
+        x_val=x_val,
+        y_val=y_val,
+        counts=counts,
+        raw_val_recall=recall_at_1_leave_one_out(x_val, y_val) if len(val_rows) else None,
     )
-    n_batches = max(1, math.ceil(len(train_rows) / (p * k)))
 
-    def val_recall(m: Any) -> float | None:
-        if not len(val_rows):
-            return None
-        return recall_at_1_leave_one_out(np.asarray(m(x_val, training=False)), y_val)
 
-    raw_val = recall_at_1_leave_one_out(x_val, y_val) if len(val_rows) else None
-    history: list[EpochRecord] = []
-    best_r, best_epoch, best_weights = -1.0, 0, None
-    interrupted = False
-    stopped_early = False
+@dataclass
+class _EpochsRun:
+    """What the epoch loop ended with: its history and the best epoch's weights."""
+
+    history: list[EpochRecord]
+    best_epoch: int
+    best_weights: Any
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+def _run_epochs(
+    model: Any,
+    step: Callable[[Any], Any],
+    data: _TrainingData,
+    settings: _FitSettings,
+    *,
+    on_epoch: Callable[[EpochRecord], None] | None,
+    tf: Any,
+) -> _EpochsRun:
+    """Train epoch by epoch, keeping the best validation Recall@1's weights (or the last)."""
+    p, k = settings.batch
+    seed, patience = settings.seed, settings.patience
+    n_batches = max(1, math.ceil(len(data.x_train) / (p * k)))
+    run = _EpochsRun(history=[], best_epoch=0, best_weights=None)
+    best_r = -1.0
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, settings.epochs + 1):
             started = time.perf_counter()
             batches = sample_pk_batches(
-                train_labels, p=p, k=k, n_batches=n_batches, seed=seed * 100_003 + epoch
+                data.train_labels, p=p, k=k, n_batches=n_batches, seed=seed * 100_003 + epoch
             )
             total = 0.0
             for rows in batches:
                 total += float(step(tf.constant(rows, dtype=tf.int32)))
-            r1 = val_recall(model)
+            r1 = data.val_recall(model)
             score = r1 if r1 is not None else float(epoch)
             record = EpochRecord(epoch, total / n_batches, r1, time.perf_counter() - started)
             if score > best_r:
-                best_r, best_epoch, best_weights = score, epoch, model.get_weights()
+                best_r, run.best_epoch, run.best_weights = score, epoch, model.get_weights()
                 record.best = True
-            history.append(record)
+            run.history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            if r1 is not None and epoch - best_epoch >= patience:
-                stopped_early = True
+            if r1 is not None and epoch - run.best_epoch >= patience:
+                run.stopped_early = True
                 logger.info("validation Recall@1 stalled for %d epochs: stopping", patience)
                 break
     except KeyboardInterrupt:
-        if best_weights is None:
+        if run.best_weights is None:
             raise
-        interrupted = True
-        logger.warning("interrupted: keeping the best head so far (epoch %d)", best_epoch)
-    model.set_weights(best_weights)
-    info = {
-        "created": timestamp(),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "interrupted": interrupted,
-        "val_metrics": {
-            "recall_at_1": history[best_epoch - 1].val_recall_at_1,
-            "raw_recall_at_1": raw_val,
-            "protocol": "leave-one-out over held-out training items (cosine)",
-        },
-        "counts": counts,
-        # What the backbone features came from, in words, for anyone reading head.json.
-        "backbone_weights": describe_weights((source or {}).get("weights")),
-    }
-    return Head(config=config, info=info, history=history, model_=model)
-
-
-def _check_settings(feats: np.ndarray, ids: np.ndarray, **s: Any) -> None:
-    if feats.ndim != 2 or len(feats) != len(ids):
-        raise SnaplookError(
-            f"train_feats of shape {feats.shape} and {len(ids)} ids: expected (n, d) "
-            "features and one id per row."
-        )
-    if s["loss"] not in LOSSES:
-        raise SnaplookError(f"unknown loss {s['loss']!r}; choose one of: {', '.join(LOSSES)}.")
-    p, k = s["batch"]
-    if p < 2 or k < 2:
-        raise SnaplookError(
-            f"--batch {p}x{k}: need at least 2 items (P) and 2 images per item (K), e.g. 16x4."
-        )
-    if s["dim"] < 1 or s["hidden"] < 0 or s["epochs"] < 1 or not s["lr"] > 0:
-        raise SnaplookError(
-            f"--dim {s['dim']}, --hidden {s['hidden']}, --epochs {s['epochs']}, --lr {s['lr']}: "
-            "need dim >= 1, hidden >= 0, epochs >= 1 and lr > 0."
-        )
-    if not 0 <= s["val_fraction"] < 1:
-        raise SnaplookError(f"--val-fraction must be in [0, 1), got {s['val_fraction']}.")
+        run.interrupted = True
+        logger.warning("interrupted: keeping the best head so far (epoch %d)", run.best_epoch)
+    return run
 
 
 def _make_step(
-    model: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    n_items: int,
-    *,
-    loss: str,
-    lr: float,
-    margin: float,
-    seed: int,
-    tf: Any,
-    keras: Any,
+    model: Any, data: _TrainingData, settings: _FitSettings, *, tf: Any, keras: Any
 ) -> Callable[[Any], Any]:
-    feats = tf.constant(x)
-    labels = tf.constant(y.astype("int32"))
+    """One compiled training step: a batch of row indices in, the loss value out."""
+    feats = tf.constant(data.x_train)
+    labels = tf.constant(data.train_labels.astype("int32"))
+    loss, lr, margin, seed = settings.loss, settings.lr, settings.margin, settings.seed
     head_vars = model.trainable_variables
     opt = keras.optimizers.Adam(learning_rate=lr)
     opt.build(head_vars)
@@ -858,7 +932,7 @@ def _make_step(
         return step
 
     init = keras.initializers.HeUniform(seed=seed)
-    proxies = tf.Variable(init((n_items, model.output_shape[-1])), name="proxies")
+    proxies = tf.Variable(init((data.n_train_items, model.output_shape[-1])), name="proxies")
     proxy_opt = keras.optimizers.Adam(learning_rate=lr * PROXY_LR_SCALE)
     proxy_opt.build([proxies])
 
@@ -965,9 +1039,9 @@ def train_head(
     On Ctrl-C the best head so far is written and ``summary.interrupted`` is True.
 
     Args:
-        root: dataset root (see :func:`snaplook.evaluate.load_split`).
+        root: dataset root (see :func:`snaplook.datasets.load_split`).
         protocol: "inshop" (default), "consumer2shop" or "folders".
-        partition, strict: see :func:`snaplook.evaluate.load_split`.
+        partition, strict: see :func:`snaplook.datasets.load_split`.
         bbox: box file; default for ``crop="gt"``: ``list_bbox_<protocol>.txt`` under
             ``root`` or ``root/Anno``.
         crop: "none" (whole image, default) or "gt" (crop each training image to its
@@ -989,68 +1063,42 @@ def train_head(
         SnaplookError: bad protocol files, no training images, the errors of
             :func:`fit_head`.
     """
-    import numpy as np
-
+    # Over 80 lines only through its signature and docstring: the keyword parameters are the
+    # public API (the CLI and tests call it with them); the stages are helpers.
     from snaplook import features as feats
-    from snaplook.evaluate import CROPS, _resolve_bbox, load_split, read_bbox_file
-    from snaplook.io_utils import make_temp_dir, replace_dir
 
     root = Path(root)
-    if crop not in CROPS:
-        raise SnaplookError(f"unknown crop {crop!r}; choose none or gt.")
+    check_crop(crop)
     embedder = feats.Embedder(
         backbone or feats.DEFAULT_BACKBONE,
         weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
         pooling=pooling or feats.DEFAULT_POOLING,
         seed=seed,
     )
-    split = load_split(root, protocol=protocol, partition=partition, strict=strict)
-    samples = split.train if split.protocol != "folders" else split.query
-    bbox = _resolve_bbox(root, split.protocol, bbox, crop) if crop == "gt" else None
-    boxes = read_bbox_file(bbox) if bbox is not None else {}
-    if not samples:
-        raise SnaplookError(
-            f"{split.partition or root}: no training images (evaluation_status train); "
-            "a head is trained on the train split only, never on query/gallery items."
-        )
+    images = _training_images(
+        root, protocol=protocol, partition=partition, bbox=bbox, crop=crop, strict=strict
+    )
     out = (
         Path(out)
         if out is not None
         else default_head_dir(
-            root, protocol=split.protocol, backbone=embedder.backbone, loss=loss, dim=dim
+            root, protocol=images.split.protocol, backbone=embedder.backbone, loss=loss, dim=dim
         )
     )
     identity = embedder.identity()
-    to_embed = [0]
-
-    def started(n: int) -> None:
-        to_embed[0] = n
-        if on_start is not None:
-            on_start(n)
-
-    t0 = time.perf_counter()
-    skipped: list[Any] = []
-    matrix = feats.embed_cached(
-        [(split.root / s.path, boxes.get(s.path)) for s in samples],
+    embedded = _embed_training_images(
+        images,
         embedder,
-        cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
-        batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
-        on_skip=skipped.append,
-        on_start=started,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        strict=strict,
+        on_start=on_start,
         on_progress=on_progress,
     )
-    embed_seconds = time.perf_counter() - t0
-    unreadable = {str(Path(s.path).resolve()) for s in skipped}
-    if unreadable and strict:
-        raise SnaplookError(
-            f"{len(unreadable)} training image(s) could not be read (first: "
-            f"{sorted(unreadable)[0]}); --strict stops here."
-        )
-    keep = np.array([str((split.root / s.path).resolve()) not in unreadable for s in samples])
     t0 = time.perf_counter()
     head = fit_head(
-        matrix[keep],
-        [s.item for s, k in zip(samples, keep) if k],
+        embedded.features,
+        embedded.ids,
         loss=loss,
         dim=dim,
         hidden=hidden,
@@ -1064,41 +1112,146 @@ def train_head(
         on_epoch=on_epoch,
     )
     train_seconds = time.perf_counter() - t0
-    head.info["dataset"] = {
-        "root": str(root.resolve()),
-        "protocol": split.protocol,
-        "partition": str(split.partition.resolve()) if split.partition else None,
-        "crop": crop,
-        "bbox": str(Path(bbox).resolve()) if bbox else None,
-        "unboxed_images": sum(s.path not in boxes for s in samples) if bbox else None,
-        "unreadable_images": int((~keep).sum()),
-    }
+    head.info["dataset"] = images.info(root, crop=crop, n_unreadable=embedded.n_unreadable)
     head.info["seconds"] = {
-        "embedding": round(embed_seconds, 3),
+        "embedding": round(embedded.seconds, 3),
         "training": round(train_seconds, 3),
     }
+    files = _write_head_folder(head, out)
+    return TrainSummary(
+        head=head,
+        out=out,
+        files=files,
+        n_embedded=embedded.n_embedded,
+        n_unreadable=embedded.n_unreadable,
+        seconds={"embedding": embedded.seconds, "training": train_seconds},
+    )
+
+
+@dataclass(frozen=True)
+class _TrainingImages:
+    """A split's training samples and the ground-truth boxes they are cropped to."""
+
+    split: Split
+    samples: list[Sample]
+    bbox: str | Path | None
+    boxes: dict[str, tuple[int, int, int, int]]
+
+    def info(self, root: Path, *, crop: str, n_unreadable: int) -> dict[str, Any]:
+        """``head.json``'s ``dataset``: where the training images came from."""
+        split, bbox = self.split, self.bbox
+        return {
+            "root": str(root.resolve()),
+            "protocol": split.protocol,
+            "partition": str(split.partition.resolve()) if split.partition else None,
+            "crop": crop,
+            "bbox": str(Path(bbox).resolve()) if bbox else None,
+            "unboxed_images": sum(s.path not in self.boxes for s in self.samples) if bbox else None,
+            "unreadable_images": n_unreadable,
+        }
+
+
+def _training_images(
+    root: Path,
+    *,
+    protocol: str,
+    partition: str | Path | None,
+    bbox: str | Path | None,
+    crop: str,
+    strict: bool,
+) -> _TrainingImages:
+    """The protocol's training images ("folders": every image), never query/gallery items."""
+    split = load_split(root, protocol=protocol, partition=partition, strict=strict)
+    samples = split.train if split.protocol != "folders" else split.query
+    bbox = resolve_bbox(root, split.protocol, bbox, crop) if crop == "gt" else None
+    boxes = read_bbox_file(bbox) if bbox is not None else {}
+    if not samples:
+        raise SnaplookError(
+            f"{split.partition or root}: no training images (evaluation_status train); "
+            "a head is trained on the train split only, never on query/gallery items."
+        )
+    return _TrainingImages(split, samples, bbox, boxes)
+
+
+@dataclass(frozen=True)
+class _EmbeddedImages:
+    """Backbone features of the readable training images and their item ids."""
+
+    features: np.ndarray
+    ids: list[str]
+    n_embedded: int
+    n_unreadable: int
+    seconds: float
+
+
+def _embed_training_images(
+    images: _TrainingImages,
+    embedder: Any,
+    *,
+    cache_dir: str | Path | None,
+    batch_size: int | None,
+    strict: bool,
+    on_start: Callable[[int], None] | None,
+    on_progress: Callable[[int], None] | None,
+) -> _EmbeddedImages:
+    """Embed the training images through the feature cache; leave unreadable ones out."""
+    import numpy as np
+
+    from snaplook import features as feats
+
+    split, samples = images.split, images.samples
+    to_embed = [0]
+
+    def started(n: int) -> None:
+        to_embed[0] = n
+        if on_start is not None:
+            on_start(n)
+
+    t0 = time.perf_counter()
+    skipped: list[Any] = []
+    matrix = feats.embed_cached(
+        [(split.root / s.path, images.boxes.get(s.path)) for s in samples],
+        embedder,
+        cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
+        batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
+        on_skip=skipped.append,
+        on_start=started,
+        on_progress=on_progress,
+    )
+    seconds = time.perf_counter() - t0
+    unreadable = {str(Path(s.path).resolve()) for s in skipped}
+    if unreadable and strict:
+        raise SnaplookError(
+            f"{len(unreadable)} training image(s) could not be read (first: "
+            f"{sorted(unreadable)[0]}); --strict stops here."
+        )
+    keep = np.array([str((split.root / s.path).resolve()) not in unreadable for s in samples])
+    return _EmbeddedImages(
+        features=matrix[keep],
+        ids=[s.item for s, k in zip(samples, keep) if k],
+        n_embedded=to_embed[0],
+        n_unreadable=int((~keep).sum()),
+        seconds=seconds,
+    )
+
+
+def _write_head_folder(head: Head, out: Path) -> dict[str, Path]:
+    """Write the head's files into a temporary folder, then replace ``out`` with it."""
+    import shutil
+
+    from snaplook.io_utils import make_temp_dir, replace_dir, write_json_atomic
+
     tmp = make_temp_dir(out)
     try:
         files = write_head_outputs(head, tmp)
         head.name = out.name
-        from snaplook.io_utils import write_json_atomic
-
         write_json_atomic(tmp / HEAD_JSON, head.to_json())  # with the final name
         replace_dir(tmp, out, marker=HEAD_JSON)
         logger.info("wrote %s (%s)", out, ", ".join(sorted(p.name for p in files.values())))
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
-    return TrainSummary(
-        head=head,
-        out=out,
-        files={name: out / path.name for name, path in files.items()},
-        n_embedded=to_embed[0],
-        n_unreadable=int((~keep).sum()),
-        seconds={"embedding": embed_seconds, "training": train_seconds},
-    )
+    return {name: out / path.name for name, path in files.items()}
 
 
 _SOURCE_KEYS = (

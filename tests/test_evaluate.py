@@ -1,4 +1,5 @@
-"""Tests for snaplook.evaluate: protocol files, metrics, the feature cache, `snaplook evaluate`."""
+"""Tests for snaplook.evaluate and snaplook.datasets: protocol files, the feature cache,
+`snaplook evaluate`. The ranking metrics are tested in test_metrics.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import make_image
 from typer.testing import CliRunner
 
+from snaplook import datasets
 from snaplook import evaluate as ev
 from snaplook.errors import SnaplookError
 from snaplook.features import Embedder, embed_cached
@@ -95,169 +97,11 @@ class FakeEmbedder:
         return np.stack([im.reshape(-1, 3).mean(axis=0) for im in images]).astype(np.float32)
 
 
-# --- metrics: hand-computed cases -------------------------------------------------------
-
-
-def test_rank_metrics_hand_computed_single_query():
-    # Ranking by distance: g0 (other), g1 (same), g2 (other), g3 (same), g4 (other).
-    distances = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]])
-    m = ev.rank_metrics(distances, ["a"], ["b", "a", "c", "a", "d"], ks=(1, 2, 3, 4))
-    assert m.first_hit_rank.tolist() == [2]
-    assert m.n_relevant.tolist() == [2]
-    # AP = (1/2 + 2/4) / 2; MAP@R with R = 2: (0 + 1/2) / 2.
-    assert m.ap[0] == pytest.approx(0.5)
-    assert m.map_at_r[0] == pytest.approx(0.25)
-    assert m.hits().tolist() == [[False, True, True, True]]
-    assert m.mmfashion_recall[0].tolist() == pytest.approx([0.0, 0.5, 0.5, 1.0])
-    assert m.top_index[0].tolist() == [0, 1, 2, 3, 4]
-
-
-def test_rank_metrics_ties_pessimistic_ranks_matches_after_tied_others():
-    # The same item (g0) and another item (g1) at exactly the same distance.
-    distances = np.array([[0.5, 0.5, 0.9]])
-    pessimistic = ev.rank_metrics(distances, ["a"], ["a", "b", "c"], ks=(1,))
-    assert pessimistic.first_hit_rank.tolist() == [2]
-    assert pessimistic.ap[0] == pytest.approx(0.5)
-    assert pessimistic.tied_first_hit.tolist() == [True]
-    assert pessimistic.summary()["recall_at_k"] == {1: 0.0}
-    in_order = ev.rank_metrics(distances, ["a"], ["a", "b", "c"], ks=(1,), ties="gallery-order")
-    assert in_order.first_hit_rank.tolist() == [1]
-    assert in_order.ap[0] == pytest.approx(1.0)
-    # Gallery order: the tie goes to whichever comes first in the gallery.
-    later = ev.rank_metrics(distances, ["a"], ["b", "a", "c"], ks=(1,), ties="gallery-order")
-    assert later.first_hit_rank.tolist() == [2]
-
-
-def test_rank_metrics_all_distances_equal_scores_like_worst_case():
-    # A collapsed embedding: every distance ties; pessimistic puts the 1 match last of 4.
-    m = ev.rank_metrics(np.zeros((2, 4)), ["a", "b"], ["a", "x", "y", "b"], ks=(1, 3, 4))
-    assert m.first_hit_rank.tolist() == [4, 4]
-    assert m.summary()["recall_at_k"] == {1: 0.0, 3: 0.0, 4: 1.0}
-    assert m.ap.tolist() == pytest.approx([0.25, 0.25])
-
-
-def test_recall_at_k_excludes_queries_without_gallery_match():
-    distances = np.array([[0.1, 0.9], [0.2, 0.3], [0.5, 0.6]])
-    m = ev.rank_metrics(distances, ["a", "b", "zzz"], ["a", "b"], ks=(1, 2))
-    s = m.summary()
-    assert (s["n_queries"], s["n_evaluated"], s["n_without_match"]) == (3, 2, 1)
-    assert s["recall_at_k"] == {1: 0.5, 2: 1.0}
-    assert m.first_hit_rank.tolist() == [1, 2, 0]
-    assert np.isnan(m.ap[2])
-    assert ev.recall_at_k(distances, ["a", "b", "zzz"], ["a", "b"], ks=(1, 2)) == s["recall_at_k"]
-    assert ev.mean_average_precision(distances, ["a", "b", "zzz"], ["a", "b"]) == pytest.approx(
-        0.75
-    )
-
-
-def test_mmfashion_recall_differs_from_hit_rate_with_several_matches():
-    # 3 same-item gallery images, one of them first: hit rate 1, MMFashion recall@1 = 1/3.
-    distances = np.array([[0.1, 0.5, 0.6, 0.7]])
-    ids = ["a", "x", "a", "a"]
-    assert ev.recall_at_k(distances, ["a"], ids, ks=(1,)) == {1: 1.0}
-    assert ev.mmfashion_recall_at_k(distances, ["a"], ids, ks=(1,))[1] == pytest.approx(1 / 3)
-    # MAP@R, R = 3: precision 1 at rank 1, ranks 2-3 miss/hit: (1 + 0 + 2/3) / 3.
-    assert ev.map_at_r(distances, ["a"], ids) == pytest.approx((1 + 2 / 3) / 3)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rank_metrics_ap_matches_sklearn_average_precision(seed):
-    from sklearn.metrics import average_precision_score
-
-    rng = np.random.default_rng(seed)
-    distances = rng.random((25, 60))
-    query_ids = rng.integers(0, 6, 25)
-    gallery_ids = rng.integers(0, 6, 60)
-    m = ev.rank_metrics(distances, query_ids, gallery_ids)
-    for i in range(25):
-        relevant = gallery_ids == query_ids[i]
-        if relevant.any():
-            assert m.ap[i] == pytest.approx(average_precision_score(relevant, -distances[i]), 1e-6)
-
-
-def naive_metrics(distances, query_ids, gallery_ids, k, ties):
-    """Reference: sort each row in Python with the tie rule as an explicit key."""
-    out = []
-    for i, qid in enumerate(query_ids):
-        rel = [g == qid for g in gallery_ids]
-        if ties == "pessimistic":
-            order = sorted(range(len(rel)), key=lambda c: (distances[i][c], rel[c], c))
-        else:
-            order = sorted(range(len(rel)), key=lambda c: (distances[i][c], c))
-        hits = [rel[c] for c in order]
-        ranks = [p + 1 for p, h in enumerate(hits) if h]
-        if not ranks:
-            out.append(None)
-            continue
-        precision = [(j + 1) / r for j, r in enumerate(ranks)]
-        r_count = len(ranks)
-        out.append(
-            (
-                ranks[0],
-                sum(precision) / r_count,
-                sum(p for p, r in zip(precision, ranks) if r <= r_count) / r_count,
-                sum(r <= k for r in ranks) / r_count,
-                order[:5],
-            )
-        )
-    return out
-
-
-@pytest.mark.parametrize("ties", ["pessimistic", "gallery-order"])
-def test_rank_metrics_match_naive_sort_with_many_ties(ties):
-    rng = np.random.default_rng(7)
-    distances = rng.integers(0, 4, (30, 40)) / 4.0  # only 4 distinct values: ties everywhere
-    query_ids = rng.integers(0, 5, 30)
-    gallery_ids = rng.integers(0, 5, 40)
-    m = ev.rank_metrics(distances, query_ids, gallery_ids, ks=(3,), ties=ties)
-    for i, ref in enumerate(naive_metrics(distances, query_ids, gallery_ids, 3, ties)):
-        if ref is None:
-            assert m.first_hit_rank[i] == 0 and np.isnan(m.ap[i])
-            continue
-        assert m.first_hit_rank[i] == ref[0]
-        assert m.ap[i] == pytest.approx(ref[1])
-        assert m.map_at_r[i] == pytest.approx(ref[2])
-        assert m.mmfashion_recall[i, 0] == pytest.approx(ref[3])
-        assert m.top_index[i].tolist() == ref[4]
-
-
-def test_evaluate_embeddings_blocks_match_one_matrix_and_leave_one_out():
-    rng = np.random.default_rng(3)
-    q, g = rng.normal(size=(37, 8)), rng.normal(size=(53, 8))
-    qi, gi = rng.integers(0, 9, 37), rng.integers(0, 9, 53)
-    blocked = ev.evaluate_embeddings(q, qi, g, gi, block_bytes=64 * 53 * 5)  # 5-query blocks
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
-    whole = ev.rank_metrics(1 - qn @ gn.T, qi, gi)
-    assert blocked.first_hit_rank.tolist() == whole.first_hit_rank.tolist()
-    np.testing.assert_allclose(blocked.ap, whole.ap, rtol=1e-5)
-    # Leave-one-out: no query finds itself; a label seen once has no match.
-    loo = ev.evaluate_embeddings(g, gi, g, gi, leave_one_out=True, top_n=3)
-    assert not (loo.top_index == np.arange(53)[:, None]).any()
-    counts = np.bincount(gi)
-    assert loo.n_relevant.tolist() == (counts[gi] - 1).tolist()
-
-
-def test_evaluate_embeddings_mismatched_ids_raise():
-    with pytest.raises(SnaplookError, match="3 query features for 2 query ids"):
-        ev.evaluate_embeddings(np.zeros((3, 4)), [1, 2], np.zeros((2, 4)), [1, 2])
-
-
-def test_normalize_features_none_ranks_by_euclidean_distance():
-    q = np.array([[1.0, 0.0]])
-    g = np.array([[10.0, 0.0], [0.0, 1.0]])
-    # Cosine: g0 has the same direction; Euclidean: g1 is nearer.
-    assert ev.evaluate_embeddings(q, ["a"], g, ["a", "b"]).first_hit_rank.tolist() == [1]
-    raw = ev.evaluate_embeddings(q, ["a"], g, ["a", "b"], normalization="none")
-    assert raw.first_hit_rank.tolist() == [2]
-    assert raw.top_distance[0, :2].tolist() == pytest.approx([2**0.5, 9.0])
-
-
 # --- protocol files ---------------------------------------------------------------------
 
 
 def test_load_split_inshop_lists_items_categories_and_boxes(inshop_root):
-    split = ev.load_split(inshop_root, bbox=inshop_root / "list_bbox_inshop.txt")
+    split = datasets.load_split(inshop_root, bbox=inshop_root / "list_bbox_inshop.txt")
     assert split.counts() == {
         "train_images": 4,
         "query_images": 8,
@@ -268,7 +112,7 @@ def test_load_split_inshop_lists_items_categories_and_boxes(inshop_root):
     }
     assert split.missing == [MISSING_IMAGE]
     first = split.query[0]
-    assert first == ev.Sample(
+    assert first == datasets.Sample(
         "img/Dresses/id_00000001/01_1_front.jpg", "id_00000001", "Dresses", (4, 3, 56, 42)
     )
     assert {s.category for s in split.gallery} == {"Dresses", "Tees"}
@@ -276,7 +120,7 @@ def test_load_split_inshop_lists_items_categories_and_boxes(inshop_root):
 
 def test_load_split_strict_fails_on_missing_image(inshop_root):
     with pytest.raises(SnaplookError, match="1 image.*missing.*--strict"):
-        ev.load_split(inshop_root, strict=True)
+        datasets.load_split(inshop_root, strict=True)
 
 
 @pytest.mark.parametrize(
@@ -298,18 +142,18 @@ def test_load_split_strict_fails_on_missing_image(inshop_root):
 def test_load_split_malformed_partition_names_the_line(tmp_path, lines, message):
     (tmp_path / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(SnaplookError, match=message):
-        ev.load_split(tmp_path)
+        datasets.load_split(tmp_path)
 
 
 def test_load_split_missing_partition_says_how_to_pass_it(tmp_path):
     with pytest.raises(SnaplookError, match="list_eval_partition.txt not found.*--partition"):
-        ev.load_split(tmp_path)
+        datasets.load_split(tmp_path)
 
 
 def test_read_bbox_file_rejects_non_integer_corner(tmp_path):
     path = write_listing(tmp_path / "b.txt", BBOX_HEADER, ["img/a/b/c.jpg 1 1 0 0 x 9"])
     with pytest.raises(SnaplookError, match="line 3: box corners must be integers"):
-        ev.read_bbox_file(path)
+        datasets.read_bbox_file(path)
 
 
 def test_load_split_consumer2shop_dedupes_queries_and_gallery(tmp_path):
@@ -324,26 +168,20 @@ def test_load_split_consumer2shop_dedupes_queries_and_gallery(tmp_path):
     for row in rows:
         for rel in row.split()[:2]:
             make_image(tmp_path / rel, (10, 20, 30))
-    split = ev.load_split(tmp_path, protocol="consumer2shop")
+    split = datasets.load_split(tmp_path, protocol="consumer2shop")
     assert [s.path for s in split.query] == ["img/T/id_1/comsumer_01.jpg"]
     assert [s.path for s in split.gallery] == ["img/T/id_1/shop_01.jpg", "img/T/id_1/shop_02.jpg"]
     assert len(split.train) == 2
-    val = ev.load_split(tmp_path, protocol="consumer2shop", subset="val")
+    val = datasets.load_split(tmp_path, protocol="consumer2shop", subset="val")
     assert [s.item for s in val.query] == ["id_3"]
 
 
 def test_load_split_folders_is_leave_one_out(image_folder):
-    split = ev.load_split(image_folder, protocol="folders")
+    split = datasets.load_split(image_folder, protocol="folders")
     assert split.leave_one_out
     assert split.query is split.gallery
     assert len(split.query) == 12
     assert {s.item for s in split.query} == {"tops", "bottoms"}
-
-
-def test_parse_ks_sorts_and_rejects_bad_values():
-    assert ev.parse_ks("10, 1,5,5") == (1, 5, 10)
-    with pytest.raises(SnaplookError, match="'0' is not a positive integer"):
-        ev.parse_ks("1,0")
 
 
 # --- feature cache ----------------------------------------------------------------------
@@ -399,7 +237,7 @@ def test_embed_cached_resumes_from_checkpoint_after_interruption(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         embed_cached(images, Interrupted(), cache_dir=tmp_path / "cache", batch_size=1)
     (parts,) = (tmp_path / "cache").glob("*.parts")
-    assert sorted(p.name for p in parts.glob("*.npy")) == ["000000.npy"]
+    assert sorted(p.name for p in parts.glob("*.npy")) == ["batch-000000.npy"]
     resumed = FakeEmbedder()
     feats = embed_cached(images, resumed, cache_dir=tmp_path / "cache", batch_size=1)
     assert resumed.embedded == 3  # the first chunk of 2 came from the checkpoint
@@ -593,7 +431,7 @@ def test_evaluate_cli_strict_fails_on_missing_image(inshop_root, tmp_path):
 
 
 def test_warn_ks_over_gallery_names_the_cut_offs(image_folder, caplog):
-    split = ev.load_split(image_folder, protocol="folders")  # leave-one-out: 11 others
+    split = datasets.load_split(image_folder, protocol="folders")  # leave-one-out: 11 others
 
     with caplog.at_level("WARNING", logger="snaplook.evaluate"):
         over = ev.warn_ks_over_gallery(split, (1, 5, 10, 20, 50))

@@ -143,11 +143,11 @@ def dataset_root() -> Path:
 
 
 def _load_split(text: str, root: Path, protocol: str) -> None:
-    evaluate = pytest.importorskip("snaplook.evaluate", reason="snaplook.evaluate not built yet")
+    datasets = pytest.importorskip("snaplook.datasets", reason="snaplook.datasets not built yet")
     partition = root / "list_eval_partition.txt"
     partition.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        evaluate.load_split(root, protocol=protocol, partition=partition)
+        datasets.load_split(root, protocol=protocol, partition=partition)
     except SnaplookError:
         pass
 
@@ -171,11 +171,11 @@ def test_load_split_consumer2shop_random_partition_raises_only_snaplook_error(
 @SETTINGS
 @given(text=st.one_of(st.text(max_size=300), _LINES))
 def test_read_bbox_file_random_text_raises_only_snaplook_error(text: str) -> None:
-    evaluate = pytest.importorskip("snaplook.evaluate", reason="snaplook.evaluate not built yet")
+    datasets = pytest.importorskip("snaplook.datasets", reason="snaplook.datasets not built yet")
     path = WORK / "list_bbox_inshop.txt"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        evaluate.read_bbox_file(path)
+        datasets.read_bbox_file(path)
     except SnaplookError:
         pass
 
