@@ -927,11 +927,13 @@ def write_skipped(path: str | Path, skipped: Iterable[tuple[str | Path, str]]) -
 
     Args:
         path: the CSV file (``<folder>/skipped.csv``).
-        skipped: (path, reason) pairs; a path may be a ``Path`` or text.
+        skipped: (path, reason) pairs; a path may be a ``Path`` or text. A name that is
+            not valid UTF-8 is written escaped (:func:`display_path`), never fatal.
 
     Returns:
         ``path``.
     """
     path = Path(path)
-    write_csv_atomic(path, SKIPPED_HEADER, ((str(p), reason) for p, reason in skipped))
+    rows = ((display_path(p), display_path(reason)) for p, reason in skipped)
+    write_csv_atomic(path, SKIPPED_HEADER, rows)
     return path

@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING, Any
 from snaplook.errors import SnaplookError
 from snaplook.io_utils import (
     VIDEO_EXTENSIONS,
+    check_input,
+    display_path,
     find_videos,
     make_temp_dir,
+    open_input,
     replace_dir,
     write_csv_atomic,
+    write_json_atomic,
+    write_skipped,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +57,8 @@ DEFAULT_SCENE_WINDOW_S = 1.0
 DEFAULT_DEDUP = 6
 FRAMES_CSV = "frames.csv"
 FRAMES_CSV_HEADER = ("index", "frame", "time_s", "path", "reason")
+#: Written beside ``frames.csv``: what was decoded, kept and lost (damaged stretches).
+SUMMARY_JSON = "summary.json"
 #: Written in the output root by :func:`extract_videos` on a folder: the videos skipped.
 SKIPPED_CSV = "skipped.csv"
 #: Leading bytes of still-image formats that FFmpeg would open as a one-frame "video".
@@ -88,6 +95,11 @@ _FLAT_STD = 2.0
 # 0.30000000000000004 s or 0.9999 s must not push a frame to the next one.
 _DUE_TOLERANCE_S = 1e-3
 _FALLBACK_FPS = 25.0
+# Past damaged data FFmpeg's reader stops as at the end of the file; a seek past the damage
+# gets going again. Seeks go 1 s further each for this long (300 KB overwritten at 30% of
+# the 139 s test video: 1235 of 1394 frames back, where 0.1 s steps gave 1238 in 4x the
+# time), then double, so a file cut short costs a few dozen failed seeks, not one a second.
+_RESEEK_FINE_S = 30.0
 
 
 @dataclass
@@ -124,6 +136,23 @@ class Scene:
     end_s: float
 
 
+@dataclass(frozen=True)
+class LostFrames:
+    """A stretch of a video that could not be decoded (damaged or missing data).
+
+    Attributes:
+        first_frame: number of the first frame lost.
+        n_frames: how many frames were lost (estimated from the timestamps and fps).
+        start_s: time of the first frame lost, in seconds.
+        end_s: time where decoding went on again (the end of the video if it did not).
+    """
+
+    first_frame: int
+    n_frames: int
+    start_s: float
+    end_s: float
+
+
 @dataclass
 class VideoFrames:
     """What extraction did for one video.
@@ -136,6 +165,7 @@ class VideoFrames:
         duration_s: time of the last frame read.
         seconds: wall time of the run.
         error: why the video was skipped (folder input only); ``frames`` is then empty.
+        lost: the stretches that could not be decoded, in video order.
     """
 
     video: Path
@@ -145,18 +175,26 @@ class VideoFrames:
     duration_s: float = 0.0
     seconds: float = 0.0
     error: str | None = None
+    lost: list[LostFrames] = field(default_factory=list)
 
     @property
     def frames_per_second(self) -> float:
         """Decoded video frames per wall-clock second."""
         return self.n_decoded / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def n_lost(self) -> int:
+        """Frames that could not be decoded (sum over :attr:`lost`)."""
+        return sum(span.n_frames for span in self.lost)
+
 
 @dataclass
 class _Stats:
-    n_decoded: int = 0
+    n_decoded: int = 0  # frames decoded
+    end_frame: int = 0  # one past the number of the last frame decoded
     last_time_s: float = 0.0
     cuts: list[tuple[int, float]] = field(default_factory=list)
+    lost: list[LostFrames] = field(default_factory=list)
 
 
 def _import_cv2() -> Any:
@@ -204,40 +242,59 @@ def _check_options(
 
 def _open_video(video: Path) -> Any:
     cv2 = _import_cv2()
+    name = display_path(video)
     if not video.exists():
-        raise SnaplookError(f"{video}: no such file; check the path.")
-    if not video.is_file():
-        raise SnaplookError(f"{video}: is not a file; pass a video file or a folder of videos.")
+        raise SnaplookError(f"{name}: no such file; check the path.")
+    if video.is_dir():
+        raise SnaplookError(f"{name}: is not a file; pass a video file or a folder of videos.")
+    check_input(video, kind="video")  # a FIFO, a device, a dangling link, over the cap
     if not os.access(video, os.R_OK):
-        raise SnaplookError(f"{video}: permission denied; check the file's permissions.")
+        raise SnaplookError(f"{name}: permission denied; check the file's permissions.")
     if video.stat().st_size == 0:
-        raise SnaplookError(f"{video}: empty file (0 bytes), not a video.")
+        raise SnaplookError(f"{name}: empty file (0 bytes), not a video.")
     kind = _still_image_kind(video)
     if kind:
         raise SnaplookError(
-            f"{video}: is {kind}, not a video (judged by its content, whatever its name); "
+            f"{name}: is {kind}, not a video (judged by its content, whatever its name); "
             "use `snaplook crop` or `snaplook index` on images."
         )
     # OpenCV warns on stderr when a backend cannot open the file; we say it once, better.
     old_level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     try:
-        cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+        cap = _capture(cv2, video)
     finally:
         cv2.utils.logging.setLogLevel(old_level)
     if not cap.isOpened():
         raise SnaplookError(
-            f"{video}: not a video file that FFmpeg can open (unknown or corrupt container)."
+            f"{name}: not a video file that FFmpeg can open (unknown or corrupt container)."
         )
     return cap
+
+
+def _capture(cv2: Any, video: Path) -> Any:
+    """``cv2.VideoCapture`` of ``video``, through an ASCII-named link when its name is not
+    valid UTF-8 (OpenCV would get a string with surrogate escapes and crash the process)."""
+    import tempfile
+
+    try:
+        return cv2.VideoCapture(os.fspath(video).encode("utf-8").decode(), cv2.CAP_FFMPEG)
+    except UnicodeEncodeError:
+        pass
+    suffix = video.suffix if video.suffix.isascii() and video.suffix.isprintable() else ""
+    with tempfile.TemporaryDirectory(prefix="snaplook-video-") as folder:
+        link = os.path.join(folder, "video" + suffix)
+        os.symlink(os.path.abspath(video), link)
+        # FFmpeg keeps its own descriptor once open: the link can go at once.
+        return cv2.VideoCapture(link, cv2.CAP_FFMPEG)
 
 
 def _still_image_kind(path: Path) -> str | None:
     """What still image ``path`` holds by its first bytes ("a JPEG image"), or None."""
     try:
-        with open(path, "rb") as fh:
+        with open_input(path, kind="video") as fh:
             head = fh.read(16)
-    except OSError:
+    except (OSError, SnaplookError):
         return None  # OpenCV then says why it cannot open the file
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "a WebP image"
@@ -254,7 +311,7 @@ def _video_fps(cap: Any, video: Path) -> float:
         logger.warning(
             "%s: container reports no usable frame rate (%s); assuming %g fps for the "
             "progress estimate and any timestamp fallback.",
-            video,
+            display_path(video),
             fps,
             _FALLBACK_FPS,
         )
@@ -284,7 +341,7 @@ class _Clock:
     """Turns ``CAP_PROP_POS_MSEC`` into strictly increasing seconds, with a fallback."""
 
     def __init__(self, video: Path, fps: float) -> None:
-        self.video = video
+        self.video = display_path(video)
         self.fps = fps
         self.first: float | None = None
         self.prev = -math.inf
@@ -425,139 +482,209 @@ class _Pick:
     scene: int | None = None
 
 
-def _scan(
-    video: Path,
-    *,
-    every: float | None,
-    scenes: bool,
-    max_frames: int | None,
-    dedup: int | None,
-    scene_threshold: float,
-    min_scene_s: float,
-    scene_window_s: float,
-    stats: _Stats,
-    on_progress: Callable[[int], None] | None,
-    cap: Any = None,
-    on_skip: Callable[[int, float, str], None] | None = None,
-) -> Iterator[Frame]:
-    cv2 = _import_cv2()
-    if cap is None:
-        cap = _open_video(video)
-    try:
-        clock = _Clock(video, _video_fps(cap, video))
-        detector = _CutDetector(scene_threshold, min_scene_s) if scenes else None
-        deduper = _Deduper(dedup) if dedup is not None else None
-        next_due = 0.0
-        n_kept = 0
-        held: list[_Pick] = []  # picks waiting for the open scene window to close
-        best: _Pick | None = None  # sharpest frame so far in the open scene window
-        best_sharpness = -1.0
-        window_end = -math.inf
-        n_scenes = 0
-        last_second = -1
+class _Scanner:
+    """One front-to-back pass over a video: picks interval and scene frames, skips damage."""
 
-        def release(picks: list[_Pick]) -> Iterator[Frame]:
-            nonlocal n_kept
-            merged: dict[int, _Pick] = {}
-            for pick in picks:
-                if pick.frame in merged:
-                    merged[pick.frame].reasons |= pick.reasons
-                    if merged[pick.frame].scene is None:
-                        merged[pick.frame].scene = pick.scene
-                else:
-                    merged[pick.frame] = pick
-            for pick in sorted(merged.values(), key=lambda p: p.frame):
-                if max_frames is not None and n_kept >= max_frames:
-                    return
-                if deduper is not None and deduper.is_duplicate(pick.bgr):
-                    logger.debug("frame %d dropped as a near-duplicate", pick.frame)
-                    continue
-                reason = "+".join(r for r in ("interval", "scene") if r in pick.reasons)
-                yield Frame(
-                    index=n_kept,
-                    frame=pick.frame,
-                    time_s=pick.time_s,
-                    reason=reason,
-                    image=cv2.cvtColor(pick.bgr, cv2.COLOR_BGR2RGB),
-                    scene=pick.scene if "scene" in pick.reasons else None,
-                )
-                n_kept += 1
+    def __init__(
+        self,
+        video: Path,
+        cap: Any,
+        *,
+        every: float | None,
+        scenes: bool,
+        max_frames: int | None,
+        dedup: int | None,
+        scene_threshold: float,
+        min_scene_s: float,
+        scene_window_s: float,
+        stats: _Stats,
+        on_progress: Callable[[int], None] | None,
+        on_skip: Callable[[int, float, str], None] | None,
+    ) -> None:
+        self.cv2 = _import_cv2()
+        self.video, self.name, self.cap, self.stats = video, display_path(video), cap, stats
+        self.every, self.max_frames, self.scene_window_s = every, max_frames, scene_window_s
+        self.on_progress, self.on_skip = on_progress, on_skip
+        self.fps = _video_fps(cap, video)
+        self.clock = _Clock(video, self.fps)
+        self.detector = _CutDetector(scene_threshold, min_scene_s) if scenes else None
+        self.deduper = _Deduper(dedup) if dedup is not None else None
+        self.expected = cap.get(self.cv2.CAP_PROP_FRAME_COUNT)
+        self.frame_no = -1
+        self.time_s = 0.0
+        self.next_due = 0.0
+        self.n_kept = 0
+        self.held: list[_Pick] = []  # picks waiting for the open scene window to close
+        self.best: _Pick | None = None  # sharpest frame so far in the open scene window
+        self.best_sharpness = -1.0
+        self.window_end = -math.inf
+        self.n_scenes = 0
+        self.last_second = -1
 
-        def close_window() -> list[_Pick]:
-            nonlocal best, held, window_end
-            picks = held + ([best] if best is not None else [])
-            best, held, window_end = None, [], -math.inf
-            return picks
+    def frames(self) -> Iterator[Frame]:
+        try:
+            while self.max_frames is None or self.n_kept < self.max_frames:
+                if not self._advance():
+                    break
+                yield from self._release(self._look())
+                if self.on_progress is not None and int(self.time_s) != self.last_second:
+                    self.last_second = int(self.time_s)
+                    self.on_progress(self.last_second)
+            yield from self._release(self._close_window())
+            self._finish()
+        finally:
+            self.cap.release()
 
-        frame_no = -1
-        while max_frames is None or n_kept < max_frames:
-            if not cap.grab():
-                break
-            frame_no += 1
-            t = clock.time_of(cap.get(cv2.CAP_PROP_POS_MSEC), frame_no)
-            stats.n_decoded, stats.last_time_s = frame_no + 1, t
-            bgr = None
-            ready: list[_Pick] = []
-            if detector is not None:
-                ok, bgr = cap.retrieve()
-                if not ok:
-                    logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
-                    if on_skip is not None:
-                        on_skip(frame_no, t, "frame could not be decoded")
-                    continue
-                if detector.update(_hsv_hist(_small(bgr, _ANALYSIS_WIDTH)), t):
-                    ready += close_window()
-                    stats.cuts.append((frame_no, t))
-                    window_end = t + scene_window_s
-                    n_scenes += 1
-                    best_sharpness = -1.0
-                if t < window_end:
-                    sharpness = _sharpness(bgr)
-                    if sharpness > best_sharpness:
-                        best_sharpness = sharpness
-                        best = _Pick(frame_no, t, bgr, {"scene"}, scene=n_scenes - 1)
-                elif best is not None:
-                    ready += close_window()
-            if every is not None and t >= next_due - _DUE_TOLERANCE_S:
-                next_due = (math.floor((t + _DUE_TOLERANCE_S) / every) + 1) * every
-                if bgr is None:
-                    ok, bgr = cap.retrieve()
-                    bgr = bgr if ok else None
-                if bgr is None:
-                    logger.info("%s: frame %d could not be decoded; skipped", video, frame_no)
-                    if on_skip is not None:
-                        on_skip(frame_no, t, "frame could not be decoded")
-                else:
-                    pick = _Pick(frame_no, t, bgr, {"interval"})
-                    (held if window_end > -math.inf else ready).append(pick)
-            if ready:
-                yield from release(ready)
-            if on_progress is not None and int(t) != last_second:
-                last_second = int(t)
-                on_progress(last_second)
-        yield from release(close_window())
-        if frame_no < 0:
+    def _advance(self) -> bool:
+        """Move to the next decodable frame (past damaged data); False at the end."""
+        if self.cap.grab():
+            self.frame_no += 1
+        elif not self._seek_past_damage():
+            return False
+        self.time_s = self.clock.time_of(self.cap.get(self.cv2.CAP_PROP_POS_MSEC), self.frame_no)
+        self.stats.n_decoded += 1
+        self.stats.end_frame, self.stats.last_time_s = self.frame_no + 1, self.time_s
+        return True
+
+    def _seek_past_damage(self) -> bool:
+        """After a failed read before the container's end, seek on until a frame decodes."""
+        cv2, last_s = self.cv2, self.stats.last_time_s
+        end_s = self.expected / self.fps if self.expected > 0 else 0.0
+        if self.frame_no < 0 or self.clock.fallback or end_s <= last_s + 1.0:
+            return False  # the real end, or no timestamps to seek by
+        step, target = 1.0, last_s
+        while target < end_s:
+            if target - last_s >= _RESEEK_FINE_S:
+                step *= 2
+            target += step
+            self.cap.set(cv2.CAP_PROP_POS_MSEC, target * 1000.0)
+            if not self.cap.grab():
+                continue
+            t = self.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+            if not math.isfinite(t) or t <= last_s + 0.5 / self.fps:
+                continue  # landed on a keyframe before the damage
+            number = round(self.cap.get(cv2.CAP_PROP_POS_FRAMES)) - 1
+            if number <= self.frame_no:
+                number = self.frame_no + max(1, round((t - last_s) * self.fps))
+            self._lose(number - self.frame_no - 1, t, "decoding went on after them")
+            self.frame_no = number
+            return True
+        return False
+
+    def _lose(self, n_frames: int, end_s: float, then: str) -> None:
+        if n_frames < 1:
+            return
+        start_s = round(self.stats.last_time_s + 1 / self.fps, 3)
+        span = LostFrames(self.frame_no + 1, n_frames, start_s, round(end_s, 3))
+        self.stats.lost.append(span)
+        message = (
+            f"{span.n_frames} frame(s) from {span.start_s:.1f} s to {span.end_s:.1f} s could "
+            f"not be decoded (damaged or missing data); {then}"
+        )
+        logger.warning("%s: %s.", self.name, message)
+        if self.on_skip is not None:
+            self.on_skip(span.first_frame, span.start_s, message)
+
+    def _look(self) -> list[_Pick]:
+        """Analyse the current frame; return the picks that are ready to hand out."""
+        bgr = None
+        ready: list[_Pick] = []
+        if self.detector is not None:
+            ok, bgr = self.cap.retrieve()
+            if not ok:
+                self._undecodable()
+                return ready
+            ready += self._follow_scenes(bgr)
+        t = self.time_s
+        if self.every is not None and t >= self.next_due - _DUE_TOLERANCE_S:
+            self.next_due = (math.floor((t + _DUE_TOLERANCE_S) / self.every) + 1) * self.every
+            if bgr is None:
+                ok, bgr = self.cap.retrieve()
+                bgr = bgr if ok else None
+            if bgr is None:
+                self._undecodable()
+            else:
+                pick = _Pick(self.frame_no, t, bgr, {"interval"})
+                (self.held if self.window_end > -math.inf else ready).append(pick)
+        return ready
+
+    def _follow_scenes(self, bgr: np.ndarray) -> list[_Pick]:
+        assert self.detector is not None
+        ready: list[_Pick] = []
+        t = self.time_s
+        if self.detector.update(_hsv_hist(_small(bgr, _ANALYSIS_WIDTH)), t):
+            ready += self._close_window()
+            self.stats.cuts.append((self.frame_no, t))
+            self.window_end = t + self.scene_window_s
+            self.n_scenes += 1
+            self.best_sharpness = -1.0
+        if t < self.window_end:
+            sharpness = _sharpness(bgr)
+            if sharpness > self.best_sharpness:
+                self.best_sharpness = sharpness
+                self.best = _Pick(self.frame_no, t, bgr, {"scene"}, scene=self.n_scenes - 1)
+        elif self.best is not None:
+            ready += self._close_window()
+        return ready
+
+    def _undecodable(self) -> None:
+        logger.info("%s: frame %d could not be decoded; skipped", self.name, self.frame_no)
+        if self.on_skip is not None:
+            self.on_skip(self.frame_no, self.time_s, "frame could not be decoded")
+
+    def _close_window(self) -> list[_Pick]:
+        picks = self.held + ([self.best] if self.best is not None else [])
+        self.best, self.held, self.window_end = None, [], -math.inf
+        return picks
+
+    def _release(self, picks: list[_Pick]) -> Iterator[Frame]:
+        merged: dict[int, _Pick] = {}
+        for pick in picks:
+            if pick.frame in merged:
+                merged[pick.frame].reasons |= pick.reasons
+                if merged[pick.frame].scene is None:
+                    merged[pick.frame].scene = pick.scene
+            else:
+                merged[pick.frame] = pick
+        for pick in sorted(merged.values(), key=lambda p: p.frame):
+            if self.max_frames is not None and self.n_kept >= self.max_frames:
+                return
+            if self.deduper is not None and self.deduper.is_duplicate(pick.bgr):
+                logger.debug("frame %d dropped as a near-duplicate", pick.frame)
+                continue
+            reason = "+".join(r for r in ("interval", "scene") if r in pick.reasons)
+            yield Frame(
+                index=self.n_kept,
+                frame=pick.frame,
+                time_s=pick.time_s,
+                reason=reason,
+                image=self.cv2.cvtColor(pick.bgr, self.cv2.COLOR_BGR2RGB),
+                scene=pick.scene if "scene" in pick.reasons else None,
+            )
+            self.n_kept += 1
+
+    def _finish(self) -> None:
+        if self.frame_no < 0:
             raise SnaplookError(
-                f"{video}: no decodable frames (the file opens but holds no video frames "
+                f"{self.name}: no decodable frames (the file opens but holds no video frames "
                 "FFmpeg can decode)."
             )
-        expected = cap.get(cv2.CAP_PROP_FRAME_COUNT)
-        if max_frames is None and expected > 0 and frame_no + 1 < 0.9 * expected:
-            logger.warning(
-                "%s: decoding stopped after %d of %d frames; the file may be truncated.",
-                video,
-                frame_no + 1,
-                int(expected),
+        expected, reached = self.expected, self.frame_no + 1
+        if self.max_frames is None and expected > 0 and reached < 0.9 * expected:
+            self._lose(
+                round(expected) - reached,
+                expected / self.fps,
+                f"decoding stopped after {reached} of {int(expected)} frames; the rest of "
+                "the file may be truncated",
             )
-            if on_skip is not None:
-                on_skip(
-                    frame_no + 1,
-                    stats.last_time_s,
-                    f"decoding stopped after {frame_no + 1} of {int(expected)} frames; the "
-                    "rest of the file may be truncated",
-                )
-    finally:
-        cap.release()
+
+
+def _scan(video: Path, *, cap: Any = None, **options: Any) -> Iterator[Frame]:
+    """The frames :class:`_Scanner` keeps; opens ``video`` at the first frame asked for,
+    unless an open ``cap`` is given."""
+    options.setdefault("on_skip", None)
+    scanner = _Scanner(video, cap if cap is not None else _open_video(video), **options)
+    yield from scanner.frames()
 
 
 def iter_frames(
@@ -661,7 +788,7 @@ def detect_scenes(
         on_progress=on_progress,
     ):
         frame.image = None
-    bounds = [*stats.cuts, (stats.n_decoded, stats.last_time_s)]
+    bounds = [*stats.cuts, (stats.end_frame, stats.last_time_s)]
     return [
         Scene(i, start[0], start[1], end[0], end[1])
         for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
@@ -695,10 +822,8 @@ def _extract_one(
     on_progress: Callable[[int], None] | None,
     **scan_options: Any,
 ) -> VideoFrames:
-    cv2 = _import_cv2()
     stats = _Stats()
     start = time.perf_counter()
-    frames: list[Frame] = []
     stream = _scan(video, stats=stats, on_progress=on_progress, **scan_options)
     if out is None:
         frames = list(stream)
@@ -712,36 +837,15 @@ def _extract_one(
                 f"{out} exists and is not a snaplook output (no {FRAMES_CSV}); refusing to "
                 "replace it. Choose another --out or move it away."
             )
-        params = (
-            [cv2.IMWRITE_JPEG_QUALITY, quality]
-            if image_format == "jpg"
-            else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+        frames = _write_frames(
+            stream,
+            video,
+            out,
+            stats,
+            image_format=image_format,
+            quality=quality,
+            keep_images=keep_images,
         )
-        tmp = make_temp_dir(out)
-        try:
-            for frame in stream:
-                name = frame_filename(frame.frame, frame.time_s, image_format)
-                assert frame.image is not None
-                bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
-                if not cv2.imwrite(str(tmp / name), bgr, params):
-                    raise SnaplookError(f"{tmp / name}: could not write the frame image.")
-                frame.path = out / name
-                if not keep_images:
-                    frame.image = None
-                frames.append(frame)
-            write_csv_atomic(
-                tmp / FRAMES_CSV,
-                FRAMES_CSV_HEADER,
-                (
-                    (f.index, f.frame, f"{f.time_s:.3f}", f.path.name if f.path else "", f.reason)
-                    for f in frames
-                ),
-            )
-            replace_dir(tmp, out, marker=FRAMES_CSV)
-            logger.info("wrote %d frame(s) and %s in %s", len(frames), FRAMES_CSV, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return VideoFrames(
         video=video,
         out=out,
@@ -749,7 +853,84 @@ def _extract_one(
         n_decoded=stats.n_decoded,
         duration_s=stats.last_time_s,
         seconds=time.perf_counter() - start,
+        lost=list(stats.lost),
     )
+
+
+def _write_frames(
+    stream: Iterator[Frame],
+    video: Path,
+    out: Path,
+    stats: _Stats,
+    *,
+    image_format: str,
+    quality: int,
+    keep_images: bool,
+) -> list[Frame]:
+    """Write the frames, ``frames.csv`` and ``summary.json`` into a temporary folder, then
+    swap it onto ``out``."""
+    cv2 = _import_cv2()
+    params = (
+        [cv2.IMWRITE_JPEG_QUALITY, quality]
+        if image_format == "jpg"
+        else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    )
+    frames: list[Frame] = []
+    tmp = make_temp_dir(out)
+    try:
+        for frame in stream:
+            name = frame_filename(frame.frame, frame.time_s, image_format)
+            assert frame.image is not None
+            # imencode + Python's open, not imwrite: any folder name works, UTF-8 or not.
+            ok, encoded = cv2.imencode(
+                f".{image_format}", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR), params
+            )
+            try:
+                if not ok:
+                    raise OSError("the encoder failed")
+                (tmp / name).write_bytes(encoded.tobytes())
+            except OSError as exc:
+                raise SnaplookError(
+                    f"{display_path(tmp / name)}: could not write the frame image ({exc})."
+                ) from exc
+            frame.path = out / name
+            if not keep_images:
+                frame.image = None
+            frames.append(frame)
+        write_csv_atomic(
+            tmp / FRAMES_CSV,
+            FRAMES_CSV_HEADER,
+            (
+                (f.index, f.frame, f"{f.time_s:.3f}", f.path.name if f.path else "", f.reason)
+                for f in frames
+            ),
+        )
+        write_json_atomic(tmp / SUMMARY_JSON, _summary(video, frames, stats))
+        replace_dir(tmp, out, marker=FRAMES_CSV)
+        logger.info("wrote %d frame(s) and %s in %s", len(frames), FRAMES_CSV, display_path(out))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return frames
+
+
+def _summary(video: Path, frames: list[Frame], stats: _Stats) -> dict[str, Any]:
+    return {
+        "video": display_path(video),
+        "frames_decoded": stats.n_decoded,
+        "frames_kept": len(frames),
+        "duration_s": round(stats.last_time_s, 3),
+        "frames_lost": sum(span.n_frames for span in stats.lost),
+        "lost": [
+            {
+                "first_frame": span.first_frame,
+                "frames": span.n_frames,
+                "start_s": span.start_s,
+                "end_s": span.end_s,
+            }
+            for span in stats.lost
+        ],
+    }
 
 
 def extract_frames(
@@ -848,14 +1029,17 @@ def _extract_video(
 
 
 def _output_dirs(videos: list[Path], root: Path, out_root: Path) -> list[Path]:
+    # A name that is not UTF-8 gives a folder with its bytes escaped (caf\\xe9), so every
+    # later step can print it and write it into CSV and JSON files.
     if root.is_file():
-        return [out_root / videos[0].stem]
-    dirs = [out_root / v.relative_to(root).with_suffix("") for v in videos]
+        return [out_root / display_path(videos[0].stem)]
+    dirs = [out_root / display_path(v.relative_to(root).with_suffix("")) for v in videos]
     seen: dict[Path, Path] = {}
     for video, d in zip(videos, dirs):
         if d in seen:
             raise SnaplookError(
-                f"{seen[d]} and {video} would both write to {d}; rename one of them."
+                f"{display_path(seen[d])} and {display_path(video)} would both write to "
+                f"{display_path(d)}; rename one of them."
             )
         seen[d] = video
     return dirs
@@ -892,8 +1076,9 @@ def extract_videos(
 
     Returns:
         One :class:`VideoFrames` per video, in sorted path order. In a folder, a video that
-        fails is skipped and logged, with ``error`` set; the others go on, and the skipped
-        videos are listed in ``<out_root>/skipped.csv`` (``path, reason``).
+        fails (or a FIFO or device named like a video) is skipped and logged, with
+        ``error`` set; the others go on, and the skipped videos are listed in
+        ``<out_root>/skipped.csv`` (``path, reason``).
 
     Raises:
         SnaplookError: bad options; for a single video, any failure of
@@ -903,18 +1088,65 @@ def extract_videos(
         every, scenes, max_frames, dedup, scene_threshold, min_scene_s, scene_window_s
     )
     fmt = _check_format(image_format, quality)
-    root = Path(path_or_folder)
-    if not root.exists():
-        raise SnaplookError(f"{root}: no such file or folder; check the path.")
-    videos = find_videos(root)
-    if not videos:
-        raise SnaplookError(
-            f"{root}: no videos found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})."
-        )
-    if Path(out_root).exists() and not Path(out_root).is_dir():
-        raise SnaplookError(f"--out {out_root} is a file; pass a folder for the frames.")
-    out_dirs = _output_dirs(videos, root, Path(out_root))
+    root, out_root = Path(path_or_folder), Path(out_root)
+    videos, refused = _list_videos(root, out_root)
     single = root.is_file()
+    results = _extract_each(
+        videos,
+        _output_dirs(videos, root, out_root) if videos else [],
+        single=single,
+        on_start=on_start,
+        on_progress=on_progress,
+        image_format=fmt,
+        quality=quality,
+        keep_images=False,
+        every=checked_every,
+        scenes=scenes,
+        max_frames=max_frames,
+        dedup=dedup,
+        scene_threshold=scene_threshold,
+        min_scene_s=min_scene_s,
+        scene_window_s=scene_window_s,
+    )
+    if refused:
+        results = sorted([*results, *refused], key=lambda r: r.video.relative_to(root).as_posix())
+    if all(r.error for r in results):
+        raise SnaplookError(
+            f"{display_path(root)}: no video could be read; first error: {results[0].error}"
+        )
+    if not single:
+        write_skipped(out_root / SKIPPED_CSV, ((r.video, r.error) for r in results if r.error))
+    return results
+
+
+def _list_videos(root: Path, out_root: Path) -> tuple[list[Path], list[VideoFrames]]:
+    """The videos to extract, and the files named like videos that discovery refused."""
+    if not root.exists():
+        raise SnaplookError(f"{display_path(root)}: no such file or folder; check the path.")
+    refused: list[VideoFrames] = []
+    videos = find_videos(
+        root, on_skip=lambda path, why: refused.append(VideoFrames(path, None, error=why))
+    )
+    if not videos and not refused:
+        raise SnaplookError(
+            f"{display_path(root)}: no videos found (looked for "
+            f"{', '.join(sorted(VIDEO_EXTENSIONS))})."
+        )
+    if out_root.exists() and not out_root.is_dir():
+        raise SnaplookError(f"--out {out_root} is a file; pass a folder for the frames.")
+    return videos, refused
+
+
+def _extract_each(
+    videos: list[Path],
+    out_dirs: list[Path],
+    *,
+    single: bool,
+    on_start: Callable[[int], None] | None,
+    on_progress: Callable[[int], None] | None,
+    **options: Any,
+) -> list[VideoFrames]:
+    """Extract each video into its folder; in a folder, a failing video is skipped."""
     durations: list[float | None] = []
     for video in videos:
         try:
@@ -931,28 +1163,13 @@ def extract_videos(
     results: list[VideoFrames] = []
     done_s = 0.0
     for video, out_dir, duration in zip(videos, out_dirs, durations):
-        offset = done_s
 
-        def progress(seconds: int, offset: float = offset) -> None:
+        def progress(seconds: int, offset: float = done_s) -> None:
             if on_progress is not None:
                 on_progress(int(offset + seconds))
 
         try:
-            result = _extract_one(
-                video,
-                out=out_dir,
-                image_format=fmt,
-                quality=quality,
-                keep_images=False,
-                on_progress=progress,
-                every=checked_every,
-                scenes=scenes,
-                max_frames=max_frames,
-                dedup=dedup,
-                scene_threshold=scene_threshold,
-                min_scene_s=min_scene_s,
-                scene_window_s=scene_window_s,
-            )
+            result = _extract_one(video, out=out_dir, on_progress=progress, **options)
         except SnaplookError as exc:
             if single:
                 raise
@@ -964,14 +1181,4 @@ def extract_videos(
             on_progress(int(done_s))
     if on_progress is not None and total_s is not None:
         on_progress(total_s)
-    if all(r.error for r in results):
-        raise SnaplookError(f"{root}: no video could be read; first error: {results[0].error}")
-    if not single:
-        from snaplook.io_utils import write_csv_atomic
-
-        write_csv_atomic(
-            Path(out_root) / SKIPPED_CSV,
-            ("path", "reason"),
-            ((str(r.video), r.error) for r in results if r.error),
-        )
     return results

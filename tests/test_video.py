@@ -244,7 +244,7 @@ def test_extract_frames_out_writes_files_and_csv(cut_clip: Path, tmp_path: Path)
     frames = extract_frames(cut_clip, every=2.0, out=out)
     names = [frame_filename(f, t) for f, t in ((0, 0.0), (20, 2.0), (40, 4.0))]
     assert names[1] == "f000020_t0002.000.jpg"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "frames.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "frames.csv", "summary.json"])
     assert [f.path for f in frames] == [out / n for n in names]
     assert all(f.image is None for f in frames)
     with open(out / "frames.csv", newline="") as fh:
@@ -257,6 +257,7 @@ def test_extract_frames_out_writes_files_and_csv(cut_clip: Path, tmp_path: Path)
         "f000000_t0000.000.png",
         "f000030_t0003.000.png",
         "frames.csv",
+        "summary.json",
     ]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
