@@ -18,14 +18,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import DEFAULT_IMAGE_COLUMN, RESTRICT_MODES
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: The catalogue column naming the image (relative to the indexed folder), by default.
-DEFAULT_IMAGE_COLUMN = "image"
 PRODUCT_ID = "product_id"
 #: Parsed as a number when present: an unparsable value stops the join with its line.
 PRICE = "price"
@@ -37,8 +36,6 @@ BODY_VALUES = ("upper", "lower", "full")
 #: The stored catalogue in an index folder, and its unmatched rows.
 CATALOG_FILE = "catalog.csv"
 UNMATCHED_FILE = "catalog_unmatched.csv"
-#: Restriction modes of ``query`` / ``look``.
-RESTRICT_MODES = ("none", "auto")
 #: Catalogue neighbours that vote for a query's category under ``--restrict auto``.
 DEFAULT_CATEGORY_NEIGHBOURS = 10
 #: Columns that results (results.csv/json, looks.csv, grids) carry from the catalogue.
@@ -378,11 +375,6 @@ def load_products(index_dir: str | Path, gallery_paths: Sequence[str]) -> Produc
 
 _COMPARE = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(!=|<=|>=|==|=|<|>)\s*(.*?)\s*$")
 _IN = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s+(?:in|IN)\s+(.+?)\s*$")
-
-WHERE_HELP = (
-    "Filter the catalogue before the k-NN: COLUMN=VALUE, !=, <, <=, >, >= (numbers), or "
-    "'COLUMN in A,B,C'. Repeat to combine (all must hold). Text compares case-insensitively."
-)
 
 
 @dataclass(frozen=True)

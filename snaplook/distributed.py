@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import DEFAULT_CPUS_PER_WORKER, DEFAULT_GPUS_PER_WORKER
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("local", "ray")
-DEFAULT_CPUS_PER_WORKER = 1.0
-DEFAULT_GPUS_PER_WORKER = 0.0
 #: Passes over the batches still missing after a pass (an actor that died and could not
 #: be restarted, a lost block); each pass keeps what the previous ones finished.
 DEFAULT_ATTEMPTS = 3

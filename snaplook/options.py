@@ -38,9 +38,9 @@ DEFAULT_RUNTIME = "auto"
 #: (see ``snaplook.runtime.resolve_precision``).
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 DEFAULT_PRECISION = "fp32"
-#: How an image becomes the model's square input: "pad" keeps the whole image (the image is
-#: scaled so its longer side fits, then padded); "crop" scales the shorter side and cuts the
-#: centre, losing the ends of long garments.
+#: How an image is fitted into the square model input. "pad" keeps the whole garment
+#: (the image is scaled so its longer side fits, then padded); "crop" scales the shorter
+#: side and cuts the centre, losing the ends of long garments.
 RESIZE_MODES = ("pad", "crop")
 DEFAULT_RESIZE_MODE = "pad"
 #: Default folder of the feature cache of ``evaluate`` and ``train`` (``<key>.npy`` /

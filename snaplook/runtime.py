@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import PRECISIONS
 from snaplook.transform_utils import CAFFE_BGR_MEAN
 
 if TYPE_CHECKING:
@@ -26,9 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: ``--precision`` values. "auto": bf16 where the CPU computes it natively, else fp32.
-PRECISIONS = ("fp32", "bf16", "int8", "auto")
-DEFAULT_PRECISION = "fp32"
 #: Images of the gallery an int8 model is calibrated on (a seeded sample; all if fewer).
 CALIBRATION_IMAGES = 128
 #: Overrides the CPU flags read from /proc/cpuinfo (space-separated), to simulate a CPU.

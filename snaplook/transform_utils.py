@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from snaplook.options import DEFAULT_RESIZE_MODE, RESIZE_MODES
+
 if TYPE_CHECKING:
     import numpy as np
 
-#: How an image is fitted into the square model input. "pad" keeps the whole garment
-#: (the image is scaled so its longer side fits, then padded); "crop" scales the shorter
-#: side and cuts the centre, losing the ends of long garments.
-RESIZE_MODES = ("pad", "crop")
-DEFAULT_RESIZE_MODE = "pad"
 #: Padding colour: white, the background of shop photos, so padding looks like backdrop.
 PAD_VALUE = 255
 
