@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import (
+    DEFAULT_DETECTOR,
+    DEFAULT_LEAD_ARTIST_ROOT,
+    DEFAULT_MAX_ARTISTS,
+    DEFAULT_MIN_SIZE,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,11 +29,6 @@ logger = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]  # x, y, w, h in frame pixels
 
-DEFAULT_LEAD_ARTIST_ROOT = Path("output/lead_artist")
-DEFAULT_MAX_ARTISTS = 2
-#: People shorter than this fraction of the frame height are ignored (extras, background).
-DEFAULT_MIN_SIZE = 0.15
-DEFAULT_DETECTOR = "builtin"
 DEFAULT_CROPS_PER_ARTIST = 3
 #: Frames are downscaled to this width before HOG: 4-5x faster than 768 px and, measured on
 #: the test photos, it also finds the large bent skier that the full-size pass misses.
