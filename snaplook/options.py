@@ -114,10 +114,12 @@ DEFAULT_LOOK_EVERY = 1.0
 
 PROTOCOLS = ("inshop", "consumer2shop", "folders")
 DEFAULT_PROTOCOL = "inshop"
-#: Consumer-to-shop splits that can be evaluated.
+#: Consumer-to-shop splits that can be evaluated. Consumer-to-shop has no query/gallery
+#: column: the evaluated split's consumer images are the queries and its shop images the
+#: gallery.
 C2S_SUBSETS = ("test", "val")
 DEFAULT_C2S_SUBSET = "test"
-#: gt: crop to the ground-truth box; none: the whole image.
+#: What the model sees of each image: the whole image, or its ground-truth box.
 CROPS = ("none", "gt")
 DEFAULT_CROP = "none"
 #: Recall@K cut-offs.
