@@ -42,6 +42,8 @@ from snaplook.metrics import (
 from snaplook.metrics import NORMALIZATIONS as NORMALIZATIONS
 from snaplook.metrics import TIE_RULES as TIE_RULES
 from snaplook.metrics import parse_ks as parse_ks
+from snaplook.options import DEFAULT_EVAL_ROOT as DEFAULT_OUT_ROOT
+from snaplook.options import DEFAULT_N_EXAMPLES, DEFAULT_SEED
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,10 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_OUT_ROOT = Path("output/eval")
-#: Queries drawn in each of the worst and random grids.
-DEFAULT_N_EXAMPLES = 8
-DEFAULT_SEED = 0
 PER_QUERY_HEADER = (
     "query",
     "item",
@@ -718,22 +716,27 @@ def _fmt(value: float | None) -> str:
 
 def render_report_md(report: Report) -> str:
     """The Markdown page that ties a report's numbers, definitions and figures together."""
-    c, n, m = report.config, report.counts, report.metrics
-    ks = c["ks"]
-    weights = c["weights"]
-    wtext = weights.get("name", "?")
-    if weights.get("sha256"):
-        wtext += f" (sha256 {weights['sha256'][:12]}…)"
-    lines = [
-        f"# Retrieval evaluation: {c['protocol']}, {c['setting']}",
-        "",
-    ]
-    if weights.get("name") == "random":
+    c = report.config
+    lines = [f"# Retrieval evaluation: {c['protocol']}, {c['setting']}", ""]
+    if c["weights"].get("name") == "random":
         lines += [
             "> **Random weights**: these numbers test the pipeline, not retrieval quality.",
             "",
         ]
-    lines += [
+    lines += _md_configuration(c)
+    lines += _md_counts(report)
+    lines += _md_metrics(report)
+    lines += _md_per_category(report)
+    lines += _md_failures(c)
+    return "\n".join(lines)
+
+
+def _md_configuration(c: dict[str, Any]) -> list[str]:
+    weights = c["weights"]
+    wtext = weights.get("name", "?")
+    if weights.get("sha256"):
+        wtext += f" (sha256 {weights['sha256'][:12]}…)"
+    return [
         "## Configuration",
         "",
         "| setting | value |",
@@ -753,11 +756,12 @@ def render_report_md(report: Report) -> str:
         f"| normalisation / distance | {c['normalization']} / {c['distance']} |",
         f"| tie rule | {c['ties']} |",
         "",
-        "## Counts",
-        "",
-        "| | count |",
-        "| --- | ---: |",
     ]
+
+
+def _md_counts(report: Report) -> list[str]:
+    n = report.counts
+    lines = ["## Counts", "", "| | count |", "| --- | ---: |"]
     lines += [f"| {key.replace('_', ' ')} | {value} |" for key, value in n.items()]
     lines += [
         "",
@@ -767,6 +771,14 @@ def render_report_md(report: Report) -> str:
         f"{n['unreadable_query_images'] + n['unreadable_gallery_images']} unreadable"
         + (" (listed in `skipped.csv`)." if report.skipped else "."),
         "",
+    ]
+    return lines
+
+
+def _md_metrics(report: Report) -> list[str]:
+    c, m = report.config, report.metrics
+    ks = c["ks"]
+    lines = [
         "## Metrics",
         "",
         "| metric | " + " | ".join(f"K={k}" for k in ks) + " |",
@@ -791,10 +803,18 @@ def render_report_md(report: Report) -> str:
             if c["ties"] == "pessimistic"
             else "gallery images at the same distance keep their gallery order"
         )
-        + f"; {n['queries_with_tied_first_hit']} quer(ies) had their first hit tied.",
+        + f"; {report.counts['queries_with_tied_first_hit']} quer(ies) had their first hit "
+        "tied.",
         "",
         "![Recall@K](recall_at_k.png)",
         "",
+    ]
+    return lines
+
+
+def _md_per_category(report: Report) -> list[str]:
+    ks = report.config["ks"]
+    lines = [
         "## Per category",
         "",
         "| category | queries | " + " | ".join(f"R@{k}" for k in ks) + " | mAP | MAP@R |",
@@ -806,7 +826,11 @@ def render_report_md(report: Report) -> str:
             + " | ".join(_fmt(cm["recall_at_k"][k]) for k in ks)
             + f" | {_fmt(cm['map'])} | {_fmt(cm['map_at_r'])} |"
         )
-    lines += [
+    return lines
+
+
+def _md_failures(c: dict[str, Any]) -> list[str]:
+    return [
         "",
         "## Failures and samples",
         "",
@@ -826,7 +850,6 @@ def render_report_md(report: Report) -> str:
         "`report.json`.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def inshop(root: str | Path, **kwargs: Any) -> Report:
@@ -895,23 +918,8 @@ def evaluate_settings(
     """
     import itertools
 
-    from snaplook import features as feats
-    from snaplook.io_utils import write_json_atomic, write_text_atomic
-
     root = Path(root)
-    backbones = list(dict.fromkeys(backbones or [feats.DEFAULT_BACKBONE]))
-    poolings = list(dict.fromkeys(poolings or [feats.DEFAULT_POOLING]))
-    normalizations = list(dict.fromkeys(normalizations or [DEFAULT_NORMALIZATION]))
-    for b in backbones:
-        feats.get_backbone(b)
-    for p in poolings:
-        if p not in feats.POOLINGS:
-            raise SnaplookError(f"unknown pooling {p!r}; choose avg or max.")
-    for nz in normalizations:
-        if nz not in NORMALIZATIONS:
-            raise SnaplookError(
-                f"unknown normalisation {nz!r}; choose one of: {', '.join(NORMALIZATIONS)}."
-            )
+    backbones, poolings, normalizations = _setting_lists(backbones, poolings, normalizations)
     split = load_split(
         root,
         protocol=protocol,
@@ -924,41 +932,93 @@ def evaluate_settings(
     out = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
     combos = list(itertools.product(backbones, poolings, normalizations, heads))
-    single = len(combos) == 1
-    reports: list[Report] = []
-    for i, (b, p, nz, h) in enumerate(combos):
-        name = _setting_name(b, p, nz) + (f"+{h.name}" if h is not None else "")
-        if on_setting is not None:
-            on_setting(name, i, len(combos))
-        embedder = feats.Embedder(
-            b,
-            weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
-            pooling=p,
-            seed=kwargs.get("seed", DEFAULT_SEED),
-            runtime=kwargs.get("runtime", feats.DEFAULT_RUNTIME),
-            precision=kwargs.get("precision", feats.DEFAULT_PRECISION),
+    reports = [
+        _evaluate_setting(
+            root,
+            split,
+            combo,
+            i,
+            len(combos),
+            out=out,
+            weights=weights,
+            on_setting=on_setting,
+            evaluate_kwargs={"crop": crop, "strict": strict, "subset": subset, **kwargs},
         )
-        reports.append(
-            evaluate(
-                root,
-                split=split,
-                embedder=embedder,
-                head=h,
-                normalization=nz,
-                crop=crop,
-                strict=strict,
-                subset=subset,
-                out=out if single else out / name,
-                **kwargs,
-            )
-        )
+        for i, combo in enumerate(combos)
+    ]
     comparison = Comparison(reports, out)
-    if not single:
-        table = compare_reports(reports)
-        comparison.files = {"compare_json": out / "compare.json", "compare_md": out / "compare.md"}
-        write_json_atomic(comparison.files["compare_json"], table)
-        write_text_atomic(comparison.files["compare_md"], render_compare_md(table))
+    if len(combos) > 1:
+        comparison.files = _write_comparison(reports, out)
     return comparison
+
+
+def _setting_lists(
+    backbones: Sequence[str], poolings: Sequence[str], normalizations: Sequence[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """Distinct settings in order (defaults for empty lists); raise on an unknown one."""
+    from snaplook import features as feats
+
+    backbones = list(dict.fromkeys(backbones or [feats.DEFAULT_BACKBONE]))
+    poolings = list(dict.fromkeys(poolings or [feats.DEFAULT_POOLING]))
+    normalizations = list(dict.fromkeys(normalizations or [DEFAULT_NORMALIZATION]))
+    for b in backbones:
+        feats.get_backbone(b)
+    for p in poolings:
+        if p not in feats.POOLINGS:
+            raise SnaplookError(f"unknown pooling {p!r}; choose avg or max.")
+    for nz in normalizations:
+        check_normalization(nz)
+    return backbones, poolings, normalizations
+
+
+def _evaluate_setting(
+    root: Path,
+    split: Split,
+    combo: tuple[str, str, str, Any],
+    index: int,
+    total: int,
+    *,
+    out: Path,
+    weights: str | Path | None,
+    on_setting: Callable[[str, int, int], None] | None,
+    evaluate_kwargs: dict[str, Any],
+) -> Report:
+    """Evaluate one (backbone, pooling, normalisation, head) of :func:`evaluate_settings`."""
+    from snaplook import features as feats
+
+    backbone, pooling, normalization, head = combo
+    name = _setting_name(backbone, pooling, normalization)
+    name += f"+{head.name}" if head is not None else ""
+    if on_setting is not None:
+        on_setting(name, index, total)
+    embedder = _make_embedder(
+        backbone,
+        weights,
+        pooling,
+        evaluate_kwargs.get("seed", DEFAULT_SEED),
+        evaluate_kwargs.get("runtime", feats.DEFAULT_RUNTIME),
+        evaluate_kwargs.get("precision", feats.DEFAULT_PRECISION),
+    )
+    return evaluate(
+        root,
+        split=split,
+        embedder=embedder,
+        head=head,
+        normalization=normalization,
+        out=out if total == 1 else out / name,
+        **evaluate_kwargs,
+    )
+
+
+def _write_comparison(reports: list[Report], out: Path) -> dict[str, Path]:
+    """Write ``compare.json`` and ``compare.md`` into ``out``; return their paths."""
+    from snaplook.io_utils import write_json_atomic, write_text_atomic
+
+    table = compare_reports(reports)
+    files = {"compare_json": out / "compare.json", "compare_md": out / "compare.md"}
+    write_json_atomic(files["compare_json"], table)
+    write_text_atomic(files["compare_md"], render_compare_md(table))
+    return files
 
 
 def warn_ks_over_gallery(split: Split, ks: Sequence[int]) -> list[int]:
