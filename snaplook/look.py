@@ -14,17 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snaplook.artists import (
-    DEFAULT_CROPS_PER_ARTIST,
+from snaplook.artists import DEFAULT_CROPS_PER_ARTIST, ArtistRow, PersonDetector, Selection
+from snaplook.errors import SnaplookError
+from snaplook.options import (
     DEFAULT_DETECTOR,
+    DEFAULT_INDEX_DIR,
+    DEFAULT_K,
+    DEFAULT_LOOK_EVERY,
+    DEFAULT_LOOKS_ROOT,
     DEFAULT_MAX_ARTISTS,
     DEFAULT_MIN_SIZE,
-    ArtistRow,
-    PersonDetector,
-    Selection,
+    SearchSettings,
 )
-from snaplook.errors import SnaplookError
-from snaplook.index import DEFAULT_INDEX_DIR, DEFAULT_K
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,11 +36,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LOOKS_ROOT = Path("output/looks")
 #: The lead-artist crops' folder inside a look's results folder.
 CROPS_DIR = "crops"
-#: Seconds between the frames `look` examines (the `extract` default).
-DEFAULT_EVERY = 1.0
+#: Seconds between the frames `look` examines (``options.DEFAULT_LOOK_EVERY``).
+DEFAULT_EVERY = DEFAULT_LOOK_EVERY
 
 LOOKS_HEADER = (
     "video",
@@ -262,43 +262,132 @@ def look(
             an output folder that holds something else, a ``crops_out`` that holds crops
             (without ``overwrite``) or lies inside ``out``.
     """
-    import shutil
-
-    from snaplook.artists import (
-        FrameDetections,
-        check_output_dir,
-        make_detector,
-        select_lead_artists,
-        write_lead_artists,
-        write_lead_artists_into,
-    )
-    from snaplook.catalog import RESTRICT_MODES, filter_mask, warn_if_few
-    from snaplook.index import check_head, check_k, load_index
-    from snaplook.io_utils import make_temp_dir, replace_dir, write_skipped
-    from snaplook.page import MAX_TIMELINE
-    from snaplook.video import iter_frames, probe_duration
+    # Long on purpose: the signature and docstring list every option of `snaplook look`
+    # (cli.py passes them by name); the body only hands them to the stages below.
+    from snaplook.artists import make_detector
+    from snaplook.video import probe_duration
 
     started = time.perf_counter()
     video = Path(video)
     if not video.is_file():
         raise SnaplookError(f"{video}: no such video file; check the path.")
-    loaded = index if not isinstance(index, (str, Path)) else load_index(index, ann=not exact)
+    search = SearchSettings(
+        exact=exact, nprobe=nprobe, ef=ef, where=tuple(where or ()), restrict=restrict
+    )
+    query = _prepare_query(
+        index,
+        search,
+        where,
+        k=k,
+        head=head,
+        runtime=runtime,
+        precision=precision,
+        batch_size=batch_size,
+    )
+    folders = _output_folders(video, out, crops_out, overwrite=overwrite)
+    person_detector = make_detector(detector, min_size=min_size)  # fails before decoding
+    if on_start is not None:
+        on_start(int(probe_duration(video) or 0))
+    scan = _Scan(every, max_frames, max_artists, crops_per_artist, timeline=page)
+    selection, timeline, skipped = _scan_video(video, person_detector, scan, on_progress)
+    summary = _write_look(
+        video, selection, skipped, query, folders, clothes=clothes, plot=plot, timeline=timeline
+    )
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+@dataclass(frozen=True)
+class _Query:
+    """The search side of a look, checked before any frame is decoded."""
+
+    index: Index
+    k: int
+    embedder: Any
+    allowed: np.ndarray | None
+    search: SearchSettings
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class _Folders:
+    """Where a look writes: its results folder and its crops folder (``own``: inside it)."""
+
+    out: Path
+    crops_out: Path
+    own: bool
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """How the video is walked and which people are kept (``timeline``: for the page)."""
+
+    every: float
+    max_frames: int | None
+    max_artists: int
+    crops_per_artist: int
+    timeline: bool = True
+
+
+def _prepare_query(
+    index: Index | str | Path,
+    search: SearchSettings,
+    where: Sequence[str] | None,
+    *,
+    k: int,
+    head: Any,
+    runtime: str | None,
+    precision: str | None,
+    batch_size: int = 16,
+) -> _Query:
+    """Load and check the index, the head, the filters and the embedder (all before decoding)."""
+    from snaplook.catalog import RESTRICT_MODES, filter_mask, warn_if_few
+    from snaplook.index import check_head, check_k, load_index
+
+    loaded = (
+        index if not isinstance(index, (str, Path)) else load_index(index, ann=not search.exact)
+    )
     k = check_k(k, loaded)
     check_head(loaded.meta, head, loaded.path)  # before the video is decoded
     embedder = loaded.embedder(head=head, runtime=runtime, precision=precision)
     allowed = filter_mask(loaded.products(), where, loaded.path)  # so are bad filters
     warn_if_few(allowed, k, where)
-    if restrict not in RESTRICT_MODES:
+    if search.restrict not in RESTRICT_MODES:
         raise SnaplookError(f"--restrict must be one of {', '.join(RESTRICT_MODES)}.")
+    return _Query(loaded, k, embedder, allowed, search, batch_size)
+
+
+def _output_folders(
+    video: Path, out: str | Path | None, crops_out: str | Path | None, *, overwrite: bool
+) -> _Folders:
+    """Resolve and check the results and crops folders."""
+    from snaplook.artists import check_output_dir
+
     out = Path(out) if out is not None else DEFAULT_LOOKS_ROOT / video.stem
-    own_crops = crops_out is None or _same_path(Path(crops_out), out / CROPS_DIR)
-    crops_out = out / CROPS_DIR if own_crops else Path(crops_out)  # type: ignore[arg-type]
+    own = crops_out is None or _same_path(Path(crops_out), out / CROPS_DIR)
+    crops = out / CROPS_DIR if own else Path(crops_out)  # type: ignore[arg-type]
     check_output_dir(out, "looks.csv")
-    if not own_crops:
-        _check_crops_out(crops_out, out, overwrite=overwrite)
-    person_detector = make_detector(detector, min_size=min_size)  # fails before decoding
-    if on_start is not None:
-        on_start(int(probe_duration(video) or 0))
+    if not own:
+        _check_crops_out(crops, out, overwrite=overwrite)
+    return _Folders(out, crops, own)
+
+
+def _scan_video(
+    video: Path,
+    detector: PersonDetector,
+    scan: _Scan,
+    on_progress: Callable[[int], None] | None,
+) -> tuple[Selection, list[tuple[int, float | None, np.ndarray]] | None, list[tuple[str, str]]]:
+    """Stream the frames through the detector and pick the lead artists.
+
+    Returns:
+        the selection, the timeline thumbnails (None unless ``scan.timeline``) and the
+        (video, reason) of each frame that could not be decoded.
+    """
+    from snaplook.artists import FrameDetections, select_lead_artists
+    from snaplook.page import MAX_TIMELINE
+    from snaplook.video import iter_frames
+
     skipped: list[tuple[str, str]] = []
 
     def _skip(frame_no: int, time_s: float, reason: str) -> None:
@@ -309,24 +398,49 @@ def look(
 
     def _stream() -> Iterator[FrameDetections]:
         for frame in iter_frames(
-            video, every=every, max_frames=max_frames, on_progress=on_progress, on_skip=_skip
+            video,
+            every=scan.every,
+            max_frames=scan.max_frames,
+            on_progress=on_progress,
+            on_skip=_skip,
         ):
             image = frame.image
-            if page and stride[1] % stride[0] == 0:
+            if scan.timeline and stride[1] % stride[0] == 0:
                 timeline.append((frame.frame, frame.time_s, _small(image)))
                 if len(timeline) > 2 * MAX_TIMELINE:  # a long video: halve, bounded memory
                     timeline[:] = timeline[::2]
                     stride[0] *= 2
             stride[1] += 1
-            dets = person_detector.detect(image)
+            dets = detector.detect(image)
             yield FrameDetections(frame.frame, frame.time_s, image, dets, source=str(video))
 
     selection = select_lead_artists(
-        _stream(), max_artists=max_artists, crops_per_artist=crops_per_artist
+        _stream(), max_artists=scan.max_artists, crops_per_artist=scan.crops_per_artist
     )
+    return selection, timeline if scan.timeline else None, skipped
+
+
+def _write_look(
+    video: Path,
+    selection: Selection,
+    skipped: list[tuple[str, str]],
+    query: _Query,
+    folders: _Folders,
+    *,
+    clothes: bool,
+    plot: bool,
+    timeline: list[tuple[int, float | None, np.ndarray]] | None,
+) -> LookSummary:
+    """Cut out the crops, query them and replace the results folder with what was written."""
+    import shutil
+
+    from snaplook.artists import write_lead_artists, write_lead_artists_into
+    from snaplook.io_utils import make_temp_dir, replace_dir, write_skipped
+
+    out, crops_out = folders.out, folders.crops_out
     tmp = make_temp_dir(out)
     try:
-        if own_crops:
+        if folders.own:
             crops_dir = tmp / CROPS_DIR
             crops_dir.mkdir()
             crops = write_lead_artists_into(
@@ -341,32 +455,20 @@ def look(
             crops_out=crops_out,
             selection=selection,
             crops=crops,
-            k=k,
+            k=query.k,
             skipped=skipped,
-            where=list(where or ()),
-            restrict=restrict,
+            where=list(query.search.where),
+            restrict=query.search.restrict,
         )
-        _query_crops(
-            summary,
-            loaded,
-            tmp,
-            crops_dir,
-            plot=plot,
-            batch_size=batch_size,
-            embedder=embedder,
-            allowed=allowed,
-            timeline=timeline if page else None,
-            search={"exact": exact, "nprobe": nprobe, "ef": ef},
-        )
+        _query_crops(summary, query, tmp, crops_dir, plot=plot, timeline=timeline)
         write_skipped(tmp / "skipped.csv", skipped)
         replace_dir(tmp, out)
         logger.info("wrote looks.csv, looks_fused.csv, grids and skipped.csv in %s", out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if page:
+    if timeline is not None:
         summary.page = out / "index.html"
-    summary.seconds = time.perf_counter() - started
     return summary
 
 
@@ -403,93 +505,123 @@ def _check_crops_out(crops_out: Path, out: Path, *, overwrite: bool) -> None:
 
 def _query_crops(
     summary: LookSummary,
-    index: Index,
+    query: _Query,
     tmp: Path,
     crops_dir: Path,
     *,
     plot: bool,
-    batch_size: int,
-    embedder: Any,
-    allowed: np.ndarray | None = None,
     timeline: list[tuple[int, float | None, np.ndarray]] | None = None,
-    search: dict[str, Any] | None = None,
 ) -> None:
     """Query the crops (read from ``crops_dir``) and write the results into ``tmp``."""
+    from snaplook.catalog import RESULT_COLUMNS
+
+    index = query.index
+    extra = RESULT_COLUMNS if index.products() is not None else ()
+    if summary.crops:
+        distances, rows = _search_crops(summary, query, crops_dir)
+        summary.hits = _hit_rows(summary, extra)
+        _fuse_artists(summary, index, distances, rows)
+    _write_results(summary, tmp, extra)
+    grids = _draw_grids(summary, index, tmp, crops_dir) if plot and summary.crops else []
+    if timeline is not None:
+        from snaplook.page import write_look_page
+
+        write_look_page(_look_page(summary, index, timeline, crops_dir), tmp)
+    summary.grids = [summary.out / name for name, _ in grids]
+
+
+def _search_crops(summary: LookSummary, query: _Query, crops_dir: Path) -> tuple[Any, Any]:
+    """Embed and search every crop; fill ``crop_hits`` and ``categories``.
+
+    Returns:
+        distances and rows, ndarrays of shape (n_crops, k), nearest first.
+    """
     import functools
 
-    from snaplook.catalog import PRODUCT_ID, RESULT_COLUMNS, restricted_search
+    from snaplook.catalog import restricted_search
     from snaplook.features import embed_arrays
     from snaplook.index import hits_of
-    from snaplook.io_utils import read_image, write_csv_atomic
+    from snaplook.io_utils import read_image
 
-    crops = summary.crops
-    k = summary.k
-    products = index.products()
-    extra = RESULT_COLUMNS if products is not None else ()
+    index, crops, search = query.index, summary.crops, query.search
+    images = [read_image(crops_dir / c.path.name) for c in crops]
+    features = embed_arrays(images, query.embedder, batch_size=query.batch_size)
+    distances, rows, guesses = restricted_search(
+        functools.partial(index.search, exact=search.exact, nprobe=search.nprobe, ef=search.ef),
+        features,
+        query.k,
+        products=index.products(),
+        allowed=query.allowed,
+        restrict=search.restrict,
+        kinds=[c.kind for c in crops],
+    )
+    for n, crop in enumerate(crops):
+        summary.crop_hits[str(crop.path)] = hits_of(index, rows[n], distances[n])
+        if guesses is not None:
+            summary.categories[str(crop.path)] = guesses[n]
+    return distances, rows
+
+
+def _hit_rows(summary: LookSummary, extra: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of ``looks.csv``: every crop's hits with the crop's provenance."""
     hits: list[dict[str, Any]] = []
-    grids: list[tuple[str, Any]] = []
-    if crops:
-        images = [read_image(crops_dir / c.path.name) for c in crops]
-        features = embed_arrays(images, embedder, batch_size=batch_size)
-        distances, rows, guesses = restricted_search(
-            functools.partial(index.search, **(search or {})),
-            features,
-            k,
-            products=products,
-            allowed=allowed,
-            restrict=summary.restrict,
-            kinds=[c.kind for c in crops],
-        )
-        for n, crop in enumerate(crops):
-            crop_hits = hits_of(index, rows[n], distances[n])
-            summary.crop_hits[str(crop.path)] = crop_hits
-            if guesses is not None:
-                summary.categories[str(crop.path)] = guesses[n]
-            for hit in crop_hits:
-                hits.append(
-                    {
-                        "video": str(summary.video),
-                        "artist": crop.artist,
-                        "frame": crop.frame,
-                        "time_s": "" if crop.time_s is None else f"{crop.time_s:.3f}",
-                        "x": crop.box[0],
-                        "y": crop.box[1],
-                        "w": crop.box[2],
-                        "h": crop.box[3],
-                        "kind": crop.kind,
-                        "crop": str(crop.path),
-                        "rank": hit.rank,
-                        "gallery_path": str(hit.path),
-                        "distance": f"{hit.distance:.6f}",
-                        **{c: (hit.product or {}).get(c, "") for c in extra},
-                    }
-                )
-        # Several images of one product are one item; images without a product are items
-        # of their own.
-        keys = None
-        if products is not None:
-            keys = [
-                (p or {}).get(PRODUCT_ID) or f"row:{row}" for row, p in enumerate(products.rows)
-            ]
-        for artist in sorted({c.artist for c in crops}):
-            mine = [i for i, c in enumerate(crops) if c.artist == artist]
-            fused = fuse_hits(distances[mine], rows[mine], k=k, keys=keys)
-            summary.fused[artist] = [
-                FusedHit(
-                    rank,
-                    row,
-                    index.gallery_path(row),
-                    votes,
-                    mean_d,
-                    best_d,
-                    products.product(row) if products is not None else None,
-                )
-                for rank, (row, votes, mean_d, best_d) in enumerate(fused, start=1)
-            ]
-    summary.hits = hits
+    for crop in summary.crops:
+        for hit in summary.crop_hits[str(crop.path)]:
+            hits.append(
+                {
+                    "video": str(summary.video),
+                    "artist": crop.artist,
+                    "frame": crop.frame,
+                    "time_s": "" if crop.time_s is None else f"{crop.time_s:.3f}",
+                    "x": crop.box[0],
+                    "y": crop.box[1],
+                    "w": crop.box[2],
+                    "h": crop.box[3],
+                    "kind": crop.kind,
+                    "crop": str(crop.path),
+                    "rank": hit.rank,
+                    "gallery_path": str(hit.path),
+                    "distance": f"{hit.distance:.6f}",
+                    **{c: (hit.product or {}).get(c, "") for c in extra},
+                }
+            )
+    return hits
+
+
+def _fuse_artists(summary: LookSummary, index: Index, distances: Any, rows: Any) -> None:
+    """Fill ``summary.fused``: per artist, its crops' rankings fused (see :func:`fuse_hits`)."""
+    from snaplook.catalog import PRODUCT_ID
+
+    crops, products = summary.crops, index.products()
+    # Several images of one product are one item; images without a product are items
+    # of their own.
+    keys = None
+    if products is not None:
+        keys = [(p or {}).get(PRODUCT_ID) or f"row:{row}" for row, p in enumerate(products.rows)]
+    for artist in sorted({c.artist for c in crops}):
+        mine = [i for i, c in enumerate(crops) if c.artist == artist]
+        fused = fuse_hits(distances[mine], rows[mine], k=summary.k, keys=keys)
+        summary.fused[artist] = [
+            FusedHit(
+                rank,
+                row,
+                index.gallery_path(row),
+                votes,
+                mean_d,
+                best_d,
+                products.product(row) if products is not None else None,
+            )
+            for rank, (row, votes, mean_d, best_d) in enumerate(fused, start=1)
+        ]
+
+
+def _write_results(summary: LookSummary, tmp: Path, extra: Sequence[str]) -> None:
+    """Write ``looks.csv`` and ``looks_fused.csv`` into ``tmp`` (headers only when empty)."""
+    from snaplook.io_utils import write_csv_atomic
+
     header = (*LOOKS_HEADER, *extra)
-    write_csv_atomic(tmp / "looks.csv", header, ([h[c] for c in header] for h in hits))
-    n_crops = {a: sum(1 for c in crops if c.artist == a) for a in summary.fused}
+    write_csv_atomic(tmp / "looks.csv", header, ([h[c] for c in header] for h in summary.hits))
+    n_crops = {a: sum(1 for c in summary.crops if c.artist == a) for a in summary.fused}
     write_csv_atomic(
         tmp / "looks_fused.csv",
         (*FUSED_HEADER, *extra),
@@ -508,13 +640,6 @@ def _query_crops(
             for f in ranking
         ),
     )
-    if plot and crops:
-        grids = _draw_grids(summary, index, tmp, crops_dir)
-    if timeline is not None:
-        from snaplook.page import write_look_page
-
-        write_look_page(_look_page(summary, index, timeline, crops_dir), tmp)
-    summary.grids = [summary.out / name for name, _ in grids]
 
 
 def _draw_grids(
