@@ -1,0 +1,469 @@
+"""Training-free post-processing of retrieval features, in NumPy: GeM pooling, learned
+PCA-whitening (stored pickle-free as ``whiten.npz``), alpha-query expansion and
+database-side augmentation. Exact and deterministic; no step, no model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snaplook.errors import SnaplookError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: GeM's exponent (Radenovic et al. 2018): 1 is average pooling, large p tends to max.
+DEFAULT_GEM_P = 3.0
+#: Activations are clamped to at least this before the power (GeM's epsilon).
+GEM_EPS = 1e-6
+#: Exponent on the similarity weights of alpha-QE and alpha-DBA (Radenovic et al. 2018).
+DEFAULT_ALPHA = 3.0
+#: The whitening file in an index folder.
+WHITEN_FILE = "whiten.npz"
+WHITEN_FORMAT_VERSION = 1
+#: Dimension rule: the whitened dimension is at most n_fit // WHITEN_SAMPLES_PER_DIM. PCA
+#: directions estimated from fewer samples are mostly noise, and whitening divides by their
+#: small eigenvalues, so it amplifies that noise (measured: benchmarks/bench_quality.py).
+WHITEN_SAMPLES_PER_DIM = 3
+#: Below this many dimensions whitening is not worth fitting (the gallery is too small).
+MIN_WHITEN_DIM = 8
+#: Eigenvalue shrinkage towards their mean: lambda' = (1 - s) lambda + s mean(lambda);
+#: 0 is full whitening, 1 a plain PCA projection (measured: benchmarks/bench_quality.py).
+DEFAULT_SHRINKAGE = 0.0
+#: Rows of the query x gallery similarity computed at once by the exact neighbour search.
+NEIGHBOUR_BLOCK_ROWS = 1024
+
+
+# --- pooling ---
+
+
+def gem_pool(feature_maps: np.ndarray, *, p: float = DEFAULT_GEM_P) -> np.ndarray:
+    """Generalised-mean pooling of CNN feature maps: ``mean(max(x, eps) ** p) ** (1 / p)``.
+
+    Args:
+        feature_maps: ndarray of shape (n, h, w, c), channels last.
+        p: the exponent, default=3.0; p=1 is average pooling.
+
+    Returns:
+        ndarray of shape (n, c), float32.
+
+    Raises:
+        SnaplookError: ``p`` not positive, or maps that are not 4-d.
+    """
+    import numpy as np
+
+    if not p > 0 or not math.isfinite(p):
+        raise SnaplookError(f"--gem-p must be a positive number, got {p}.")
+    maps = np.asarray(feature_maps, dtype=np.float64)
+    if maps.ndim != 4:
+        raise SnaplookError(f"GeM needs feature maps of shape (n, h, w, c), got {maps.shape}.")
+    pooled = np.mean(np.maximum(maps, GEM_EPS) ** p, axis=(1, 2)) ** (1.0 / p)
+    return pooled.astype(np.float32)
+
+
+# --- whitening ---
+
+
+@dataclass
+class Whitening:
+    """A fitted centring + PCA-whitening: ``l2(l2(x) - mean_) @ projection_``.
+
+    Attributes:
+        mean_: ndarray of shape (d,), float32: the mean of the L2-normalised fit features.
+        projection_: ndarray of shape (d, k), float32: principal directions, each divided
+            by the square root of its (shrunk) eigenvalue.
+        eigenvalues_: ndarray of shape (k,), float64: the variances along them, unshrunk.
+        shrinkage: the eigenvalue shrinkage it was fitted with.
+        n_fit: how many feature vectors it was fitted on.
+    """
+
+    mean_: np.ndarray
+    projection_: np.ndarray
+    eigenvalues_: np.ndarray
+    shrinkage: float
+    n_fit: int
+
+    @property
+    def dim(self) -> int:
+        """The whitened dimension k."""
+        return int(self.projection_.shape[1])
+
+    @property
+    def input_dim(self) -> int:
+        """The dimension d of the features it takes."""
+        return int(self.projection_.shape[0])
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """Whiten features: L2-normalise, centre, project, L2-normalise.
+
+        Args:
+            features: ndarray of shape (n, d).
+
+        Returns:
+            ndarray of shape (n, k), float32, unit rows.
+
+        Raises:
+            SnaplookError: features of another dimension than the fit's.
+        """
+        import numpy as np
+
+        from snaplook.transform_utils import l2_normalize
+
+        features = np.atleast_2d(np.asarray(features, dtype=np.float32))
+        if features.shape[1] != self.input_dim:
+            raise SnaplookError(
+                f"the whitening was fitted on {self.input_dim}-d features, but these are "
+                f"{features.shape[1]}-d; refit it (index --update --refit) or index again."
+            )
+        return l2_normalize((l2_normalize(features) - self.mean_) @ self.projection_)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What :func:`save_whitening` stores: plain arrays only (no pickles)."""
+        import numpy as np
+
+        return {
+            "format_version": np.array(WHITEN_FORMAT_VERSION, dtype=np.int64),
+            "mean": self.mean_,
+            "projection": self.projection_,
+            "eigenvalues": self.eigenvalues_,
+            "shrinkage": np.array(self.shrinkage, dtype=np.float64),
+            "n_fit": np.array(self.n_fit, dtype=np.int64),
+        }
+
+    def digest(self) -> str:
+        """SHA-256 of the stored arrays' names, dtypes, shapes and bytes (not of the zip,
+        whose timestamps change on every save): equal fits give equal digests."""
+        return _arrays_digest(self.arrays())
+
+    def describe(self) -> dict[str, object]:
+        """The record ``meta.json`` keeps: method, dimensions, shrinkage, digest."""
+        return {
+            "method": "pca",
+            "dim": self.dim,
+            "input_dim": self.input_dim,
+            "shrinkage": self.shrinkage,
+            "n_fit": self.n_fit,
+            "file": WHITEN_FILE,
+            "sha256": self.digest(),
+        }
+
+
+def whitening_dim(requested: int | None, n_fit: int, n_features: int) -> int:
+    """The whitened dimension: the request, capped by the dimension rule.
+
+    ``min(requested, n_features, n_fit - 1, n_fit // WHITEN_SAMPLES_PER_DIM)``; ``None``
+    asks for as many as the rule allows. Centring costs one dimension, hence ``n_fit - 1``.
+    """
+    cap = min(n_features, n_fit - 1, n_fit // WHITEN_SAMPLES_PER_DIM)
+    return max(0, cap if requested is None else min(requested, cap))
+
+
+def fit_whitening(
+    features: np.ndarray,
+    *,
+    dim: int | None = None,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    samples_per_dim: int | None = WHITEN_SAMPLES_PER_DIM,
+) -> Whitening:
+    """Fit centring + PCA-whitening on (gallery) features.
+
+    The features are L2-normalised, centred on their mean, and their principal directions
+    found (eigenvectors of the covariance, or right singular vectors when there are fewer
+    samples than dimensions); each direction's sign is fixed (largest component positive),
+    so a refit on the same features is bit-for-bit the same transform.
+
+    Args:
+        features: ndarray of shape (n, d).
+        dim: the whitened dimension k, default=None (as many as the dimension rule allows).
+        shrinkage: eigenvalue shrinkage in [0, 1], default=0 (full whitening).
+        samples_per_dim: the dimension rule, k <= n // samples_per_dim; None turns the
+            rule off (k <= n - 1 only; overfits small galleries, for measurement).
+
+    Returns:
+        :class:`Whitening`.
+
+    Raises:
+        SnaplookError: non-finite features, a bad ``dim`` or ``shrinkage``, or too few
+            features for :data:`MIN_WHITEN_DIM` dimensions under the rule.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    x = np.atleast_2d(np.asarray(features, dtype=np.float32))
+    n, d = x.shape
+    if dim is not None and dim < 1:
+        raise SnaplookError(f"--whiten pca:DIM needs DIM >= 1, got {dim}.")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise SnaplookError(f"whitening shrinkage must lie in [0, 1], got {shrinkage}.")
+    if not np.isfinite(x).all():
+        raise SnaplookError("cannot fit whitening: the features contain NaN or infinity.")
+    per_dim = samples_per_dim or 1
+    k = whitening_dim(dim, n, d) if samples_per_dim else max(0, min(dim or d, d, n - 1))
+    if k < min(MIN_WHITEN_DIM, dim or MIN_WHITEN_DIM):
+        raise SnaplookError(
+            f"whitening needs at least {per_dim * MIN_WHITEN_DIM + 1} gallery images for "
+            f"{MIN_WHITEN_DIM} dimensions ({per_dim} per dimension); this gallery has {n}. "
+            "Index without --whiten, or add images."
+        )
+    unit = l2_normalize(x).astype(np.float64)
+    mean = unit.mean(axis=0)
+    eigenvalues, vectors = _principal_axes(unit - mean, k)
+    vectors *= np.where(_largest_positive(vectors), 1.0, -1.0)
+    shrunk = (1.0 - shrinkage) * eigenvalues + shrinkage * eigenvalues.mean()
+    floor = max(float(shrunk.max()) * 1e-12, 1e-30)  # a zero variance: no division by zero
+    projection = vectors / np.sqrt(np.maximum(shrunk, floor))
+    return Whitening(
+        mean_=mean.astype(np.float32),
+        projection_=projection.astype(np.float32),
+        eigenvalues_=eigenvalues,
+        shrinkage=float(shrinkage),
+        n_fit=int(n),
+    )
+
+
+def _principal_axes(centred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest covariance eigenvalues (descending) and their directions, (d, k)."""
+    import numpy as np
+
+    n, d = centred.shape
+    if n > d:
+        values, vectors = np.linalg.eigh(centred.T @ centred / max(1, n - 1))
+        order = np.argsort(-values, kind="stable")[:k]
+        return np.maximum(values[order], 0.0), vectors[:, order]
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    return singular[:k] ** 2 / max(1, n - 1), vt[:k].T.copy()
+
+
+def _largest_positive(vectors: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    rows = np.argmax(np.abs(vectors), axis=0)
+    return vectors[rows, np.arange(vectors.shape[1])] >= 0
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        header = {"name": name, "dtype": value.dtype.str, "shape": list(value.shape)}
+        digest.update(json.dumps(header, sort_keys=True).encode() + b"\n")
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def save_whitening(whitening: Whitening, path: str | Path) -> str:
+    """Write ``whitening`` as an ``.npz`` of plain arrays (atomically); return its digest.
+
+    The digest is :meth:`Whitening.digest`, which :func:`load_whitening` checks.
+    """
+    import numpy as np
+
+    from snaplook.io_utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **whitening.arrays())
+    return whitening.digest()
+
+
+def load_whitening(path: str | Path, *, sha256: str | None = None) -> Whitening:
+    """Read a whitening written by :func:`save_whitening`, without pickles.
+
+    Args:
+        path: the ``whiten.npz`` file.
+        sha256: the digest ``meta.json`` recorded; when given, the file must match it.
+
+    Raises:
+        SnaplookError: missing, unreadable or damaged file, another format version, or a
+            digest that does not match (the file changed after indexing).
+    """
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    names = ("format_version", "mean", "projection", "eigenvalues", "shrinkage", "n_fit")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.array(data[name]) for name in names}
+    except FileNotFoundError:
+        raise SnaplookError(
+            f"{path} is missing; the index was built with --whiten. Rebuild it, or run "
+            "index --update --refit to fit the whitening again."
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise SnaplookError(
+            f"{path}: cannot read the whitening ({type(exc).__name__}: {exc}); the file is "
+            "damaged. Run index --update --refit, or index again."
+        ) from exc
+    if int(arrays["format_version"]) != WHITEN_FORMAT_VERSION:
+        raise SnaplookError(
+            f"{path} has whitening format {int(arrays['format_version'])}; this snaplook reads "
+            f"format {WHITEN_FORMAT_VERSION}. Run index --update --refit."
+        )
+    if sha256 is not None and _arrays_digest(arrays) != sha256:
+        raise SnaplookError(
+            f"{path} does not match the SHA-256 in meta.json; it changed after indexing. "
+            "Run index --update --refit, or index again."
+        )
+    projection, mean = arrays["projection"], arrays["mean"]
+    if projection.ndim != 2 or mean.shape != (projection.shape[0],):
+        raise SnaplookError(f"{path}: whitening arrays of inconsistent shapes; file damaged.")
+    return Whitening(
+        mean_=mean,
+        projection_=projection,
+        eigenvalues_=arrays["eigenvalues"],
+        shrinkage=float(arrays["shrinkage"]),
+        n_fit=int(arrays["n_fit"]),
+    )
+
+
+def parse_whiten(text: str | None) -> int | None | bool:
+    """Read a ``--whiten`` value: "none" -> False, "pca" -> None (the rule's dimension),
+    "pca:DIM" -> DIM.
+
+    Raises:
+        SnaplookError: anything else.
+    """
+    value = (text or "none").strip().lower()
+    if value in ("none", "off", ""):
+        return False
+    method, _, dim = value.partition(":")
+    if method == "pca" and not dim:
+        return None
+    if method == "pca" and dim.isascii() and dim.isdigit() and int(dim) >= 1:
+        return int(dim)
+    raise SnaplookError(f"--whiten: {text!r} is not none, pca or pca:DIM (e.g. pca:64).")
+
+
+# --- neighbours, query expansion, database-side augmentation ---
+
+
+def nearest_neighbours(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool = False,
+    block_rows: int = NEIGHBOUR_BLOCK_ROWS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k most similar gallery rows (dot product) of each query, exactly.
+
+    Ties go to the lower gallery row (a stable sort), so the result is deterministic.
+
+    Args:
+        queries: ndarray of shape (m, d); gallery: ndarray of shape (n, d).
+        k: neighbours per query (at most n, or n - 1 with ``exclude_self``).
+        exclude_self: queries are the gallery (same rows): leave each row's own out.
+        block_rows: queries per block of the similarity matrix.
+
+    Returns:
+        (rows, similarities): int64 and float32 ndarrays of shape (m, k), best first.
+    """
+    import numpy as np
+
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    g = np.atleast_2d(np.asarray(gallery, dtype=np.float32))
+    k = min(k, len(g) - (1 if exclude_self else 0))
+    rows = np.zeros((len(q), max(k, 0)), dtype=np.int64)
+    sims = np.zeros((len(q), max(k, 0)), dtype=np.float32)
+    if k <= 0:
+        return rows, sims
+    for start in range(0, len(q), block_rows):
+        block = q[start : start + block_rows] @ g.T
+        if exclude_self:
+            own = np.arange(start, start + len(block))
+            block[own - start, own] = -np.inf
+        order = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        rows[start : start + len(block)] = order
+        sims[start : start + len(block)] = np.take_along_axis(block, order, axis=1)
+    return rows, sims
+
+
+def expand_vectors(
+    vectors: np.ndarray,
+    neighbours: np.ndarray,
+    similarities: np.ndarray,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+) -> np.ndarray:
+    """alpha-weighted expansion: ``l2(v + sum_i max(s_i, 0) ** alpha * n_i)``.
+
+    Args:
+        vectors: ndarray of shape (m, d), unit rows (weight 1: their self-similarity).
+        neighbours: ndarray of shape (m, K, d): each vector's K neighbours, unit rows.
+        similarities: ndarray of shape (m, K): vector-neighbour similarities.
+        alpha: the weight exponent, default=3; 0 averages uniformly.
+
+    Returns:
+        ndarray of shape (m, d), float32, unit rows.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    weights = np.maximum(np.asarray(similarities, dtype=np.float32), 0.0) ** alpha
+    summed = np.asarray(vectors, dtype=np.float32) + np.einsum("mk,mkd->md", weights, neighbours)
+    return l2_normalize(summed)
+
+
+def query_expansion(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    *,
+    k: int,
+    alpha: float = DEFAULT_ALPHA,
+    exclude_self: bool = False,
+) -> np.ndarray:
+    """alpha-query expansion (alpha-QE): each query plus its k nearest gallery vectors.
+
+    Args:
+        queries: ndarray of shape (m, d), unit rows; gallery: ndarray of shape (n, d), unit
+            rows (whitened and database-augmented, if the index is).
+        k: gallery neighbours added; 0 returns the queries unchanged.
+        alpha: weight exponent, default=3.
+        exclude_self: queries are the gallery rows (leave-one-out evaluation).
+
+    Returns:
+        ndarray of shape (m, d), float32, unit rows.
+    """
+    import numpy as np
+
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if k <= 0:
+        return q.copy()
+    g = np.asarray(gallery, dtype=np.float32)
+    rows, sims = nearest_neighbours(q, g, k, exclude_self=exclude_self)
+    return expand_vectors(q, g[rows], sims, alpha=alpha)
+
+
+def database_augmentation(
+    gallery: np.ndarray, *, k: int, alpha: float = DEFAULT_ALPHA
+) -> np.ndarray:
+    """alpha-database-side augmentation (alpha-DBA): each gallery vector plus its k nearest
+    other gallery vectors (its own row always weighs 1, duplicates or not).
+
+    Exact: O(n^2 d) in blocks of :data:`NEIGHBOUR_BLOCK_ROWS` rows.
+
+    Args:
+        gallery: ndarray of shape (n, d), unit rows.
+        k: neighbours added; 0 returns the gallery unchanged.
+        alpha: weight exponent, default=3.
+
+    Returns:
+        ndarray of shape (n, d), float32, unit rows.
+    """
+    import numpy as np
+
+    g = np.atleast_2d(np.asarray(gallery, dtype=np.float32))
+    if k <= 0:
+        return g.copy()
+    rows, sims = nearest_neighbours(g, g, k, exclude_self=True)
+    return expand_vectors(g, g[rows], sims, alpha=alpha)
