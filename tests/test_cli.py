@@ -576,3 +576,53 @@ def test_no_snaplook_module_imports_click() -> None:
                 names = [node.module or ""]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "click"]
     assert offenders == []
+
+
+# --- issue 21: one home for the defaults, thin commands ---
+
+
+def test_options_backbone_names_are_the_features_backbones() -> None:
+    from snaplook import options
+
+    assert options.BACKBONE_NAMES == tuple(features.BACKBONES)
+    assert options.DEFAULT_BACKBONE in options.BACKBONE_NAMES
+
+
+def test_step_modules_take_their_defaults_from_options() -> None:
+    # One source of truth: the names the steps (and old importers) use are the options' own.
+    from snaplook import datasets, metrics, options, train, video
+
+    assert features.DEFAULT_CACHE_DIR is options.DEFAULT_CACHE_DIR
+    assert metrics.DEFAULT_KS is options.DEFAULT_KS
+    assert datasets.PROTOCOLS is options.PROTOCOLS
+    assert train.DEFAULT_BATCH is options.DEFAULT_BATCH
+    assert video.DEFAULT_OUT_ROOT is options.DEFAULT_FRAMES_ROOT
+
+
+def test_cli_reads_defaults_and_choices_from_options_only() -> None:
+    # One home for what a user can choose: cli.py reads no option constant through a step
+    # module (it did through eight of them before issue 21).
+    import ast
+
+    from snaplook import options
+
+    tree = ast.parse((REPO / "snaplook" / "cli.py").read_text(encoding="utf-8"))
+    elsewhere = [
+        f"{node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id != "_opt"
+        and node.attr in vars(options)
+    ]
+    assert elsewhere == []
+
+
+def test_package_exports_resolve_to_their_home_module() -> None:
+    import importlib
+
+    import snaplook
+
+    for name, module in snaplook._EXPORTS.items():
+        value = getattr(importlib.import_module(module), name)
+        assert getattr(value, "__module__", module) == module, name
