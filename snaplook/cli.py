@@ -709,7 +709,7 @@ def features_cmd(
     images: Annotated[Path, typer.Argument(help="Image or folder of images.")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Feature matrix to write (.npy).")
-    ] = Path("output/features.npy"),
+    ] = _opt.DEFAULT_FEATURES_FILE,
     backbone: BackboneOpt = _opt.DEFAULT_BACKBONE,
     weights: WeightsOpt = _opt.DEFAULT_WEIGHTS,
     batch_size: BatchOpt = _opt.DEFAULT_BATCH_SIZE,
@@ -817,7 +817,7 @@ def query_cmd(
 def _write_results(
     summary: Any, loaded: Any, out: Path | None, *, plot: bool, page: bool, quiet: bool
 ) -> None:
-    out = out or Path("output") / str(loaded.meta.get("backbone"))
+    out = out or _opt.DEFAULT_OUTPUT_ROOT / str(loaded.meta.get("backbone"))
     note = " · random weights" if loaded.meta.get("weights", {}).get("name") == "random" else ""
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
@@ -862,10 +862,12 @@ def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> 
 
 @app.command("demo")
 def demo_cmd(
-    data: Annotated[Path, typer.Option("--data", help="Folder with train/ and test/.")] = Path(
-        "data"
-    ),
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output root.")] = Path("output"),
+    data: Annotated[
+        Path, typer.Option("--data", help="Folder with train/ and test/.")
+    ] = _opt.DEFAULT_DEMO_DATA,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output root.")
+    ] = _opt.DEFAULT_OUTPUT_ROOT,
     k: QueryKOpt = _opt.DEFAULT_K,
     quiet: QuietOpt = False,
 ) -> None:

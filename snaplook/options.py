@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Root of what the commands write (``query``: ``<root>/<backbone>``; ``demo``: all of it).
+DEFAULT_OUTPUT_ROOT = Path("output")
+#: ``snaplook features``: the matrix written (its manifest goes beside it).
+DEFAULT_FEATURES_FILE = Path("output/features.npy")
+#: ``snaplook demo``: the folder holding ``train/`` (the gallery) and ``test/`` (the queries).
+DEFAULT_DEMO_DATA = Path("data")
+
 # --- model: which network embeds an image, and how (features, runtime, transform_utils) ---
 
 #: Names of the backbones ``snaplook.features.BACKBONES`` describes, in its order.
