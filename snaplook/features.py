@@ -20,26 +20,27 @@ from typing import TYPE_CHECKING, Any
 from snaplook import _keras
 from snaplook.errors import SnaplookError
 from snaplook.io_utils import timestamp
+from snaplook.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CACHE_DIR,
+    DEFAULT_POOLING,
+    DEFAULT_PRECISION,
+    DEFAULT_RUNTIME,
+    DEFAULT_SEED,
+    DEFAULT_WEIGHTS,
+    POOLINGS,
+    PRECISIONS,
+    RUNTIMES,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "resnet50"
-DEFAULT_WEIGHTS = "imagenet"
-DEFAULT_POOLING = "avg"
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_SEED = 0
-POOLINGS = ("avg", "max")
-#: "auto": OpenVINO on a CPU, Keras when TensorFlow sees a GPU; "openvino"; "keras" (reference).
-RUNTIMES = ("auto", "openvino", "keras")
-DEFAULT_RUNTIME = "auto"
 #: Environment variable that decides what ``runtime="auto"`` means (openvino or keras).
 RUNTIME_ENV = "SNAPLOOK_RUNTIME"
-#: ``--precision`` values and default (see ``snaplook.runtime.resolve_precision``).
-PRECISIONS = ("fp32", "bf16", "int8", "auto")
-DEFAULT_PRECISION = "fp32"
 #: Environment variable for the folder of converted models (default: ``$KERAS_HOME/snaplook``).
 CACHE_DIR_ENV = "SNAPLOOK_CACHE_DIR"
 #: Prepared images decoded ahead of the model in :func:`iter_embeddings`: enough to hide
@@ -233,6 +234,25 @@ class WeightsSpec:
         return cls(kind="file", path=path.resolve())
 
 
+def is_random_weights(weights: Any) -> bool:
+    """Whether ``weights`` are seeded random weights (``--weights random``): features that
+    only test the pipeline and rank nothing meaningfully.
+
+    Args:
+        weights: an :class:`Embedder` (or ``HeadEmbedder``), a :class:`WeightsSpec`, a
+            ``--weights`` value, a weights record (``{"name": "random", "seed": 0}``) or a
+            record that holds one under ``"weights"`` (``meta.json``, an embedder identity,
+            an evaluation report's config).
+    """
+    spec = weights if isinstance(weights, WeightsSpec) else getattr(weights, "weights_", None)
+    if isinstance(spec, WeightsSpec):
+        return spec.kind == "random"
+    if isinstance(weights, dict):
+        record = weights.get("weights", weights)
+        return (record.get("name") if isinstance(record, dict) else record) == "random"
+    return isinstance(weights, (str, Path)) and str(weights) == "random"
+
+
 @dataclass
 class Embedder:
     """Turns images into feature vectors with a Keras backbone and global pooling.
@@ -298,7 +318,8 @@ class Embedder:
 
     @property
     def random_weights(self) -> bool:
-        return self.weights_.kind == "random"
+        """Whether the backbone carries seeded random weights (see :func:`is_random_weights`)."""
+        return is_random_weights(self.weights_)
 
     def identity(self) -> dict[str, Any]:
         """What produced the features, as recorded in ``meta.json`` and feature caches.
@@ -309,7 +330,7 @@ class Embedder:
         from snaplook.io_utils import file_sha256
 
         weights: dict[str, Any] = {"name": self.weights_.kind}
-        if self.weights_.kind == "random":
+        if self.random_weights:
             weights["seed"] = self.weights_.seed
         else:
             # ImageNet weights are resolved (fetched once) here, so an index records their
@@ -428,7 +449,7 @@ class Embedder:
         version for random weights; ``snaplook.runtime.ir_path`` adds the stored precision
         and the OpenVINO version.
         """
-        if self.weights_.kind == "random":
+        if self.random_weights:
             from importlib.metadata import PackageNotFoundError, version
 
             try:
@@ -584,7 +605,7 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
         return _build_lite0(weights, pooling=pooling)
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = dict(include_top=False, input_shape=(spec.input_size, spec.input_size, 3))
-    if weights.kind == "random":
+    if is_random_weights(weights):
         # Seeds Python, NumPy and TensorFlow: the same seed gives the same initial weights.
         keras.utils.set_random_seed(weights.seed)
         return constructor(weights=None, pooling=pooling, **kwargs)
@@ -607,7 +628,7 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
 def _build_lite0(weights: WeightsSpec, *, pooling: str) -> Any:
     from snaplook import lite0
 
-    if weights.kind == "random":
+    if is_random_weights(weights):
         _keras.import_keras().utils.set_random_seed(weights.seed)
         return lite0.build_lite0(pooling=pooling)
     path = fetch_imagenet_weights(LITE0) if weights.kind == "imagenet" else weights.path
@@ -674,19 +695,28 @@ def runtime_cache_dir() -> Path:
     return Path(env).expanduser() if env else _keras.keras_cache_dir().parent / "snaplook"
 
 
+#: One input of the embedding pipeline: an image file and an optional crop box
+#: (x, y, w, h) in the file's pixels (None: the whole image).
+ImageRef = tuple[str | Path, tuple[int, int, int, int] | None]
+
+
 @dataclass
 class EmbeddedBatch:
     """One batch of embedded images.
 
     Attributes:
         paths: the images embedded, in order.
-        sizes: (width, height) of each image as decoded.
+        sizes: (width, height) of each image as decoded (before any crop).
         features: ndarray of shape (len(paths), feature_dim), float32.
+        positions: index of each embedded image in the pipeline's input.
+        skipped: (index in the input, reason) of each image of this batch that was skipped.
     """
 
     paths: list[Path]
     sizes: list[tuple[int, int]]
     features: np.ndarray
+    positions: list[int] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -698,7 +728,7 @@ class Skipped:
 
 
 def iter_embeddings(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path | ImageRef],
     embedder: Embedder,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -714,7 +744,8 @@ def iter_embeddings(
     batch goes on.
 
     Args:
-        paths: image files, embedded in this order.
+        paths: image files, or (file, box) pairs (:data:`ImageRef`: the box's crop is
+            embedded; the file is decoded at full scale to cut it), embedded in this order.
         embedder: the model.
         batch_size: images per forward pass, default=32.
         on_skip: called with each :class:`Skipped` input.
@@ -724,81 +755,171 @@ def iter_embeddings(
     Yields:
         :class:`EmbeddedBatch` per batch (batches of only skipped images are not yielded).
     """
-    import numpy as np
-
-    from snaplook.io_utils import read_image_with_size
-
     if batch_size < 1:
         raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
+    items = [_image_ref(p) for p in paths]
+    stream = _embed_stream(
+        items,
+        _cut(range(len(items)), batch_size),
+        embedder,
+        _image_decoder(embedder),
+        on_progress=on_progress,
+        path_of=lambda ref: ref[0],
+    )
+    try:
+        for batch in stream:
+            if on_skip is not None:
+                for position, reason in batch.skipped:
+                    on_skip(Skipped(items[position][0], reason))
+            if batch.positions:
+                yield batch
+    finally:
+        stream.close()  # stops the decoding threads if the consumer stopped early
 
-    def decode(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        image, size = read_image_with_size(path, min_size=embedder.input_size)
+
+def _cut(positions: range, batch_size: int) -> list[range]:
+    """``positions`` cut into forward passes of ``batch_size`` (the last may be shorter)."""
+    stop = positions.stop
+    return [range(s, min(s + batch_size, stop)) for s in range(positions.start, stop, batch_size)]
+
+
+def _image_ref(item: str | Path | ImageRef) -> tuple[Path, tuple[int, int, int, int] | None]:
+    if isinstance(item, tuple):
+        path, box = item
+        return Path(path), (tuple(box) if box else None)  # type: ignore[return-value]
+    return Path(item), None
+
+
+def _image_decoder(embedder: Embedder) -> Callable[[Any], tuple[np.ndarray, tuple[int, int]]]:
+    """Decode one :data:`ImageRef` into the model's square input, with the decoded size."""
+    from snaplook.io_utils import read_image_with_size
+    from snaplook.transform_utils import crop_box
+
+    def decode(ref: tuple[Path, tuple[int, int, int, int] | None]) -> Any:
+        path, box = ref
+        # A box is in the file's pixel coordinates, so decode at full scale to crop it.
+        image, size = read_image_with_size(path, min_size=None if box else embedder.input_size)
+        if box:
+            try:
+                image = crop_box(image, box)
+            except ValueError:
+                logger.warning(
+                    "%s: box %s lies outside the image; using the whole image", path, list(box)
+                )
         return embedder.prepare(image), size
 
-    files = [Path(p) for p in paths]
-    decoded = _decode_ahead(files, decode, depth=max(PREFETCH_IMAGES, 2 * batch_size))
-    start_embedding = getattr(embedder, "embed_start", None)
+    return decode
+
+
+@dataclass
+class _Flight:
+    """A batch handed to the model: what it holds and its (maybe pending) features."""
+
+    positions: list[int]
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    skipped: list[tuple[int, str]]
+    pending: Any
+    done: int
+    label: str
+
+
+def _embed_stream(
+    items: Sequence[Any],
+    batches: Sequence[Sequence[int]],
+    embedder: Any,
+    decode: Callable[[Any], tuple[np.ndarray, tuple[int, int]]],
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    path_of: Callable[[Any], Path] | None = None,
+    skip_errors: bool = True,
+) -> Iterator[EmbeddedBatch]:
+    """The embedding pipeline: decode ``items`` ahead on threads, embed them per batch.
+
+    ``batches`` lists the positions (into ``items``) of each forward pass, in order. Every
+    batch is yielded, with its skipped inputs (``SnaplookError`` from ``decode``; other
+    errors, and with ``skip_errors=False`` any error, propagate); ``path_of`` names an
+    item's file for :attr:`EmbeddedBatch.paths` (left empty without it).
+    """
+    order = [p for batch in batches for p in batch]
+    depth = max(PREFETCH_IMAGES, 2 * max((len(b) for b in batches), default=1))
+    decoded = _decode_ahead([items[p] for p in order], decode, depth=depth)
     # One batch in flight: the next batch is queued on the runtime before the previous one
     # is handed to the consumer, so the model keeps running while the consumer writes.
-    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int, str] | None = None
+    in_flight: _Flight | None = None
+    done = 0
     try:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            good: list[Path] = []
-            sizes: list[tuple[int, int]] = []
-            arrays: list[np.ndarray] = []
-            for path in chunk:
-                item, error = next(decoded)
-                if error is not None:
-                    if not isinstance(error, SnaplookError):
-                        raise error
-                    logger.warning("skipped %s", error)
-                    if on_skip is not None:
-                        on_skip(Skipped(path, str(error)))
-                    continue
-                array, size = item
-                good.append(path)
-                sizes.append(size)
-                arrays.append(array)
-            pending = None
-            if good:
-                batch = np.stack(arrays)
-                pending = (
-                    start_embedding(batch) if start_embedding else _Ready(embedder.embed(batch))
-                )
-            label = (
-                f"batch {start // batch_size + 1} of {-(-len(files) // batch_size)}: "
-                f"{len(good)} image(s) embedded, {len(chunk) - len(good)} skipped"
+        for number, positions in enumerate(batches, start=1):
+            done += len(positions)
+            current = _start_batch(positions, decoded, embedder, skip_errors)
+            if path_of is not None:
+                current.paths = [path_of(items[p]) for p in current.positions]
+            current.done = done
+            current.label = (
+                f"batch {number} of {len(batches)}: {len(current.paths)} image(s) embedded, "
+                f"{len(current.skipped)} skipped"
             )
-            current = (good, sizes, pending, start + len(chunk), label)
             if in_flight is not None:
-                yield from _finish_batch(in_flight, on_progress)
+                yield from _finish_batch(in_flight, embedder, on_progress)
                 in_flight = None
-            if pending is None or getattr(pending, "done", False):
+            if current.pending is None or getattr(current.pending, "done", False):
                 # Computed already (Keras): hand it on now, so a failure in the next batch
                 # never holds back a finished one.
-                yield from _finish_batch(current, on_progress)
+                yield from _finish_batch(current, embedder, on_progress)
             else:
                 in_flight = current
         if in_flight is not None:
-            yield from _finish_batch(in_flight, on_progress)
+            yield from _finish_batch(in_flight, embedder, on_progress)
     finally:
         decoded.close()  # stops the decoding threads if the consumer stopped early
 
 
+def _start_batch(
+    positions: Sequence[int],
+    decoded: Iterator[tuple[Any, Exception | None]],
+    embedder: Any,
+    skip_errors: bool,
+) -> _Flight:
+    """Take the batch's decoded inputs and start the model on the readable ones."""
+    import numpy as np
+
+    flight = _Flight([], [], [], [], None, 0, "")
+    arrays: list[np.ndarray] = []
+    for position in positions:
+        item, error = next(decoded)
+        if error is not None:
+            if not skip_errors or not isinstance(error, SnaplookError):
+                raise error
+            logger.warning("skipped %s", error)
+            flight.skipped.append((position, str(error)))
+            continue
+        array, size = item
+        flight.positions.append(position)
+        flight.sizes.append(size)
+        arrays.append(array)
+    if arrays:
+        batch = np.stack(arrays)
+        start_embedding = getattr(embedder, "embed_start", None)
+        flight.pending = (
+            start_embedding(batch) if start_embedding else _Ready(embedder.embed(batch))
+        )
+    return flight
+
+
 def _finish_batch(
-    in_flight: tuple[list[Path], list[tuple[int, int]], Any, int, str],
-    on_progress: Callable[[int], None] | None,
+    flight: _Flight, embedder: Any, on_progress: Callable[[int], None] | None
 ) -> Iterator[EmbeddedBatch]:
-    good, sizes, pending, done, label = in_flight
-    if pending is not None:
-        features = pending.result()
-        logger.info("%s", label)
-        yield EmbeddedBatch(good, sizes, features)
+    """Wait for the batch's features, hand the batch on, then report the progress."""
+    import numpy as np
+
+    if flight.pending is not None:
+        features = flight.pending.result()
     else:
-        logger.info("%s", label)
+        features = np.zeros((0, embedder.feature_dim), dtype=np.float32)
+    logger.info("%s", flight.label)
+    yield EmbeddedBatch(flight.paths, flight.sizes, features, flight.positions, flight.skipped)
     if on_progress is not None:
-        on_progress(done)
+        on_progress(flight.done)
 
 
 def _decode_ahead(
@@ -873,15 +994,21 @@ def embed_arrays(
 ) -> np.ndarray:
     """Embed in-memory RGB uint8 images of any size (crops, video frames).
 
+    They go through the same pipeline as files (:func:`iter_embeddings`): resized on the
+    decode threads while the model embeds the previous batch.
+
     Returns:
         ndarray of shape (len(images), feature_dim), float32.
     """
     import numpy as np
 
+    def prepare(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        return embedder.prepare(image), (int(image.shape[1]), int(image.shape[0]))
+
+    batches = _cut(range(len(images)), batch_size)
     out = [np.zeros((0, embedder.feature_dim), dtype=np.float32)]
-    for start in range(0, len(images), batch_size):
-        batch = np.stack([embedder.prepare(im) for im in images[start : start + batch_size]])
-        out.append(embedder.embed(batch))
+    for batch in _embed_stream(images, batches, embedder, prepare, skip_errors=False):
+        out.append(batch.features)
     return np.concatenate(out)
 
 
@@ -959,14 +1086,10 @@ def write_features(
 
 # --- feature cache (issue 5) ---
 
-#: Default folder of :func:`embed_cached`'s ``<key>.npy`` / ``<key>.json`` pairs.
-DEFAULT_CACHE_DIR = Path("output/cache/features")
 #: Bumped when the cache layout or the meaning of a cached row changes.
 CACHE_FORMAT_VERSION = 1
 #: Images per checkpoint chunk: an interrupted embedding resumes from the last chunk.
 CACHE_CHUNK_IMAGES = 512
-
-ImageRef = tuple[str | Path, tuple[int, int, int, int] | None]
 
 
 def feature_cache_key(
@@ -1017,45 +1140,6 @@ def embedder_runtime(embedder: Any) -> str | None:
     return resolve() if callable(resolve) else None
 
 
-def _read_for_embedding(path: str, box: list[int] | None, embedder: Embedder) -> np.ndarray:
-    from snaplook.io_utils import read_image_with_size
-    from snaplook.transform_utils import crop_box
-
-    # A box is in the file's pixel coordinates, so decode at full scale to crop it.
-    image, _ = read_image_with_size(path, min_size=None if box else embedder.input_size)
-    if box:
-        try:
-            image = crop_box(image, tuple(box))
-        except ValueError:
-            logger.warning("%s: box %s lies outside the image; using the whole image", path, box)
-    return embedder.prepare(image)
-
-
-def _embed_chunk(
-    entries: Sequence[dict[str, Any]],
-    embedder: Embedder,
-    batch_size: int,
-    on_done: Callable[[int], None],
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    import numpy as np
-
-    out = np.zeros((len(entries), embedder.feature_dim), dtype=np.float32)
-    skipped: list[dict[str, Any]] = []
-    for start in range(0, len(entries), batch_size):
-        rows, arrays = [], []
-        for i, entry in enumerate(entries[start : start + batch_size], start=start):
-            try:
-                arrays.append(_read_for_embedding(entry["path"], entry["box"], embedder))
-                rows.append(i)
-            except SnaplookError as exc:
-                logger.warning("skipped %s", exc)
-                skipped.append({"row": i, "path": entry["path"], "reason": str(exc)})
-        if arrays:
-            out[rows] = embedder.embed(np.stack(arrays))
-        on_done(min(start + batch_size, len(entries)))
-    return out, skipped
-
-
 def embed_cached(
     images: Sequence[ImageRef],
     embedder: Embedder,
@@ -1072,9 +1156,10 @@ def embed_cached(
     (path, box) pairs, ``allow_pickle=False``) and ``<key>.json`` (identity of the
     embedder, the images with size/mtime/box, the unreadable ones and why), both written
     atomically; see :func:`feature_cache_key`. A second call with the same files, boxes
-    and embedder loads them instead of embedding. While embedding, every
-    ``CACHE_CHUNK_IMAGES`` images are checkpointed in ``cache_dir/<key>.parts/``, so an
-    interrupted run resumes where it stopped.
+    and embedder loads them instead of embedding. Images are embedded by the pipeline of
+    :func:`iter_embeddings` (decoding ahead of the model); every ``CACHE_CHUNK_IMAGES``
+    images are checkpointed in ``cache_dir/<key>.parts/`` (a ``snaplook.checkpoint``
+    store), so an interrupted run resumes where it stopped.
 
     Unreadable images (missing, corrupt, not an image) get a row of zeros and are
     reported through ``on_skip`` on every call, cached or not; their count is in the
@@ -1094,96 +1179,176 @@ def embed_cached(
         ndarray of shape (len(images), feature_dim), float32, not normalised, in the order
         of ``images``; zeros for unreadable images.
     """
-    import json
-    import shutil
     import time
 
     import numpy as np
-
-    from snaplook.io_utils import load_npy, save_npy_atomic, write_json_atomic
 
     if batch_size < 1:
         raise SnaplookError(f"--batch-size must be at least 1, got {batch_size}.")
     cache_dir = Path(cache_dir)
     key, entries = feature_cache_key(images, embedder)
-    npy_path, json_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    matrix: np.ndarray | None = None
-    skipped: list[dict[str, Any]] = []
-    if npy_path.is_file() and json_path.is_file():
-        try:
-            record = json.loads(json_path.read_text(encoding="utf-8"))
-            loaded = load_npy(npy_path)
-            if loaded.shape == (len(entries), embedder.feature_dim) and record.get("key") == key:
-                matrix, skipped = loaded, list(record.get("skipped", []))
-                logger.info("loaded cached features %s", npy_path)
-        except (SnaplookError, ValueError, OSError) as exc:
-            logger.warning("ignoring unreadable feature cache %s (%s)", npy_path, exc)
-    if matrix is None:
+    cached = _load_cache(cache_dir, key, len(entries), embedder.feature_dim)
+    if cached is None:
         if on_start is not None:
             on_start(len(entries))
         started = time.perf_counter()
-        parts_dir = cache_dir / f"{key}.parts"
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        chunks: list[np.ndarray] = []
-        for c, start in enumerate(range(0, len(entries), CACHE_CHUNK_IMAGES)):
-            chunk = entries[start : start + CACHE_CHUNK_IMAGES]
-            part_npy, part_json = parts_dir / f"{c:06d}.npy", parts_dir / f"{c:06d}.json"
-            feats = None
-            if part_npy.is_file() and part_json.is_file():
-                try:
-                    feats = load_npy(part_npy)
-                    part_skipped = json.loads(part_json.read_text(encoding="utf-8"))
-                    if feats.shape != (len(chunk), embedder.feature_dim):
-                        feats = None
-                except (SnaplookError, ValueError, OSError):
-                    feats = None
-            if feats is None:
-                feats, part_skipped = _embed_chunk(
-                    chunk,
-                    embedder,
-                    batch_size,
-                    lambda done, s=start: on_progress(s + done) if on_progress else None,
-                )
-                for s in part_skipped:
-                    s["row"] += start
-                save_npy_atomic(part_npy, feats)
-                write_json_atomic(part_json, part_skipped)
-            elif on_progress is not None:
-                on_progress(start + len(chunk))
-            chunks.append(feats)
-            skipped.extend(part_skipped)
-        matrix = (
-            np.concatenate(chunks)
-            if chunks
-            else np.zeros((0, embedder.feature_dim), dtype=np.float32)
-        )
-        save_npy_atomic(npy_path, matrix)
-        write_json_atomic(
-            json_path,
-            {
-                "format": CACHE_FORMAT_VERSION,
-                "key": key,
-                "identity": embedder.identity(),
-                "runtime": embedder_runtime(embedder),
-                "shape": list(matrix.shape),
-                "n_images": len(entries),
-                "n_skipped": len(skipped),
-                "cropped": sum(e["box"] is not None for e in entries),
-                "seconds": round(time.perf_counter() - started, 3),
-                "created": timestamp(),
-                "images": entries,
-                "skipped": skipped,
-            },
-        )
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    elif on_start is not None:
-        on_start(0)
+        checkpoint = _cache_checkpoint(cache_dir / f"{key}.parts", key, len(entries), embedder)
+        matrix, skipped = _embed_entries(entries, embedder, checkpoint, batch_size, on_progress)
+        _write_cache(cache_dir, key, entries, embedder, matrix, skipped, started)
+        checkpoint.remove()
+    else:
+        matrix, skipped = cached
+        if on_start is not None:
+            on_start(0)
     if on_skip is not None:
         for s in skipped:
             on_skip(Skipped(Path(s["path"]), s["reason"]))
     row_of = {(e["path"], tuple(e["box"]) if e["box"] else None): i for i, e in enumerate(entries)}
     order = [row_of[(str(Path(p).resolve()), tuple(b) if b else None)] for p, b in images]
     return np.asarray(matrix[order], dtype=np.float32)
+
+
+def _load_cache(
+    cache_dir: Path, key: str, n_entries: int, feature_dim: int
+) -> tuple[np.ndarray, list[dict[str, Any]]] | None:
+    """The cached (features, skipped) of ``key``, or None if absent, damaged or other."""
+    import json
+
+    from snaplook.io_utils import load_npy
+
+    npy_path, json_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if not (npy_path.is_file() and json_path.is_file()):
+        return None
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+        loaded = load_npy(npy_path)
+        if loaded.shape == (n_entries, feature_dim) and record.get("key") == key:
+            logger.info("loaded cached features %s", npy_path)
+            return loaded, list(record.get("skipped", []))
+    except (SnaplookError, ValueError, OSError) as exc:
+        logger.warning("ignoring unreadable feature cache %s (%s)", npy_path, exc)
+    return None
+
+
+def _cache_checkpoint(folder: Path, key: str, n_images: int, embedder: Any) -> Any:
+    """The checkpoint store of one cache key: chunks of ``CACHE_CHUNK_IMAGES`` images."""
+    from snaplook.checkpoint import CHECKPOINT_FORMAT, Checkpoint
+
+    # The key covers the images, their boxes and the embedder; the chunk size fixes which
+    # images each checkpointed chunk holds.
+    plan = {"format": CHECKPOINT_FORMAT, "feature_cache": key, "batch_size": CACHE_CHUNK_IMAGES}
+    return Checkpoint(folder, plan, n_images=n_images, feature_dim=embedder.feature_dim)
+
+
+def _embed_entries(
+    entries: Sequence[dict[str, Any]],
+    embedder: Any,
+    checkpoint: Any,
+    batch_size: int,
+    on_progress: Callable[[int], None] | None,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Embed the chunks ``checkpoint`` lacks, saving each; return all rows and skips.
+
+    Each chunk is cut into forward passes of ``batch_size`` from its first image, so a
+    resumed run feeds the model the same batches as an uninterrupted one.
+    """
+    import numpy as np
+
+    from snaplook.io_utils import load_npy
+
+    records = checkpoint.resume()
+    before = sum(r.size for r in records.values())
+    if on_progress is not None and before:
+        on_progress(before)
+    missing = [c for c in range(checkpoint.n_batches) if c not in records]
+    batches = [b for c in missing for b in _cut(checkpoint.batch_positions(c), batch_size)]
+    refs = [_image_ref((e["path"], e["box"])) for e in entries]
+    progress = (lambda done: on_progress(before + done)) if on_progress is not None else None
+    chunks = _Chunks(checkpoint, records)
+    decode = _image_decoder(embedder)
+    for batch in _embed_stream(refs, batches, embedder, decode, on_progress=progress):
+        chunks.add(batch)
+    matrix = np.zeros((len(entries), embedder.feature_dim), dtype=np.float32)
+    skipped: list[dict[str, Any]] = []
+    for c in sorted(records):
+        rows = [p for p, _, _ in records[c].rows]
+        if rows:
+            matrix[rows] = load_npy(checkpoint.chunk_path(c))
+        skipped.extend(
+            {"row": p, "path": entries[p]["path"], "reason": why} for p, why in records[c].skipped
+        )
+    return matrix, skipped
+
+
+class _Chunks:
+    """Collects a stream's rows per checkpoint chunk and saves each chunk once complete."""
+
+    def __init__(self, checkpoint: Any, records: dict[int, Any]) -> None:
+        self.checkpoint, self.records = checkpoint, records
+        self.rows: dict[int, list[tuple[int, int, int]]] = {}
+        self.feats: dict[int, list[np.ndarray]] = {}
+        self.skipped: dict[int, list[tuple[int, str]]] = {}
+
+    def add(self, batch: EmbeddedBatch) -> None:
+        size = self.checkpoint.batch_size
+        for position, (w, h), feature in zip(batch.positions, batch.sizes, batch.features):
+            self.rows.setdefault(position // size, []).append((position, int(w), int(h)))
+            self.feats.setdefault(position // size, []).append(feature)
+        for position, reason in batch.skipped:
+            self.skipped.setdefault(position // size, []).append((position, reason))
+        touched = {p // size for p in batch.positions} | {p // size for p, _ in batch.skipped}
+        for c in sorted(touched):
+            handled = len(self.rows.get(c, ())) + len(self.skipped.get(c, ()))
+            if handled == len(self.checkpoint.batch_positions(c)):
+                self._save(c)
+
+    def _save(self, c: int) -> None:
+        import numpy as np
+
+        from snaplook.checkpoint import BatchRecord
+
+        feats = self.feats.pop(c, [])
+        record = BatchRecord(
+            len(self.checkpoint.batch_positions(c)),
+            self.rows.pop(c, []),
+            sorted(self.skipped.pop(c, [])),
+        )
+        self.checkpoint.save(c, np.stack(feats) if feats else None, record)
+        self.records[c] = record
+
+
+def _write_cache(
+    cache_dir: Path,
+    key: str,
+    entries: Sequence[dict[str, Any]],
+    embedder: Any,
+    matrix: np.ndarray,
+    skipped: list[dict[str, Any]],
+    started: float,
+) -> None:
+    """Write ``<key>.npy`` and then ``<key>.json`` (what :func:`_load_cache` reads)."""
+    import time
+
+    from snaplook.io_utils import save_npy_atomic, write_json_atomic
+
+    save_npy_atomic(cache_dir / f"{key}.npy", matrix)
+    write_json_atomic(
+        cache_dir / f"{key}.json",
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "key": key,
+            "identity": embedder.identity(),
+            "runtime": embedder_runtime(embedder),
+            "shape": list(matrix.shape),
+            "n_images": len(entries),
+            "n_skipped": len(skipped),
+            "cropped": sum(e["box"] is not None for e in entries),
+            "seconds": round(time.perf_counter() - started, 3),
+            "created": timestamp(),
+            "images": entries,
+            "skipped": skipped,
+        },
+    )
 
 
 # --- embedding heads (issue 8) ---

