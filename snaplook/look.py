@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: The lead-artist crops' folder inside a look's results folder.
 CROPS_DIR = "crops"
-#: Seconds between the frames `look` examines (``options.DEFAULT_LOOK_EVERY``).
-DEFAULT_EVERY = DEFAULT_LOOK_EVERY
 
 LOOKS_HEADER = (
     "video",
@@ -130,10 +128,6 @@ class LookSummary:
     restrict: str = "none"
     page: Path | None = None
 
-    @property
-    def n_frames(self) -> int:
-        return len(self.selection.frames)
-
 
 def fuse_hits(
     distances: Any, rows: Any, *, k: int = DEFAULT_K, keys: Sequence[str] | None = None
@@ -184,7 +178,7 @@ def look(
     k: int = DEFAULT_K,
     out: str | Path | None = None,
     crops_out: str | Path | None = None,
-    every: float = DEFAULT_EVERY,
+    every: float = DEFAULT_LOOK_EVERY,
     max_frames: int | None = None,
     max_artists: int = DEFAULT_MAX_ARTISTS,
     min_size: float = DEFAULT_MIN_SIZE,
