@@ -16,28 +16,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import (
+    ANN_KINDS,
+    AUTO_EXACT_BELOW,
+    AUTO_HNSW_BELOW,
+    DEFAULT_ANN,
+    DEFAULT_EF,
+    DEFAULT_NPROBE,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: ``--ann`` keywords; any other value is a FAISS index-factory string.
-ANN_KINDS = ("auto", "none", "hnsw", "ivfpq")
-DEFAULT_ANN = "auto"
-#: ``auto``: exact search below this many rows (one BLAS scan is fast enough there) ...
-AUTO_EXACT_BELOW = 100_000
-#: ... HNSW below this many, IVF-PQ (64 bytes a row) from here on: at 1M rows IVF-PQ
-#: built 20x faster, in 1/17 of the bytes, and searched faster at recall@10 >= 0.95
-#: (bench_ann.py, README "Approximate search"); at 100k HNSW was ahead.
-AUTO_HNSW_BELOW = 500_000
 ANN_FILE = "ann.faiss"
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
-DEFAULT_EF = 64
-#: IVF lists visited per query unless --nprobe says otherwise (capped at the list
-#: count): recall@10 0.93 at 100k rows (256 lists), 0.97 at 1M (1,024) in bench_ann.py.
-DEFAULT_NPROBE = 32
 #: FAISS candidates per wanted neighbour that are re-ranked exactly from the features:
 #: PQ codes rank coarsely, so IVF-PQ needs more of them than HNSW's full vectors.
 RERANK_HNSW = 2
@@ -237,26 +232,7 @@ def build_ann(
         ivf.nprobe = min(DEFAULT_NPROBE, ivf.nlist)
         ivf.cp.seed = seed
         _train_on_gpu(ivf, faiss)
-    n_train = 0
-    if not index.is_trained:
-        n_train = max(plan.n_train, 1)
-        if n < n_train or n < getattr(ivf, "nlist", 1):
-            raise SnaplookError(
-                f"--ann {spec!r} ({plan.factory}) needs at least "
-                f"{max(n_train, getattr(ivf, 'nlist', 1))} rows to train, the gallery has "
-                f"{n}; use --ann auto or none."
-            )
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=n_train, replace=False))
-        sample = np.ascontiguousarray(features[rows], dtype=np.float32)
-        try:
-            index.train(sample)
-        except RuntimeError as exc:
-            raise SnaplookError(
-                f"--ann {spec!r}: FAISS could not train {plan.factory!r} on {n_train} rows "
-                f"({str(exc).strip().splitlines()[-1]}); use --ann auto or another factory."
-            ) from exc
-        del sample
+    n_train = 0 if index.is_trained else _train(index, ivf, features, plan, spec=spec, seed=seed)
     for start in range(0, n, _ADD_BLOCK):
         index.add(np.ascontiguousarray(features[start : start + _ADD_BLOCK], dtype=np.float32))
     target = Path(folder) / ANN_FILE
@@ -285,6 +261,33 @@ def build_ann(
     }
     logger.info("built %s over %d rows in %.1f s", plan.factory, n, block["build_seconds"])
     return block
+
+
+def _train(
+    index: Any, ivf: Any, features: np.ndarray, plan: AnnPlan, *, spec: str, seed: int
+) -> int:
+    """Train ``index`` on a seeded sample of ``features`` rows; returns the sample size."""
+    import numpy as np
+
+    n = features.shape[0]
+    n_train = max(plan.n_train, 1)
+    if n < n_train or n < getattr(ivf, "nlist", 1):
+        raise SnaplookError(
+            f"--ann {spec!r} ({plan.factory}) needs at least "
+            f"{max(n_train, getattr(ivf, 'nlist', 1))} rows to train, the gallery has "
+            f"{n}; use --ann auto or none."
+        )
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=n_train, replace=False))
+    sample = np.ascontiguousarray(features[rows], dtype=np.float32)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise SnaplookError(
+            f"--ann {spec!r}: FAISS could not train {plan.factory!r} on {n_train} rows "
+            f"({str(exc).strip().splitlines()[-1]}); use --ann auto or another factory."
+        ) from exc
+    return n_train
 
 
 def _train_on_gpu(ivf: Any, faiss: Any) -> None:

@@ -23,31 +23,28 @@ from typing import TYPE_CHECKING, Any
 from snaplook.ann import AnnIndex
 from snaplook.catalog import CATALOG_FILE, Products, load_products
 from snaplook.errors import SnaplookError
-from snaplook.features import (
+from snaplook.features import Embedder, Skipped
+from snaplook.io_utils import ManifestRow
+from snaplook.options import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_INDEX_DIR,
+    DEFAULT_K,
     DEFAULT_POOLING,
     DEFAULT_SEED,
-    Embedder,
-    Skipped,
 )
-from snaplook.io_utils import ManifestRow
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INDEX_DIR = Path("output/index")
-DEFAULT_K = 5
 #: Version of the index folder layout; an index from a newer snaplook is refused.
 #: 1: one ``features.npy`` + ``manifest.csv``; 2: shards listed in ``meta.json``.
 INDEX_FORMAT_VERSION = 2
 #: The sub-folder of an index that holds the shards.
 SHARDS_DIR = "features"
 _SHARD_NAME = re.compile(r"shard-[0-9]{5,}")
-#: Columns of ``skipped.csv`` in an index folder and in a results folder.
-SKIPPED_HEADER = ("path", "reason")
 #: Gallery rows per GEMM block in search: bounds the similarity matrix to
 #: n_queries x 8192 float32 whatever the gallery size.
 SEARCH_BLOCK_ROWS = 8192
@@ -371,9 +368,26 @@ def load_index(
             (``..``), NaN/infinite features, or an ``ann.faiss`` that does not belong to the
             features (see :func:`snaplook.ann.load_ann`).
     """
-    from snaplook.io_utils import load_npy, read_manifest
-
     path = Path(path)
+    meta = _read_meta(path)
+    if "shards" in meta:
+        features, manifest, shards = _load_shards(path, meta, mmap=mmap)
+        _check_manifest(path, manifest)
+        for shard in shards:
+            _check_finite(path / SHARDS_DIR / f"{shard['name']}.npy", features.shards[shard["i"]])
+        return Index(
+            path=path,
+            features=features,
+            manifest=manifest,
+            meta=meta,
+            shards_=shards,
+            ann_=_load_ann(path, meta, features, ann),
+        )
+    return _load_single_file(path, meta, mmap=mmap, ann=ann)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The index folder's parsed ``meta.json``, checked for a format this snaplook reads."""
     if not path.is_dir():
         raise SnaplookError(
             f"{path}: no index here; build one with `snaplook index DIR --out {path}`."
@@ -401,20 +415,13 @@ def load_index(
             f"{path} has index format {version}, newer than this snaplook understands "
             f"({INDEX_FORMAT_VERSION}); upgrade snaplook or rebuild the index."
         )
-    if "shards" in meta:
-        features, manifest, shards = _load_shards(path, meta, mmap=mmap)
-        _check_manifest(path, manifest)
-        for shard in shards:
-            _check_finite(path / SHARDS_DIR / f"{shard['name']}.npy", features.shards[shard["i"]])
-        return Index(
-            path=path,
-            features=features,
-            manifest=manifest,
-            meta=meta,
-            shards_=shards,
-            ann_=_load_ann(path, meta, features, ann),
-        )
-    # Format 1: one features.npy + manifest.csv; `--update` rewrites it as shards.
+    return meta
+
+
+def _load_single_file(path: Path, meta: dict[str, Any], *, mmap: bool, ann: bool) -> Index:
+    """Format 1: one ``features.npy`` + ``manifest.csv``; ``--update`` rewrites it as shards."""
+    from snaplook.io_utils import load_npy, read_manifest
+
     logger.info(
         "%s is a single-file index (format 1); `snaplook index ROOT --out %s --update` "
         "rewrites it as shards without embedding again.",
@@ -718,33 +725,78 @@ def query_index(
             catalogue.
     """
     from snaplook.catalog import filter_mask, restricted_search, warn_if_few
-    from snaplook.features import embed_images
-    from snaplook.io_utils import find_images
 
     if not isinstance(index, Index):
         index = load_index(index, ann=not exact)
+    _check_backbone(index, backbone)
+    k = check_k(k, index)
+    products = index.products()
+    allowed = filter_mask(products, where, index.path)
+    n_allowed = None if allowed is None else int(allowed.sum())
+    warn_if_few(allowed, k, where)
+    paths = _query_paths(queries)
+    embedder = _query_embedder(index, embedder, head)
+    if on_start is not None:
+        on_start(len(paths))
+    features, kept, skipped = _embed_queries(paths, embedder, batch_size, on_progress)
+    search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
+    distances, rows, guesses = restricted_search(
+        search, features, k, products=products, allowed=allowed, restrict=restrict
+    )
+    return QuerySummary(
+        results=[
+            QueryResult(
+                q,
+                hits_of(index, rows[i], distances[i]),
+                guesses[i].category if guesses else None,
+                guesses[i].confidence if guesses else None,
+            )
+            for i, q in enumerate(kept)
+        ],
+        k=k,
+        skipped=skipped,
+        where=list(where or ()),
+        restrict=restrict,
+        n_allowed=n_allowed,
+    )
+
+
+def _check_backbone(index: Index, backbone: str | None) -> None:
     if backbone is not None and backbone != index.meta.get("backbone"):
         raise SnaplookError(
             f"{index.path} was built with backbone {index.meta.get('backbone')!r}; "
             f"querying it with {backbone!r} would compare unrelated features. Drop --backbone "
             "or use an index built with it."
         )
-    k = check_k(k, index)
-    products = index.products()
-    allowed = filter_mask(products, where, index.path)
-    n_allowed = None if allowed is None else int(allowed.sum())
-    warn_if_few(allowed, k, where)
-    if isinstance(queries, (str, Path)):
-        paths = find_images(queries)
-        if not paths:
-            raise SnaplookError(f"{queries}: no query images found.")
-    else:
-        paths = [Path(p) for p in queries]
+
+
+def _query_embedder(index: Index, embedder: Embedder | None, head: Any) -> Embedder:
+    # A given embedder must carry the index's head; otherwise the index rebuilds its own.
     if embedder is not None:
         check_head(index.meta, getattr(embedder, "head", None), index.path)
-    embedder = embedder or index.embedder(head=head)
-    if on_start is not None:
-        on_start(len(paths))
+        return embedder
+    return index.embedder(head=head)
+
+
+def _query_paths(queries: str | Path | Sequence[str | Path]) -> list[Path]:
+    from snaplook.io_utils import find_images
+
+    if not isinstance(queries, (str, Path)):
+        return [Path(p) for p in queries]
+    paths = find_images(queries)
+    if not paths:
+        raise SnaplookError(f"{queries}: no query images found.")
+    return paths
+
+
+def _embed_queries(
+    paths: list[Path],
+    embedder: Embedder,
+    batch_size: int,
+    on_progress: Callable[[int], None] | None,
+) -> tuple[np.ndarray, list[Path], list[Skipped]]:
+    from snaplook.features import embed_images
+
     skipped: list[Skipped] = []
     features, kept = embed_images(
         paths, embedder, batch_size=batch_size, on_skip=skipped.append, on_progress=on_progress
@@ -754,27 +806,7 @@ def query_index(
         raise SnaplookError(
             f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
         )
-    search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
-    distances, rows, guesses = restricted_search(
-        search, features, k, products=products, allowed=allowed, restrict=restrict
-    )
-    results = [
-        QueryResult(
-            query=q,
-            hits=hits_of(index, rows[i], distances[i]),
-            category=guesses[i].category if guesses else None,
-            confidence=guesses[i].confidence if guesses else None,
-        )
-        for i, q in enumerate(kept)
-    ]
-    return QuerySummary(
-        results=results,
-        k=k,
-        skipped=skipped,
-        where=list(where or ()),
-        restrict=restrict,
-        n_allowed=n_allowed,
-    )
+    return features, kept, skipped
 
 
 def hits_of(index: Index, rows: np.ndarray, distances: np.ndarray) -> list[Hit]:

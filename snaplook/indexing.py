@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import __version__
-from snaplook.ann import DEFAULT_ANN, plan_ann
+from snaplook.ann import plan_ann
 from snaplook.catalog import (
     CATALOG_FILE,
-    DEFAULT_IMAGE_COLUMN,
     Catalog,
     join_catalog,
     log_join,
@@ -32,28 +31,28 @@ from snaplook.catalog import (
 )
 from snaplook.checkpoint import CHECKPOINT_FORMAT, BatchRecord, Checkpoint
 from snaplook.errors import SnaplookError
-from snaplook.features import (
-    DEFAULT_BACKBONE,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_POOLING,
-    DEFAULT_PRECISION,
-    DEFAULT_SEED,
-    DEFAULT_WEIGHTS,
-    Embedder,
-    Skipped,
-    embedder_runtime,
-)
+from snaplook.features import Embedder, Skipped, embedder_runtime
 from snaplook.index import (
-    DEFAULT_INDEX_DIR,
     INDEX_FORMAT_VERSION,
     SHARDS_DIR,
-    SKIPPED_HEADER,
     Index,
     ShardedFeatures,
     load_index,
     recorded_settings,
 )
 from snaplook.io_utils import ManifestRow, timestamp
+from snaplook.options import (
+    DEFAULT_ANN,
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMAGE_COLUMN,
+    DEFAULT_INDEX_DIR,
+    DEFAULT_POOLING,
+    DEFAULT_PRECISION,
+    DEFAULT_SEED,
+    DEFAULT_SHARD_ROWS,
+    DEFAULT_WEIGHTS,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,10 +60,6 @@ if TYPE_CHECKING:
     from snaplook.distributed import RayEngine
 
 logger = logging.getLogger(__name__)
-
-#: Rows per feature shard: 16,384 x 2048 float32 is 128 MiB, so a 10 M-image index is
-#: about 610 files and an ``--update`` that touches a few rows rewrites a few of them.
-DEFAULT_SHARD_ROWS = 16384
 
 
 @dataclass
@@ -180,6 +175,8 @@ def build_index(
             lock on ``out``.
         KeyboardInterrupt: Ctrl-C; finished batches are kept for the next run.
     """
+    # Long on purpose: the signature and its documented arguments; the body chains the
+    # stages (checks, _plan_build, _run_stages).
     from snaplook.io_utils import deferred_sigint, exclusive_lock
 
     started = time.perf_counter()
@@ -223,43 +220,71 @@ def build_index(
         )
         if on_start is not None:
             on_start(len(paths))
-        try:
-            embedded = _embed_stage(
-                plan, embedder, engine=engine, interrupted=interrupted, on_progress=on_progress
-            )
-            rows, sources, skipped = _collect_rows(plan, embedded.records, strict=strict)
-            written = _write_shard_stage(
-                plan, rows, sources, embedder.feature_dim, shard_rows=shard_rows, seed=seed
-            )
-            meta = _commit(plan, written, rows, skipped, products, shard_rows)
-        except KeyboardInterrupt:
-            logger.warning(
-                "stopped: %d of %d images are checkpointed in %s; run the same command again "
-                "to resume.",
-                plan.checkpoint.n_checkpointed(),
-                len(plan.to_embed),
-                plan.checkpoint.folder,
-            )
-            raise
-        except OSError as exc:  # disk full, folder not writable, ...
-            shutil.rmtree(plan.checkpoint.folder / "assembling", ignore_errors=True)
-            raise SnaplookError(
-                f"cannot write {exc.filename or out} ({exc.strerror or exc}); "
-                f"{plan.checkpoint.n_checkpointed()} images are checkpointed in "
-                f"{plan.checkpoint.folder}: fix the cause and run the same command again to "
-                "resume."
-            ) from exc
-        except BaseException:
-            shutil.rmtree(plan.checkpoint.folder / "assembling", ignore_errors=True)
-            plan.checkpoint.remove_if_empty()
-            raise
-        plan.checkpoint.remove()
+        summary = _run_stages(
+            plan,
+            embedder,
+            products,
+            engine=engine,
+            strict=strict,
+            shard_rows=shard_rows,
+            seed=seed,
+            interrupted=interrupted,
+            on_progress=on_progress,
+        )
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _run_stages(
+    plan: _BuildPlan,
+    embedder: Embedder,
+    products: Catalog | None,
+    *,
+    engine: str | RayEngine,
+    strict: bool,
+    shard_rows: int,
+    seed: int,
+    interrupted: Callable[[], bool],
+    on_progress: Callable[[int], None] | None,
+) -> BuildSummary:
+    """Embed, write the shards and commit the folder; keep the checkpoint on failure."""
+    checkpoint = plan.checkpoint
+    try:
+        embedded = _embed_stage(
+            plan, embedder, engine=engine, interrupted=interrupted, on_progress=on_progress
+        )
+        rows, sources, skipped = _collect_rows(plan, embedded.records, strict=strict)
+        written = _write_shard_stage(
+            plan, rows, sources, embedder.feature_dim, shard_rows=shard_rows, seed=seed
+        )
+        meta = _commit(plan, written, rows, skipped, products, shard_rows)
+    except KeyboardInterrupt:
+        logger.warning(
+            "stopped: %d of %d images are checkpointed in %s; run the same command again "
+            "to resume.",
+            checkpoint.n_checkpointed(),
+            len(plan.to_embed),
+            checkpoint.folder,
+        )
+        raise
+    except OSError as exc:  # disk full, folder not writable, ...
+        shutil.rmtree(checkpoint.folder / "assembling", ignore_errors=True)
+        raise SnaplookError(
+            f"cannot write {exc.filename or plan.out} ({exc.strerror or exc}); "
+            f"{checkpoint.n_checkpointed()} images are checkpointed in "
+            f"{checkpoint.folder}: fix the cause and run the same command again to resume."
+        ) from exc
+    except BaseException:
+        shutil.rmtree(checkpoint.folder / "assembling", ignore_errors=True)
+        checkpoint.remove_if_empty()
+        raise
+    checkpoint.remove()
     return BuildSummary(
-        out=out,
+        out=plan.out,
         n_indexed=len(rows),
         n_embedded=embedded.n_embedded - embedded.n_resumed,
         skipped=skipped,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         n_resumed=embedded.n_resumed,
         ann=meta["ann"],
         catalog=meta.get("catalog"),
@@ -528,12 +553,10 @@ def _commit(
     Returns:
         the ``meta.json`` written.
     """
-    from snaplook.io_utils import replace_dir, write_csv_atomic, write_json_atomic
+    from snaplook.io_utils import replace_dir, write_json_atomic, write_skipped
 
     tmp = written.folder
-    write_csv_atomic(
-        tmp / "skipped.csv", SKIPPED_HEADER, ((str(s.path), s.reason) for s in skipped)
-    )
+    write_skipped(tmp / "skipped.csv", ((s.path, s.reason) for s in skipped))
     meta = {
         "format_version": INDEX_FORMAT_VERSION,
         "snaplook_version": __version__,

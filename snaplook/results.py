@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from snaplook.errors import SnaplookError
-from snaplook.features import DEFAULT_SEED
 from snaplook.index import (
-    DEFAULT_INDEX_DIR,
-    SKIPPED_HEADER,
     Hit,
     Index,
     QuerySummary,
     load_index,
+)
+from snaplook.options import (
+    DEFAULT_INDEX_DIR,
+    DEFAULT_MAP_DIR,
+    DEFAULT_MAP_IMAGES,
+    DEFAULT_MAP_THUMB_SIZE,
+    DEFAULT_SEED,
 )
 from snaplook.page import PageHit, QueryPage, QueryView
 
@@ -79,7 +83,7 @@ def write_query_results(
 
 def _write_tables(summary: QuerySummary, out: Path, index: Index) -> None:
     from snaplook.catalog import RESULT_COLUMNS
-    from snaplook.io_utils import write_csv_atomic, write_json_atomic
+    from snaplook.io_utils import write_csv_atomic, write_json_atomic, write_skipped
 
     has_products = index.products() is not None
     extra = RESULT_COLUMNS if has_products else ()
@@ -98,11 +102,7 @@ def _write_tables(summary: QuerySummary, out: Path, index: Index) -> None:
         (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
         rows,
     )
-    write_csv_atomic(
-        out / "skipped.csv",
-        SKIPPED_HEADER,
-        ((str(_absolute(s.path)), s.reason) for s in summary.skipped),
-    )
+    write_skipped(out / "skipped.csv", ((_absolute(s.path), s.reason) for s in summary.skipped))
     write_json_atomic(out / "results.json", _results_doc(summary, index, has_products))
 
 
@@ -248,17 +248,13 @@ def _grid_names(queries: Sequence[Path]) -> list[str]:
     return names
 
 
-DEFAULT_MAP_IMAGES = 500
-DEFAULT_MAP_DIR = Path("output/maps")
-
-
 def map_index(
     index: Index | str | Path = DEFAULT_INDEX_DIR,
     out: str | Path | None = None,
     *,
     max_images: int = DEFAULT_MAP_IMAGES,
     seed: int = DEFAULT_SEED,
-    thumb_size: int = 48,
+    thumb_size: int = DEFAULT_MAP_THUMB_SIZE,
 ) -> Path:
     """Draw the gallery of an index as a t-SNE map of thumbnails (see ``plot_utils.plot_tsne``).
 
