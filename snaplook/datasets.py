@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from snaplook.errors import SnaplookError
+from snaplook.options import CROPS, DEFAULT_C2S_SUBSET, DEFAULT_PROTOCOL, PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("inshop", "consumer2shop", "folders")
-DEFAULT_PROTOCOL = "inshop"
 PARTITION_FILE = "list_eval_partition.txt"
 BBOX_FILES = {"inshop": "list_bbox_inshop.txt", "consumer2shop": "list_bbox_consumer2shop.txt"}
 #: Where the DeepFashion archives put their annotation files, relative to the benchmark
@@ -32,9 +31,6 @@ _STATUSES = {
     "inshop": frozenset({"train", "query", "gallery"}),
     "consumer2shop": frozenset({"train", "val", "test"}),
 }
-#: Consumer-to-shop has no query/gallery column: the evaluated split's consumer images
-#: are the queries and its shop images the gallery.
-DEFAULT_C2S_SUBSET = "test"
 
 
 @dataclass(frozen=True)
@@ -385,11 +381,6 @@ def _drop_missing(split: Split, *, strict: bool) -> Split:
             raise SnaplookError(message + "; --strict stops here. Check the dataset root.")
         logger.warning("%s; they are left out and counted in the report", message)
     return dataclasses.replace(split, train=train, query=query, gallery=gallery, missing=missing)
-
-
-#: What the model sees of each image: the whole image, or its ground-truth box.
-CROPS = ("none", "gt")
-DEFAULT_CROP = "none"
 
 
 def check_crop(crop: str) -> None:

@@ -13,25 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# `NAME as NAME`: re-exported for cli.py, which reads option choices and --k's parser here.
-from snaplook.datasets import CROPS as CROPS
-from snaplook.datasets import (
-    DEFAULT_C2S_SUBSET,
-    DEFAULT_CROP,
-    DEFAULT_PROTOCOL,
-    Sample,
-    Split,
-    check_crop,
-    load_split,
-    resolve_bbox,
-)
-from snaplook.datasets import PROTOCOLS as PROTOCOLS
+from snaplook.datasets import Sample, Split, check_crop, load_split, resolve_bbox
 from snaplook.errors import SnaplookError
+from snaplook.features import is_random_weights
 from snaplook.io_utils import timestamp
 from snaplook.metrics import (
-    DEFAULT_KS,
-    DEFAULT_NORMALIZATION,
-    DEFAULT_TIES,
     METRIC_DEFINITIONS,
     QueryMetrics,
     check_ks,
@@ -39,11 +25,18 @@ from snaplook.metrics import (
     check_ties,
     evaluate_embeddings,
 )
-from snaplook.metrics import NORMALIZATIONS as NORMALIZATIONS
-from snaplook.metrics import TIE_RULES as TIE_RULES
-from snaplook.metrics import parse_ks as parse_ks
-from snaplook.options import DEFAULT_EVAL_ROOT as DEFAULT_OUT_ROOT
-from snaplook.options import DEFAULT_N_EXAMPLES, DEFAULT_SEED
+from snaplook.metrics import parse_ks as parse_ks  # re-exported: cli.py's --k parser
+from snaplook.options import (
+    DEFAULT_C2S_SUBSET,
+    DEFAULT_CROP,
+    DEFAULT_EVAL_ROOT,
+    DEFAULT_KS,
+    DEFAULT_N_EXAMPLES,
+    DEFAULT_NORMALIZATION,
+    DEFAULT_PROTOCOL,
+    DEFAULT_SEED,
+    DEFAULT_TIES,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -237,7 +230,7 @@ def evaluate(
         embedder.calibrate_on([split.root / s.path for s in split.gallery])
     identity, name = _identity_and_name(embedder, normalization, head)
     out = (
-        Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}-{name}"
+        Path(out) if out is not None else DEFAULT_EVAL_ROOT / f"{root.name}-{split.protocol}-{name}"
     )
     embedded = _embed_split(
         split,
@@ -674,7 +667,7 @@ def _write_report(
     random_rows = sorted(rng.choice(evaluated, size=pick, replace=False).tolist()) if pick else []
     note = (
         " · random weights: not a quality claim"
-        if report.config["weights"].get("name") == "random"
+        if is_random_weights(report.config["weights"])
         else ""
     )
     setting = report.config["setting"]
@@ -718,7 +711,7 @@ def render_report_md(report: Report) -> str:
     """The Markdown page that ties a report's numbers, definitions and figures together."""
     c = report.config
     lines = [f"# Retrieval evaluation: {c['protocol']}, {c['setting']}", ""]
-    if c["weights"].get("name") == "random":
+    if is_random_weights(c["weights"]):
         lines += [
             "> **Random weights**: these numbers test the pipeline, not retrieval quality.",
             "",
@@ -929,7 +922,7 @@ def evaluate_settings(
         subset=subset,
     )
     warn_ks_over_gallery(split, kwargs.get("ks", DEFAULT_KS))
-    out = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{root.name}-{split.protocol}"
+    out = Path(out) if out is not None else DEFAULT_EVAL_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
     combos = list(itertools.product(backbones, poolings, normalizations, heads))
     reports = [
@@ -1103,7 +1096,7 @@ def render_compare_md(table: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | [{row['report']}]({row['report']}) |"
         )
-    if any(r["weights"].get("name") == "random" for r in rows):
+    if any(is_random_weights(r["weights"]) for r in rows):
         lines += ["", "Random weights: these numbers test the pipeline, not retrieval quality."]
     return "\n".join(lines) + "\n"
 

@@ -12,22 +12,17 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import (
+    DEFAULT_KS,
+    DEFAULT_NORMALIZATION,
+    DEFAULT_TIES,
+    NORMALIZATIONS,
+    TIE_RULES,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
-DEFAULT_KS = (1, 5, 10, 20, 30, 50)
-#: How gallery images at exactly the same distance are ordered. "pessimistic" puts the
-#: query's non-matching images before its matching ones (a tie never helps a score, so a
-#: collapsed embedding cannot score well by luck of order); "gallery-order" keeps the
-#: gallery order (what a stable argsort, e.g. ``cosine_knn``, returns).
-TIE_RULES = ("pessimistic", "gallery-order")
-DEFAULT_TIES = "pessimistic"
-#: Feature normalisations before ranking: "l2" ranks by cosine distance; "centered"
-#: subtracts the gallery mean first, then L2 (cosine around the gallery centre); "none"
-#: ranks raw features by Euclidean distance.
-NORMALIZATIONS = ("l2", "centered", "none")
-DEFAULT_NORMALIZATION = "l2"
 #: Working memory for one block of the query x gallery ranking, in bytes.
 RANKING_BLOCK_BYTES = 256 * 1024 * 1024
 #: Nearest gallery images kept per query (for grids).

@@ -21,28 +21,29 @@ from typing import TYPE_CHECKING, Any
 from snaplook import __version__
 from snaplook.datasets import Sample, Split, check_crop, load_split, read_bbox_file, resolve_bbox
 from snaplook.errors import SnaplookError
+from snaplook.features import is_random_weights
 from snaplook.io_utils import timestamp
+from snaplook.options import (
+    DEFAULT_BATCH,
+    DEFAULT_DIM,
+    DEFAULT_EPOCHS,
+    DEFAULT_HEADS_DIR,
+    DEFAULT_HIDDEN,
+    DEFAULT_LOSS,
+    DEFAULT_LR,
+    DEFAULT_PATIENCE,
+    DEFAULT_SEED,
+    DEFAULT_VAL_FRACTION,
+    LOSSES,
+)
+from snaplook.results import describe_weights
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("triplet", "proxy-anchor")
-DEFAULT_LOSS = "triplet"
-DEFAULT_DIM = 512
-DEFAULT_HIDDEN = 0
-DEFAULT_EPOCHS = 30
-#: P items x K images per batch.
-DEFAULT_BATCH = (16, 4)
-#: Adam learning rate of the head (the Proxy-Anchor proxies learn PROXY_LR_SCALE x faster,
-#: as in Kim et al. 2020).
-DEFAULT_LR = 1e-3
 PROXY_LR_SCALE = 100.0
-DEFAULT_VAL_FRACTION = 0.1
-DEFAULT_SEED = 0
-#: Epochs without a better validation Recall@1 before training stops.
-DEFAULT_PATIENCE = 5
 #: Fewer held-out items than this make validation Recall@1 too coarse to pick an epoch
 #: (2 items can score 100% at epoch 1 and stop training early): a warning says so.
 MIN_VAL_ITEMS = 10
@@ -51,7 +52,6 @@ DEFAULT_MARGIN = 0.2
 #: Proxy-Anchor scale and margin (Kim et al. 2020 defaults).
 DEFAULT_ALPHA = 32.0
 DEFAULT_DELTA = 0.1
-DEFAULT_HEADS_DIR = Path("output/heads")
 HEAD_WEIGHTS = "head.weights.h5"
 HEAD_JSON = "head.json"
 HEAD_FORMAT_VERSION = 1
@@ -400,8 +400,10 @@ class Head:
         want, got = source.get("weights") or {}, identity.get("weights") or {}
         if want and _weights_key(want) != _weights_key(got):
             raise SnaplookError(
-                f"head {self.name!r} was trained on features from weights {_describe(want)}, "
-                f"not {_describe(got)}; pass the same --weights (and --seed) it was trained with."
+                f"head {self.name!r} was trained on features from weights "
+                f"{describe_weights(want, form='hash')}, not "
+                f"{describe_weights(got, form='hash')}; pass the same --weights (and --seed) it "
+                "was trained with."
             )
 
     def save(self, out: str | Path) -> Path:
@@ -509,29 +511,10 @@ _NOT_INFO = ("format_version", "snaplook_version", "name", "weights_sha256", "hi
 
 
 def _weights_key(weights: dict[str, Any]) -> tuple[Any, ...]:
+    if is_random_weights(weights):
+        return ("random", weights.get("seed"))
     kind = weights.get("name")
-    if kind == "random":
-        return (kind, weights.get("seed"))
     return (kind if kind != "file" else "imagenet-or-file", weights.get("sha256"))
-
-
-def describe_weights(weights: dict[str, Any] | None) -> str:
-    """Words for a weights identity, with a warning for random weights (for labels)."""
-    if not weights:
-        return "unknown weights"
-    if weights.get("name") == "random":
-        return (
-            f"random weights (seed {weights.get('seed')}): a pipeline test, not retrieval quality"
-        )
-    return f"{_describe(weights)} weights"
-
-
-def _describe(weights: dict[str, Any]) -> str:
-    kind = weights.get("name", "?")
-    if kind == "random":
-        return f"random (seed {weights.get('seed')})"
-    sha = weights.get("sha256")
-    return f"{kind}" + (f" (sha256 {sha[:12]})" if sha else "")
 
 
 def load_head(path: str | Path) -> Head:
@@ -778,7 +761,7 @@ def _fit_info(
         },
         "counts": data.counts,
         # What the backbone features came from, in words, for anyone reading head.json.
-        "backbone_weights": describe_weights((source or {}).get("weights")),
+        "backbone_weights": describe_weights((source or {}).get("weights"), form="label"),
     }
 
 
@@ -1293,7 +1276,7 @@ def write_head_outputs(head: Head, out: str | Path) -> dict[str, Path]:
         title=f"{head.config.get('loss')} head, dim {head.output_dim} "
         f"(best epoch {head.info.get('best_epoch')})\n"
         f"{(head.config.get('source') or {}).get('backbone', '?')} features, "
-        + describe_weights((head.config.get("source") or {}).get("weights")),
+        + describe_weights((head.config.get("source") or {}).get("weights"), form="label"),
         baseline=(head.info.get("val_metrics") or {}).get("raw_recall_at_1"),
     )
     return {
