@@ -384,7 +384,7 @@ def _drop_missing(split: Split, *, strict: bool) -> Split:
 
 
 def check_crop(crop: str) -> None:
-    """Raise unless ``crop`` is one of :data:`CROPS`."""
+    """Raise unless ``crop`` is one of :data:`~snaplook.options.CROPS`."""
     if crop not in CROPS:
         raise SnaplookError(f"unknown crop {crop!r}; choose none or gt.")
 

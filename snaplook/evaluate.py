@@ -160,14 +160,14 @@ def evaluate(
 ) -> Report:
     """Evaluate one backbone on a retrieval protocol and write a report folder.
 
-    Loads the split (:func:`load_split`), embeds query and gallery images through the
-    feature cache (``features.embed_cached``), ranks the gallery for every query in
-    blocks (:func:`evaluate_embeddings`) and writes, atomically, into ``out``:
-    ``report.json``, ``per_query.csv``, ``recall_at_k.png``, ``worst_queries_grid.png``,
-    ``random_queries_grid.png`` and ``report.md``.
+    Loads the split (:func:`~snaplook.datasets.load_split`), embeds query and gallery images
+    through the feature cache (``features.embed_cached``), ranks the gallery for every query
+    in blocks (:func:`~snaplook.metrics.evaluate_embeddings`) and writes, atomically, into
+    ``out``: ``report.json``, ``per_query.csv``, ``recall_at_k.png``,
+    ``worst_queries_grid.png``, ``random_queries_grid.png`` and ``report.md``.
 
     Args:
-        root: dataset root (see :func:`load_split`).
+        root: dataset root (see :func:`~snaplook.datasets.load_split`).
         protocol: "inshop" (default), "consumer2shop" or "folders".
         partition: partition file; default: found under ``root``.
         bbox: box file; default for ``crop="gt"``: ``list_bbox_<protocol>.txt`` under
@@ -177,7 +177,7 @@ def evaluate(
             given); defaults: resnet50, imagenet, avg, 0.
         normalization: "l2" (cosine, default), "centered" or "none" (Euclidean).
         ks: Recall@K cut-offs, default=(1, 5, 10, 20, 30, 50).
-        ties: tie rule, default="pessimistic" (see :data:`TIE_RULES`).
+        ties: tie rule, default="pessimistic" (see :data:`~snaplook.options.TIE_RULES`).
         out: report folder (replaced atomically when complete); default
             ``output/eval/<root name>-<protocol>-<backbone>-<pooling>-<normalization>``.
         strict: fail on listed-but-missing or unreadable images instead of counting them.
@@ -189,7 +189,8 @@ def evaluate(
             ``embedder`` is given); int8 is calibrated on a seeded sample of the gallery.
         embedder: a ready :class:`~snaplook.features.Embedder` (or anything with its
             ``identity``/``prepare``/``embed``/``input_size``/``feature_dim``).
-        split: an already loaded :class:`Split` (skips reading the partition again).
+        split: an already loaded :class:`~snaplook.datasets.Split` (skips reading the
+            partition again).
         head: a trained ``snaplook.train.Head``: the cached backbone features are mapped
             through it before ranking (the setting name gets ``+<head name>``).
         on_start: called with the number of images to embed (0 when cached).
@@ -893,7 +894,7 @@ def evaluate_settings(
 
     Args:
         root: dataset root.
-        protocol: see :func:`load_split`.
+        protocol: see :func:`~snaplook.datasets.load_split`.
         backbones: default=("resnet50",).
         poolings: default=("avg",).
         normalizations: default=("l2",).

@@ -139,13 +139,13 @@ def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_ties(ties: str) -> None:
-    """Raise unless ``ties`` is one of :data:`TIE_RULES`."""
+    """Raise unless ``ties`` is one of :data:`~snaplook.options.TIE_RULES`."""
     if ties not in TIE_RULES:
         raise SnaplookError(f"unknown tie rule {ties!r}; choose one of: {', '.join(TIE_RULES)}.")
 
 
 def check_normalization(normalization: str) -> None:
-    """Raise unless ``normalization`` is one of :data:`NORMALIZATIONS`."""
+    """Raise unless ``normalization`` is one of :data:`~snaplook.options.NORMALIZATIONS`."""
     if normalization not in NORMALIZATIONS:
         raise SnaplookError(
             f"unknown normalisation {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}."
@@ -287,7 +287,7 @@ def rank_metrics(
         query_ids: m labels.
         gallery_ids: n labels.
         ks: cut-offs for Recall@K, default=(1, 5, 10, 20, 30, 50).
-        ties: "pessimistic" (default) or "gallery-order", see :data:`TIE_RULES`.
+        ties: "pessimistic" (default) or "gallery-order", see :data:`~snaplook.options.TIE_RULES`.
         exclude: ndarray of shape (m, n), bool: pairs left out of the ranking (e.g. each
             query itself in leave-one-out); default none.
         top_n: nearest gallery images kept per query, default=5.
@@ -380,7 +380,7 @@ def normalize_features(
     *,
     normalization: str = DEFAULT_NORMALIZATION,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a :data:`NORMALIZATIONS` setting to query and gallery features.
+    """Apply a :data:`~snaplook.options.NORMALIZATIONS` setting to query and gallery features.
 
     Returns:
         (queries, gallery): float32 arrays of the input shapes.
@@ -438,7 +438,7 @@ def evaluate_embeddings(
         gallery_feats: ndarray of shape (n, d).
         gallery_ids: n item ids.
         ks: cut-offs, default=(1, 5, 10, 20, 30, 50).
-        ties: tie rule, default="pessimistic" (see :data:`TIE_RULES`).
+        ties: tie rule, default="pessimistic" (see :data:`~snaplook.options.TIE_RULES`).
         normalization: "l2" (cosine, default), "centered" or "none" (Euclidean).
         leave_one_out: queries and gallery are the same images (same order); each
             query's own row is left out of its ranking.
