@@ -172,7 +172,7 @@ def _plan_ivfpq(n: int, d: int) -> AnnPlan:
     return AnnPlan("ivfpq", factory, metric, RERANK_IVFPQ, n_train)
 
 
-def features_fingerprint(features: np.ndarray) -> str:
+def _features_fingerprint(features: np.ndarray) -> str:
     """SHA-256 of a features matrix's shape and of :data:`FINGERPRINT_ROWS` evenly spaced
     rows (first and last included): cheap on a memory-mapped 80 GB file, and enough to
     tell one gallery's features from another's."""
@@ -248,7 +248,7 @@ def build_ann(
         "sha256": file_sha256(target),
         "ntotal": int(index.ntotal),
         "dim": int(d),
-        "features_fingerprint": features_fingerprint(features),
+        "features_fingerprint": _features_fingerprint(features),
         "rerank": plan.rerank,
         "train_rows": n_train,
         "seed": seed,
@@ -370,7 +370,7 @@ class AnnIndex:
             np.ascontiguousarray(queries, dtype=np.float32), n_cand, params=params
         )
         del bits, sel, inner_params  # the C++ parameters point into these until here
-        return rerank_exact(queries, cand, features, k)
+        return _rerank_exact(queries, cand, features, k)
 
     def _params(
         self, faiss: Any, *, nprobe: int | None, ef: int | None, n_cand: int, sel: Any, share: float
@@ -400,7 +400,7 @@ class AnnIndex:
         return params, params
 
 
-def rerank_exact(
+def _rerank_exact(
     queries: np.ndarray, candidates: np.ndarray, features: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine distances of candidate rows, best ``k`` per query.
@@ -477,7 +477,7 @@ def load_ann(folder: str | Path, meta: dict[str, Any], features: np.ndarray) -> 
             f"{path} is not the file this index was built with (SHA-256 differs from "
             f"meta.json): a swapped or changed file; {hint}."
         )
-    if features_fingerprint(features) != meta.get("features_fingerprint"):
+    if _features_fingerprint(features) != meta.get("features_fingerprint"):
         raise SnaplookError(
             f"{path} was built over other features than {Path(folder) / 'features.npy'} "
             f"(fingerprint differs); {hint}."

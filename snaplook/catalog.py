@@ -555,7 +555,7 @@ def vote_categories(neighbour_rows: np.ndarray, categories: Sequence[str]) -> li
     return guesses
 
 
-def body_mask(products: Products, kind: str) -> np.ndarray | None:
+def _body_mask(products: Products, kind: str) -> np.ndarray | None:
     """Rows a garment crop of ``kind`` may match: upper/lower-body or full-body products.
 
     None (no restriction) for a person crop or a catalogue without a ``body`` column.
@@ -620,7 +620,7 @@ def restricted_search(
     kinds = list(kinds) if kinds is not None else ["person"] * len(features)
     masks: dict[str, np.ndarray] = {}
     for kind in sorted(set(kinds)):
-        body = body_mask(products, kind)
+        body = _body_mask(products, kind)
         masks[kind] = base if body is None else base & body
     m = len(features)
     guesses: list[CategoryGuess] = [CategoryGuess(None, 0.0)] * m

@@ -195,7 +195,7 @@ class Index:
                 ``precision`` other than the index's.
         """
         check_head(self.meta, head, self.path)
-        embedder = embedder_from_meta(self.meta, **overrides)
+        embedder = _embedder_from_meta(self.meta, **overrides)
         if head is None:
             return embedder
         from snaplook.features import with_head
@@ -320,7 +320,7 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
+def _embedder_from_meta(meta: dict[str, Any], **overrides: Any) -> Embedder:
     """Rebuild the embedder an index or cache recorded (same backbone, weights, pooling)."""
     weights_meta = meta.get("weights", {})
     kwargs = recorded_settings(meta)
