@@ -236,8 +236,14 @@ def _principal_axes(centred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
         values, vectors = np.linalg.eigh(centred.T @ centred / max(1, n - 1))
         order = np.argsort(-values, kind="stable")[:k]
         return np.maximum(values[order], 0.0), vectors[:, order]
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    return singular[:k] ** 2 / max(1, n - 1), vt[:k].T.copy()
+    # Fewer samples than dimensions: the n x n Gram matrix has the same non-zero spectrum,
+    # and its eigendecomposition is several times faster than an SVD of the data.
+    values, left = np.linalg.eigh(centred @ centred.T)
+    order = np.argsort(-values, kind="stable")[:k]
+    values = np.maximum(values[order], 0.0)
+    vectors = centred.T @ left[:, order]
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=0), 1e-300)
+    return values / max(1, n - 1), vectors
 
 
 def _largest_positive(vectors: np.ndarray) -> np.ndarray:

