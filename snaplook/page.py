@@ -122,7 +122,7 @@ class LookPage:
 
 
 @dataclass
-class Card:
+class _Card:
     """One retrieved product (or gallery image) as the page shows it."""
 
     rank: int
@@ -172,12 +172,12 @@ def _safe_url(url: str) -> str:
     return url if url.lower().startswith(("http://", "https://")) else ""
 
 
-def _card(hit: PageHit, thumbs: _Thumbs) -> Card:
+def _card(hit: PageHit, thumbs: _Thumbs) -> _Card:
     product = hit.product or {}
     extra = " · ".join(
         product[c] for c in ("brand", "category", "colour", "color") if product.get(c)
     )
-    return Card(
+    return _Card(
         rank=hit.rank,
         thumb=thumbs.link(hit.path),
         name=hit.path.name,
