@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from snaplook.datasets import Sample, Split, check_crop, load_split, resolve_bbox
 from snaplook.errors import SnaplookError
-from snaplook.features import is_random_weights
+from snaplook.features import (
+    Embedder,
+    embed_cached,
+    embedder_runtime,
+    get_backbone,
+    is_random_weights,
+)
 from snaplook.io_utils import timestamp
 from snaplook.metrics import (
     METRIC_DEFINITIONS,
@@ -27,15 +33,23 @@ from snaplook.metrics import (
 )
 from snaplook.metrics import parse_ks as parse_ks  # re-exported: cli.py's --k parser
 from snaplook.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_C2S_SUBSET,
+    DEFAULT_CACHE_DIR,
     DEFAULT_CROP,
     DEFAULT_EVAL_ROOT,
     DEFAULT_KS,
     DEFAULT_N_EXAMPLES,
     DEFAULT_NORMALIZATION,
+    DEFAULT_POOLING,
+    DEFAULT_PRECISION,
     DEFAULT_PROTOCOL,
+    DEFAULT_RUNTIME,
     DEFAULT_SEED,
     DEFAULT_TIES,
+    DEFAULT_WEIGHTS,
+    POOLINGS,
 )
 
 if TYPE_CHECKING:
@@ -312,12 +326,10 @@ def _make_embedder(
     runtime: str,
     precision: str,
 ) -> Any:
-    from snaplook import features as feats
-
-    return feats.Embedder(
-        backbone or feats.DEFAULT_BACKBONE,
-        weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
-        pooling=pooling or feats.DEFAULT_POOLING,
+    return Embedder(
+        backbone or DEFAULT_BACKBONE,
+        weights=weights if weights is not None else DEFAULT_WEIGHTS,
+        pooling=pooling or DEFAULT_POOLING,
         seed=seed,
         runtime=runtime,
         precision=precision,
@@ -370,13 +382,11 @@ def _embed_split(
 
     import numpy as np
 
-    from snaplook import features as feats
-
     def ref(s: Sample) -> tuple[Path, tuple[int, int, int, int] | None]:
         return split.root / s.path, s.box if crop == "gt" else None
 
     images = split.query if split.leave_one_out else split.query + split.gallery
-    cache_dir = Path(cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR)
+    cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
     skipped: list[Any] = []
     n_embedded: list[int] = []
 
@@ -385,11 +395,11 @@ def _embed_split(
         on_start(total)
 
     t0 = time.perf_counter()
-    matrix = feats.embed_cached(
+    matrix = embed_cached(
         [ref(s) for s in images],
         embedder,
         cache_dir=cache_dir,
-        batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE,
         on_skip=skipped.append,
         on_start=started,
         on_progress=on_progress,
@@ -496,8 +506,6 @@ def _report_config(
     crop: str,
     subset: str,
 ) -> dict[str, Any]:
-    from snaplook import features as feats
-
     return {
         "root": str(root.resolve()),
         "image_root": str(split.root.resolve()),
@@ -514,7 +522,7 @@ def _report_config(
         "pooling": identity["pooling"],
         "feature_dim": identity.get("feature_dim"),
         "head": identity.get("head"),
-        "runtime": feats.embedder_runtime(embedder),
+        "runtime": embedder_runtime(embedder),
         "feature_cache": {
             "dir": str(embedded.cache_dir),
             "images_embedded": embedded.n_embedded,
@@ -950,15 +958,13 @@ def _setting_lists(
     backbones: Sequence[str], poolings: Sequence[str], normalizations: Sequence[str]
 ) -> tuple[list[str], list[str], list[str]]:
     """Distinct settings in order (defaults for empty lists); raise on an unknown one."""
-    from snaplook import features as feats
-
-    backbones = list(dict.fromkeys(backbones or [feats.DEFAULT_BACKBONE]))
-    poolings = list(dict.fromkeys(poolings or [feats.DEFAULT_POOLING]))
+    backbones = list(dict.fromkeys(backbones or [DEFAULT_BACKBONE]))
+    poolings = list(dict.fromkeys(poolings or [DEFAULT_POOLING]))
     normalizations = list(dict.fromkeys(normalizations or [DEFAULT_NORMALIZATION]))
     for b in backbones:
-        feats.get_backbone(b)
+        get_backbone(b)
     for p in poolings:
-        if p not in feats.POOLINGS:
+        if p not in POOLINGS:
             raise SnaplookError(f"unknown pooling {p!r}; choose avg or max.")
     for nz in normalizations:
         check_normalization(nz)
@@ -978,8 +984,6 @@ def _evaluate_setting(
     evaluate_kwargs: dict[str, Any],
 ) -> Report:
     """Evaluate one (backbone, pooling, normalisation, head) of :func:`evaluate_settings`."""
-    from snaplook import features as feats
-
     backbone, pooling, normalization, head = combo
     name = _setting_name(backbone, pooling, normalization)
     name += f"+{head.name}" if head is not None else ""
@@ -990,8 +994,8 @@ def _evaluate_setting(
         weights,
         pooling,
         evaluate_kwargs.get("seed", DEFAULT_SEED),
-        evaluate_kwargs.get("runtime", feats.DEFAULT_RUNTIME),
-        evaluate_kwargs.get("precision", feats.DEFAULT_PRECISION),
+        evaluate_kwargs.get("runtime", DEFAULT_RUNTIME),
+        evaluate_kwargs.get("precision", DEFAULT_PRECISION),
     )
     return evaluate(
         root,

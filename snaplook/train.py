@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 from snaplook import __version__
 from snaplook.datasets import Sample, Split, check_crop, load_split, read_bbox_file, resolve_bbox
 from snaplook.errors import SnaplookError
-from snaplook.features import is_random_weights
+from snaplook.features import Embedder, embed_cached, is_random_weights
 from snaplook.io_utils import timestamp
 from snaplook.options import (
+    DEFAULT_BACKBONE,
     DEFAULT_BATCH,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CACHE_DIR,
     DEFAULT_DIM,
     DEFAULT_EPOCHS,
     DEFAULT_HEADS_DIR,
@@ -32,8 +35,10 @@ from snaplook.options import (
     DEFAULT_LOSS,
     DEFAULT_LR,
     DEFAULT_PATIENCE,
+    DEFAULT_POOLING,
     DEFAULT_SEED,
     DEFAULT_VAL_FRACTION,
+    DEFAULT_WEIGHTS,
     LOSSES,
 )
 from snaplook.results import describe_weights
@@ -1048,14 +1053,12 @@ def train_head(
     """
     # Over 80 lines only through its signature and docstring: the keyword parameters are the
     # public API (the CLI and tests call it with them); the stages are helpers.
-    from snaplook import features as feats
-
     root = Path(root)
     check_crop(crop)
-    embedder = feats.Embedder(
-        backbone or feats.DEFAULT_BACKBONE,
-        weights=weights if weights is not None else feats.DEFAULT_WEIGHTS,
-        pooling=pooling or feats.DEFAULT_POOLING,
+    embedder = Embedder(
+        backbone or DEFAULT_BACKBONE,
+        weights=weights if weights is not None else DEFAULT_WEIGHTS,
+        pooling=pooling or DEFAULT_POOLING,
         seed=seed,
     )
     images = _training_images(
@@ -1180,8 +1183,6 @@ def _embed_training_images(
     """Embed the training images through the feature cache; leave unreadable ones out."""
     import numpy as np
 
-    from snaplook import features as feats
-
     split, samples = images.split, images.samples
     to_embed = [0]
 
@@ -1192,11 +1193,11 @@ def _embed_training_images(
 
     t0 = time.perf_counter()
     skipped: list[Any] = []
-    matrix = feats.embed_cached(
+    matrix = embed_cached(
         [(split.root / s.path, images.boxes.get(s.path)) for s in samples],
         embedder,
-        cache_dir=cache_dir if cache_dir is not None else feats.DEFAULT_CACHE_DIR,
-        batch_size=batch_size or feats.DEFAULT_BATCH_SIZE,
+        cache_dir=cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE,
         on_skip=skipped.append,
         on_start=started,
         on_progress=on_progress,
