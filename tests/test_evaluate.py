@@ -184,6 +184,26 @@ def test_load_split_folders_is_leave_one_out(image_folder):
     assert {s.item for s in split.query} == {"tops", "bottoms"}
 
 
+def test_resolve_bbox_finds_the_protocols_box_file_for_gt_crops(inshop_root):
+    found = datasets.resolve_bbox(inshop_root, "inshop", None, "gt")
+    assert found == inshop_root / "list_bbox_inshop.txt"
+    assert datasets.resolve_bbox(inshop_root, "inshop", None, "none") is None
+    assert datasets.resolve_bbox(inshop_root, "inshop", "mine.txt", "gt") == "mine.txt"
+
+
+def test_resolve_bbox_without_a_box_file_says_what_to_pass(tmp_path):
+    with pytest.raises(SnaplookError, match="--crop gt needs list_bbox_consumer2shop.txt.*--bbox"):
+        datasets.resolve_bbox(tmp_path, "consumer2shop", None, "gt")
+    with pytest.raises(SnaplookError, match="the folders protocol has none"):
+        datasets.resolve_bbox(tmp_path, "folders", None, "gt")
+
+
+def test_check_crop_rejects_unknown_crop():
+    datasets.check_crop("gt")
+    with pytest.raises(SnaplookError, match="unknown crop 'box'; choose none or gt"):
+        datasets.check_crop("box")
+
+
 # --- feature cache ----------------------------------------------------------------------
 
 

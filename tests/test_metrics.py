@@ -174,3 +174,35 @@ def test_parse_ks_sorts_and_rejects_bad_values():
     assert metrics.parse_ks("10, 1,5,5") == (1, 5, 10)
     with pytest.raises(SnaplookError, match="'0' is not a positive integer"):
         metrics.parse_ks("1,0")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: metrics.check_ks([]), r"K values must be positive integers, got \[\]"),
+        (lambda: metrics.check_ks([0, 5]), r"K values must be positive integers, got \[0, 5\]"),
+        (lambda: metrics.check_ties("random"), "unknown tie rule 'random'; choose one of"),
+        (
+            lambda: metrics.check_normalization("l1"),
+            "unknown normalisation 'l1'; choose one of: l2, centered, none",
+        ),
+        (
+            lambda: metrics.normalize_features(np.ones((1, 2)), np.ones((1, 2)), normalization="x"),
+            "unknown normalisation 'x'",
+        ),
+    ],
+)
+def test_metric_settings_bad_values_raise_naming_the_choices(call, message):
+    with pytest.raises(SnaplookError, match=message):
+        call()
+
+
+def test_check_ks_sorts_and_dedupes():
+    assert metrics.check_ks([10, 1, 5, 5]) == (1, 5, 10)
+
+
+def test_evaluate_embeddings_empty_queries_give_empty_metrics():
+    m = metrics.evaluate_embeddings(np.zeros((0, 4)), [], np.ones((3, 4)), ["a", "b", "c"])
+    assert m.n_relevant.shape == (0,)
+    assert m.summary()["n_evaluated"] == 0
+    assert m.summary()["map"] is None
