@@ -799,7 +799,7 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         SnaplookError: missing file, missing columns or non-numeric values.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SnaplookError(f"{path} is missing; rebuild the index.")
     try:
         return [

@@ -30,31 +30,20 @@ from snaplook.io_utils import (
     write_json_atomic,
     write_skipped,
 )
+from snaplook.options import DEFAULT_EXTRACT_EVERY as DEFAULT_EVERY
+from snaplook.options import DEFAULT_FORMAT, DEFAULT_QUALITY, DEFAULT_SCENE_THRESHOLD, IMAGE_FORMATS
+from snaplook.options import DEFAULT_FRAMES_ROOT as DEFAULT_OUT_ROOT
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between interval frames.
-DEFAULT_EVERY = 1.0
-#: Root folder of `snaplook extract`; each video gets ``<root>/<video-stem>/``.
-DEFAULT_OUT_ROOT = Path("output/frames")
-DEFAULT_FORMAT = "jpg"
-IMAGE_FORMATS = ("jpg", "png")
-#: JPEG quality (1-100); ignored for PNG, which is lossless.
-DEFAULT_QUALITY = 95
-#: Smallest HSV-histogram (Bhattacharyya) distance between consecutive frames that counts
-#: as a cut. Hard cuts score 0.4-1.0; a static camera with people walking by stays under
-#: 0.17 on the test video (measured over its 1394 frames).
-DEFAULT_SCENE_THRESHOLD = 0.3
 #: A cut closer than this to the previous one is ignored (flashes, flicker).
 DEFAULT_MIN_SCENE_S = 0.5
 #: The frame kept for a scene is the sharpest one in its first this-many seconds, so a
 #: long scene never holds frames in memory for long.
 DEFAULT_SCENE_WINDOW_S = 1.0
-#: Maximum dHash Hamming distance (of 64 bits) for `--dedup` to call two frames alike.
-DEFAULT_DEDUP = 6
 FRAMES_CSV = "frames.csv"
 FRAMES_CSV_HEADER = ("index", "frame", "time_s", "path", "reason")
 #: Written beside ``frames.csv``: what was decoded, kept and lost (damaged stretches).
@@ -563,9 +552,9 @@ class _Scanner:
             t = self.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
             if not math.isfinite(t) or t <= last_s + 0.5 / self.fps:
                 continue  # landed on a keyframe before the damage
-            number = round(self.cap.get(cv2.CAP_PROP_POS_FRAMES)) - 1
-            if number <= self.frame_no:
-                number = self.frame_no + max(1, round((t - last_s) * self.fps))
+            # By time, not CAP_PROP_POS_FRAMES: that counts packets, and a demuxer drops a
+            # damaged one without a trace (MJPG in AVI).
+            number = self.frame_no + max(1, round((t - last_s) * self.fps))
             self._lose(number - self.frame_no - 1, t, "decoding went on after them")
             self.frame_no = number
             return True

@@ -1,0 +1,280 @@
+"""Issue 22: special files, undecodable names, damaged videos, the kernel lock, temp
+leftovers and spreadsheet-safe CSVs (io_utils and video)."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, make_image
+
+from snaplook import io_utils
+from snaplook.errors import SnaplookError
+from snaplook.io_utils import (
+    exclusive_lock,
+    find_images,
+    make_temp_dir,
+    read_image,
+    write_csv_atomic,
+    write_skipped,
+)
+
+# Each special-file case runs in a child process with a deadline and a memory limit: on
+# the old code a FIFO blocks open() for ever and /dev/zero grows memory until killed.
+_DEADLINE_S = 60
+
+
+def _run_guarded(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    limit = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+        if sys.platform.startswith("linux")
+        else ""
+    )
+    return subprocess.run(
+        [sys.executable, "-c", limit + code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=_DEADLINE_S,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_fifo_and_dev_zero_named_like_images_are_skipped_not_read(tmp_path: Path) -> None:
+    make_image(tmp_path / "ok.jpg", (200, 10, 10))
+    os.mkfifo(tmp_path / "x.jpg")
+    os.symlink("/dev/zero", tmp_path / "y.jpg")
+    code = """
+import json, sys
+from snaplook.errors import SnaplookError
+from snaplook.io_utils import find_images, read_image
+skipped = []
+found = [p.name for p in find_images('.', on_skip=lambda p, why: skipped.append((p.name, why)))]
+errors = {}
+for name in ('x.jpg', 'y.jpg'):
+    try:
+        read_image(name)
+    except SnaplookError as exc:
+        errors[name] = str(exc)
+print(json.dumps({'found': found, 'skipped': sorted(skipped), 'errors': errors}))
+"""
+    try:
+        done = _run_guarded(code, tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO named x.jpg hung")
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    assert said["found"] == ["ok.jpg"]
+    assert [name for name, _ in said["skipped"]] == ["x.jpg", "y.jpg"]
+    assert "x.jpg: is a FIFO (named pipe), not a regular file" in said["skipped"][0][1]
+    assert "y.jpg: is a character device, not a regular file" in said["skipped"][1][1]
+    assert "is a FIFO (named pipe), not a regular file" in said["errors"]["x.jpg"]
+    assert "is a character device" in said["errors"]["y.jpg"]
+
+
+def test_read_image_over_the_size_cap_is_refused(tmp_path: Path, monkeypatch) -> None:
+    path = make_image(tmp_path / "big.jpg", (10, 200, 10))
+    monkeypatch.setitem(io_utils.INPUT_CAPS, "image", 100)
+
+    with pytest.raises(SnaplookError, match=r"big.jpg: .* is over snaplook's 100 bytes limit"):
+        read_image(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_read_manifest_refuses_a_fifo(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "manifest.csv")
+    code = """
+from snaplook.errors import SnaplookError
+from snaplook.io_utils import read_manifest
+try:
+    read_manifest('manifest.csv')
+except SnaplookError as exc:
+    print(exc)
+"""
+    try:
+        done = _run_guarded(code, tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO named manifest.csv hung")
+    assert "manifest.csv: is a FIFO (named pipe), not a regular file" in done.stdout
+
+
+def test_non_utf8_image_name_is_skipped_and_listed_escaped(tmp_path: Path) -> None:
+    make_image(tmp_path / "ok.png", (10, 10, 200))
+    bad = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
+    shutil.copy(tmp_path / "ok.png", bad)
+    skipped: list[tuple[Path, str]] = []
+
+    found = find_images(tmp_path, on_skip=lambda p, why: skipped.append((p, why)))
+
+    assert found == [tmp_path / "ok.png"]
+    assert [p for p, _ in skipped] == [bad]
+    assert "caf\\xe9.png: file name is not valid UTF-8" in skipped[0][1]
+    write_skipped(tmp_path / "skipped.csv", skipped)
+    with open(tmp_path / "skipped.csv", newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["path"].endswith("/caf\\xe9.png")
+    with pytest.raises(SnaplookError, match="not valid UTF-8"):
+        read_image(bad)
+
+
+def _clip(path: Path, n_frames: int = 60, fps: int = 10) -> Path:
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (160, 120))
+    rng = np.random.default_rng(0)
+    for i in range(n_frames):
+        frame = np.full((120, 160, 3), 40 + 3 * i, np.uint8)
+        writer.write(frame + rng.integers(0, 6, frame.shape, np.uint8))
+    writer.release()
+    return path
+
+
+def test_extract_non_utf8_video_name_does_not_crash(tmp_path: Path) -> None:
+    src = tmp_path / "videos"
+    src.mkdir()
+    clip = _clip(tmp_path / "clip.avi", n_frames=20)
+    shutil.copy(clip, Path(os.fsdecode(bytes(src) + b"/caf\xe9.avi")))
+    code = f"""
+from snaplook.video import extract_videos
+(r,) = extract_videos({str(src)!r}, out_root={str(tmp_path / "out")!r}, every=1.0)
+print(len(r.frames), r.out.name)
+"""
+    done = _run_guarded(code, tmp_path)  # a segfault (exit -11) on the old code
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "caf\\xe9"]
+    assert (tmp_path / "out" / "caf\\xe9" / "frames.csv").is_file()
+
+
+def test_damaged_middle_of_a_video_is_decoded_past(tmp_path: Path) -> None:
+    from snaplook.video import extract_videos
+
+    video = _clip(tmp_path / "cut.avi")
+    data = bytearray(video.read_bytes())
+    jpegs = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xd8"]
+    data[jpegs[20] : jpegs[20] + 600] = bytes(600)  # frame 20 of 60 destroyed
+    video.write_bytes(bytes(data))
+
+    (result,) = extract_videos(video, out_root=tmp_path / "out", every=0.5)
+
+    # The old code stopped at frame 20 ("decoding stopped after 20 of 60 frames").
+    assert result.n_decoded >= 58  # 60 less the destroyed frame (and the last, in AVI)
+    assert [(s.first_frame, s.n_frames, s.start_s, s.end_s) for s in result.lost] == [
+        (20, 1, 2.0, 2.1)
+    ]
+    summary = json.loads((tmp_path / "out" / "cut" / "summary.json").read_text())
+    assert summary["frames_lost"] == 1 and summary["lost"][0]["start_s"] == 2.0
+    assert [f.time_s for f in result.frames][-1] == 5.5
+
+
+def test_damaged_real_video_keeps_most_frames(real_video: Path, tmp_path: Path, caplog) -> None:
+    from snaplook.video import iter_frames
+
+    video = tmp_path / "damaged.mp4"
+    data = bytearray(real_video.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at : at + 300_000] = np.random.default_rng(0).bytes(300_000)
+    video.write_bytes(bytes(data))
+    lost: list[tuple[int, float, str]] = []
+
+    frames = list(iter_frames(video, every=10.0, on_skip=lambda *a: lost.append(a)))
+
+    # 410 of 1394 frames before; OpenCV reading alone gets 1216.
+    assert frames[-1].time_s >= 130
+    ((first, start_s, reason),) = lost
+    assert 400 <= first <= 420 and "could not be decoded" in reason
+    assert "decoding went on after them" in reason
+
+
+def test_lock_file_of_a_live_unrelated_pid_does_not_block(tmp_path: Path) -> None:
+    # A pid lock is stale when its pid is reused by another program; the old code refused
+    # for ever. The kernel lock knows nobody holds it.
+    import socket
+
+    lock = tmp_path / "index.lock"
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")
+
+    with exclusive_lock(lock, what="the index x"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_lock_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
+    lock, log = tmp_path / "index.lock", tmp_path / "log"
+    code = f"""
+import os, time
+from pathlib import Path
+from snaplook.errors import SnaplookError
+from snaplook.io_utils import exclusive_lock
+deadline = time.time() + 20
+while time.time() < deadline:
+    try:
+        with exclusive_lock(Path({str(lock)!r}), what="x"):
+            with open({str(log)!r}, "a") as fh:
+                fh.write(f"in {{os.getpid()}}\\n"); fh.flush(); time.sleep(0.05)
+                fh.write(f"out {{os.getpid()}}\\n")
+            break
+    except SnaplookError:
+        time.sleep(0.01)
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(5)]
+    for proc in procs:
+        assert proc.wait(timeout=_DEADLINE_S) == 0
+    events = log.read_text().split("\n")[:-1]
+    assert len(events) == 10
+    for i in range(0, 10, 2):  # never two holders: each "in" is followed by its "out"
+        assert events[i].split()[1] == events[i + 1].split()[1]
+
+
+def test_make_temp_dir_removes_leftovers_of_a_killed_run(tmp_path: Path) -> None:
+    out = tmp_path / "frames"
+    dead = tmp_path / ".frames.0badcafe.tmp"
+    alive = tmp_path / ".frames.00c0ffee.tmp"
+    other = tmp_path / ".look.deadbeef.tmp"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "f.jpg").write_bytes(b"x")
+        os.utime(folder, (time.time() - 60, time.time() - 60))
+    fd = os.open(alive, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live run still building it
+    try:
+        tmp = make_temp_dir(out)
+    finally:
+        os.close(fd)
+
+    assert not dead.exists()
+    assert alive.is_dir() and other.is_dir()
+    assert tmp.is_dir() and tmp.name.startswith(".frames.")
+
+
+def test_spreadsheet_csv_neutralises_formulas_and_keeps_numbers(tmp_path: Path) -> None:
+    cells = ["=1+1", "+x", "-cmd|' /c calc'!A0", "@SUM(A1)", "\tx", "\rx", "-0.5", -0.5, "a=b"]
+    write_csv_atomic(tmp_path / "r.csv", ["c"] * len(cells), [cells], spreadsheet=True)
+    write_csv_atomic(tmp_path / "m.csv", ["c"] * len(cells), [cells])
+
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as fh:
+        row = list(csv.reader(fh))[1]
+    assert row == [
+        "'=1+1",
+        "'+x",
+        "'-cmd|' /c calc'!A0",
+        "'@SUM(A1)",
+        "'\tx",
+        "'\rx",
+        "-0.5",
+        "-0.5",
+        "a=b",
+    ]
+    with open(tmp_path / "m.csv", newline="", encoding="utf-8") as fh:
+        assert list(csv.reader(fh))[1][0] == "=1+1"  # machine-read files stay exact
