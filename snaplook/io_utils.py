@@ -269,9 +269,9 @@ def _refusal(entry: os.DirEntry[str], *, check_name: bool) -> str | None:
             check_utf8_name(entry.path)
         except SnaplookError as exc:
             return str(exc)
-    if entry.is_file():  # a regular file, or a symlink to one (d_type: no system call)
-        return None
     try:
+        if entry.is_file():  # a regular file, or a symlink to one (d_type: no system call)
+            return None
         st = os.stat(entry.path)
     except OSError:
         return None  # dangling or looping symlink: the reader says why, in skipped.csv

@@ -350,3 +350,13 @@ def test_read_manifest_malformed_raises(tmp_path: Path) -> None:
 
     with pytest.raises(SnaplookError, match="malformed"):
         read_manifest(tmp_path / "manifest.csv")
+
+
+def test_find_images_lists_dangling_and_looping_symlinks_for_the_reader(tmp_path: Path) -> None:
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "dangling.jpg")
+    os.symlink(tmp_path / "b.jpg", tmp_path / "a.jpg")
+    os.symlink(tmp_path / "a.jpg", tmp_path / "b.jpg")
+
+    found = [p.name for p in find_images(tmp_path)]
+
+    assert found == ["a.jpg", "b.jpg", "dangling.jpg"]  # read_image then says why
