@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import pickle
 import struct
 import sys
@@ -376,6 +377,10 @@ def build_videos(root: Path) -> None:
     video(root / "mixed" / "good.mp4", 20)
     _write(root / "mixed" / "broken.mp4", b"not a video\n")
     video(root / "name with spaces" / "-dash ünï.mp4", 20)
+    # Special files named like videos: refused by the input gate, never opened.
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo.mp4")
+    os.symlink("/dev/zero", root / "dev_zero.mp4")
     # `extract holiday/holiday.mp4 --out .` would write ./holiday/: the video's own folder.
     video(root / "holiday" / "holiday.mp4", 10)
     _write(root / "holiday" / "notes.txt", b"the user's notes\n")

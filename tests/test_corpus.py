@@ -14,6 +14,7 @@ import csv
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -38,12 +39,26 @@ def _commands() -> set[str]:
     return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
 
+#: No case may take longer (a FIFO named like a video must never block a command).
+CASE_DEADLINE_S = 300
+
+
+def _hung(signum: int, frame: object) -> None:
+    raise TimeoutError(f"the command ran over {CASE_DEADLINE_S} s (blocked on a special file?)")
+
+
 def _invoke(args: list[str], cwd: Path) -> object:
     old = Path.cwd()
     os.chdir(cwd)
+    # SIGALRM interrupts a blocking open() of a FIFO; the raise reaches the command's
+    # error handler, so a hang fails the case instead of the suite.
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(CASE_DEADLINE_S)
     try:
         return CliRunner().invoke(app, args)
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         os.chdir(old)
 
 
