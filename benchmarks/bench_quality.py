@@ -92,7 +92,8 @@ WHITENINGS = (
     ("pca:128 rule", 128, pp.WHITEN_SAMPLES_PER_DIM, 0.0),
     ("pca rule", None, pp.WHITEN_SAMPLES_PER_DIM, 0.0),
 )
-EXPANSIONS = tuple(itertools.product((0, 1, 2, 3), (0, 1, 2, 3)))  # (qe, dba)
+#: (qe, dba) pairs; all but (0, 0) only on whitening none and by the rule (see _settings).
+EXPANSIONS = ((0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (0, 2), (0, 3), (1, 1), (2, 2), (3, 3))
 STRENGTHS = ("mild", "strong")
 COPIES = (2, 4, 8)
 
@@ -235,11 +236,21 @@ def descriptors(pooled: dict, rows: np.ndarray, pooling: str, passes) -> np.ndar
     return l2_normalize(np.mean(stacked, axis=0))
 
 
+def whiten(x: np.ndarray, whitening: tuple) -> np.ndarray:
+    """x whitened by a whitening fitted on all of x (transductive leave-one-out)."""
+    _, dim, per_dim, shrinkage = whitening
+    if shrinkage is None:
+        return x
+    return pp.fit_whitening(x, dim=dim, shrinkage=shrinkage, samples_per_dim=per_dim).transform(x)
+
+
 def postprocess(x: np.ndarray, whitening: tuple, qe: int, dba: int) -> tuple[np.ndarray, ...]:
     """(queries, gallery) after whitening (fitted on all of x), DBA and QE (leave-one-out)."""
-    _, dim, per_dim, shrinkage = whitening
-    if shrinkage is not None:
-        x = pp.fit_whitening(x, dim=dim, shrinkage=shrinkage, samples_per_dim=per_dim).transform(x)
+    return expand(whiten(x, whitening), qe, dba)
+
+
+def expand(x: np.ndarray, qe: int, dba: int) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, gallery): DBA on the gallery, QE of each query on it (leaving itself out)."""
     gallery = pp.database_augmentation(x, k=dba)
     queries = pp.query_expansion(x, gallery, k=qe, exclude_self=True)
     return queries, gallery
@@ -290,7 +301,7 @@ def _settings(backbone: str, tta_names: list[str]):
         for whitening in WHITENINGS:
             for qe, dba in EXPANSIONS:
                 # the QE/DBA grid only on none and the rule's whitening (the grid stays cheap)
-                if (qe or dba) and whitening[0] not in ("none", "pca rule", "pca:64 rule"):
+                if (qe or dba) and whitening[0] not in ("none", "pca rule"):
                     continue
                 yield backbone, pooling, tta, whitening, qe, dba
 
@@ -336,19 +347,30 @@ def _mean(per_set: dict, names) -> dict[str, float]:
 
 
 def run_grid(backbone: str, pooled: dict, sets: dict, seconds: dict, n_images: int) -> list[dict]:
-    rows = []
+    """Score every setting of :func:`_settings` on every set (one whitening fit per
+    pooling, TTA, whitening and set, shared by its QE/DBA settings)."""
     started = time.perf_counter()
     available = [t for t, passes in ttas(backbone).items() if all(k in pooled for k in (
         (s, f, "avg") for s, f in passes))]  # fmt: skip
-    for _, pooling, tta, whitening, qe, dba in _settings(backbone, available):
+    grid = list(_settings(backbone, available))
+    scores: dict[tuple, dict] = {}
+    for pooling, tta in itertools.product(POOLINGS, available):
         passes = ttas(backbone)[tta]
-        per_set = {}
         for set_name, (rows_idx, labels) in sets.items():
             x = descriptors(pooled, rows_idx, pooling, passes)
-            try:
-                per_set[set_name] = score(*postprocess(x, whitening, qe, dba), labels)
-            except SnaplookError:  # the rule leaves too few dimensions for this set
-                per_set[set_name] = None
+            for whitening in WHITENINGS:
+                try:
+                    xw = whiten(x, whitening)
+                except SnaplookError:  # the rule leaves too few dimensions for this set
+                    xw = None
+                for _, p, t, w, qe, dba in grid:
+                    if (p, t, w) == (pooling, tta, whitening):
+                        key = (p, t, w[0], qe, dba)
+                        value = None if xw is None else score(*expand(xw, qe, dba), labels)
+                        scores.setdefault(key, {})[set_name] = value
+    rows = []
+    for _, pooling, tta, whitening, qe, dba in grid:
+        per_set = scores[(pooling, tta, whitening[0], qe, dba)]
         rows.append(
             {
                 "setting": _name(backbone, pooling, tta, whitening, qe, dba),
@@ -358,7 +380,7 @@ def run_grid(backbone: str, pooled: dict, sets: dict, seconds: dict, n_images: i
                 "whiten": whitening[0],
                 "qe": qe,
                 "dba": dba,
-                "img_per_s": round(images_per_second(seconds, n_images, passes), 1),
+                "img_per_s": round(images_per_second(seconds, n_images, ttas(backbone)[tta]), 1),
                 "mean": _mean(per_set, per_set),
                 "sets": per_set,
             }

@@ -194,3 +194,15 @@ def test_expansion_on_empty_gallery_returns_queries():
     queries = _unit([[1, 0]])
     out = pp.query_expansion(queries, np.zeros((0, 2), dtype=np.float32), k=3)
     np.testing.assert_array_equal(out, queries)
+
+
+def test_whitening_gram_and_covariance_paths_agree():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 40)) @ np.diag(np.linspace(3, 0.5, 40))
+    centred = x - x.mean(axis=0)
+    gram_values, gram_vectors = pp._principal_axes(centred, 10)  # n <= d: Gram
+    # the same data padded with a zero row, over n - 1 = 40: the covariance path
+    padded = np.vstack([centred, np.zeros((1, 40))]) * np.sqrt(40 / 39)
+    cov_values, cov_vectors = pp._principal_axes(padded, 10)
+    np.testing.assert_allclose(gram_values, cov_values, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(gram_vectors.T @ cov_vectors), np.eye(10), atol=1e-6)
