@@ -187,12 +187,15 @@ def _check_where(values: list[str] | None) -> list[str] | None:
     return values
 
 
-def _check_ray_options(engine: str, ray: _opt.RayOptions) -> None:
+def _check_engine(engine: str, ray: _opt.RayOptions) -> None:
+    """Ray options without --engine ray are a usage error; with it, Ray's logs stay quiet."""
     if engine != "ray" and not ray.is_default():
         raise typer.BadParameter(
             "--address/--workers/--cpus-per-worker/--gpus-per-worker need --engine ray.",
             param_hint="--engine",
         )
+    if engine == "ray" and not _state["verbose"]:
+        _quiet_ray()
 
 
 def _load_head(path: Path | None) -> Any:
@@ -652,9 +655,7 @@ def index_cmd(
 ) -> None:
     """Embed a gallery folder into a cosine k-NN index (meta.json + features/ shards)."""
     ray = _opt.RayOptions(address, workers, cpus_per_worker, gpus_per_worker)
-    _check_ray_options(engine, ray)
-    if engine == "ray" and not _state["verbose"]:
-        _quiet_ray()
+    _check_engine(engine, ray)
     with _progress("Indexing", quiet=quiet) as (on_start, on_progress):
         summary = _indexing.index_gallery(
             gallery,
@@ -1465,9 +1466,6 @@ def train_cmd(
             on_epoch=_epoch_printer(epochs, quiet=quiet),
         )
     _print_training(summary, quiet=quiet)
-    if summary.interrupted:
-        _err(f"Interrupted: kept the best head so far in {summary.out}.")
-        raise typer.Exit(130)
 
 
 def _epoch_printer(epochs: int, *, quiet: bool) -> Callable[[Any], None]:
@@ -1484,6 +1482,7 @@ def _epoch_printer(epochs: int, *, quiet: bool) -> Callable[[Any], None]:
 
 
 def _print_training(summary: Any, *, quiet: bool = False) -> None:
+    """What was trained and written; an interrupted run then exits 130."""
     info = summary.head.info
     counts, val = info["counts"], info["val_metrics"]
     r1 = val["recall_at_1"]
@@ -1514,3 +1513,6 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
         f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
         f"(best epoch {info['best_epoch']})."
     )
+    if summary.interrupted:
+        _err(f"Interrupted: kept the best head so far in {summary.out}.")
+        raise typer.Exit(130)
