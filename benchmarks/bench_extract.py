@@ -28,7 +28,9 @@ from snaplook import __version__
 from snaplook.video import extract_frames, iter_frames
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VIDEO = REPO.parent / "shared" / "testdata" / "video" / "one-by-one-person-detection.mp4"
+# Real test media as the tests find it: $SNAPLOOK_TESTDATA, else the shared folder beside the clone.
+TESTDATA = Path(os.environ.get("SNAPLOOK_TESTDATA") or REPO.parent / "shared" / "testdata")
+DEFAULT_VIDEO = TESTDATA / "video" / "one-by-one-person-detection.mp4"
 
 
 def read_all(video: Path) -> tuple[int, int]:

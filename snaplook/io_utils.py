@@ -502,7 +502,7 @@ def write_csv_atomic(
             this for files snaplook reads back (manifests), whose paths must stay exact.
     """
     if spreadsheet:
-        rows = ([neutralise_formula(cell) for cell in row] for row in rows)
+        rows = ([_neutralise_formula(cell) for cell in row] for row in rows)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
@@ -513,7 +513,7 @@ def write_csv_atomic(
 _FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def neutralise_formula(cell: Any) -> Any:
+def _neutralise_formula(cell: Any) -> Any:
     """``cell`` made safe for a spreadsheet: a ``str`` that a spreadsheet would run as a
     formula (it starts with ``= + - @``, a tab or a carriage return and is not a plain
     number) gets a leading ``'``; anything else is returned unchanged."""
