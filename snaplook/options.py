@@ -33,7 +33,7 @@ DEFAULT_BACKBONE = "resnet50"
 #: ``--weights`` names besides a weights file path: ImageNet, or seeded random (tests only).
 WEIGHTS_NAMES = ("imagenet", "random")
 DEFAULT_WEIGHTS = "imagenet"
-POOLINGS = ("avg", "max")
+POOLINGS = ("avg", "max", "gem")
 DEFAULT_POOLING = "avg"
 DEFAULT_BATCH_SIZE = 32
 #: Seeds random weights, samples and training unless a seed is given.
@@ -162,22 +162,6 @@ DEFAULT_VAL_FRACTION = 0.1
 #: Epochs without a better validation Recall@1 before training stops.
 DEFAULT_PATIENCE = 5
 DEFAULT_HEADS_DIR = Path("output/heads")
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """The settings that make an embedding: which network, which weights, how it runs.
-
-    ``backbone``, ``weights``, ``seed`` and ``precision`` decide the features (an index and
-    its queries must share them); ``runtime`` and ``batch_size`` only how fast they come.
-    """
-
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = DEFAULT_WEIGHTS
-    seed: int = DEFAULT_SEED
-    precision: str = DEFAULT_PRECISION
-    runtime: str = DEFAULT_RUNTIME
-    batch_size: int = DEFAULT_BATCH_SIZE
 
 
 @dataclass(frozen=True)
