@@ -473,3 +473,89 @@ def database_augmentation(
         return g.copy()
     rows, sims = nearest_neighbours(g, g, k, exclude_self=True)
     return expand_vectors(g, g[rows], sims, alpha=alpha)
+
+
+# --- one call for evaluate and query ---
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """Which training-free steps follow the embedding, in order: whitening, DBA, QE.
+
+    Attributes:
+        whiten: False (none), None (PCA to the rule's dimension) or the requested dimension.
+        shrinkage: the whitening's eigenvalue shrinkage.
+        dba: gallery neighbours of alpha-DBA (0: none).
+        qe: gallery neighbours of alpha-QE (0: none).
+        alpha: the weight exponent of both.
+    """
+
+    whiten: int | None | bool = False
+    shrinkage: float = DEFAULT_SHRINKAGE
+    dba: int = 0
+    qe: int = 0
+    alpha: float = DEFAULT_ALPHA
+
+    @property
+    def active(self) -> bool:
+        return self.whiten is not False or self.dba > 0 or self.qe > 0
+
+    def name(self) -> str:
+        """A short label: "" when inactive, else e.g. "pca64-dba1-qe2"."""
+        parts = []
+        if self.whiten is not False:
+            parts.append("pca" if self.whiten is None else f"pca{self.whiten}")
+        parts += [f"dba{self.dba}"] * (self.dba > 0) + [f"qe{self.qe}"] * (self.qe > 0)
+        return "-".join(parts)
+
+    def describe(self) -> dict[str, object]:
+        """The record a report or ``meta.json`` keeps (the whitening's own record is added
+        by the caller that fitted it)."""
+        whiten = (
+            "none"
+            if self.whiten is False
+            else "pca" + ("" if self.whiten is None else f":{self.whiten}")
+        )
+        return {
+            "whiten": whiten,
+            "shrinkage": self.shrinkage,
+            "dba": self.dba,
+            "qe": self.qe,
+            "alpha": self.alpha,
+        }
+
+
+def postprocess_features(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    settings: Postprocessing,
+    *,
+    leave_one_out: bool = False,
+    whitening: Whitening | None = None,
+) -> tuple[np.ndarray, np.ndarray, Whitening | None]:
+    """Apply ``settings`` to query and gallery features: whiten (fitted on the gallery
+    unless ``whitening`` is given), alpha-DBA on the gallery, alpha-QE of the queries on it.
+
+    Args:
+        queries: ndarray of shape (m, d); gallery: ndarray of shape (n, d).
+        settings: :class:`Postprocessing`.
+        leave_one_out: queries are the gallery rows (each query's own row is left out of
+            its expansion; the whitening and DBA, fitted on the gallery, include it).
+        whitening: a fitted whitening to use instead of fitting one.
+
+    Returns:
+        (queries, gallery, whitening): float32 unit rows, and the whitening used (or None).
+
+    Raises:
+        SnaplookError: see :func:`fit_whitening`.
+    """
+    from snaplook.transform_utils import l2_normalize
+
+    q, g = l2_normalize(queries), l2_normalize(gallery)
+    if settings.whiten is not False:
+        if whitening is None:
+            whitening = fit_whitening(g, dim=settings.whiten, shrinkage=settings.shrinkage)
+        q, g = whitening.transform(q), whitening.transform(g)
+    g = database_augmentation(g, k=settings.dba, alpha=settings.alpha)
+    q = query_expansion(q, g, k=settings.qe, alpha=settings.alpha, exclude_self=leave_one_out)
+    return q, g, whitening

@@ -206,3 +206,38 @@ def test_whitening_gram_and_covariance_paths_agree():
     cov_values, cov_vectors = pp._principal_axes(padded, 10)
     np.testing.assert_allclose(gram_values, cov_values, rtol=1e-8)
     np.testing.assert_allclose(np.abs(gram_vectors.T @ cov_vectors), np.eye(10), atol=1e-6)
+
+
+# --- postprocess_features ---
+
+
+def test_postprocess_features_inactive_is_l2(features):
+    settings = pp.Postprocessing()
+    assert not settings.active and settings.name() == ""
+    q, g, w = pp.postprocess_features(features[:3], features, settings)
+    np.testing.assert_allclose(q, _unit(features[:3]), rtol=1e-6)
+    np.testing.assert_allclose(g, _unit(features), rtol=1e-6)
+    assert w is None
+
+
+def test_postprocess_features_chains_whiten_dba_qe(features):
+    settings = pp.Postprocessing(whiten=16, dba=1, qe=2)
+    assert settings.active and settings.name() == "pca16-dba1-qe2"
+    assert settings.describe()["whiten"] == "pca:16"
+    q, g, w = pp.postprocess_features(features[:4], features, settings)
+    assert w is not None and w.dim == 16
+    expected_g = pp.database_augmentation(w.transform(features), k=1)
+    np.testing.assert_allclose(g, expected_g, atol=1e-5)
+    np.testing.assert_allclose(
+        q, pp.query_expansion(w.transform(features[:4]), expected_g, k=2), atol=1e-5
+    )
+    # a given whitening is used, not refitted
+    q2, g2, w2 = pp.postprocess_features(features[:4], features[:50], settings, whitening=w)
+    assert w2 is w and g2.shape == (50, 16)
+
+
+def test_postprocess_features_leave_one_out_skips_own_row(features):
+    settings = pp.Postprocessing(qe=1)
+    q, g, _ = pp.postprocess_features(features, features, settings, leave_one_out=True)
+    rows, sims = pp.nearest_neighbours(g, g, 1, exclude_self=True)
+    np.testing.assert_allclose(q, pp.expand_vectors(g, g[rows], sims), rtol=1e-6)
