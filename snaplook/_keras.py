@@ -1,4 +1,5 @@
-"""Keras for snaplook: a quiet import (TensorFlow backend) and Keras' weights cache.
+"""Keras for snaplook: a quiet import (TensorFlow backend), Keras' weights cache and the
+GeM pooling layer.
 
 Used by :mod:`snaplook.features` and :mod:`snaplook.lite0`; knows no backbone table (the
 callers name the file, where it comes from and its MD5).
@@ -145,3 +146,24 @@ def _offline_message(file_name: str, origin: str | None, name: str, exc: BaseExc
         f"machine with network access and copy it to {target}, or pass --weights PATH "
         "(or --weights random for a pipeline test without meaningful results)."
     )
+
+
+def gem_pooling(p: float, *, eps: float, name: str = "gem_pool") -> Any:
+    """A Keras layer pooling (n, h, w, c) feature maps to (n, c) by generalised mean.
+
+    ``mean(max(x, eps) ** p) ** (1 / p)`` over h and w (Radenovic et al. 2018); p=1 is
+    average pooling, large p tends to max pooling. Built from Keras ops, so OpenVINO
+    converts it into the graph with the backbone.
+    """
+    keras = import_keras()
+    ops = keras.ops
+
+    class GeMPooling2D(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            powered = ops.power(ops.maximum(x, eps), p)
+            return ops.power(ops.mean(powered, axis=(1, 2)), 1.0 / p)
+
+        def compute_output_shape(self, input_shape: Any) -> Any:
+            return (input_shape[0], input_shape[3])
+
+    return GeMPooling2D(name=name)

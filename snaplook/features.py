@@ -33,6 +33,7 @@ from snaplook.options import (
     PRECISIONS,
     RUNTIMES,
 )
+from snaplook.postprocess import DEFAULT_GEM_P, GEM_EPS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -262,7 +263,7 @@ class Embedder:
     Args:
         backbone: name in :data:`BACKBONES`, default="resnet50".
         weights: "imagenet", "random" or a weights file path.
-        pooling: "avg" or "max" global pooling, default="avg".
+        pooling: "avg", "max" or "gem" (generalised mean) global pooling, default="avg".
         seed: seed for ``weights="random"``, default=0.
         resize_mode: "pad" or "crop" (see ``transform_utils.resize_to_square``).
         runtime: "auto", "openvino" or "keras", default="auto" (see :func:`resolve_runtime`).
@@ -271,6 +272,8 @@ class Embedder:
             ``snaplook.runtime.resolve_precision``). Part of :meth:`identity`.
         calibration: images an int8 model is calibrated on (a seeded sample of them is
             used; see :meth:`calibrate_on`). Needed for ``precision="int8"`` only.
+        gem_p: GeM's exponent for ``pooling="gem"``, default=3.0 (1 is average pooling,
+            large values tend to max). Part of :meth:`identity` with GeM only.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -281,6 +284,7 @@ class Embedder:
     runtime: str = DEFAULT_RUNTIME
     precision: str = DEFAULT_PRECISION
     calibration: Sequence[str | Path] | None = None
+    gem_p: float = DEFAULT_GEM_P
     spec_: Backbone = field(init=False, repr=False)
     weights_: WeightsSpec = field(init=False, repr=False)
     model_: Any = field(init=False, default=None, repr=False)
@@ -295,7 +299,11 @@ class Embedder:
 
         self.spec_ = get_backbone(self.backbone)
         if self.pooling not in POOLINGS:
-            raise SnaplookError(f"unknown pooling {self.pooling!r}; choose avg or max.")
+            raise SnaplookError(
+                f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}."
+            )
+        if self.pooling == "gem" and not 0 < self.gem_p < float("inf"):
+            raise SnaplookError(f"--gem-p must be a positive number, got {self.gem_p}.")
         if self.resize_mode not in RESIZE_MODES:
             raise SnaplookError(f"unknown resize mode {self.resize_mode!r}; choose pad or crop.")
         if self.runtime not in RUNTIMES:
@@ -353,6 +361,8 @@ class Embedder:
             "feature_dim": self.feature_dim,
             "precision": self.resolved_precision(),
         }
+        if self.pooling == "gem":  # absent for avg and max: their identities stay as they were
+            identity["gem_p"] = float(self.gem_p)
         if identity["precision"] == "int8":
             identity["calibration"] = self._calibration()
         return identity
@@ -439,11 +449,14 @@ class Embedder:
     def load(self) -> Any:
         """Build the Keras model and load its weights (once); return it."""
         if self.model_ is None:
-            self.model_ = build_model(self.backbone, self.weights_, pooling=self.pooling)
+            # gem_p only with GeM: build_model stand-ins (tests, scripts) need not know it.
+            gem = {"gem_p": self.gem_p} if self.pooling == "gem" else {}
+            self.model_ = build_model(self.backbone, self.weights_, pooling=self.pooling, **gem)
         return self.model_
 
     def model_stem(self) -> str:
-        """``<backbone>-<weights key>-<input size>-<pooling>``: the converted model's cache name.
+        """``<backbone>-<weights key>-<input size>-<pooling>``: the converted model's cache name
+        (the pooling ``gem<p>`` for GeM).
 
         The weights key is the weights file's SHA-256 (prefix), or the seed and Keras
         version for random weights; ``snaplook.runtime.ir_path`` adds the stored precision
@@ -461,7 +474,8 @@ class Embedder:
             if self.weights_.kind == "imagenet":
                 fetch_imagenet_weights(self.backbone)
             key = "sha256-" + str(self.identity()["weights"]["sha256"])[:16]
-        return f"{self.backbone}-{key}-{self.input_size}-{self.pooling}"
+        pooling = f"gem{self.gem_p:g}" if self.pooling == "gem" else self.pooling
+        return f"{self.backbone}-{key}-{self.input_size}-{pooling}"
 
     def ir_path(self) -> Path:
         """Where this embedder's OpenVINO model (.xml + .bin) is cached."""
@@ -592,13 +606,32 @@ class _Ready:
         return self.features
 
 
-def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_POOLING) -> Any:
+def build_model(
+    backbone: str,
+    weights: WeightsSpec,
+    *,
+    pooling: str = DEFAULT_POOLING,
+    gem_p: float = DEFAULT_GEM_P,
+) -> Any:
     """Build ``backbone`` without its top, with global pooling, carrying ``weights``.
+
+    ``pooling="gem"`` ends the backbone's feature maps in a GeM layer with exponent
+    ``gem_p`` (part of the Keras model, so OpenVINO compiles it into its graph).
 
     Raises:
         SnaplookError: ImageNet weights unavailable offline, or a weights file that does
             not fit the backbone.
     """
+    if pooling == "gem":
+        trunk = _build_backbone(backbone, weights, pooling=None)
+        keras = _keras.import_keras()
+        pooled = _keras.gem_pooling(gem_p, eps=GEM_EPS, name="gem_pool")(trunk.output)
+        return keras.Model(trunk.input, pooled, name=trunk.name)
+    return _build_backbone(backbone, weights, pooling=pooling)
+
+
+def _build_backbone(backbone: str, weights: WeightsSpec, *, pooling: str | None) -> Any:
+    """The backbone with Keras' own pooling ("avg", "max") or none (feature maps)."""
     spec = get_backbone(backbone)
     keras = _keras.import_keras()
     if backbone == LITE0:
@@ -625,7 +658,7 @@ def build_model(backbone: str, weights: WeightsSpec, *, pooling: str = DEFAULT_P
     return model
 
 
-def _build_lite0(weights: WeightsSpec, *, pooling: str) -> Any:
+def _build_lite0(weights: WeightsSpec, *, pooling: str | None) -> Any:
     from snaplook import lite0
 
     if is_random_weights(weights):

@@ -51,7 +51,7 @@ INPUT_SIZE = 224
 
 
 def build_lite0(
-    *, include_top: bool = False, pooling: str = "avg", input_size: int = INPUT_SIZE
+    *, include_top: bool = False, pooling: str | None = "avg", input_size: int = INPUT_SIZE
 ) -> Any:
     """Build EfficientNet-Lite0 (random weights) as a Keras functional model.
 
@@ -62,7 +62,8 @@ def build_lite0(
     Args:
         include_top: end in the 1000-way ImageNet classifier ``fc`` (softmax
             probabilities) instead of pooled features.
-        pooling: "avg" or "max" global pooling of the 1280-channel head (no top only).
+        pooling: "avg" or "max" global pooling of the 1280-channel head (no top only);
+            None: no pooling, the model ends in the (n, 7, 7, 1280) feature maps.
         input_size: side of the square RGB input, preprocessed as ``(x - 127) / 128``.
 
     Returns:
@@ -107,6 +108,8 @@ def build_lite0(
         x = layers.Dense(NUM_CLASSES, activation="softmax", name="fc")(x)
     elif pooling == "max":
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    elif pooling is None:
+        pass
     else:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inputs, x, name="efficientnet_lite0")
@@ -449,7 +452,7 @@ def load_lite0(
     *,
     cache_dir: str | Path,
     include_top: bool = False,
-    pooling: str = "avg",
+    pooling: str | None = "avg",
 ) -> Any:
     """Build EfficientNet-Lite0 carrying ``weights``: a ``.pth`` file or a Keras ``.weights.h5``.
 
@@ -481,6 +484,8 @@ def load_lite0(
 
     keras = import_keras()
     trunk = full.get_layer("top_relu6").output
+    if pooling is None:
+        return keras.Model(full.input, trunk, name="efficientnet_lite0")
     pool = (
         keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
     )

@@ -348,3 +348,50 @@ def test_fewer_threads_than_cpus_are_not_pinned(monkeypatch: pytest.MonkeyPatch)
     assert whole.compiled_.get_property("ENABLE_CPU_PINNING") == runtime._core().get_property(
         "CPU", "ENABLE_CPU_PINNING"
     )
+
+
+# --- GeM pooling (issue 24) -------------------------------------------------------------
+
+
+def test_gem_pooling_in_openvino_equals_numpy_gem():
+    import openvino as ov
+
+    from snaplook._keras import gem_pooling, import_keras
+    from snaplook.postprocess import GEM_EPS, gem_pool
+
+    keras = import_keras()
+    inputs = keras.Input((7, 5, 16))
+    model = keras.Model(inputs, gem_pooling(3.0, eps=GEM_EPS)(inputs))
+    compiled = ov.Core().compile_model(
+        runtime.convert_keras(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    rng = np.random.default_rng(0)
+    # ReLU-like maps: zeros (clamped to eps) and positive activations of a wide range.
+    maps = np.maximum(rng.normal(0.5, 1.5, (4, 7, 5, 16)), 0).astype(np.float32)
+
+    got = compiled(maps)[0]
+
+    assert got.shape == (4, 16)
+    np.testing.assert_allclose(got, gem_pool(maps, p=3.0), rtol=1e-5, atol=1e-5)
+
+
+def test_gem_embedder_openvino_matches_keras_and_records_p(
+    photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(features.CACHE_DIR_ENV, str(tmp_path))  # the real build_model: GeM
+    keras_gem = Embedder(BACKBONE, weights="random", pooling="gem", runtime="keras")
+    ov_gem = Embedder(BACKBONE, weights="random", pooling="gem", runtime="openvino")
+
+    reference, _ = embed_images(photos, keras_gem)
+    fast, _ = embed_images(photos, ov_gem)
+    avg, _ = embed_images(photos[:1], Embedder(BACKBONE, weights="random", runtime="keras"))
+
+    assert fast.shape == (3, 1280)
+    assert _max_relative_diff(fast, reference).max() <= 1e-4
+    assert _max_relative_diff(fast[:1], avg).max() > 1e-2  # GeM is not average pooling
+    assert ov_gem.identity()["pooling"] == "gem" and ov_gem.identity()["gem_p"] == 3.0
+    assert "gem_p" not in Embedder(weights="random").identity()
+    assert f"{BACKBONE}-random0-" in ov_gem.ir_path().name
+    assert "-224-gem3-" in ov_gem.ir_path().name
+    with pytest.raises(SnaplookError, match="--gem-p must be a positive number"):
+        Embedder(weights="random", pooling="gem", gem_p=0)
