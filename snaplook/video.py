@@ -962,50 +962,15 @@ def extract_frames(
         SnaplookError: bad options, missing file, not a video, no decodable frames, or an
             ``out`` that cannot be written.
     """
-    result = _extract_video(
-        Path(video),
-        out=None if out is None else Path(out),
-        every=every,
-        scenes=scenes,
-        max_frames=max_frames,
-        dedup=dedup,
-        image_format=image_format,
-        quality=quality,
-        keep_images=keep_images or out is None,
-        scene_threshold=scene_threshold,
-        min_scene_s=min_scene_s,
-        scene_window_s=scene_window_s,
-        on_progress=on_progress,
-    )
-    return result.frames
-
-
-def _extract_video(
-    video: Path,
-    *,
-    out: Path | None,
-    every: float | None,
-    scenes: bool,
-    max_frames: int | None,
-    dedup: int | None,
-    image_format: str,
-    quality: int,
-    keep_images: bool,
-    scene_threshold: float,
-    min_scene_s: float,
-    scene_window_s: float,
-    on_progress: Callable[[int], None] | None,
-) -> VideoFrames:
     checked_every = _check_options(
         every, scenes, max_frames, dedup, scene_threshold, min_scene_s, scene_window_s
     )
-    fmt = _check_format(image_format, quality)
-    return _extract_one(
-        video,
-        out=out,
-        image_format=fmt,
+    result = _extract_one(
+        Path(video),
+        out=None if out is None else Path(out),
+        image_format=_check_format(image_format, quality),
         quality=quality,
-        keep_images=keep_images,
+        keep_images=keep_images or out is None,
         on_progress=on_progress,
         every=checked_every,
         scenes=scenes,
@@ -1015,6 +980,7 @@ def _extract_video(
         min_scene_s=min_scene_s,
         scene_window_s=scene_window_s,
     )
+    return result.frames
 
 
 def _output_dirs(videos: list[Path], root: Path, out_root: Path) -> list[Path]:
