@@ -1,7 +1,8 @@
 """Frame extraction from video: fixed interval, scene changes, near-duplicate suppression.
 
 The video is read once, front to back (``grab()`` for every frame, ``retrieve()`` only for
-frames that are kept or analysed), with timestamps from the container.
+frames that are kept or analysed), with timestamps from the container; past damaged data
+it seeks on and reports the frames lost.
 """
 
 from __future__ import annotations
@@ -714,7 +715,9 @@ def iter_frames(
             for its sharpest frame.
         on_progress: called with the video time reached, in whole seconds.
         on_skip: called with (frame number, time in seconds, reason) for a frame that could
-            not be decoded, and once when decoding stops early (a truncated file).
+            not be decoded, once per damaged stretch that decoding seeked past (the reason
+            gives the number of frames lost and their time range), and once when decoding
+            stops early (a truncated file).
 
     Returns:
         Iterator of :class:`Frame` with ``image`` set: ndarray of shape (H, W, 3), dtype
