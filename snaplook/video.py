@@ -949,9 +949,12 @@ def extract_frames(
             what to keep (see :func:`iter_frames`).
         out: None or folder, default=None. None keeps the images in memory and writes
             nothing. A folder receives one image per kept frame (``f000123_t0004.100.jpg``)
-            and ``frames.csv`` (``index, frame, time_s, path, reason``; ``path`` relative to
-            the folder). The folder is built beside ``out`` and swapped in at the end, so a
-            failed run leaves an older ``out`` as it was, and a rerun replaces it whole.
+            ``frames.csv`` (``index, frame, time_s, path, reason``; ``path`` relative to
+            the folder) and ``summary.json`` (``video, frames_decoded, frames_kept,
+            duration_s, frames_lost, lost``: one ``{first_frame, frames, start_s, end_s}``
+            per damaged stretch). The folder is built beside ``out`` and swapped in at the
+            end, so a failed run leaves an older ``out`` as it was, and a rerun replaces it
+            whole.
         image_format: ``"jpg"`` or ``"png"``, default="jpg".
         quality: int, default=95. JPEG quality 1-100 (ignored for PNG).
         keep_images: bool, default=False. With ``out``, also keep ``Frame.image``.
