@@ -10,7 +10,11 @@ rounds. Target (issue 21): evaluate's rate >= 0.9 of index's at fp32 and at auto
 where the CPU has it natively).
 
     python benchmarks/bench_embed_rate.py [--small 48] [--large 192] [--rounds 2]
-        [--precisions fp32,auto] [--label after]
+        [--precisions fp32,auto] [--label after] [--tree before=DIR --tree after=DIR]
+
+With ``--tree`` the commands run in subprocesses importing snaplook from each code tree
+(e.g. ``git archive <commit> snaplook | tar -x -C DIR``), interleaved in the same rounds:
+a before/after comparison on a busy machine.
 
 Prints a table and writes benchmarks/results/embed-rate-<date>[-<label>].json with the CPU
 model and flags. Converted models are cached in benchmarks/data/model-cache (set
@@ -25,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,70 +76,93 @@ def command(kind: str, gallery: Path, precision: str, work: Path) -> list[str]:
     ]
 
 
-def timed(runner, app, args: list[str], work: Path) -> float:
-    """Seconds of one CLI run; its outputs are removed afterwards."""
+def timed(tree: Path | None, args: list[str], work: Path) -> float:
+    """Seconds of one CLI run; its outputs are removed afterwards.
+
+    ``tree`` None: in this process (Typer's CliRunner). Otherwise in a subprocess importing
+    snaplook from ``tree`` (its start-up is a constant, which the slope cancels).
+    """
     work.mkdir(parents=True)
     started = time.perf_counter()
-    result = runner.invoke(app, args)
+    if tree is None:
+        from typer.testing import CliRunner
+
+        from snaplook.cli import app
+
+        result = CliRunner().invoke(app, args)
+        code, output = result.exit_code, result.output
+    else:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        done = subprocess.run(
+            [sys.executable, "-c", "from snaplook.cli import app; app()", *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        code, output = done.returncode, done.stdout + done.stderr
     seconds = time.perf_counter() - started
-    if result.exit_code != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({result.exit_code}):\n{result.output}")
+    if code != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({code}):\n{output}")
     shutil.rmtree(work)
     return seconds
 
 
-def measure(args: argparse.Namespace, galleries: dict[int, Path], work: Path) -> dict:
-    """Best seconds per (command, precision, size) over interleaved rounds."""
-    from typer.testing import CliRunner
+def measure(
+    args: argparse.Namespace, trees: dict[str, Path | None], galleries: dict[int, Path], work: Path
+) -> list[dict]:
+    """Rates per (code tree, precision): best seconds per command and size over rounds.
 
-    from snaplook.cli import app
-
-    runner = CliRunner()
-    best: dict[tuple[str, str, int], float] = {}
+    Rounds interleave the trees, precisions, sizes and the two commands (in alternating
+    order), so a busy machine slows them alike.
+    """
+    best: dict[tuple[str, str, str, int], float] = {}
     precisions = args.precisions.split(",")
-    for precision in precisions:  # warm-up: converts the model once per precision
-        warm = work / "warm-up"
-        timed(runner, app, command("index", galleries[args.small], precision, warm), warm)
+    for tree in trees.values():  # warm-up: converts the model once per precision
+        for precision in precisions:
+            warm = work / "warm-up"
+            timed(tree, command("index", galleries[args.small], precision, warm), warm)
     for r in range(args.rounds):
         for precision in precisions:
-            # Alternate the order of the two commands between rounds.
             kinds = ("index", "evaluate") if r % 2 == 0 else ("evaluate", "index")
             for size in (args.small, args.large):
-                for kind in kinds:
-                    run_dir = work / f"{kind}-{precision}-{size}-{r}"
-                    seconds = timed(
-                        runner, app, command(kind, galleries[size], precision, run_dir), run_dir
-                    )
-                    key = (kind, precision, size)
-                    best[key] = min(best.get(key, float("inf")), seconds)
-                    print(
-                        f"round {r + 1}: {kind:8s} {precision:5s} {size:4d} images "
-                        f"{seconds:6.1f} s",
-                        flush=True,
-                    )
-    rows = []
-    for precision in precisions:
-        rates = {}
-        for kind in ("index", "evaluate"):
-            small, large = best[(kind, precision, args.small)], best[(kind, precision, args.large)]
-            rates[kind] = (args.large - args.small) / max(large - small, 1e-9)
-        rows.append(
-            {
-                "precision": precision,
-                "resolved_precision": resolved(precision),
-                "index_img_s": rates["index"],
-                "evaluate_img_s": rates["evaluate"],
-                "ratio": rates["evaluate"] / rates["index"],
-                "target": 0.9,
-                "ok": rates["evaluate"] / rates["index"] >= 0.9,
-                "seconds": {
-                    f"{k}-{s}": best[(k, precision, s)]
-                    for k in ("index", "evaluate")
-                    for s in (args.small, args.large)
-                },
-            }
-        )
-    return {"rows": rows}
+                for name, tree in trees.items():
+                    for kind in kinds:
+                        run_dir = work / f"{name}-{kind}-{precision}-{size}-{r}"
+                        gallery = galleries[size]
+                        seconds = timed(tree, command(kind, gallery, precision, run_dir), run_dir)
+                        key = (name, kind, precision, size)
+                        best[key] = min(best.get(key, float("inf")), seconds)
+                        print(
+                            f"round {r + 1}: {name:7s} {kind:8s} {precision:5s} {size:4d} "
+                            f"images {seconds:6.1f} s",
+                            flush=True,
+                        )
+    return [_row(args, best, name, precision) for name in trees for precision in precisions]
+
+
+def _row(args: argparse.Namespace, best: dict, name: str, precision: str) -> dict:
+    rates = {}
+    for kind in ("index", "evaluate"):
+        small = best[(name, kind, precision, args.small)]
+        large = best[(name, kind, precision, args.large)]
+        rates[kind] = (args.large - args.small) / max(large - small, 1e-9)
+    ratio = rates["evaluate"] / rates["index"]
+    return {
+        "tree": name,
+        "precision": precision,
+        "resolved_precision": resolved(precision),
+        "index_img_s": rates["index"],
+        "evaluate_img_s": rates["evaluate"],
+        "ratio": ratio,
+        "target": 0.9,
+        "ok": ratio >= 0.9,
+        "seconds": {
+            f"{k}-{s}": best[(name, k, precision, s)]
+            for k in ("index", "evaluate")
+            for s in (args.small, args.large)
+        },
+    }
 
 
 def resolved(precision: str) -> str:
@@ -165,7 +193,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,auto")
     parser.add_argument("--label", default="", help="suffix of the results file (before/after)")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="compare code trees in one run: import snaplook from DIR (a folder holding "
+        "snaplook/, e.g. from `git archive`) in subprocesses; repeat, e.g. --tree "
+        "before=/tmp/old --tree after=.",
+    )
     args = parser.parse_args()
+    trees: dict[str, Path | None] = {"": None}
+    if args.tree:
+        trees = {n: Path(d).resolve() for n, d in (t.split("=", 1) for t in args.tree)}
 
     from run import ensure_photos
 
@@ -183,7 +223,8 @@ def main() -> None:
             "machine": machine(),
             "images": {"small": args.small, "large": args.large, "size": "600x800 JPEG"},
             "rounds": args.rounds,
-            **measure(args, galleries, work / "runs"),
+            "trees": {n: str(d) if d else "this process" for n, d in trees.items()},
+            "rows": measure(args, trees, galleries, work / "runs"),
         }
     result["machine"]["load_average_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
@@ -191,12 +232,16 @@ def main() -> None:
         f"\nCPU: {result['machine']['cpu']} ({result['machine']['cpus']} CPUs), "
         f"bf16: {result['machine']['bf16_native']}"
     )
-    print(f"{'precision':10s} {'index img/s':>12s} {'evaluate img/s':>15s} {'ratio':>6s}  target")
+    print(
+        f"{'tree':7s} {'precision':10s} {'index img/s':>12s} {'evaluate img/s':>15s} "
+        f"{'ratio':>6s}  target"
+    )
     for row in result["rows"]:
         name = f"{row['precision']}({row['resolved_precision']})"
         print(
-            f"{name:10s} {row['index_img_s']:12.1f} {row['evaluate_img_s']:15.1f} "
-            f"{row['ratio']:6.2f}  >= 0.9 {'PASS' if row['ok'] else 'FAIL'}"
+            f"{row['tree']:7s} {name:10s} {row['index_img_s']:12.1f} "
+            f"{row['evaluate_img_s']:15.1f} {row['ratio']:6.2f}  >= 0.9 "
+            f"{'PASS' if row['ok'] else 'FAIL'}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = f"-{args.label}" if args.label else ""
