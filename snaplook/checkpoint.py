@@ -1,4 +1,5 @@
-"""One resumable store of embedded batches: the ``<out>.partial/`` checkpoint folder.
+"""One resumable store of embedded batches: ``build_index``'s ``<out>.partial/`` and the
+feature cache's ``<key>.parts/`` (``features.embed_cached``) are both this folder layout.
 
 A run that is killed or interrupted keeps every finished batch; started again with the same
 plan, it embeds only the batches that are missing and gets the same bytes.
@@ -35,11 +36,14 @@ class BatchRecord:
 
 
 class Checkpoint:
-    """Finished batches of one run (``snaplook.indexing.build_index``), kept in
-    ``<out>.partial/``.
+    """Finished batches of one run, kept in ``folder``: ``<out>.partial/`` for
+    ``snaplook.indexing.build_index`` (a batch is one forward pass) and
+    ``<key>.parts/`` for ``snaplook.features.embed_cached`` (a batch is a chunk of
+    ``CACHE_CHUNK_IMAGES`` images, embedded in several forward passes).
 
-    ``plan.json`` records what the run does (images to embed with size and mtime, reused
-    rows, embedder identity, batch size). Each finished batch leaves ``batch-NNNNNN.npy``
+    ``plan.json`` records what the run does (for an index: images to embed with size and
+    mtime, reused rows, embedder identity, batch size; for a feature cache: its key, which
+    covers all that, and the chunk size). Each finished batch leaves ``batch-NNNNNN.npy``
     (raw float32 features of its readable images) and then ``batch-NNNNNN.json`` (rows,
     sizes, skipped inputs, SHA-256 of the .npy), both written atomically: a batch counts
     as finished only once its .json is in place. Batch ``b`` always holds inputs
