@@ -268,3 +268,24 @@ def test_is_random_weights_reads_every_form() -> None:
     assert not features.is_random_weights({"weights": {"name": "imagenet"}})
     assert not features.is_random_weights(WeightsSpec("imagenet"))
     assert not features.is_random_weights(None)
+
+
+def test_embed_cached_starts_over_from_an_old_parts_folder(tmp_path: Path) -> None:
+    class Stand(_MeanColour):
+        def identity(self) -> dict:
+            return {"backbone": "mean-colour", "weights": {"name": "none"}}
+
+    images = [(make_image(tmp_path / f"{i}.png", (60 * i, 0, 0)), None) for i in range(3)]
+    key, _ = features.feature_cache_key(images, Stand())
+    # The layout before issue 21: <key>.parts/000000.npy + 000000.json (no plan.json).
+    old = tmp_path / "cache" / f"{key}.parts"
+    old.mkdir(parents=True)
+    np.save(old / "000000.npy", np.full((3, 3), 7, np.float32))
+    (old / "000000.json").write_text("[]")
+
+    feats = features.embed_cached(images, Stand(), cache_dir=tmp_path / "cache")
+
+    np.testing.assert_allclose(
+        feats, features.embed_arrays([read_image(p) for p, _ in images], Stand())
+    )
+    assert not old.exists()
