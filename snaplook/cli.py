@@ -431,7 +431,7 @@ def _report_skipped(skipped: list[Any], where: Path | None, strict: bool) -> Non
 
 
 def _random_weights_notice(meta: dict[str, Any], what: str) -> None:
-    if (meta.get("weights") or {}).get("name") == "random":
+    if _features.is_random_weights(meta):
         _err(f"Random weights: {what} test the pipeline, not retrieval quality.")
 
 
@@ -818,7 +818,7 @@ def _write_results(
     summary: Any, loaded: Any, out: Path | None, *, plot: bool, page: bool, quiet: bool
 ) -> None:
     out = out or _opt.DEFAULT_OUTPUT_ROOT / str(loaded.meta.get("backbone"))
-    note = " · random weights" if loaded.meta.get("weights", {}).get("name") == "random" else ""
+    note = " · random weights" if _features.is_random_weights(loaded.meta) else ""
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
         _results.write_query_results(
@@ -1341,7 +1341,7 @@ def _print_evaluation(result: Any, ks: tuple[int, ...], *, quiet: bool = False) 
     _print_table("Retrieval (Recall@K = hit rate, %)", headers, rows,
                  right=[False] + [True] * (len(headers) - 1), quiet=quiet)  # fmt: skip
     _say(_evaluation_notes(result.reports[0]), quiet=quiet)
-    if result.reports[0].config["weights"].get("name") == "random":
+    if _features.is_random_weights(result.reports[0].config):
         _err("Random weights: these numbers test the pipeline, not retrieval quality.")
     if result.files:
         typer.echo(
@@ -1507,7 +1507,7 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
         ),
         quiet=quiet,
     )
-    if (summary.head.config.get("source") or {}).get("weights", {}).get("name") == "random":
+    if _features.is_random_weights(summary.head.config.get("source") or {}):
         _err("Random weights: this head and its validation Recall@1 test the pipeline only.")
     typer.echo(
         f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
