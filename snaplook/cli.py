@@ -28,6 +28,7 @@ from snaplook import features as _features
 from snaplook import index as _index
 from snaplook import indexing as _indexing
 from snaplook import look as _look
+from snaplook import metrics as _metrics
 from snaplook import options as _opt
 from snaplook import page as _page
 from snaplook import results as _results
@@ -1239,7 +1240,7 @@ NormsOpt = Annotated[
 KsOpt = Annotated[
     str,
     typer.Option(
-        "--k", callback=_usage(_evaluate.parse_ks), help="Recall@K cut-offs, comma-separated."
+        "--k", callback=_usage(_metrics.parse_ks), help="Recall@K cut-offs, comma-separated."
     ),
 ]
 TiesOpt = Annotated[
@@ -1295,7 +1296,7 @@ def evaluate_cmd(
 
     Writes report.json, per_query.csv, figures and report.md; several settings: compare.md.
     """
-    ks = _evaluate.parse_ks(k)
+    ks = _metrics.parse_ks(k)
     with _stage_progress(quiet=quiet) as (on_stage, on_progress):
         result = _evaluate.evaluate_settings(
             root,

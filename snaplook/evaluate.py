@@ -31,7 +31,6 @@ from snaplook.metrics import (
     check_ties,
     evaluate_embeddings,
 )
-from snaplook.metrics import parse_ks as parse_ks  # re-exported: cli.py's --k parser
 from snaplook.options import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
