@@ -108,12 +108,20 @@ def _each_in(choices: Any) -> Callable[[list[str] | None], list[str] | None]:
     """Callback for a repeatable, comma-separated option: every value must be a choice."""
 
     def check(value: list[str] | None) -> list[str] | None:
-        for v in _evaluate.split_values(value):
+        for v in _split_values(value):
             if v not in choices:
                 raise typer.BadParameter(f"{v!r} is not one of {', '.join(choices)}.")
         return value
 
     return check
+
+
+def _split_values(values: list[str] | None) -> list[str]:
+    """Flatten repeated and comma-separated option values ("a,b" "c" -> a, b, c)."""
+    out: list[str] = []
+    for value in values or ():
+        out.extend(v.strip() for v in value.split(",") if v.strip())
+    return list(dict.fromkeys(out))
 
 
 def _usage(parse: Callable[[str], Any]) -> Callable[[str], str]:
@@ -1304,10 +1312,10 @@ def evaluate_cmd(
             partition=partition,
             bbox=bbox,
             crop=crop,
-            backbones=_evaluate.split_values(backbone),
+            backbones=_split_values(backbone),
             weights=weights,
-            poolings=_evaluate.split_values(pooling),
-            normalizations=_evaluate.split_values(norm),
+            poolings=_split_values(pooling),
+            normalizations=_split_values(norm),
             ks=ks,
             ties=ties,
             out=out,

@@ -1103,11 +1103,3 @@ def render_compare_md(table: dict[str, Any]) -> str:
     if any(is_random_weights(r["weights"]) for r in rows):
         lines += ["", "Random weights: these numbers test the pipeline, not retrieval quality."]
     return "\n".join(lines) + "\n"
-
-
-def split_values(values: Sequence[str] | None) -> list[str]:
-    """Flatten repeated and comma-separated option values ("a,b" "c" -> a, b, c)."""
-    out: list[str] = []
-    for value in values or ():
-        out.extend(v.strip() for v in value.split(",") if v.strip())
-    return list(dict.fromkeys(out))
