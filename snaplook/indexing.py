@@ -1111,8 +1111,11 @@ def index_gallery(
     Raises:
         SnaplookError: Ray options given with ``engine="local"``; and as :func:`build_index`.
     """
-    if engine != "ray" and ray is not None and ray != RayOptions():
-        raise SnaplookError("Ray options (address, workers, CPUs/GPUs per worker) need engine ray.")
+    if engine != "ray" and ray is not None and not ray.is_default():
+        raise SnaplookError(
+            f"{ray} needs engine='ray' (engine={engine!r} runs in this process); pass "
+            "engine='ray' or leave the Ray options out."
+        )
     model = model_settings(
         out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
     )

@@ -626,3 +626,12 @@ def test_package_exports_resolve_to_their_home_module() -> None:
     for name, module in snaplook._EXPORTS.items():
         value = getattr(importlib.import_module(module), name)
         assert getattr(value, "__module__", module) == module, name
+
+
+def test_index_gallery_refuses_ray_options_without_the_ray_engine(tmp_path: Path) -> None:
+    from snaplook.indexing import index_gallery
+    from snaplook.options import RayOptions
+
+    with pytest.raises(SnaplookError, match=r"RayOptions\(.*workers=2.*needs engine='ray'"):
+        index_gallery(tmp_path, tmp_path / "idx", weights="random", ray=RayOptions(workers=2))
+    assert not (tmp_path / "idx").exists()
