@@ -153,13 +153,19 @@ class Whitening:
         }
 
 
-def whitening_dim(requested: int | None, n_fit: int, n_features: int) -> int:
+def whitening_dim(
+    requested: int | None,
+    n_fit: int,
+    n_features: int,
+    *,
+    samples_per_dim: int = WHITEN_SAMPLES_PER_DIM,
+) -> int:
     """The whitened dimension: the request, capped by the dimension rule.
 
-    ``min(requested, n_features, n_fit - 1, n_fit // WHITEN_SAMPLES_PER_DIM)``; ``None``
-    asks for as many as the rule allows. Centring costs one dimension, hence ``n_fit - 1``.
+    ``min(requested, n_features, n_fit - 1, n_fit // samples_per_dim)``; ``None`` asks for
+    as many as the rule allows. Centring costs one dimension, hence ``n_fit - 1``.
     """
-    cap = min(n_features, n_fit - 1, n_fit // WHITEN_SAMPLES_PER_DIM)
+    cap = min(n_features, n_fit - 1, n_fit // max(1, samples_per_dim))
     return max(0, cap if requested is None else min(requested, cap))
 
 
@@ -204,7 +210,7 @@ def fit_whitening(
     if not np.isfinite(x).all():
         raise SnaplookError("cannot fit whitening: the features contain NaN or infinity.")
     per_dim = samples_per_dim or 1
-    k = whitening_dim(dim, n, d) if samples_per_dim else max(0, min(dim or d, d, n - 1))
+    k = whitening_dim(dim, n, d, samples_per_dim=per_dim)
     if k < min(MIN_WHITEN_DIM, dim or MIN_WHITEN_DIM):
         raise SnaplookError(
             f"whitening needs at least {per_dim * MIN_WHITEN_DIM + 1} gallery images for "

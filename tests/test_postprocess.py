@@ -241,3 +241,10 @@ def test_postprocess_features_leave_one_out_skips_own_row(features):
     q, g, _ = pp.postprocess_features(features, features, settings, leave_one_out=True)
     rows, sims = pp.nearest_neighbours(g, g, 1, exclude_self=True)
     np.testing.assert_allclose(q, pp.expand_vectors(g, g[rows], sims), rtol=1e-6)
+
+
+def test_fit_whitening_follows_samples_per_dim(features):
+    assert pp.fit_whitening(features, samples_per_dim=4).dim == 30
+    assert pp.fit_whitening(features, samples_per_dim=8).dim == 15
+    assert pp.fit_whitening(features, samples_per_dim=None).dim == 40
+    assert pp.whitening_dim(None, 120, 40, samples_per_dim=2) == 40
