@@ -565,3 +565,91 @@ def postprocess_features(
     g = database_augmentation(g, k=settings.dba, alpha=settings.alpha)
     q = query_expansion(q, g, k=settings.qe, alpha=settings.alpha, exclude_self=leave_one_out)
     return q, g, whitening
+
+
+#: Leave-one-out evaluation refits whitening and DBA without each query (O(n^4) for
+#: whitening): up to this many images; above it they are fitted once on all images.
+LEAVE_ONE_OUT_REFIT_MAX = 1000
+
+
+def leave_one_out_distances(
+    features: np.ndarray, settings: Postprocessing, *, refit_max: int = LEAVE_ONE_OUT_REFIT_MAX
+) -> tuple[np.ndarray, bool]:
+    """Cosine distances for leave-one-out evaluation of ``settings`` on ``features``.
+
+    Each image queries all the others. A real query is not in the gallery, so whitening
+    and DBA are fitted, for each query, on the other n - 1 images only (the whitening in
+    the (n - 1) x (n - 1) Gram space: the transform :func:`fit_whitening` gives on them,
+    without fitting on the features n times). Above ``refit_max`` images that costs too
+    much, and they are fitted once on all images, the query included (transductive).
+
+    Args:
+        features: ndarray of shape (n, d).
+        settings: :class:`Postprocessing`.
+        refit_max: the most images refitted per query, default=1000.
+
+    Returns:
+        (distances, refitted): ndarray of shape (n, n), float64, inf on the diagonal;
+        whether whitening and DBA were refitted per query.
+
+    Raises:
+        SnaplookError: the dimension rule leaves fewer than :data:`MIN_WHITEN_DIM`
+            dimensions.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    x = l2_normalize(features)
+    n = len(x)
+    refit = n <= refit_max and (settings.whiten is not False or settings.dba > 0)
+    if not refit:
+        q, g, _ = postprocess_features(x, x, settings, leave_one_out=True)
+        distances = 1.0 - (q @ g.T).astype(np.float64)
+        np.fill_diagonal(distances, np.inf)
+        return distances, False
+    gram = x.astype(np.float64) @ x.astype(np.float64).T
+    distances = np.full((n, n), np.inf)
+    for i in range(n):
+        keep = np.arange(n) != i
+        if settings.whiten is False:
+            q, g = x[i : i + 1], x[keep]
+        else:
+            q, g = _whiten_without(x, gram, i, settings)
+        g = database_augmentation(g, k=settings.dba, alpha=settings.alpha)
+        q = query_expansion(q, g, k=settings.qe, alpha=settings.alpha)
+        distances[i, keep] = 1.0 - (q @ g.T)[0]
+    return distances, True
+
+
+def _whiten_without(
+    x: np.ndarray, gram: np.ndarray, i: int, settings: Postprocessing
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query row i, the other rows) whitened by the whitening fitted without row i,
+    from the Gram matrix of the unit rows ``x`` (see :func:`leave_one_out_distances`)."""
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    n = len(x)
+    keep = np.arange(n) != i
+    m = n - 1
+    k = whitening_dim(settings.whiten, m, x.shape[1])
+    if k < min(MIN_WHITEN_DIM, settings.whiten or MIN_WHITEN_DIM):
+        fit_whitening(x[keep], dim=settings.whiten)  # raises the user-facing error
+    g = gram[np.ix_(keep, keep)]
+    row_mean = g.mean(axis=1)
+    total = row_mean.mean()
+    values, vectors = np.linalg.eigh(g - row_mean[:, None] - row_mean[None, :] + total)
+    order = np.argsort(-values, kind="stable")[:k]
+    values, vectors = np.maximum(values[order], 1e-300), vectors[:, order]
+    variances = values / max(1, m - 1)
+    s = settings.shrinkage
+    shrunk = (1.0 - s) * variances + s * variances.mean()
+    shrunk = np.sqrt(np.maximum(shrunk, max(float(shrunk.max()) * 1e-12, 1e-30)))
+    # gallery coordinates: Xc V / sqrt(shrunk), with V = Xc^T U / sqrt(values) -> U sqrt(values)
+    gallery = vectors * np.sqrt(values) / shrunk
+    q_row = gram[i, keep]
+    dots = q_row - q_row.mean() - row_mean + total  # (x_i - mean) . (x_j - mean)
+    query = (dots @ vectors) / np.sqrt(values) / shrunk
+    return l2_normalize(query[None]), l2_normalize(gallery)

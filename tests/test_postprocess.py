@@ -248,3 +248,47 @@ def test_fit_whitening_follows_samples_per_dim(features):
     assert pp.fit_whitening(features, samples_per_dim=8).dim == 15
     assert pp.fit_whitening(features, samples_per_dim=None).dim == 40
     assert pp.whitening_dim(None, 120, 40, samples_per_dim=2) == 40
+
+
+# --- leave-one-out ---
+
+
+def _by_refitting(x: np.ndarray, settings: pp.Postprocessing) -> np.ndarray:
+    n = len(x)
+    out = np.full((n, n), np.inf)
+    for i in range(n):
+        keep = np.arange(n) != i
+        q, g, _ = pp.postprocess_features(x[i : i + 1], x[keep], settings)
+        out[i, keep] = 1.0 - (q @ g.T)[0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pp.Postprocessing(whiten=None, shrinkage=0.25),
+        pp.Postprocessing(whiten=12, dba=1, qe=2),
+        pp.Postprocessing(dba=2),
+    ],
+)
+def test_leave_one_out_distances_equal_refitting_without_the_query(features, settings):
+    x = features[:60]
+    distances, refitted = pp.leave_one_out_distances(x, settings)
+    assert refitted
+    np.testing.assert_allclose(distances, _by_refitting(x, settings), atol=2e-4)
+    assert np.all(np.isinf(np.diag(distances)))
+
+
+def test_leave_one_out_distances_above_the_limit_fit_once(features):
+    settings = pp.Postprocessing(whiten=8, qe=1)
+    distances, refitted = pp.leave_one_out_distances(features, settings, refit_max=10)
+    assert not refitted
+    q, g, _ = pp.postprocess_features(features, features, settings, leave_one_out=True)
+    expected = 1.0 - (q @ g.T).astype(np.float64)
+    np.fill_diagonal(expected, np.inf)
+    np.testing.assert_allclose(distances, expected, atol=1e-5)
+
+
+def test_leave_one_out_distances_too_small_for_whitening(features):
+    with pytest.raises(SnaplookError, match="gallery images"):
+        pp.leave_one_out_distances(features[:12], pp.Postprocessing(whiten=None))
