@@ -822,30 +822,32 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 def exclusive_lock(path: str | Path, *, what: str) -> Iterator[Path]:
     """Hold the output lock ``path`` for the duration of the block.
 
-    The lock is a kernel lock (``flock`` through the ``filelock`` package) on the hidden
-    file ``.<name>.flock`` beside ``path``, which stays in place. The kernel releases it
-    when its holder exits in any way (killed, crashed), so there is no stale lock to take
-    over and no race in taking one over. ``path`` itself holds the holder's pid and host,
-    for people and for the refusal message; it is removed when the block ends (a killed
-    run leaves it, and the next run replaces it, saying so).
+    The lock is a kernel lock (``flock``, through the ``filelock`` package) on ``path``:
+    the kernel releases it when its holder exits in any way (killed, crashed), so there is
+    no stale lock to take over and no race in taking one over. The file holds the holder's
+    pid and host, for people and for the refusal message, and is removed when the block
+    ends; a killed run leaves it behind, and the next run takes it, saying so.
 
     Args:
         path: the lock file, e.g. ``output/index.lock``.
         what: what the lock protects, for the message, e.g. "the index output/index".
 
     Raises:
-        SnaplookError: another process holds the lock ("... is being written by another
+        SnaplookError: another process holds the lock ("<what> is being written by another
             snaplook process (pid N); wait for it to finish."), or the lock file cannot be
             created.
     """
-    from filelock import FileLock, Timeout
-
     path = Path(path)
-    kernel_lock = FileLock(path.with_name(f".{path.name}.flock"), timeout=0)
+    previous = _lock_owner(path)  # before locking: filelock may empty the file it takes
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        kernel_lock.acquire(timeout=0)
-    except Timeout:
+        kernel_lock = _take_kernel_lock(path)
+    except OSError as exc:
+        raise SnaplookError(
+            f"cannot create {path} for {what} ({exc.strerror or exc}); check that the "
+            "output folder is writable."
+        ) from exc
+    if kernel_lock is None:
         owner = _lock_owner(path)
         holder = "pid unknown" if owner is None else f"pid {owner[0]}"
         if owner is not None and owner[1] != _hostname():
@@ -853,32 +855,68 @@ def exclusive_lock(path: str | Path, *, what: str) -> Iterator[Path]:
         raise SnaplookError(
             f"{what} is being written by another snaplook process ({holder}); wait for it "
             "to finish."
-        ) from None
-    except OSError as exc:
-        raise SnaplookError(
-            f"cannot create {path} for {what} ({exc.strerror or exc}); check that the "
-            "output folder is writable."
-        ) from exc
+        )
     try:
-        previous = _lock_owner(path)
-        if previous is not None and previous != (os.getpid(), _hostname()):
+        me = (os.getpid(), _hostname())
+        # The file read before locking may be a holder's that has just finished (it
+        # removes the file; we read it first): warn only about a process that is gone.
+        if previous is not None and previous != me and not _pid_alive(previous):
             logger.warning(
-                "taking over the stale lock %s (its process %s is not running)",
-                path,
-                previous[0],
+                "taking over the stale lock %s (its process %s is not running)", path, previous[0]
             )
-        write_text_atomic(path, f"{os.getpid()} {_hostname()}\n")
+        # In place, not by rename: the kernel lock belongs to this inode.
+        with open(path, "r+", encoding="utf-8") as fh:
+            fh.truncate(0)
+            fh.write(f"{me[0]} {me[1]}\n")
         yield path
     finally:
         with contextlib.suppress(OSError):
-            path.unlink()  # only the holder of the kernel lock gets here
+            path.unlink()  # while still locked: a waiter that opened it sees it unlinked
         kernel_lock.release()
+
+
+def _take_kernel_lock(path: Path) -> Any:
+    """The acquired ``filelock.FileLock`` on ``path``, or None when another process holds it."""
+    from filelock import FileLock, Timeout
+
+    for _ in range(5):
+        lock = FileLock(path, timeout=0)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        # The holder before us unlinks the file on release: a lock won on that unlinked
+        # inode is worth nothing (filelock 4 checks this itself; older releases do not).
+        fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+        try:
+            current = os.stat(path)
+            held = os.fstat(fd) if isinstance(fd, int) else current
+        except OSError:
+            lock.release()
+            continue
+        if held.st_nlink > 0 and os.path.samestat(held, current):
+            return lock
+        lock.release()
+    return None
 
 
 def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _pid_alive(owner: tuple[int, str]) -> bool:
+    pid, host = owner
+    if host != _hostname():
+        return False  # its lock is free, so it is not running there either
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def _lock_owner(path: Path) -> tuple[int, str] | None:
