@@ -198,6 +198,10 @@ def build_images(gallery: Path) -> None:
     _symlink(g / "link_b.jpg", "link_a.jpg")
     _symlink(g / "dangling.jpg", "no_such_file.jpg")
     _symlink(g / "link_to_ok.jpg", "ok_plain.jpg")
+    # Special files named like images: discovery leaves them out, nothing opens them.
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(g / "fifo.jpg")
+    _symlink(g / "dev_zero.jpg", "/dev/zero")
     unreadable = _write(g / "unreadable.jpg", jpeg)
     unreadable.chmod(0)
 
@@ -380,7 +384,7 @@ def build_videos(root: Path) -> None:
     # Special files named like videos: refused by the input gate, never opened.
     if hasattr(os, "mkfifo"):
         os.mkfifo(root / "fifo.mp4")
-    os.symlink("/dev/zero", root / "dev_zero.mp4")
+    _symlink(root / "dev_zero.mp4", "/dev/zero")
     # `extract holiday/holiday.mp4 --out .` would write ./holiday/: the video's own folder.
     video(root / "holiday" / "holiday.mp4", 10)
     _write(root / "holiday" / "notes.txt", b"the user's notes\n")
