@@ -88,7 +88,7 @@ def display_path(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def check_utf8_name(path: str | Path) -> None:
+def _check_utf8_name(path: str | Path) -> None:
     """Refuse a file name that is not valid UTF-8 (it could not be written into the UTF-8
     CSV and JSON files that list it).
 
@@ -150,7 +150,7 @@ def check_input(path: str | Path, *, kind: str) -> os.stat_result:
     if kind not in INPUT_CAPS:
         raise ValueError(f"kind must be one of {sorted(INPUT_CAPS)}, got {kind!r}")
     if kind != "video":
-        check_utf8_name(path)
+        _check_utf8_name(path)
     name = display_path(path)
     try:
         st = os.stat(path)
@@ -266,7 +266,7 @@ def _refusal(entry: os.DirEntry[str], *, check_name: bool) -> str | None:
     symlinked folder), or None to list it."""
     if check_name:
         try:
-            check_utf8_name(entry.path)
+            _check_utf8_name(entry.path)
         except SnaplookError as exc:
             return str(exc)
     try:
