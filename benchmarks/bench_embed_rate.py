@@ -5,11 +5,12 @@ photo-like JPEGs (``benchmarks/run.py``'s generator, sorted into 8 label folders
 ResNet50 and seeded random weights (speed does not depend on the weight values), at each
 ``--precisions`` value. A rate is the slope between two gallery sizes,
 ``(large - small) / (t_large - t_small)`` img/s, so the one-time costs (model load and
-compile, report files) cancel; each command's time is the best of ``--rounds`` interleaved
-rounds. Target (issue 21): evaluate's rate >= 0.9 of index's at fp32 and at auto (bf16
-where the CPU has it natively).
+compile, report files) cancel; the two runs of a slope go back to back (same load), and a
+command's rate is the median of its slopes over ``--rounds`` interleaved rounds (default 3).
+Target (issue 21): evaluate's rate >= 0.9 of index's at fp32 and at auto (bf16 where the
+CPU has it natively).
 
-    python benchmarks/bench_embed_rate.py [--small 48] [--large 192] [--rounds 2]
+    python benchmarks/bench_embed_rate.py [--small 48] [--large 192] [--rounds 3]
         [--precisions fp32,auto] [--label after] [--tree before=DIR --tree after=DIR]
 
 With ``--tree`` the commands run in subprocesses importing snaplook from each code tree
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,56 +114,59 @@ def timed(tree: Path | None, args: list[str], work: Path) -> float:
 def measure(
     args: argparse.Namespace, trees: dict[str, Path | None], galleries: dict[int, Path], work: Path
 ) -> list[dict]:
-    """Rates per (code tree, precision): best seconds per command and size over rounds.
+    """Rates per (code tree, precision): the median over rounds of each round's slope.
 
-    Rounds interleave the trees, precisions, sizes and the two commands (in alternating
-    order), so a busy machine slows them alike.
+    Each slope comes from a small and a large run back to back, so both see the same load;
+    rounds interleave the trees, precisions and the two commands (in alternating order).
     """
-    best: dict[tuple[str, str, str, int], float] = {}
+    rates: dict[tuple[str, str, str], list[float]] = {}
+    seconds: dict[tuple[str, str, str], list[list[float]]] = {}
     precisions = args.precisions.split(",")
     for tree in trees.values():  # warm-up: converts the model once per precision
         for precision in precisions:
             warm = work / "warm-up"
             timed(tree, command("index", galleries[args.small], precision, warm), warm)
     for r in range(args.rounds):
-        for precision in precisions:
-            kinds = ("index", "evaluate") if r % 2 == 0 else ("evaluate", "index")
+        kinds = ("index", "evaluate") if r % 2 == 0 else ("evaluate", "index")
+        names = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for precision, name, kind in itertools.product(precisions, names, kinds):
+            pair = []
             for size in (args.small, args.large):
-                for name, tree in trees.items():
-                    for kind in kinds:
-                        run_dir = work / f"{name}-{kind}-{precision}-{size}-{r}"
-                        gallery = galleries[size]
-                        seconds = timed(tree, command(kind, gallery, precision, run_dir), run_dir)
-                        key = (name, kind, precision, size)
-                        best[key] = min(best.get(key, float("inf")), seconds)
-                        print(
-                            f"round {r + 1}: {name:7s} {kind:8s} {precision:5s} {size:4d} "
-                            f"images {seconds:6.1f} s",
-                            flush=True,
-                        )
-    return [_row(args, best, name, precision) for name in trees for precision in precisions]
+                run_dir = work / f"{name}-{kind}-{precision}-{size}-{r}"
+                pair.append(
+                    timed(trees[name], command(kind, galleries[size], precision, run_dir), run_dir)
+                )
+            key = (name, kind, precision)
+            rates.setdefault(key, []).append(
+                (args.large - args.small) / max(pair[1] - pair[0], 1e-9)
+            )
+            seconds.setdefault(key, []).append(pair)
+            print(
+                f"round {r + 1}: {name:7s} {kind:8s} {precision:5s} {args.small} / {args.large} "
+                f"images {pair[0]:6.1f} / {pair[1]:6.1f} s: {rates[key][-1]:6.1f} img/s",
+                flush=True,
+            )
+    return [_row(rates, seconds, name, precision) for name in trees for precision in precisions]
 
 
-def _row(args: argparse.Namespace, best: dict, name: str, precision: str) -> dict:
-    rates = {}
-    for kind in ("index", "evaluate"):
-        small = best[(name, kind, precision, args.small)]
-        large = best[(name, kind, precision, args.large)]
-        rates[kind] = (args.large - args.small) / max(large - small, 1e-9)
-    ratio = rates["evaluate"] / rates["index"]
+def _row(rates: dict, seconds: dict, name: str, precision: str) -> dict:
+    index = statistics.median(rates[(name, "index", precision)])
+    evaluate = statistics.median(rates[(name, "evaluate", precision)])
     return {
         "tree": name,
         "precision": precision,
         "resolved_precision": resolved(precision),
-        "index_img_s": rates["index"],
-        "evaluate_img_s": rates["evaluate"],
-        "ratio": ratio,
+        "index_img_s": index,
+        "evaluate_img_s": evaluate,
+        "ratio": evaluate / index,
         "target": 0.9,
-        "ok": ratio >= 0.9,
-        "seconds": {
-            f"{k}-{s}": best[(name, k, precision, s)]
-            for k in ("index", "evaluate")
-            for s in (args.small, args.large)
+        "ok": evaluate / index >= 0.9,
+        "rounds": {
+            kind: {
+                "img_s": rates[(name, kind, precision)],
+                "seconds": seconds[(name, kind, precision)],
+            }
+            for kind in ("index", "evaluate")
         },
     }
 
@@ -190,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=48)
     parser.add_argument("--large", type=int, default=192)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,auto")
     parser.add_argument("--label", default="", help="suffix of the results file (before/after)")
     parser.add_argument(
