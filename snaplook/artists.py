@@ -1,7 +1,8 @@
 """Lead artists: person detection in frames, grouping people across frames, crops and clothes.
 
-Detection uses only what ships with opencv-python (HOG people detector, Haar face and
-upper-body cascades) or a user-supplied YOLO-style ONNX model; nothing is downloaded.
+Detection (``snaplook.detection``) is NanoDet when ``snaplook models fetch nanodet`` has run,
+else what ships with opencv-python (HOG people detector, Haar face and upper-body cascades),
+or a user-supplied YOLO-style ONNX model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snaplook import detection as _detection
 from snaplook.errors import SnaplookError
+from snaplook.models import require_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,11 +30,12 @@ DEFAULT_LEAD_ARTIST_ROOT = Path("output/lead_artist")
 DEFAULT_MAX_ARTISTS = 2
 #: People shorter than this fraction of the frame height are ignored (extras, background).
 DEFAULT_MIN_SIZE = 0.15
-DEFAULT_DETECTOR = "builtin"
+#: "auto": NanoDet when fetched, else the built-in HOG + Haar fallback (see snaplook.detection).
+DEFAULT_DETECTOR = _detection.DEFAULT_DETECTOR
+#: Names of the built-in OpenCV fallback ("builtin" is its name before issue 23).
+BUILTIN_DETECTORS = ("hog", "builtin")
 DEFAULT_CROPS_PER_ARTIST = 3
-#: Frames are downscaled to this width before HOG: 4-5x faster than 768 px and, measured on
-#: the test photos, it also finds the large bent skier that the full-size pass misses.
-DEFAULT_DETECT_WIDTH = 400
+DEFAULT_DETECT_WIDTH = _detection.DEFAULT_HOG_WIDTH
 #: Cascades look for faces and shoulders at this width (3x faster than 480 px); a lead
 #: artist's face in a close or half shot stays over 20 px there.
 CASCADE_WIDTH = 320
@@ -60,6 +64,7 @@ ARTISTS_HEADER = (
     "kind",
     "path",
     "source",
+    "detector",
 )
 DETECTIONS_HEADER = (
     "frame",
@@ -79,10 +84,6 @@ SKIPPED_HEADER = ("path", "reason")
 #: Longest part of a crop's file name taken from its photo's name (file systems allow 255).
 _MAX_STEM = 100
 
-# A HOG window (64x128) holds the person with a margin: the person fills about the central
-# 55% of its width and 80% of its height (measured on the hand-labelled test photos).
-_HOG_KEEP_W = 0.55
-_HOG_KEEP_H = 0.8
 #: Body height in head heights (the classical 7.5-head figure).
 _HEADS_PER_BODY = 7.5
 #: A Haar face box spans brow to chin; the head is about 1.3 times taller.
@@ -96,7 +97,8 @@ class Detection:
     Attributes:
         box: (x, y, w, h) of the whole person in frame pixels, clipped to the frame.
         score: detector confidence in [0, 1].
-        source: which detector found it: "hog", "face", "upperbody", "onnx" or "given".
+        source: which detector found it: "nanodet", "hog", "face", "upperbody", "onnx" or
+            "given".
         face: (x, y, w, h) of the face when a face detector saw it, else None.
         whole_body: True when the detector saw the whole body (HOG, ONNX), False when the
             body box was extended from a face or head-and-shoulders box.
@@ -299,15 +301,18 @@ def _nms(dets: list[Detection], iou_threshold: float) -> list[Detection]:
 class PersonDetector:
     """Finds people in an RGB frame.
 
-    The built-in detector runs OpenCV's HOG people detector (multi-scale, on a
-    downscaled copy of the frame) for whole bodies and the Haar frontal-face and
-    upper-body cascades for close and half shots; face and shoulder boxes are extended to
-    body boxes by human proportions, and all boxes are merged by non-maximum suppression.
-    With ``model`` a path to an ``.onnx`` file, a YOLO-style detector runs through
-    ``cv2.dnn`` instead (class 0 = person). Models load on the first :meth:`detect`.
+    ``auto`` (the default) runs NanoDet when ``snaplook models fetch nanodet`` has run and
+    the built-in detector otherwise, saying so once in the log. ``nanodet`` runs
+    :class:`snaplook.detection.NanoDetDetector` (two passes merged by NMS). The built-in
+    detector (``hog``, formerly ``builtin``) runs OpenCV's HOG people detector for whole
+    bodies and the Haar frontal-face and upper-body cascades for close and half shots; face
+    and shoulder boxes are extended to body boxes by human proportions, and all boxes are
+    merged by non-maximum suppression. With ``model`` a path to an ``.onnx`` file, a
+    YOLO-style detector runs through ``cv2.dnn`` instead (class 0 = person). Models load on
+    the first :meth:`detect`.
 
     Args:
-        model: "builtin" or the path of a YOLO-style ONNX model.
+        model: "auto", "nanodet", "hog" ("builtin"), or the path of a YOLO-style ONNX model.
         min_size: people shorter than this fraction of the frame height are dropped.
         detect_width: frames wider than this are downscaled before HOG.
         confidence: minimum detector confidence in [0, 1].
@@ -335,27 +340,48 @@ class PersonDetector:
         self.min_foreground = min_foreground
         self.nms_iou = nms_iou
         self.input_size = input_size
-        self.hog_: Any = None
+        self.resolved_: str | None = None
+        self.engine_: Any = None
         self.face_: Any = None
         self.upper_: Any = None
         self.net_: Any = None
 
     @property
     def builtin(self) -> bool:
-        return str(self.model) == DEFAULT_DETECTOR
+        """True when the OpenCV HOG + Haar fallback runs (after ``auto`` is resolved)."""
+        self._resolve()
+        return self.resolved_ == "hog"
+
+    @property
+    def label(self) -> str:
+        """What ``artists.csv`` names this detector: nanodet, hog (fallback) or onnx."""
+        self._resolve()
+        return _detection.HOG_FALLBACK if self.resolved_ == "hog" else str(self.resolved_)
+
+    def _resolve(self) -> None:
+        if self.resolved_ is not None:
+            return
+        name = str(self.model)
+        if name in BUILTIN_DETECTORS:
+            self.resolved_ = "hog"
+        elif name in _detection.DETECTORS:
+            self.resolved_ = _detection.resolve_detector(name)
+        else:
+            self.resolved_ = "onnx"
 
     def _load(self) -> None:
-        import cv2
-
-        if self.builtin:
-            if self.hog_ is None:
-                self.hog_ = cv2.HOGDescriptor()
-                self.hog_.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-                self.face_ = _cascade("haarcascade_frontalface_alt2.xml")
-                self.upper_ = _cascade("haarcascade_upperbody.xml")
-            return
-        if self.net_ is None:
-            self.net_ = load_onnx_detector(self.model)
+        self._resolve()
+        if self.resolved_ == "onnx":
+            if self.net_ is None:
+                self.net_ = load_onnx_detector(self.model)
+        elif self.engine_ is None and self.resolved_ == "nanodet":
+            self.engine_ = _detection.NanoDetDetector(require_model("nanodet"))
+            self.engine_.load()
+        elif self.engine_ is None:
+            self.engine_ = _detection.HogDetector(detect_width=self.detect_width)
+            self.engine_.load()
+            self.face_ = _cascade("haarcascade_frontalface_alt2.xml")
+            self.upper_ = _cascade("haarcascade_upperbody.xml")
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Find the people in one frame.
@@ -368,12 +394,15 @@ class PersonDetector:
             without the boxes :func:`drop_false_people` rejects.
 
         Raises:
-            SnaplookError: the ONNX model cannot be loaded or gives an unknown output.
+            SnaplookError: the ONNX or NanoDet model cannot be loaded (or is not fetched),
+                or an ONNX model gives an unknown output.
         """
         self._load()
-        if self.builtin:
-            found = self._detect_hog(image) + self._detect_cascades(image)
+        if self.resolved_ == "hog":
+            found = self._detect_engine(image) + self._detect_cascades(image)
             merged = _merge_parts(found, self.nms_iou)
+        elif self.resolved_ == "nanodet":
+            merged = self._detect_engine(image)  # NMS done, across both passes
         else:
             merged = _nms(self._detect_onnx(image), self.nms_iou)
         height = image.shape[0]
@@ -383,39 +412,18 @@ class PersonDetector:
         kept = drop_false_people(image, kept, min_foreground=self.min_foreground)
         return sorted(kept, key=lambda d: -d.score)
 
-    def _detect_hog(self, image: np.ndarray) -> list[Detection]:
-        import cv2
-        import numpy as np
-
-        small, scale = _resize_width(image, self.detect_width)
-        # A replicated border lets HOG windows reach people touching the frame edge.
-        pad = 16
-        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        win_w, win_h = self.hog_.winSize
-        if padded.shape[0] < win_h or padded.shape[1] < win_w:
-            # OpenCV's detectMultiScale segfaults on an image smaller than its window
-            # (64x128); no person fits in one anyway.
-            return []
-        rects, weights = self.hog_.detectMultiScale(
-            padded, winStride=(4, 4), padding=(8, 8), scale=1.05
-        )
-        out: list[Detection] = []
-        for (x, y, w, h), weight in zip(rects, np.ravel(weights)):
-            if weight <= 0.3:
-                continue
-            cx = (x - pad + w / 2) / scale
-            cy = (y - pad + h / 2) / scale
-            bw, bh = w * _HOG_KEEP_W / scale, h * _HOG_KEEP_H / scale
-            raw = (cx - bw / 2, cy - bh / 2, bw, bh)
-            out.append(
-                Detection(
-                    box=_clip_box(raw, image.shape),
-                    score=float(weight / (weight + 1.0)),
-                    source="hog",
-                    whole_body=True,
-                    full_shot=is_full_shot(raw, image.shape),
-                )
+    def _detect_engine(self, image: np.ndarray) -> list[Detection]:
+        boxes, scores = self.engine_.detect(image)
+        out = [
+            Detection(
+                box=_clip_box(raw, image.shape),
+                score=float(score),
+                source=self.engine_.name,
+                whole_body=True,
+                full_shot=is_full_shot(raw, image.shape),
             )
+            for raw, score in zip(boxes.tolist(), scores.tolist())
+        ]
         return [d for d in out if d.box[2] > 0 and d.box[3] > 0]
 
     def _detect_cascades(self, image: np.ndarray) -> list[Detection]:
@@ -486,7 +494,7 @@ class PersonDetector:
         except cv2.error as exc:
             raise SnaplookError(
                 f"{self.model}: the ONNX detector failed on a {w}x{h} frame ({exc}); it must take "
-                f"a 1x3x{size}x{size} image. Use --detector builtin or another model."
+                f"a 1x3x{size}x{size} image. Use --detector auto or another model."
             ) from exc
         boxes, scores = parse_yolo_output(output, conf=self.confidence, model=self.model)
         out = []
@@ -510,7 +518,8 @@ def make_detector(
     """A :class:`PersonDetector` with its models loaded now, so a bad one fails early.
 
     Args:
-        detector: a :class:`PersonDetector` (returned as is, loaded), "builtin" or the
+        detector: a :class:`PersonDetector` (returned as is, loaded), "auto", "nanodet",
+            "hog" or the
             path of a YOLO-style ONNX model.
         min_size: minimum person height as a fraction of the frame height.
 
@@ -598,22 +607,23 @@ def load_onnx_detector(path: str | Path) -> Any:
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise SnaplookError(
-            f"--detector {path}: expected 'builtin' or the path of a YOLO-style .onnx model."
+            f"--detector {path}: expected auto, nanodet, hog or the path of a YOLO-style "
+            ".onnx model."
         )
     if not path.is_file():
         raise SnaplookError(
             f"{path}: detector model not found; pass an existing .onnx file or use "
-            "--detector builtin (needs nothing extra)."
+            "--detector hog (needs nothing extra)."
         )
     try:
         net = cv2.dnn.readNetFromONNX(str(path))
     except cv2.error as exc:
         raise SnaplookError(
             f"{path}: not an ONNX model OpenCV can load ({str(exc).strip().splitlines()[-1]}); "
-            "export a YOLO detector to ONNX or use --detector builtin."
+            "export a YOLO detector to ONNX or use --detector auto."
         ) from exc
     if net.empty():
-        raise SnaplookError(f"{path}: the ONNX model is empty; use --detector builtin.")
+        raise SnaplookError(f"{path}: the ONNX model is empty; use --detector auto.")
     return net
 
 
@@ -647,7 +657,7 @@ def parse_yolo_output(
     if out.ndim != 2 or min(out.shape) < 5 + person_class:
         raise SnaplookError(
             f"{model}: unexpected detector output of shape {np.shape(output)}; expected a "
-            "YOLO-style (1, n, 5+classes) or (1, 4+classes, n) tensor. Use --detector builtin."
+            "YOLO-style (1, n, 5+classes) or (1, 4+classes, n) tensor. Use --detector auto."
         )
     if out.shape[0] < out.shape[1]:  # (4 + classes, n): YOLOv8, no objectness
         rows = out.T
@@ -669,7 +679,8 @@ def detect_people(
 
     Args:
         image: ndarray of shape (h, w, 3), RGB uint8 (grey (h, w) is accepted).
-        detector: a :class:`PersonDetector`, "builtin", or the path of an ONNX model.
+        detector: a :class:`PersonDetector`, "auto", "nanodet", "hog", or the path of an
+            ONNX model.
         min_size: minimum person height as a fraction of the frame height (ignored when
             ``detector`` is already a :class:`PersonDetector`).
 
@@ -726,6 +737,7 @@ class ArtistCrop:
         full_shot: whole standing person.
         sharpness: variance of the Laplacian of the person at 128 px high.
         quality: size x sharpness score used to rank crops.
+        detector: the :attr:`Detection.source` of the person box.
     """
 
     frame: int
@@ -740,6 +752,7 @@ class ArtistCrop:
     sharpness: float
     quality: float
     still: bool = False
+    detector: str = ""
 
 
 @dataclass
@@ -885,6 +898,7 @@ def _make_crop(fd: FrameDetections, det: Detection, *, full_shot: bool) -> Artis
         full_shot=full_shot,
         sharpness=sharp,
         quality=quality,
+        detector=det.source,
     )
 
 
@@ -1251,6 +1265,7 @@ class ArtistRow:
     kind: str
     path: Path
     source: str = ""
+    detector: str = ""
 
     def as_csv(self) -> tuple[Any, ...]:
         return (
@@ -1263,6 +1278,7 @@ class ArtistRow:
             self.kind,
             self.path.name,
             self.source,
+            self.detector,
         )
 
 
@@ -1297,9 +1313,10 @@ def write_lead_artists(
     ``clothes``, ``..._upper.png`` / ``..._lower.png`` (GrabCut cut-outs, skin and
     background white; without ``clothes`` the person crop is the plain frame region).
     ``artists.csv`` has one row per file (``score`` is the artist's lead score; ``x, y, w,
-    h`` the file's box in the frame; ``source`` the image or video it comes from);
-    ``detections.csv`` one row per person followed (``artist`` is empty for those who are
-    not lead artists) and one row with ``n_people`` 0 per frame with nobody;
+    h`` the file's box in the frame; ``source`` the image or video it comes from;
+    ``detector`` what found the person, see :func:`detector_label`); ``detections.csv``
+    one row per person followed (``artist`` is empty for those who are not lead artists)
+    and one row with ``n_people`` 0 per frame with nobody;
     ``skipped.csv`` the inputs that could not be read. The folder is replaced atomically.
 
     Args:
@@ -1394,12 +1411,19 @@ def write_lead_artists_into(
                         kind=kind,
                         path=final / name,
                         source=crop.source,
+                        detector=detector_label(crop.detector),
                     )
                 )
     write_csv_atomic(folder / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
     write_csv_atomic(folder / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
     write_csv_atomic(folder / "skipped.csv", SKIPPED_HEADER, ((str(p), r) for p, r in skipped))
     return rows
+
+
+def detector_label(source: str) -> str:
+    """``artists.csv``'s name for a :attr:`Detection.source`: the OpenCV parts are marked
+    as the no-download fallback (``snaplook models fetch nanodet`` gets the better one)."""
+    return f"{source} (fallback)" if source in ("hog", "face", "upperbody") else source
 
 
 def _crop_stem(artist: int, crop: ArtistCrop, used: set[str]) -> str:
@@ -1517,7 +1541,7 @@ def crop_artists(
             the frames of one video.
         min_size: minimum person height as a fraction of the frame height.
         clothes: also cut out the clothes (GrabCut, skin removed) and upper/lower crops.
-        detector: "builtin", the path of a YOLO-style ONNX model, or a configured
+        detector: "auto", "nanodet", "hog", the path of a YOLO-style ONNX model, or a configured
             :class:`PersonDetector`.
         crops_per_artist: best views kept per artist.
         photos: True: each image on its own (up to ``max_artists`` people in each, artists

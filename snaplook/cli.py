@@ -22,6 +22,7 @@ from snaplook import __version__
 from snaplook import ann as _ann
 from snaplook import artists as _artists
 from snaplook import catalog as _catalog
+from snaplook import detection as _detection
 from snaplook import distributed as _distributed
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
@@ -155,9 +156,12 @@ def _check_weights(value: str | None) -> str | None:
 
 
 def _check_detector(value: str) -> str:
-    if value == "builtin" or (value.lower().endswith(".onnx") and Path(value).is_file()):
+    names = (*_detection.DETECTORS, "builtin")
+    if value in names or (value.lower().endswith(".onnx") and Path(value).is_file()):
         return value
-    raise typer.BadParameter(f"{value!r} is neither builtin nor an existing .onnx model file.")
+    raise typer.BadParameter(
+        f"{value!r} is neither {', '.join(_detection.DETECTORS)} nor an existing .onnx file."
+    )
 
 
 def _version(value: bool) -> None:
@@ -995,7 +999,8 @@ DetectorOpt = Annotated[
     typer.Option(
         "--detector",
         callback=_check_detector,
-        help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
+        help="auto (nanodet when fetched, else hog), nanodet (`snaplook models fetch "
+        "nanodet`), hog (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
     ),
 ]
 
