@@ -1576,12 +1576,19 @@ ModelsDirOpt = Annotated[
 ]
 
 
+def _check_model_names(value: list[str] | None) -> list[str] | None:
+    for name in value or []:
+        if name != "all" and name not in _models.MODELS:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(_models.MODELS)}, all.")
+    return value
+
+
 @models_app.command("fetch")
 def models_fetch_cmd(
     names: Annotated[
         list[str] | None,
         typer.Argument(
-            callback=_each_in([*_models.MODELS, "all"]),
+            callback=_check_model_names,
             help=f"Models to fetch: {', '.join(_models.MODELS)} or all [default: all].",
         ),
     ] = None,

@@ -390,6 +390,7 @@ def convert_tfjs_to_openvino(model_json: str | Path, xml: str | Path) -> Path:
 
     xml = Path(xml)
     graph_def = tfjs_to_graph_def(model_json)
+    xml.parent.mkdir(parents=True, exist_ok=True)
     frozen = xml.with_suffix(".pb")
     frozen.write_bytes(graph_def.SerializeToString())
     try:
