@@ -8,6 +8,7 @@ or a user-supplied YOLO-style ONNX model.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -81,6 +82,14 @@ DETECTIONS_HEADER = (
     "source",
 )
 SKIPPED_HEADER = ("path", "reason")
+#: Sidecar of ``artists.csv`` when the pose model is fetched: per view (crop stem) the 33
+#: BlazePose landmarks in frame pixels, their visibility, the garment regions and the
+#: landmark full-shot check (see snaplook.pose).
+LANDMARKS_JSON = "landmarks.json"
+#: Crops cut from landmark regions, beside person/upper/lower.
+LANDMARK_KINDS = ("footwear", "eyewear")
+#: A landmark region crop smaller than this on a side shows nothing to search with.
+MIN_REGION_PX = 12
 #: Longest part of a crop's file name taken from its photo's name (file systems allow 255).
 _MAX_STEM = 100
 
@@ -1373,6 +1382,8 @@ def write_lead_artists_into(
 
     rows: list[ArtistRow] = []
     used: set[str] = set()
+    landmarker = _pose_landmarker() if clothes else None
+    landmarks: dict[str, Any] = {}
     for artist in selection.artists:
         for crop in artist.crops:
             ox, oy = crop.offset
@@ -1401,6 +1412,8 @@ def write_lead_artists_into(
                 if local[2] < 1 or local[3] < 1:
                     continue
                 files.append(("person", crop_box(crop.patch, local), crop.box))
+            if clothes and landmarker is not None:
+                files += _landmark_regions(landmarker, crop, local, landmarks, stem)
             for kind, pixels, frame_box in files:
                 name = f"{stem}_{kind}.png"
                 Image.fromarray(pixels).save(folder / name)
@@ -1420,8 +1433,43 @@ def write_lead_artists_into(
                 )
     write_csv_atomic(folder / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
     write_csv_atomic(folder / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
+    if landmarker is not None:
+        (folder / LANDMARKS_JSON).write_text(json.dumps(landmarks, indent=1) + "\n")
     write_csv_atomic(folder / "skipped.csv", SKIPPED_HEADER, ((str(p), r) for p, r in skipped))
     return rows
+
+
+def _pose_landmarker() -> Any:
+    """BlazePose when ``snaplook models fetch pose`` has run, else None (no landmarks)."""
+    from snaplook.models import model_path
+    from snaplook.pose import PoseLandmarker
+
+    path = model_path("pose")
+    return None if path is None else PoseLandmarker(path)
+
+
+def _landmark_regions(
+    landmarker: Any, crop: ArtistCrop, local: Box, landmarks: dict[str, Any], stem: str
+) -> list[tuple[str, Any, Box]]:
+    """Footwear and eyewear crops from the landmarks of one view; its landmarks, garment
+    regions and landmark full-shot check go into ``landmarks`` under ``stem``."""
+    from snaplook.pose import garment_regions, is_full_shot_pose
+    from snaplook.transform_utils import crop_box
+
+    ox, oy = crop.offset
+    pose = landmarker.estimate(crop.patch, local)
+    regions = garment_regions(pose, crop.patch.shape)
+    in_frame = {k: (x + ox, y + oy, w, h) for k, (x, y, w, h) in regions.items()}
+    landmarks[stem] = {
+        "frame": crop.frame,
+        "score": round(pose.score, 4),
+        "full_shot": is_full_shot_pose(pose, crop.patch.shape),
+        "points": [[round(float(x) + ox, 1), round(float(y) + oy, 1)] for x, y in pose.points],
+        "visibility": [round(float(v), 3) for v in pose.visibility],
+        "regions": in_frame,
+    }
+    kept = [k for k in LANDMARK_KINDS if k in regions and min(regions[k][2:]) >= MIN_REGION_PX]
+    return [(k, crop_box(crop.patch, regions[k]), in_frame[k]) for k in kept]
 
 
 def detector_label(source: str) -> str:

@@ -33,6 +33,8 @@ LEFT_HEEL, RIGHT_HEEL = 29, 30
 LEFT_TOE, RIGHT_TOE = 31, 32
 #: A landmark counts when its visibility is at least this.
 MIN_VISIBILITY = 0.5
+#: Below this person-presence score the landmarks are not used (an occluded cyclist: 0.13).
+MIN_POSE_SCORE = 0.5
 #: Full shot: hip-to-heel at least this times shoulder-to-hip. The landmark model also
 #: places heels on a portrait cut at the waist, with short legs: measured leg / torso on
 #: the test photos, 1.38-1.55 for standing and skiing people, 1.03 on the astronaut portrait.
@@ -156,6 +158,8 @@ def is_full_shot_pose(pose: Pose, shape: Sequence[int]) -> bool:
         pose: landmarks from :meth:`PoseLandmarker.estimate`.
         shape: the frame's (height, width[, channels]).
     """
+    if pose.score < MIN_POSE_SCORE:
+        return False
     if not _seen(pose, (LEFT_EYE_INNER, RIGHT_EYE_INNER, LEFT_HEEL, RIGHT_HEEL), shape):
         return False
     shoulders = _mid(pose, LEFT_SHOULDER, RIGHT_SHOULDER)
@@ -177,7 +181,8 @@ def garment_regions(pose: Pose, shape: Sequence[int]) -> dict[str, tuple[int, in
 
     upper: shoulders to hips (elbows included, the shoulders' width as margin);
     lower: hips to ankles (knees included); footwear: ankles, heels and toes; eyewear: the
-    six eye points. A region is left out when its landmarks are not all visible in the frame.
+    six eye points. A region is left out when its landmarks are not all visible in the frame,
+    all of them when the person-presence score is under :data:`MIN_POSE_SCORE`.
 
     Args:
         pose: landmarks from :meth:`PoseLandmarker.estimate`.
@@ -187,6 +192,8 @@ def garment_regions(pose: Pose, shape: Sequence[int]) -> dict[str, tuple[int, in
         region name -> (x, y, w, h) in frame pixels, for the regions of :data:`REGIONS`
         that are seen.
     """
+    if pose.score < MIN_POSE_SCORE:
+        return {}
     height, width = shape[:2]
     shoulder_w = math.dist(pose.points[LEFT_SHOULDER], pose.points[RIGHT_SHOULDER])
     hips = (LEFT_HIP, RIGHT_HIP)
