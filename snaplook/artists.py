@@ -1144,6 +1144,8 @@ def extract_clothes(
     face: Sequence[int] | None = None,
     iterations: int = 3,
     work_height: int = 200,
+    person_mask: np.ndarray | None = None,
+    rows: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> Clothes:
     """Cut a person out with GrabCut, paint skin and background white, split the garments.
 
@@ -1151,7 +1153,9 @@ def extract_clothes(
     certainly foreground); skin is found with :func:`skin_mask`. The upper garment runs
     from the chin to below the hips, the lower from the waist to the ankles, by body
     proportions measured from the face when it is known, else from the box height
-    (7.5 heads). Each garment crop is trimmed to its garment pixels.
+    (7.5 heads). Each garment crop is trimmed to its garment pixels. Body landmarks
+    (``snaplook.pose``) replace both where present: their person mask GrabCut, their
+    shoulder/hip/ankle rows the proportions.
 
     Args:
         image: ndarray (h, w, 3), RGB uint8: the frame or a patch of it around ``box``.
@@ -1159,6 +1163,10 @@ def extract_clothes(
         face: (x, y, w, h) of the face in ``image``, when known.
         iterations: GrabCut iterations.
         work_height: GrabCut runs on a copy scaled to about this height (speed).
+        person_mask: ndarray of shape (h, w) bool over ``image``: the person, instead of
+            GrabCut's cut-out.
+        rows: ((top, bottom) of the upper garment, (top, bottom) of the lower one) in
+            ``image`` rows, instead of the proportions.
 
     Returns:
         :class:`Clothes`; boxes are in ``image`` pixels.
@@ -1166,7 +1174,6 @@ def extract_clothes(
     Raises:
         SnaplookError: the box is empty or outside the image.
     """
-    import cv2
     import numpy as np
 
     height, width = image.shape[:2]
@@ -1177,6 +1184,20 @@ def extract_clothes(
     rx0, ry0 = max(0, bx - margin), max(0, by - margin)
     rx1, ry1 = min(width, bx + bw + margin), min(height, by + bh + margin)
     roi = np.ascontiguousarray(image[ry0:ry1, rx0:rx1])
+    if person_mask is not None:
+        fg = np.asarray(person_mask, dtype=bool)[ry0:ry1, rx0:rx1]
+    else:
+        fg = _grabcut(roi, (bx - rx0, by - ry0, bw, bh), iterations, work_height)
+    clipped = (bx, by, bw, bh)
+    return _cut_garments(image, roi, fg, skin_mask(roi), (rx0, ry0), clipped, face, rows)
+
+
+def _grabcut(roi: np.ndarray, box: Box, iterations: int, work_height: int) -> np.ndarray:
+    """GrabCut's person mask over ``roi`` (bool, roi's shape) from the person ``box`` in it."""
+    import cv2
+    import numpy as np
+
+    bx, by, bw, bh = box
     scale = min(1.0, work_height / roi.shape[0])
     small = cv2.resize(
         roi,
@@ -1186,8 +1207,8 @@ def extract_clothes(
     pad = 4  # GrabCut needs background samples: a replicated rim guarantees some
     small = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     rect = (
-        pad + int((bx - rx0) * scale),
-        pad + int((by - ry0) * scale),
+        pad + int(bx * scale),
+        pad + int(by * scale),
         max(2, int(bw * scale)),
         max(2, int(bh * scale)),
     )
@@ -1207,8 +1228,26 @@ def extract_clothes(
         logger.info("GrabCut failed (%s); using the person box as the mask", exc)
         fg_small = mask != cv2.GC_BGD
     fg_small = fg_small[pad:-pad, pad:-pad].astype(np.uint8)
-    fg = cv2.resize(fg_small, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-    skin = skin_mask(roi)
+    return cv2.resize(fg_small, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _cut_garments(
+    image: np.ndarray,
+    roi: np.ndarray,
+    fg: np.ndarray,
+    skin: np.ndarray,
+    origin: tuple[int, int],
+    box: Box,
+    face: Sequence[int] | None,
+    rows: tuple[tuple[float, float], tuple[float, float]] | None,
+) -> Clothes:
+    """Garment crops from the person's foreground ``fg`` over ``roi`` (at ``origin``)."""
+    import cv2
+    import numpy as np
+
+    height = image.shape[0]
+    rx0, ry0 = origin
+    bx, by, bw, bh = box
     skin = cv2.morphologyEx(skin.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
     garment = fg & ~skin
     garment = (
@@ -1221,7 +1260,7 @@ def extract_clothes(
     person = np.ascontiguousarray(cut[py0 : py0 + bh, px0 : px0 + bw])
     person_mask = garment[py0 : py0 + bh, px0 : px0 + bw]
     face_box = _clip_box(face, image.shape) if face is not None else None
-    upper_rows, lower_rows = _garment_rows((bx, by, bw, bh), face_box)
+    upper_rows, lower_rows = rows or _garment_rows((bx, by, bw, bh), face_box)
     upper, upper_box = _garment_crop(cut, garment, (rx0, ry0), (bx, bw), upper_rows)
     lower = lower_box = None
     # The lower garment is only cut when the legs are mostly in the image.
@@ -1382,7 +1421,7 @@ def write_lead_artists_into(
 
     rows: list[ArtistRow] = []
     used: set[str] = set()
-    landmarker = _pose_landmarker() if clothes else None
+    landmarker = _pose_landmarker()
     landmarks: dict[str, Any] = {}
     for artist in selection.artists:
         for crop in artist.crops:
@@ -1390,12 +1429,15 @@ def write_lead_artists_into(
             local = (crop.box[0] - ox, crop.box[1] - oy, crop.box[2], crop.box[3])
             stem = _crop_stem(artist.artist, crop, used)
             files: list[tuple[str, Any, Box]] = []
+            pose = landmarker.estimate(crop.patch, local) if landmarker is not None else None
             if clothes:
                 face = None
                 if crop.face is not None:
                     face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
                 try:
-                    found = extract_clothes(crop.patch, local, face=face)
+                    found = extract_clothes(
+                        crop.patch, local, face=face, **_pose_clothes(pose, crop.patch.shape)
+                    )
                 except SnaplookError as exc:  # a sliver of a box at the frame edge
                     logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
                     found = None
@@ -1412,8 +1454,9 @@ def write_lead_artists_into(
                 if local[2] < 1 or local[3] < 1:
                     continue
                 files.append(("person", crop_box(crop.patch, local), crop.box))
-            if clothes and landmarker is not None:
-                files += _landmark_regions(landmarker, crop, local, landmarks, stem)
+            if pose is not None:  # landmarks.json always; region crops are clothes
+                regions = _landmark_regions(pose, crop, landmarks, stem)
+                files += regions if clothes else []
             for kind, pixels, frame_box in files:
                 name = f"{stem}_{kind}.png"
                 Image.fromarray(pixels).save(folder / name)
@@ -1448,8 +1491,22 @@ def _pose_landmarker() -> Any:
     return None if path is None else PoseLandmarker(path)
 
 
+def _pose_clothes(pose: Any, shape: Sequence[int]) -> dict[str, Any]:
+    """extract_clothes' person mask and garment rows from landmarks, when they show them."""
+    from snaplook.pose import MIN_POSE_SCORE, garment_regions, person_mask
+
+    if pose is None or pose.score < MIN_POSE_SCORE:
+        return {}
+    regions = garment_regions(pose, shape)
+    out: dict[str, Any] = {"person_mask": person_mask(pose, shape)}
+    if "upper" in regions and "lower" in regions:
+        (_, uy, _, uh), (_, ly, _, lh) = regions["upper"], regions["lower"]
+        out["rows"] = ((uy, uy + uh), (ly, ly + lh))
+    return out
+
+
 def _landmark_regions(
-    landmarker: Any, crop: ArtistCrop, local: Box, landmarks: dict[str, Any], stem: str
+    pose: Any, crop: ArtistCrop, landmarks: dict[str, Any], stem: str
 ) -> list[tuple[str, Any, Box]]:
     """Footwear and eyewear crops from the landmarks of one view; its landmarks, garment
     regions and landmark full-shot check go into ``landmarks`` under ``stem``."""
@@ -1457,7 +1514,6 @@ def _landmark_regions(
     from snaplook.transform_utils import crop_box
 
     ox, oy = crop.offset
-    pose = landmarker.estimate(crop.patch, local)
     regions = garment_regions(pose, crop.patch.shape)
     in_frame = {k: (x + ox, y + oy, w, h) for k, (x, y, w, h) in regions.items()}
     landmarks[stem] = {

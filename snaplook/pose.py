@@ -228,3 +228,28 @@ def garment_regions(pose: Pose, shape: Sequence[int]) -> dict[str, tuple[int, in
         if x1 - x0 >= 2 and y1 - y0 >= 2:
             out[name] = (x0, y0, x1 - x0, y1 - y0)
     return out
+
+
+def person_mask(pose: Pose, shape: Sequence[int], *, threshold: float = 0.5) -> np.ndarray:
+    """The landmark model's person mask in frame pixels.
+
+    Args:
+        pose: from :meth:`PoseLandmarker.estimate`.
+        shape: the frame's (height, width[, channels]).
+        threshold: mask probability counted as the person.
+
+    Returns:
+        ndarray of shape (height, width) bool; False outside the region the model saw.
+    """
+    import cv2
+    import numpy as np
+
+    height, width = shape[:2]
+    x, y, side, _ = pose.mask_box
+    full = cv2.resize(pose.mask, (max(1, side), max(1, side)), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((height, width), dtype=bool)
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(width, x + side), min(height, y + side)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = full[y0 - y : y1 - y, x0 - x : x1 - x] >= threshold
+    return out

@@ -23,6 +23,7 @@ from snaplook.pose import (
     PoseLandmarker,
     garment_regions,
     is_full_shot_pose,
+    person_mask,
 )
 
 runner = CliRunner()
@@ -91,6 +92,32 @@ def test_garment_regions_clipped_to_the_frame():
     regions = garment_regions(_pose(), (420, 130))  # the figure's right side is cut off
     assert all(x + w <= 130 for x, _, w, _ in regions.values())
     assert "upper" not in regions  # a shoulder is outside the frame
+
+
+def test_person_mask_is_placed_and_clipped_in_frame_pixels():
+    pose = _pose()
+    pose.mask = np.zeros((4, 4), np.float32)
+    pose.mask[:2, :] = 1.0  # the top half of the region the model saw
+    pose.mask_box = (-20, 10, 40, 40)  # starts left of the frame
+    mask = person_mask(pose, (100, 50))
+    assert mask.shape == (100, 50)
+    assert mask[10:30, 0:20].all() and not mask[30:, :].any() and not mask[:, 20:].any()
+
+
+def test_extract_clothes_takes_the_landmark_mask_and_rows():
+    from snaplook.artists import extract_clothes
+
+    image = np.full((200, 100, 3), 200, np.uint8)
+    image[20:190, 30:70] = (40, 60, 160)  # a blue figure on grey
+    mask = np.zeros((200, 100), bool)
+    mask[20:190, 30:70] = True
+    clothes = extract_clothes(
+        image, (25, 15, 50, 180), person_mask=mask, rows=((40.0, 100.0), (100.0, 185.0))
+    )
+    assert clothes.mask.sum() == mask[15:195, 25:75].sum()  # the given mask, no GrabCut
+    _, uy, _, uh = clothes.upper_box
+    _, ly, _, lh = clothes.lower_box
+    assert 40 <= uy and uy + uh <= 101 and 100 <= ly and ly + lh <= 186
 
 
 def test_pose_landmarker_missing_model_says_what_to_run(tmp_path, monkeypatch):
