@@ -181,7 +181,8 @@ def garment_regions(pose: Pose, shape: Sequence[int]) -> dict[str, tuple[int, in
 
     upper: shoulders to hips (elbows included, the shoulders' width as margin);
     lower: hips to ankles (knees included); footwear: ankles, heels and toes; eyewear: the
-    six eye points. A region is left out when its landmarks are not all visible in the frame,
+    six eye points, on a face turned to the camera. A region is left out when its landmarks
+    are not all visible in the frame,
     all of them when the person-presence score is under :data:`MIN_POSE_SCORE`.
 
     Args:
@@ -216,7 +217,11 @@ def garment_regions(pose: Pose, shape: Sequence[int]) -> dict[str, tuple[int, in
             pose, feet, pad_x=0.4 * foot, pad_top=0.3 * foot, pad_bottom=0.4 * foot
         )
     eyes = (LEFT_EYE_INNER, LEFT_EYE, LEFT_EYE_OUTER, RIGHT_EYE_INNER, RIGHT_EYE, RIGHT_EYE_OUTER)
-    if _seen(pose, eyes, shape):
+    # Eyewear only on a face turned to the camera: seen from behind, the model still places
+    # the eyes (on the hair: the real video's people walk away), but mirrored, the left eye
+    # on the image's left.
+    facing = pose.points[LEFT_EYE_OUTER][0] > pose.points[RIGHT_EYE_OUTER][0]
+    if facing and _seen(pose, eyes, shape):
         span = math.dist(pose.points[LEFT_EYE_OUTER], pose.points[RIGHT_EYE_OUTER])
         found["eyewear"] = _bounds(
             pose, eyes, pad_x=0.3 * span, pad_top=0.25 * span, pad_bottom=0.25 * span

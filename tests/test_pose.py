@@ -82,6 +82,11 @@ def test_garment_regions_of_standing_figure():
     assert y < 40 < y + h and x < 88 and x + w > 112 and h < 20
 
 
+def test_garment_regions_seen_from_behind_no_eyewear():
+    behind = {**_FIGURE, **{i: (200 - x, y) for i, (x, y) in _FIGURE.items() if 1 <= i <= 6}}
+    assert "eyewear" not in garment_regions(_pose(behind), (420, 200))
+
+
 def test_garment_regions_hidden_feet_leave_footwear_out():
     pose = _pose()
     pose.visibility[[29, 30, 31, 32]] = 0.1
