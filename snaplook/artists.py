@@ -1,7 +1,8 @@
 """Lead artists: person detection in frames, grouping people across frames, crops and clothes.
 
-Detection uses only what ships with opencv-python (HOG people detector, Haar face and
-upper-body cascades) or a user-supplied YOLO-style ONNX model; nothing is downloaded.
+Detection (``snaplook.detection``) is NanoDet when ``snaplook models fetch nanodet`` has run,
+else what ships with opencv-python (HOG people detector, Haar face and upper-body cascades),
+or a user-supplied YOLO-style ONNX model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snaplook import detection as _detection
 from snaplook.errors import SnaplookError
+from snaplook.models import require_model
 from snaplook.options import (
     DEFAULT_DETECTOR,
     DEFAULT_LEAD_ARTIST_ROOT,
@@ -29,10 +32,10 @@ logger = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]  # x, y, w, h in frame pixels
 
+#: Names of the built-in OpenCV fallback ("builtin" is its name before issue 23).
+BUILTIN_DETECTORS = ("hog", "builtin")
 DEFAULT_CROPS_PER_ARTIST = 3
-#: Frames are downscaled to this width before HOG: 4-5x faster than 768 px and, measured on
-#: the test photos, it also finds the large bent skier that the full-size pass misses.
-DEFAULT_DETECT_WIDTH = 400
+DEFAULT_DETECT_WIDTH = _detection.DEFAULT_HOG_WIDTH
 #: Cascades look for faces and shoulders at this width (3x faster than 480 px); a lead
 #: artist's face in a close or half shot stays over 20 px there.
 CASCADE_WIDTH = 320
@@ -61,6 +64,7 @@ ARTISTS_HEADER = (
     "kind",
     "path",
     "source",
+    "detector",
 )
 DETECTIONS_HEADER = (
     "frame",
@@ -76,13 +80,17 @@ DETECTIONS_HEADER = (
     "artist",
     "source",
 )
+#: Sidecar of ``artists.csv`` when the pose model is fetched: per view (crop stem) the 33
+#: BlazePose landmarks in frame pixels, their visibility, the garment regions and the
+#: landmark full-shot check (see snaplook.pose).
+LANDMARKS_JSON = "landmarks.json"
+#: Crops cut from landmark regions, beside person/upper/lower.
+LANDMARK_KINDS = ("footwear", "eyewear")
+#: A landmark region crop smaller than this on a side shows nothing to search with.
+MIN_REGION_PX = 12
 #: Longest part of a crop's file name taken from its photo's name (file systems allow 255).
 _MAX_STEM = 100
 
-# A HOG window (64x128) holds the person with a margin: the person fills about the central
-# 55% of its width and 80% of its height (measured on the hand-labelled test photos).
-_HOG_KEEP_W = 0.55
-_HOG_KEEP_H = 0.8
 #: Body height in head heights (the classical 7.5-head figure).
 _HEADS_PER_BODY = 7.5
 #: A Haar face box spans brow to chin; the head is about 1.3 times taller.
@@ -96,7 +104,8 @@ class Detection:
     Attributes:
         box: (x, y, w, h) of the whole person in frame pixels, clipped to the frame.
         score: detector confidence in [0, 1].
-        source: which detector found it: "hog", "face", "upperbody", "onnx" or "given".
+        source: which detector found it: "nanodet", "hog", "face", "upperbody", "onnx" or
+            "given".
         face: (x, y, w, h) of the face when a face detector saw it, else None.
         whole_body: True when the detector saw the whole body (HOG, ONNX), False when the
             body box was extended from a face or head-and-shoulders box.
@@ -292,15 +301,18 @@ def _nms(dets: list[Detection], iou_threshold: float) -> list[Detection]:
 class PersonDetector:
     """Finds people in an RGB frame.
 
-    The built-in detector runs OpenCV's HOG people detector (multi-scale, on a
-    downscaled copy of the frame) for whole bodies and the Haar frontal-face and
-    upper-body cascades for close and half shots; face and shoulder boxes are extended to
-    body boxes by human proportions, and all boxes are merged by non-maximum suppression.
-    With ``model`` a path to an ``.onnx`` file, a YOLO-style detector runs through
-    ``cv2.dnn`` instead (class 0 = person). Models load on the first :meth:`detect`.
+    ``auto`` (the default) runs NanoDet when ``snaplook models fetch nanodet`` has run and
+    the built-in detector otherwise, saying so once in the log. ``nanodet`` runs
+    :class:`snaplook.detection.NanoDetDetector` (two passes merged by NMS). The built-in
+    detector (``hog``, formerly ``builtin``) runs OpenCV's HOG people detector for whole
+    bodies and the Haar frontal-face and upper-body cascades for close and half shots; face
+    and shoulder boxes are extended to body boxes by human proportions, and all boxes are
+    merged by non-maximum suppression. With ``model`` a path to an ``.onnx`` file, a
+    YOLO-style detector runs through ``cv2.dnn`` instead (class 0 = person). Models load on
+    the first :meth:`detect`.
 
     Args:
-        model: "builtin" or the path of a YOLO-style ONNX model.
+        model: "auto", "nanodet", "hog" ("builtin"), or the path of a YOLO-style ONNX model.
         min_size: people shorter than this fraction of the frame height are dropped.
         detect_width: frames wider than this are downscaled before HOG.
         confidence: minimum detector confidence in [0, 1].
@@ -328,27 +340,48 @@ class PersonDetector:
         self.min_foreground = min_foreground
         self.nms_iou = nms_iou
         self.input_size = input_size
-        self.hog_: Any = None
+        self.resolved_: str | None = None
+        self.engine_: Any = None
         self.face_: Any = None
         self.upper_: Any = None
         self.net_: Any = None
 
     @property
     def builtin(self) -> bool:
-        return str(self.model) == DEFAULT_DETECTOR
+        """True when the OpenCV HOG + Haar fallback runs (after ``auto`` is resolved)."""
+        self._resolve()
+        return self.resolved_ == "hog"
+
+    @property
+    def label(self) -> str:
+        """What ``artists.csv`` names this detector: nanodet, hog (fallback) or onnx."""
+        self._resolve()
+        return _detection.HOG_FALLBACK if self.resolved_ == "hog" else str(self.resolved_)
+
+    def _resolve(self) -> None:
+        if self.resolved_ is not None:
+            return
+        name = str(self.model)
+        if name in BUILTIN_DETECTORS:
+            self.resolved_ = "hog"
+        elif name in _detection.DETECTORS:
+            self.resolved_ = _detection.resolve_detector(name)
+        else:
+            self.resolved_ = "onnx"
 
     def _load(self) -> None:
-        import cv2
-
-        if self.builtin:
-            if self.hog_ is None:
-                self.hog_ = cv2.HOGDescriptor()
-                self.hog_.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-                self.face_ = _cascade("haarcascade_frontalface_alt2.xml")
-                self.upper_ = _cascade("haarcascade_upperbody.xml")
-            return
-        if self.net_ is None:
-            self.net_ = load_onnx_detector(self.model)
+        self._resolve()
+        if self.resolved_ == "onnx":
+            if self.net_ is None:
+                self.net_ = load_onnx_detector(self.model)
+        elif self.engine_ is None and self.resolved_ == "nanodet":
+            self.engine_ = _detection.NanoDetDetector(require_model("nanodet"))
+            self.engine_.load()
+        elif self.engine_ is None:
+            self.engine_ = _detection.HogDetector(detect_width=self.detect_width)
+            self.engine_.load()
+            self.face_ = _cascade("haarcascade_frontalface_alt2.xml")
+            self.upper_ = _cascade("haarcascade_upperbody.xml")
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Find the people in one frame.
@@ -361,54 +394,40 @@ class PersonDetector:
             without the boxes :func:`drop_false_people` rejects.
 
         Raises:
-            SnaplookError: the ONNX model cannot be loaded or gives an unknown output.
+            SnaplookError: the ONNX or NanoDet model cannot be loaded (or is not fetched),
+                or an ONNX model gives an unknown output.
         """
         self._load()
-        if self.builtin:
-            found = self._detect_hog(image) + self._detect_cascades(image)
+        if self.resolved_ == "hog":
+            found = self._detect_engine(image) + self._detect_cascades(image)
             merged = _merge_parts(found, self.nms_iou)
+        elif self.resolved_ == "nanodet":
+            merged = self._detect_engine(image)  # NMS and parts of people done there
         else:
             merged = _nms(self._detect_onnx(image), self.nms_iou)
         height = image.shape[0]
         kept = [
             d for d in merged if d.box[3] >= self.min_size * height and d.score >= self.confidence
         ]
-        kept = drop_false_people(image, kept, min_foreground=self.min_foreground)
+        # The foreground test catches HOG on floorboards and poles; NanoDet does not fire
+        # there, and in crowds the test rejects real people whose surroundings are people
+        # too (foreground 0.00-0.03 for 7 of 24 found, benchmarks/bench_detect.py).
+        min_foreground = 0.0 if self.resolved_ == "nanodet" else self.min_foreground
+        kept = drop_false_people(image, kept, min_foreground=min_foreground)
         return sorted(kept, key=lambda d: -d.score)
 
-    def _detect_hog(self, image: np.ndarray) -> list[Detection]:
-        import cv2
-        import numpy as np
-
-        small, scale = _resize_width(image, self.detect_width)
-        # A replicated border lets HOG windows reach people touching the frame edge.
-        pad = 16
-        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        win_w, win_h = self.hog_.winSize
-        if padded.shape[0] < win_h or padded.shape[1] < win_w:
-            # OpenCV's detectMultiScale segfaults on an image smaller than its window
-            # (64x128); no person fits in one anyway.
-            return []
-        rects, weights = self.hog_.detectMultiScale(
-            padded, winStride=(4, 4), padding=(8, 8), scale=1.05
-        )
-        out: list[Detection] = []
-        for (x, y, w, h), weight in zip(rects, np.ravel(weights)):
-            if weight <= 0.3:
-                continue
-            cx = (x - pad + w / 2) / scale
-            cy = (y - pad + h / 2) / scale
-            bw, bh = w * _HOG_KEEP_W / scale, h * _HOG_KEEP_H / scale
-            raw = (cx - bw / 2, cy - bh / 2, bw, bh)
-            out.append(
-                Detection(
-                    box=_clip_box(raw, image.shape),
-                    score=float(weight / (weight + 1.0)),
-                    source="hog",
-                    whole_body=True,
-                    full_shot=is_full_shot(raw, image.shape),
-                )
+    def _detect_engine(self, image: np.ndarray) -> list[Detection]:
+        boxes, scores = self.engine_.detect(image)
+        out = [
+            Detection(
+                box=_clip_box(raw, image.shape),
+                score=float(score),
+                source=self.engine_.name,
+                whole_body=True,
+                full_shot=is_full_shot(raw, image.shape),
             )
+            for raw, score in zip(boxes.tolist(), scores.tolist())
+        ]
         return [d for d in out if d.box[2] > 0 and d.box[3] > 0]
 
     def _detect_cascades(self, image: np.ndarray) -> list[Detection]:
@@ -479,7 +498,7 @@ class PersonDetector:
         except cv2.error as exc:
             raise SnaplookError(
                 f"{self.model}: the ONNX detector failed on a {w}x{h} frame ({exc}); it must take "
-                f"a 1x3x{size}x{size} image. Use --detector builtin or another model."
+                f"a 1x3x{size}x{size} image. Use --detector auto or another model."
             ) from exc
         boxes, scores = parse_yolo_output(output, conf=self.confidence, model=self.model)
         out = []
@@ -503,7 +522,8 @@ def make_detector(
     """A :class:`PersonDetector` with its models loaded now, so a bad one fails early.
 
     Args:
-        detector: a :class:`PersonDetector` (returned as is, loaded), "builtin" or the
+        detector: a :class:`PersonDetector` (returned as is, loaded), "auto", "nanodet",
+            "hog" or the
             path of a YOLO-style ONNX model.
         min_size: minimum person height as a fraction of the frame height.
 
@@ -591,22 +611,23 @@ def load_onnx_detector(path: str | Path) -> Any:
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise SnaplookError(
-            f"--detector {path}: expected 'builtin' or the path of a YOLO-style .onnx model."
+            f"--detector {path}: expected auto, nanodet, hog or the path of a YOLO-style "
+            ".onnx model."
         )
     if not path.is_file():
         raise SnaplookError(
             f"{path}: detector model not found; pass an existing .onnx file or use "
-            "--detector builtin (needs nothing extra)."
+            "--detector hog (needs nothing extra)."
         )
     try:
         net = cv2.dnn.readNetFromONNX(str(path))
     except cv2.error as exc:
         raise SnaplookError(
             f"{path}: not an ONNX model OpenCV can load ({str(exc).strip().splitlines()[-1]}); "
-            "export a YOLO detector to ONNX or use --detector builtin."
+            "export a YOLO detector to ONNX or use --detector auto."
         ) from exc
     if net.empty():
-        raise SnaplookError(f"{path}: the ONNX model is empty; use --detector builtin.")
+        raise SnaplookError(f"{path}: the ONNX model is empty; use --detector auto.")
     return net
 
 
@@ -640,7 +661,7 @@ def parse_yolo_output(
     if out.ndim != 2 or min(out.shape) < 5 + person_class:
         raise SnaplookError(
             f"{model}: unexpected detector output of shape {np.shape(output)}; expected a "
-            "YOLO-style (1, n, 5+classes) or (1, 4+classes, n) tensor. Use --detector builtin."
+            "YOLO-style (1, n, 5+classes) or (1, 4+classes, n) tensor. Use --detector auto."
         )
     if out.shape[0] < out.shape[1]:  # (4 + classes, n): YOLOv8, no objectness
         rows = out.T
@@ -662,7 +683,8 @@ def detect_people(
 
     Args:
         image: ndarray of shape (h, w, 3), RGB uint8 (grey (h, w) is accepted).
-        detector: a :class:`PersonDetector`, "builtin", or the path of an ONNX model.
+        detector: a :class:`PersonDetector`, "auto", "nanodet", "hog", or the path of an
+            ONNX model.
         min_size: minimum person height as a fraction of the frame height (ignored when
             ``detector`` is already a :class:`PersonDetector`).
 
@@ -719,6 +741,7 @@ class ArtistCrop:
         full_shot: whole standing person.
         sharpness: variance of the Laplacian of the person at 128 px high.
         quality: size x sharpness score used to rank crops.
+        detector: the :attr:`Detection.source` of the person box.
     """
 
     frame: int
@@ -733,6 +756,7 @@ class ArtistCrop:
     sharpness: float
     quality: float
     still: bool = False
+    detector: str = ""
 
 
 @dataclass
@@ -878,6 +902,7 @@ def _make_crop(fd: FrameDetections, det: Detection, *, full_shot: bool) -> Artis
         full_shot=full_shot,
         sharpness=sharp,
         quality=quality,
+        detector=det.source,
     )
 
 
@@ -1110,6 +1135,8 @@ def extract_clothes(
     face: Sequence[int] | None = None,
     iterations: int = 3,
     work_height: int = 200,
+    person_mask: np.ndarray | None = None,
+    rows: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> Clothes:
     """Cut a person out with GrabCut, paint skin and background white, split the garments.
 
@@ -1117,7 +1144,9 @@ def extract_clothes(
     certainly foreground); skin is found with :func:`skin_mask`. The upper garment runs
     from the chin to below the hips, the lower from the waist to the ankles, by body
     proportions measured from the face when it is known, else from the box height
-    (7.5 heads). Each garment crop is trimmed to its garment pixels.
+    (7.5 heads). Each garment crop is trimmed to its garment pixels. Body landmarks
+    (``snaplook.pose``) replace both where present: their person mask GrabCut, their
+    shoulder/hip/ankle rows the proportions.
 
     Args:
         image: ndarray (h, w, 3), RGB uint8: the frame or a patch of it around ``box``.
@@ -1125,6 +1154,10 @@ def extract_clothes(
         face: (x, y, w, h) of the face in ``image``, when known.
         iterations: GrabCut iterations.
         work_height: GrabCut runs on a copy scaled to about this height (speed).
+        person_mask: ndarray of shape (h, w) bool over ``image``: the person, instead of
+            GrabCut's cut-out.
+        rows: ((top, bottom) of the upper garment, (top, bottom) of the lower one) in
+            ``image`` rows, instead of the proportions.
 
     Returns:
         :class:`Clothes`; boxes are in ``image`` pixels.
@@ -1132,7 +1165,6 @@ def extract_clothes(
     Raises:
         SnaplookError: the box is empty or outside the image.
     """
-    import cv2
     import numpy as np
 
     height, width = image.shape[:2]
@@ -1143,6 +1175,20 @@ def extract_clothes(
     rx0, ry0 = max(0, bx - margin), max(0, by - margin)
     rx1, ry1 = min(width, bx + bw + margin), min(height, by + bh + margin)
     roi = np.ascontiguousarray(image[ry0:ry1, rx0:rx1])
+    if person_mask is not None:
+        fg = np.asarray(person_mask, dtype=bool)[ry0:ry1, rx0:rx1]
+    else:
+        fg = _grabcut(roi, (bx - rx0, by - ry0, bw, bh), iterations, work_height)
+    clipped = (bx, by, bw, bh)
+    return _cut_garments(image, roi, fg, skin_mask(roi), (rx0, ry0), clipped, face, rows)
+
+
+def _grabcut(roi: np.ndarray, box: Box, iterations: int, work_height: int) -> np.ndarray:
+    """GrabCut's person mask over ``roi`` (bool, roi's shape) from the person ``box`` in it."""
+    import cv2
+    import numpy as np
+
+    bx, by, bw, bh = box
     scale = min(1.0, work_height / roi.shape[0])
     small = cv2.resize(
         roi,
@@ -1152,8 +1198,8 @@ def extract_clothes(
     pad = 4  # GrabCut needs background samples: a replicated rim guarantees some
     small = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     rect = (
-        pad + int((bx - rx0) * scale),
-        pad + int((by - ry0) * scale),
+        pad + int(bx * scale),
+        pad + int(by * scale),
         max(2, int(bw * scale)),
         max(2, int(bh * scale)),
     )
@@ -1173,8 +1219,26 @@ def extract_clothes(
         logger.info("GrabCut failed (%s); using the person box as the mask", exc)
         fg_small = mask != cv2.GC_BGD
     fg_small = fg_small[pad:-pad, pad:-pad].astype(np.uint8)
-    fg = cv2.resize(fg_small, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-    skin = skin_mask(roi)
+    return cv2.resize(fg_small, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _cut_garments(
+    image: np.ndarray,
+    roi: np.ndarray,
+    fg: np.ndarray,
+    skin: np.ndarray,
+    origin: tuple[int, int],
+    box: Box,
+    face: Sequence[int] | None,
+    rows: tuple[tuple[float, float], tuple[float, float]] | None,
+) -> Clothes:
+    """Garment crops from the person's foreground ``fg`` over ``roi`` (at ``origin``)."""
+    import cv2
+    import numpy as np
+
+    height = image.shape[0]
+    rx0, ry0 = origin
+    bx, by, bw, bh = box
     skin = cv2.morphologyEx(skin.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
     garment = fg & ~skin
     garment = (
@@ -1187,7 +1251,7 @@ def extract_clothes(
     person = np.ascontiguousarray(cut[py0 : py0 + bh, px0 : px0 + bw])
     person_mask = garment[py0 : py0 + bh, px0 : px0 + bw]
     face_box = _clip_box(face, image.shape) if face is not None else None
-    upper_rows, lower_rows = _garment_rows((bx, by, bw, bh), face_box)
+    upper_rows, lower_rows = rows or _garment_rows((bx, by, bw, bh), face_box)
     upper, upper_box = _garment_crop(cut, garment, (rx0, ry0), (bx, bw), upper_rows)
     lower = lower_box = None
     # The lower garment is only cut when the legs are mostly in the image.
@@ -1244,6 +1308,7 @@ class ArtistRow:
     kind: str
     path: Path
     source: str = ""
+    detector: str = ""
 
     def as_csv(self) -> tuple[Any, ...]:
         return (
@@ -1256,6 +1321,7 @@ class ArtistRow:
             self.kind,
             self.path.name,
             self.source,
+            self.detector,
         )
 
 
@@ -1290,9 +1356,10 @@ def write_lead_artists(
     ``clothes``, ``..._upper.png`` / ``..._lower.png`` (GrabCut cut-outs, skin and
     background white; without ``clothes`` the person crop is the plain frame region).
     ``artists.csv`` has one row per file (``score`` is the artist's lead score; ``x, y, w,
-    h`` the file's box in the frame; ``source`` the image or video it comes from);
-    ``detections.csv`` one row per person followed (``artist`` is empty for those who are
-    not lead artists) and one row with ``n_people`` 0 per frame with nobody;
+    h`` the file's box in the frame; ``source`` the image or video it comes from;
+    ``detector`` what found the person, see :func:`detector_label`); ``detections.csv``
+    one row per person followed (``artist`` is empty for those who are not lead artists)
+    and one row with ``n_people`` 0 per frame with nobody;
     ``skipped.csv`` the inputs that could not be read. The folder is replaced atomically.
 
     Args:
@@ -1340,23 +1407,28 @@ def write_lead_artists_into(
     """
     from PIL import Image
 
-    from snaplook.io_utils import write_csv_atomic, write_skipped
+    from snaplook.io_utils import write_csv_atomic, write_json_atomic, write_skipped
     from snaplook.transform_utils import crop_box
 
     rows: list[ArtistRow] = []
     used: set[str] = set()
+    landmarker = _pose_landmarker()
+    landmarks: dict[str, Any] = {}
     for artist in selection.artists:
         for crop in artist.crops:
             ox, oy = crop.offset
             local = (crop.box[0] - ox, crop.box[1] - oy, crop.box[2], crop.box[3])
             stem = _crop_stem(artist.artist, crop, used)
             files: list[tuple[str, Any, Box]] = []
+            pose = landmarker.estimate(crop.patch, local) if landmarker is not None else None
             if clothes:
                 face = None
                 if crop.face is not None:
                     face = (crop.face[0] - ox, crop.face[1] - oy, crop.face[2], crop.face[3])
                 try:
-                    found = extract_clothes(crop.patch, local, face=face)
+                    found = extract_clothes(
+                        crop.patch, local, face=face, **_pose_clothes(pose, crop.patch.shape)
+                    )
                 except SnaplookError as exc:  # a sliver of a box at the frame edge
                     logger.warning("frame %d: no clothes cut-out (%s)", crop.frame, exc)
                     found = None
@@ -1373,6 +1445,9 @@ def write_lead_artists_into(
                 if local[2] < 1 or local[3] < 1:
                     continue
                 files.append(("person", crop_box(crop.patch, local), crop.box))
+            if pose is not None:  # landmarks.json always; region crops are clothes
+                regions = _landmark_regions(pose, crop, landmarks, stem)
+                files += regions if clothes else []
             for kind, pixels, frame_box in files:
                 name = f"{stem}_{kind}.png"
                 Image.fromarray(pixels).save(folder / name)
@@ -1387,12 +1462,67 @@ def write_lead_artists_into(
                         kind=kind,
                         path=final / name,
                         source=crop.source,
+                        detector=detector_label(crop.detector),
                     )
                 )
     write_csv_atomic(folder / "artists.csv", ARTISTS_HEADER, (r.as_csv() for r in rows))
     write_csv_atomic(folder / "detections.csv", DETECTIONS_HEADER, _detection_rows(selection))
+    if landmarker is not None:
+        write_json_atomic(folder / LANDMARKS_JSON, landmarks)
     write_skipped(folder / "skipped.csv", skipped)
     return rows
+
+
+def _pose_landmarker() -> Any:
+    """BlazePose when ``snaplook models fetch pose`` has run, else None (no landmarks)."""
+    from snaplook.models import model_path
+    from snaplook.pose import PoseLandmarker
+
+    path = model_path("pose")
+    return None if path is None else PoseLandmarker(path)
+
+
+def _pose_clothes(pose: Any, shape: Sequence[int]) -> dict[str, Any]:
+    """extract_clothes' person mask and garment rows from landmarks, when they show them."""
+    from snaplook.pose import MIN_POSE_SCORE, garment_regions, person_mask
+
+    if pose is None or pose.score < MIN_POSE_SCORE:
+        return {}
+    regions = garment_regions(pose, shape)
+    out: dict[str, Any] = {"person_mask": person_mask(pose, shape)}
+    if "upper" in regions and "lower" in regions:
+        (_, uy, _, uh), (_, ly, _, lh) = regions["upper"], regions["lower"]
+        out["rows"] = ((uy, uy + uh), (ly, ly + lh))
+    return out
+
+
+def _landmark_regions(
+    pose: Any, crop: ArtistCrop, landmarks: dict[str, Any], stem: str
+) -> list[tuple[str, Any, Box]]:
+    """Footwear and eyewear crops from the landmarks of one view; its landmarks, garment
+    regions and landmark full-shot check go into ``landmarks`` under ``stem``."""
+    from snaplook.pose import garment_regions, is_full_shot_pose
+    from snaplook.transform_utils import crop_box
+
+    ox, oy = crop.offset
+    regions = garment_regions(pose, crop.patch.shape)
+    in_frame = {k: (x + ox, y + oy, w, h) for k, (x, y, w, h) in regions.items()}
+    landmarks[stem] = {
+        "frame": crop.frame,
+        "score": round(pose.score, 4),
+        "full_shot": is_full_shot_pose(pose, crop.patch.shape),
+        "points": [[round(float(x) + ox, 1), round(float(y) + oy, 1)] for x, y in pose.points],
+        "visibility": [round(float(v), 3) for v in pose.visibility],
+        "regions": in_frame,
+    }
+    kept = [k for k in LANDMARK_KINDS if k in regions and min(regions[k][2:]) >= MIN_REGION_PX]
+    return [(k, crop_box(crop.patch, regions[k]), in_frame[k]) for k in kept]
+
+
+def detector_label(source: str) -> str:
+    """``artists.csv``'s name for a :attr:`Detection.source`: the OpenCV parts are marked
+    as the no-download fallback (``snaplook models fetch nanodet`` gets the better one)."""
+    return f"{source} (fallback)" if source in ("hog", "face", "upperbody") else source
 
 
 def _crop_stem(artist: int, crop: ArtistCrop, used: set[str]) -> str:
@@ -1510,7 +1640,7 @@ def crop_artists(
             the frames of one video.
         min_size: minimum person height as a fraction of the frame height.
         clothes: also cut out the clothes (GrabCut, skin removed) and upper/lower crops.
-        detector: "builtin", the path of a YOLO-style ONNX model, or a configured
+        detector: "auto", "nanodet", "hog", the path of a YOLO-style ONNX model, or a configured
             :class:`PersonDetector`.
         crops_per_artist: best views kept per artist.
         photos: True: each image on its own (up to ``max_artists`` people in each, artists

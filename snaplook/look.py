@@ -231,7 +231,7 @@ def look(
         max_artists: lead artists to keep, default=2.
         min_size: minimum person height as a fraction of the frame height.
         clothes: cut out clothes (upper/lower crops) besides the person crop.
-        detector: "builtin", the path of a YOLO-style ONNX model, or a configured
+        detector: "auto", "nanodet", "hog", the path of a YOLO-style ONNX model, or a configured
             :class:`~snaplook.artists.PersonDetector`.
         crops_per_artist: best views per artist.
         plot: draw the grids.

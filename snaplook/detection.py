@@ -1,0 +1,407 @@
+"""Person detectors behind one interface: ``detect(image) -> (boxes, scores)``.
+
+NanoDet-m (a COCO detector fetched by ``snaplook models fetch nanodet``, run by OpenVINO)
+and OpenCV's HOG people detector (ships with opencv-python; the no-download fallback).
+:func:`resolve_detector` turns ``auto`` into the best one present.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snaplook import models
+from snaplook.errors import SnaplookError
+from snaplook.options import DEFAULT_DETECTOR  # noqa: F401  ("auto"; re-exported)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Names ``--detector`` takes; ``auto`` is NanoDet when fetched, else HOG.
+DETECTORS = ("auto", "nanodet", "hog")
+#: Label of the no-download fallback in artists.csv / detections.csv.
+HOG_FALLBACK = "hog (fallback)"
+
+NANODET_INPUT = 416
+NANODET_STRIDES = (8, 16, 32)
+#: Each box side is a distribution over 0..10 strides (GFL regression, reg_max = 10).
+NANODET_BINS = 11
+#: NanoDet's (BGR) normalisation, from RangiLyu/nanodet's config for nanodet-m.
+NANODET_MEAN = (103.53, 116.28, 123.675)
+NANODET_STD = (57.375, 57.12, 58.395)
+#: Person score threshold. Measured on the hand-labelled test photos
+#: (benchmarks/bench_detect.py): see the README table.
+DEFAULT_NANODET_SCORE = 0.35
+#: Boxes of one person from the two passes (or neighbouring cells) overlap above this.
+DEFAULT_NMS_IOU = 0.5
+#: A box mostly (this fraction) inside a stronger one and less than PART_MAX_HEIGHT of its
+#: height is a part of that person (see :func:`drop_parts`): a head or upper body found by
+#: one pass. Measured on the labelled photos: these were most of NanoDet's false boxes.
+PART_INSIDE = 0.8
+PART_MAX_HEIGHT = 0.6
+#: Grey of the letterbox border, as in NanoDet's and YOLO's training pipelines.
+LETTERBOX_PAD = 114
+#: HOG runs on a copy this wide: 4-5x faster than 768 px and, measured on the test photos,
+#: it also finds the large bent skier that the full-size pass misses.
+DEFAULT_HOG_WIDTH = 400
+
+# A HOG window (64x128) holds the person with a margin: the person fills about the central
+# 55% of its width and 80% of its height (measured on the hand-labelled test photos).
+_HOG_KEEP_W = 0.55
+_HOG_KEEP_H = 0.8
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression.
+
+    Args:
+        boxes: ndarray of shape (n, 4), (x1, y1, x2, y2).
+        scores: ndarray of shape (n,).
+        iou_threshold: a box overlapping a stronger kept one above this IoU is dropped.
+
+    Returns:
+        ndarray of shape (k,) int64: indices of the kept boxes, strongest first.
+    """
+    import numpy as np
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    keep: list[int] = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
+        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        union = area[i] + area[rest] - inter
+        overlap = np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+        order = rest[overlap <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def drop_parts(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    *,
+    inside: float = PART_INSIDE,
+    max_height: float = PART_MAX_HEIGHT,
+) -> np.ndarray:
+    """Indices of the boxes that are not part of a stronger person box.
+
+    A box is a part (a head, an upper body) when at least ``inside`` of its area lies in a
+    stronger box and it is less than ``max_height`` times that box's height; a person
+    standing behind another is mostly inside their box too, but about as tall.
+
+    Args:
+        boxes: ndarray of shape (n, 4), (x1, y1, x2, y2), strongest first.
+        scores: ndarray of shape (n,), in the same order.
+        inside: float in (0, 1], default=0.8.
+        max_height: float in (0, 1], default=0.6.
+
+    Returns:
+        ndarray of shape (k,) int64: indices of the kept boxes, in their order.
+    """
+    import numpy as np
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    keep: list[int] = []
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        x1, y1, x2, y2 = boxes[i]
+        area = max(x2 - x1, 1e-6) * max(y2 - y1, 1e-6)
+        part = False
+        for j in keep:
+            kx1, ky1, kx2, ky2 = boxes[j]
+            overlap = max(0.0, min(x2, kx2) - max(x1, kx1)) * max(0.0, min(y2, ky2) - max(y1, ky1))
+            if overlap >= inside * area and (y2 - y1) < max_height * (ky2 - ky1):
+                part = True
+                break
+        if not part:
+            keep.append(int(i))
+    return np.asarray(sorted(keep), dtype=np.int64)
+
+
+def decode_nanodet(
+    class_scores: Sequence[np.ndarray],
+    box_regression: Sequence[np.ndarray],
+    *,
+    input_size: int = NANODET_INPUT,
+    strides: Sequence[int] = NANODET_STRIDES,
+    score_threshold: float = DEFAULT_NANODET_SCORE,
+    class_index: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Turn NanoDet's per-stride outputs into boxes of one class (before NMS).
+
+    Cell ``i`` of a stride-``s`` level (row-major over an ``input_size / s`` square grid)
+    has its centre at ((col + 0.5) s, (row + 0.5) s). Its four distances to the box sides
+    (left, top, right, bottom) are the expectations of softmax distributions over
+    :data:`NANODET_BINS` bins, in strides.
+
+    Args:
+        class_scores: per stride, ndarray of shape (1, cells, classes) or (cells, classes):
+            sigmoid scores (the graph applies the sigmoid).
+        box_regression: per stride, ndarray of shape (1, cells, 4 * bins) or (cells, 4 * bins).
+        input_size: side of the square network input in pixels.
+        strides: the levels' strides, in the order of the outputs.
+        score_threshold: cells scoring below this are dropped.
+        class_index: the class to read (COCO person = 0).
+
+    Returns:
+        (boxes, scores): ndarray of shape (n, 4) float32 of (x1, y1, x2, y2) in input
+        pixels and ndarray of shape (n,) float32.
+
+    Raises:
+        SnaplookError: an output's shape does not fit ``input_size`` and ``strides``.
+    """
+    import numpy as np
+
+    all_boxes, all_scores = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)]
+    for cls, reg, stride in zip(class_scores, box_regression, strides, strict=True):
+        side = math.ceil(input_size / stride)
+        cls = np.asarray(cls, dtype=np.float32).reshape(-1, np.shape(cls)[-1])
+        reg = np.asarray(reg, dtype=np.float32)
+        if cls.shape[0] != side * side or reg.size != side * side * 4 * NANODET_BINS:
+            raise SnaplookError(
+                f"NanoDet output for stride {stride} has shape {cls.shape} / {reg.shape}; "
+                f"expected {side * side} cells. Fetch the model again (snaplook models fetch "
+                "nanodet --force)."
+            )
+        keep = np.flatnonzero(cls[:, class_index] >= score_threshold)
+        logits = reg.reshape(-1, 4, NANODET_BINS)[keep]
+        prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        prob /= prob.sum(axis=-1, keepdims=True)
+        dist = (prob @ np.arange(NANODET_BINS, dtype=np.float32)) * stride
+        cx = (keep % side + 0.5) * stride
+        cy = (keep // side + 0.5) * stride
+        boxes = np.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1)
+        all_boxes.append(boxes.astype(np.float32))
+        all_scores.append(cls[keep, class_index])
+    return np.concatenate(all_boxes), np.concatenate(all_scores)
+
+
+def _letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """``image`` scaled to fit a ``size`` square (top left), the rest grey; and the scale."""
+    import cv2
+    import numpy as np
+
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.full((size, size, 3), LETTERBOX_PAD, dtype=np.uint8)
+    canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+    return canvas, scale
+
+
+class NanoDetDetector:
+    """NanoDet-m 416 (COCO) person detector on OpenVINO, in two passes merged by NMS.
+
+    One pass sees the frame stretched to 416x416, the other letterboxed (aspect kept,
+    grey border). A single stretched pass missed everyone in a wide street photo
+    (issue 23); the letterboxed one alone shrinks small people further.
+
+    Args:
+        model: the converted ``.xml``; None takes it from the models cache.
+        score_threshold: minimum person score in [0, 1].
+        nms_iou: IoU above which two boxes are one person.
+        passes: which passes to run: "stretch", "letterbox" or both.
+        threads: OpenVINO inference threads; None lets OpenVINO choose.
+    """
+
+    name = "nanodet"
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        score_threshold: float = DEFAULT_NANODET_SCORE,
+        nms_iou: float = DEFAULT_NMS_IOU,
+        passes: Sequence[str] = ("stretch", "letterbox"),
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.score_threshold = score_threshold
+        self.nms_iou = nms_iou
+        self.passes = tuple(passes)
+        self.threads = threads
+        self.compiled_: Any = None
+
+    def load(self) -> None:
+        """Compile the model now (it loads on the first :meth:`detect` otherwise).
+
+        Raises:
+            SnaplookError: the model is not fetched, or OpenVINO cannot read it.
+        """
+        if self.compiled_ is not None:
+            return
+        import openvino as ov
+
+        path = Path(self.model) if self.model is not None else models.require_model("nanodet")
+        config = {} if self.threads is None else {"INFERENCE_NUM_THREADS": self.threads}
+        try:
+            self.compiled_ = ov.Core().compile_model(str(path), "CPU", config)
+        except RuntimeError as exc:
+            raise SnaplookError(
+                f"{path}: OpenVINO cannot load the NanoDet model ({exc}); run "
+                "`snaplook models fetch nanodet --force`."
+            ) from exc
+
+    def _run(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (x1, y1, x2, y2) in canvas pixels and scores for one RGB 416x416 canvas."""
+        import numpy as np
+
+        bgr = canvas[..., ::-1].astype(np.float32)
+        blob = ((bgr - np.float32(NANODET_MEAN)) / np.float32(NANODET_STD)).transpose(2, 0, 1)
+        result = self.compiled_(blob[None])
+        outputs = [result[out] for out in self.compiled_.outputs]
+        # Outputs come as three (1, cells, 80) score maps, then three (1, cells, 44)
+        # regressions, each group from stride 8 to 32; sort by role and size to be sure.
+        scores = sorted((o for o in outputs if o.shape[-1] != 4 * NANODET_BINS), key=_cells)
+        regs = sorted((o for o in outputs if o.shape[-1] == 4 * NANODET_BINS), key=_cells)
+        return decode_nanodet(scores, regs, score_threshold=self.score_threshold)
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Find the people in one frame.
+
+        Args:
+            image: ndarray of shape (h, w, 3), RGB uint8.
+
+        Returns:
+            (boxes, scores): ndarray of shape (n, 4) float32 of (x, y, w, h) in frame
+            pixels (not clipped), strongest first, and ndarray of shape (n,) float32.
+        """
+        import cv2
+        import numpy as np
+
+        self.load()
+        h, w = image.shape[:2]
+        found_boxes, found_scores = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)]
+        if "stretch" in self.passes:
+            size = (NANODET_INPUT, NANODET_INPUT)
+            boxes, scores = self._run(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+            found_boxes.append(boxes * np.float32([w, h, w, h]) / NANODET_INPUT)
+            found_scores.append(scores)
+        if "letterbox" in self.passes:
+            canvas, scale = _letterbox(image, NANODET_INPUT)
+            boxes, scores = self._run(canvas)
+            found_boxes.append(boxes / np.float32(scale))
+            found_scores.append(scores)
+        boxes, scores = np.concatenate(found_boxes), np.concatenate(found_scores)
+        keep = nms(boxes, scores, iou_threshold=self.nms_iou)
+        boxes, scores = boxes[keep], scores[keep]
+        keep = drop_parts(boxes, scores)
+        boxes, scores = boxes[keep], scores[keep]
+        boxes[:, 2:] -= boxes[:, :2]
+        return boxes.astype(np.float32), scores.astype(np.float32)
+
+
+def _cells(output: np.ndarray) -> int:
+    return -output.shape[-2]
+
+
+class HogDetector:
+    """OpenCV's HOG people detector (multi-scale, on a downscaled copy of the frame).
+
+    Needs no download; weaker than NanoDet (it misses small and bent people and puts
+    boxes on trees and cars, issue 23), so it is the fallback.
+
+    Args:
+        detect_width: frames wider than this are downscaled first.
+        min_weight: minimum SVM weight of a window.
+    """
+
+    name = "hog"
+
+    def __init__(self, *, detect_width: int = DEFAULT_HOG_WIDTH, min_weight: float = 0.3) -> None:
+        self.detect_width = detect_width
+        self.min_weight = min_weight
+        self.hog_: Any = None
+
+    def load(self) -> None:
+        """Build OpenCV's HOG descriptor with its default people SVM."""
+        import cv2
+
+        if self.hog_ is None:
+            self.hog_ = cv2.HOGDescriptor()
+            self.hog_.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Find the people in one frame.
+
+        Args:
+            image: ndarray of shape (h, w, 3), RGB uint8.
+
+        Returns:
+            (boxes, scores): ndarray of shape (n, 4) float32 of (x, y, w, h) in frame
+            pixels (not clipped) and ndarray of shape (n,) float32 in (0, 1).
+        """
+        import cv2
+        import numpy as np
+
+        self.load()
+        h, w = image.shape[:2]
+        scale = min(1.0, self.detect_width / w) if w else 1.0
+        small = image
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        # A replicated border lets HOG windows reach people touching the frame edge.
+        pad = 16
+        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        win_w, win_h = self.hog_.winSize
+        if padded.shape[0] < win_h or padded.shape[1] < win_w:
+            # OpenCV's detectMultiScale segfaults on an image smaller than its window
+            # (64x128); no person fits in one anyway.
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        rects, weights = self.hog_.detectMultiScale(
+            padded, winStride=(4, 4), padding=(8, 8), scale=1.05
+        )
+        rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
+        weights = np.ravel(weights).astype(np.float32)
+        keep = weights > self.min_weight
+        rects, weights = rects[keep], weights[keep]
+        cx = (rects[:, 0] - pad + rects[:, 2] / 2) / scale
+        cy = (rects[:, 1] - pad + rects[:, 3] / 2) / scale
+        bw, bh = rects[:, 2] * _HOG_KEEP_W / scale, rects[:, 3] * _HOG_KEEP_H / scale
+        boxes = np.stack([cx - bw / 2, cy - bh / 2, bw, bh], axis=1).astype(np.float32)
+        return boxes, (weights / (weights + 1.0)).astype(np.float32)
+
+
+def resolve_detector(name: str, *, cache_dir: str | Path | None = None) -> str:
+    """The detector ``name`` stands for: ``auto`` is ``nanodet`` when fetched, else ``hog``.
+
+    Raises:
+        SnaplookError: ``name`` is not one of :data:`DETECTORS`, or ``nanodet`` is not
+            fetched (the message says what to run).
+    """
+    if name not in DETECTORS:
+        raise SnaplookError(f"Unknown detector {name!r}; use one of {', '.join(DETECTORS)}.")
+    if name == "nanodet":
+        models.require_model("nanodet", cache_dir=cache_dir)
+        return name
+    if name == "hog":
+        return name
+    if models.model_path("nanodet", cache_dir=cache_dir) is not None:
+        logger.info("Detector: NanoDet (fetched).")
+        return "nanodet"
+    logger.warning(
+        "Detector: OpenCV HOG, the fallback (misses small and bent people); run `%s` for NanoDet.",
+        models.fetch_command("nanodet"),
+    )
+    return "hog"
+
+
+def make_detector(name: str, *, cache_dir: str | Path | None = None) -> Any:
+    """A loaded :class:`NanoDetDetector` or :class:`HogDetector` for ``name`` (see
+    :func:`resolve_detector`)."""
+    resolved = resolve_detector(name, cache_dir=cache_dir)
+    if resolved == "nanodet":
+        detector: Any = NanoDetDetector(models.require_model("nanodet", cache_dir=cache_dir))
+    else:
+        detector = HogDetector()
+    detector.load()
+    return detector

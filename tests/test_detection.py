@@ -1,0 +1,227 @@
+"""snaplook.detection: NanoDet decoding on fixed outputs, NMS and parts, the two-pass
+merge on a fake model, `auto` resolution, and the real NanoDet on the labelled photos
+(skipped with the reason when not fetched; CI fetches it and sets SNAPLOOK_REQUIRE_MODELS)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from snaplook import detection, models
+from snaplook.artists import PersonDetector, iou
+from snaplook.cli import app
+from snaplook.detection import (
+    NANODET_BINS,
+    HogDetector,
+    NanoDetDetector,
+    decode_nanodet,
+    drop_parts,
+    nms,
+    resolve_detector,
+)
+from snaplook.errors import SnaplookError
+
+runner = CliRunner()
+LABELS = Path(__file__).parent / "data" / "people_all_boxes.csv"
+REQUIRE_MODELS = os.environ.get("SNAPLOOK_REQUIRE_MODELS") == "1"
+
+
+def _outputs(hot: dict[int, list[tuple[int, float, tuple[int, int, int, int]]]]):
+    """NanoDet outputs for a 416 input: per stride, (1, cells, 80) scores and (1, cells, 44)
+    regressions; ``hot[stride]`` lists (cell, person score, bins of left/top/right/bottom)."""
+    scores, regs = [], []
+    for stride in detection.NANODET_STRIDES:
+        cells = (416 // stride) ** 2
+        score = np.zeros((1, cells, 80), np.float32)
+        reg = np.zeros((1, cells, 4, NANODET_BINS), np.float32)
+        for cell, value, bins in hot.get(stride, []):
+            score[0, cell, 0] = value
+            for side, b in enumerate(bins):
+                reg[0, cell, side, b] = 50.0  # softmax: all mass on bin b
+        scores.append(score)
+        regs.append(reg.reshape(1, cells, 4 * NANODET_BINS))
+    return scores, regs
+
+
+def test_decode_nanodet_one_cell_gives_its_box():
+    cell = 5 * 26 + 7  # stride 16: a 26x26 grid, row 5, column 7
+    scores, regs = _outputs({16: [(cell, 0.9, (2, 3, 1, 4))]})
+    boxes, found = decode_nanodet(scores, regs, score_threshold=0.5)
+    # centre ((7 + 0.5) * 16, (5 + 0.5) * 16) = (120, 88); sides 2, 3, 1, 4 strides away
+    np.testing.assert_allclose(boxes, [[88, 40, 136, 152]], atol=1e-3)
+    np.testing.assert_allclose(found, [0.9])
+
+
+def test_decode_nanodet_distance_is_the_expectation_over_bins():
+    scores, regs = _outputs({32: [(0, 0.8, (0, 0, 0, 0))]})
+    reg = regs[2].reshape(-1, 4, NANODET_BINS)
+    reg[0] = 0.0
+    reg[0, 2, 2] = reg[0, 2, 3] = 50.0  # right side: half on bin 2, half on bin 3
+    boxes, _ = decode_nanodet(scores, regs, score_threshold=0.5)
+    centre = 16.0
+    np.testing.assert_allclose(boxes[0, 2], centre + 2.5 * 32, atol=1e-3)
+    np.testing.assert_allclose(boxes[0, 0], centre - 5.0 * 32, atol=1e-3)  # uniform: 5 bins
+
+
+def test_decode_nanodet_ignores_other_classes_and_weak_cells():
+    scores, regs = _outputs({8: [(100, 0.2, (1, 1, 1, 1))]})
+    scores[0][0, 200, 3] = 0.99  # a car, not a person
+    boxes, found = decode_nanodet(scores, regs, score_threshold=0.3)
+    assert boxes.shape == (0, 4) and found.shape == (0,)
+
+
+def test_decode_nanodet_wrong_shape_raises():
+    scores, regs = _outputs({})
+    with pytest.raises(SnaplookError, match="expected 2704 cells"):
+        decode_nanodet([s[:, :100] for s in scores], regs)
+
+
+def test_nms_keeps_strongest_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 20], [1, 0, 11, 20], [50, 50, 60, 70]], np.float32)
+    keep = nms(boxes, np.array([0.5, 0.9, 0.7]), iou_threshold=0.5)
+    assert keep.tolist() == [1, 2]
+    assert nms(np.zeros((0, 4)), np.zeros(0), iou_threshold=0.5).tolist() == []
+
+
+def test_drop_parts_drops_a_head_keeps_a_person_behind():
+    person = [100, 100, 200, 400]
+    head = [130, 100, 170, 160]  # inside, a sixth of the height
+    behind = [120, 120, 190, 400]  # inside too, but as tall
+    boxes = np.array([person, head, behind], np.float32)
+    assert drop_parts(boxes, np.array([0.9, 0.8, 0.6])).tolist() == [0, 2]
+
+
+class _FakeCompiled:
+    """Stands in for an OpenVINO CompiledModel: same outputs for every input."""
+
+    def __init__(self, scores, regs):
+        self.arrays = [*scores, *regs]
+        self.outputs = list(range(len(self.arrays)))
+        self.inputs_seen: list[np.ndarray] = []
+
+    def __call__(self, blob):
+        self.inputs_seen.append(blob)
+        return dict(enumerate(self.arrays))
+
+
+def test_nanodet_detector_maps_both_passes_back_to_the_frame():
+    cell = 5 * 26 + 7  # a box (88, 40)-(136, 152) in input pixels, as above
+    detector = NanoDetDetector("unused.xml")
+    detector.compiled_ = _FakeCompiled(*_outputs({16: [(cell, 0.9, (2, 3, 1, 4))]}))
+    frame = np.zeros((416, 832, 3), np.uint8)  # twice as wide as high
+    boxes, scores = detector.detect(frame)
+    # stretched (x scaled by 2): (176, 40, 96, 112); letterboxed (scale 0.5, all by 2):
+    # (176, 80, 96, 224). IoU 0.27 and 64% inside: two boxes, neither merged nor a part.
+    assert len(detector.compiled_.inputs_seen) == 2
+    blob = detector.compiled_.inputs_seen[1]
+    assert blob.shape == (1, 3, 416, 416)
+    # letterbox: the bottom half is the grey border, normalised per BGR channel
+    np.testing.assert_allclose(
+        blob[0, :, -1, 0],
+        (114 - np.float32(detection.NANODET_MEAN)) / np.float32(detection.NANODET_STD),
+        rtol=1e-5,
+    )
+    got = sorted(tuple(int(v) for v in np.round(b)) for b in boxes)
+    assert got == [(176, 40, 96, 112), (176, 80, 96, 224)]
+    assert scores.dtype == np.float32
+
+
+def test_hog_detector_blank_frame_finds_nobody():
+    boxes, scores = HogDetector().detect(np.full((300, 200, 3), 128, np.uint8))
+    assert boxes.shape == (0, 4) and scores.shape == (0,)
+
+
+def test_resolve_detector_auto_without_model_falls_back_to_hog(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="snaplook.detection"):
+        assert resolve_detector("auto", cache_dir=tmp_path) == "hog"
+    assert "snaplook models fetch nanodet" in caplog.text
+
+
+def test_resolve_detector_nanodet_without_model_says_what_to_run(tmp_path):
+    with pytest.raises(SnaplookError, match="run `snaplook models fetch nanodet`"):
+        resolve_detector("nanodet", cache_dir=tmp_path)
+
+
+def test_resolve_detector_unknown_raises():
+    with pytest.raises(SnaplookError, match="Unknown detector 'yolo'"):
+        resolve_detector("yolo")
+
+
+def test_crop_cli_nanodet_missing_fails_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "empty-cache"))
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
+    result = runner.invoke(app, ["crop", str(tmp_path / "imgs"), "--detector", "nanodet"])
+    assert result.exit_code == 1
+    assert "run `snaplook models fetch nanodet`" in result.output
+    assert "Traceback" not in result.output
+
+
+# --- the real NanoDet --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nanodet_xml() -> Path:
+    # conftest points SNAPLOOK_CACHE_DIR at a fresh folder unless it is set (CI sets it);
+    # a model fetched into the user's default cache is used too.
+    path = models.model_path("nanodet") or models.model_path(
+        "nanodet", cache_dir=Path.home() / ".cache" / "snaplook" / "models"
+    )
+    if path is None:
+        message = (
+            "NanoDet is not fetched (run `snaplook models fetch nanodet`; cache "
+            f"{models.default_cache_dir()})"
+        )
+        if REQUIRE_MODELS:
+            pytest.fail(message + "; SNAPLOOK_REQUIRE_MODELS=1 requires it")
+        pytest.skip(message)
+    return path
+
+
+def _labels() -> dict[str, list[tuple[tuple[int, ...], bool]]]:
+    out: dict[str, list[tuple[tuple[int, ...], bool]]] = {}
+    with open(LABELS, newline="") as fh:
+        for row in csv.DictReader(fh):
+            box = tuple(int(row[c]) for c in "xywh")
+            out.setdefault(row["image"], []).append((box, row["ignore"] == "1"))
+    return out
+
+
+def test_nanodet_finds_tall_people_in_the_labelled_photos(nanodet_xml, people_dir):
+    from snaplook.io_utils import read_image
+
+    detector = NanoDetDetector(nanodet_xml)
+    tall = found = 0
+    for name, people in _labels().items():
+        boxes, _ = detector.detect(read_image(people_dir / name))
+        for box, ignore in people:
+            if ignore or box[3] <= 100:
+                continue
+            tall += 1
+            found += any(iou(box, b) >= 0.5 for b in boxes.tolist())
+    # The issue's bar; measured 18 of 20 (benchmarks/bench_detect.py).
+    assert found / tall >= 0.9, f"found {found} of {tall} people taller than 100 px"
+
+
+def test_person_detector_auto_uses_nanodet_when_fetched(nanodet_xml, people_dir, monkeypatch):
+    from snaplook.io_utils import read_image
+
+    monkeypatch.setenv(models.CACHE_ENV, str(nanodet_xml.parents[2]))
+
+    detector = PersonDetector()
+    found = detector.detect(read_image(people_dir / "darknet_person.jpg"))
+    assert detector.label == "nanodet" and [d.source for d in found] == ["nanodet"]
+    assert iou(found[0].box, (191, 100, 84, 275)) >= 0.8 and found[0].full_shot
+
+
+def test_nanodet_blank_frame_finds_nobody(nanodet_xml):
+    boxes, _ = NanoDetDetector(nanodet_xml).detect(np.full((240, 320, 3), 128, np.uint8))
+    assert len(boxes) == 0
