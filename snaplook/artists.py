@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -939,6 +939,140 @@ def _check_full_shots(track: _Track, max_gap: int) -> None:
     track.best = entries
 
 
+def _match_detections(
+    tracks: Sequence[_Track],
+    *,
+    dets: Sequence[Detection],
+    hists: Sequence[np.ndarray],
+    pos: int,
+    max_gap: int,
+    min_iou: float,
+    min_similarity: float,
+    reid_similarity: float,
+) -> dict[int, int]:
+    """Greedy best-first pairing of this frame's detections with people: {detection: track}."""
+    pairs = []
+    for ti, track in enumerate(tracks):
+        gap = pos - track.last_pos
+        for di, (det, hist) in enumerate(zip(dets, hists)):
+            sim = _similarity(track.hist, hist)
+            overlap = iou(track.last_box, det.box) if gap <= max_gap else 0.0
+            if sim < min_similarity:
+                continue
+            # Rejoining without overlap also needs a similar size: two people in
+            # dark clothes look alike by colour alone (measured on the test video).
+            ratio = det.box[3] / max(1, track.last_box[3])
+            if overlap >= min_iou or (sim >= reid_similarity and 0.75 <= ratio <= 1.33):
+                pairs.append((overlap + sim, -gap, ti, di))
+    assigned: dict[int, int] = {}
+    used_tracks: set[int] = set()
+    for _, _, ti, di in sorted(pairs, reverse=True):
+        if ti in used_tracks or di in assigned:
+            continue
+        assigned[di] = ti
+        used_tracks.add(ti)
+    return assigned
+
+
+def _add_view(
+    track: _Track,
+    *,
+    fd: FrameDetections,
+    det: Detection,
+    pos: int,
+    order: int,
+    max_gap: int,
+    keep: int,
+) -> None:
+    """Extend ``track`` with ``det`` and keep its crop if it is among the ``keep`` best."""
+    full_shot = det.full_shot and not _part_of_person(det.box, track, pos, max_gap)
+    track.last_pos, track.last_box = pos, det.box
+    track.frames.append(fd.frame)
+    track.positions.append(pos)
+    track.boxes.append(det.box)
+    track.heights.append(det.box[3] / fd.image.shape[0])
+    track.centrality.append(_centrality(det.box, fd.image.shape))
+    crop = _make_crop(fd, det, full_shot=full_shot)
+    entry = (crop.quality, -order, crop)
+    if len(track.best) < keep:
+        heapq.heappush(track.best, entry)
+    elif entry[:2] > track.best[0][:2]:
+        heapq.heapreplace(track.best, entry)
+
+
+def _follow_frame(
+    tracks: list[_Track],
+    *,
+    fd: FrameDetections,
+    pos: int,
+    first_order: int,
+    max_gap: int,
+    min_iou: float,
+    min_similarity: float,
+    reid_similarity: float,
+    min_track_score: float,
+    keep: int,
+) -> tuple[list[int], list[Detection], int]:
+    """Add one frame's people to ``tracks``: (track ids, detections kept, weak ones left out)."""
+    dets = list(fd.detections)
+    hists = [torso_histogram(fd.image, d.box) for d in dets]
+    assigned = _match_detections(
+        tracks,
+        dets=dets,
+        hists=hists,
+        pos=pos,
+        max_gap=max_gap,
+        min_iou=min_iou,
+        min_similarity=min_similarity,
+        reid_similarity=reid_similarity,
+    )
+    ids, kept = [], []
+    n_weak = 0
+    for di, (det, hist) in enumerate(zip(dets, hists)):
+        if di in assigned:
+            track = tracks[assigned[di]]
+            track.hist = 0.7 * track.hist + 0.3 * hist
+        elif det.score >= min_track_score:
+            track = _Track(id=len(tracks), hist=hist, last_pos=pos, last_box=det.box)
+            tracks.append(track)
+        else:
+            n_weak += 1
+            continue
+        order = first_order + len(kept)
+        _add_view(track, fd=fd, det=det, pos=pos, order=order, max_gap=max_gap, keep=keep)
+        ids.append(track.id)
+        kept.append(det)
+    return ids, kept, n_weak
+
+
+def _rank_artists(
+    tracks: Sequence[_Track], *, n_frames: int, max_artists: int, max_gap: int
+) -> list[LeadArtist]:
+    """Score each person screen time x size x centrality and keep the best ``max_artists``."""
+    scored = []
+    for track in tracks:
+        _check_full_shots(track, max_gap)
+        screen = len(track.frames) / n_frames
+        size = sum(track.heights) / len(track.heights)
+        central = sum(track.centrality) / len(track.centrality)
+        scored.append((screen * size * central, screen, size, central, track))
+    scored.sort(key=lambda s: (-s[0], s[4].id))
+    return [
+        LeadArtist(
+            artist=rank + 1,
+            score=score,
+            screen_time=screen,
+            size=size,
+            centrality=central,
+            frames=track.frames,
+            boxes=track.boxes,
+            crops=[c for _, _, c in sorted(track.best, key=lambda e: (-e[0], -e[1]))],
+            track=track.id,
+        )
+        for rank, (score, screen, size, central, track) in enumerate(scored[:max_artists])
+    ]
+
+
 def select_lead_artists(
     frames: Iterable[FrameDetections],
     *,
@@ -988,83 +1122,26 @@ def select_lead_artists(
     records: list[FrameRecord] = []
     counter = n_weak = 0
     for pos, fd in enumerate(frames):
-        dets = list(fd.detections)
-        hists = [torso_histogram(fd.image, d.box) for d in dets]
-        pairs = []
-        for ti, track in enumerate(tracks):
-            gap = pos - track.last_pos
-            for di, (det, hist) in enumerate(zip(dets, hists)):
-                sim = _similarity(track.hist, hist)
-                overlap = iou(track.last_box, det.box) if gap <= max_gap else 0.0
-                if sim < min_similarity:
-                    continue
-                # Rejoining without overlap also needs a similar size: two people in
-                # dark clothes look alike by colour alone (measured on the test video).
-                ratio = det.box[3] / max(1, track.last_box[3])
-                if overlap >= min_iou or (sim >= reid_similarity and 0.75 <= ratio <= 1.33):
-                    pairs.append((overlap + sim, -gap, ti, di))
-        assigned: dict[int, int] = {}
-        used_tracks: set[int] = set()
-        for _, _, ti, di in sorted(pairs, reverse=True):
-            if ti in used_tracks or di in assigned:
-                continue
-            assigned[di] = ti
-            used_tracks.add(ti)
-        ids, kept = [], []
-        for di, (det, hist) in enumerate(zip(dets, hists)):
-            if di in assigned:
-                track = tracks[assigned[di]]
-                track.hist = 0.7 * track.hist + 0.3 * hist
-            elif det.score >= min_track_score:
-                track = _Track(id=len(tracks), hist=hist, last_pos=pos, last_box=det.box)
-                tracks.append(track)
-            else:
-                n_weak += 1
-                continue
-            full_shot = det.full_shot and not _part_of_person(det.box, track, pos, max_gap)
-            track.last_pos, track.last_box = pos, det.box
-            track.frames.append(fd.frame)
-            track.positions.append(pos)
-            track.boxes.append(det.box)
-            track.heights.append(det.box[3] / fd.image.shape[0])
-            track.centrality.append(_centrality(det.box, fd.image.shape))
-            crop = _make_crop(fd, det, full_shot=full_shot)
-            counter += 1
-            entry = (crop.quality, -counter, crop)
-            if len(track.best) < crops_per_artist:
-                heapq.heappush(track.best, entry)
-            elif entry[:2] > track.best[0][:2]:
-                heapq.heapreplace(track.best, entry)
-            ids.append(track.id)
-            kept.append(det)
+        ids, kept, weak = _follow_frame(
+            tracks,
+            fd=fd,
+            pos=pos,
+            first_order=counter + 1,
+            max_gap=max_gap,
+            min_iou=min_iou,
+            min_similarity=min_similarity,
+            reid_similarity=reid_similarity,
+            min_track_score=min_track_score,
+            keep=crops_per_artist,
+        )
+        counter += len(kept)
+        n_weak += weak
         records.append(FrameRecord(fd.frame, fd.time_s, kept, ids, fd.source))
         if on_progress is not None:
             on_progress(pos + 1)
     if n_weak:
         logger.info("%d weak detection(s) below %.2f started nobody", n_weak, min_track_score)
-    n_frames = len(records)
-    scored = []
-    for track in tracks:
-        _check_full_shots(track, max_gap)
-        screen = len(track.frames) / n_frames
-        size = sum(track.heights) / len(track.heights)
-        central = sum(track.centrality) / len(track.centrality)
-        scored.append((screen * size * central, screen, size, central, track))
-    scored.sort(key=lambda s: (-s[0], s[4].id))
-    artists = [
-        LeadArtist(
-            artist=rank + 1,
-            score=score,
-            screen_time=screen,
-            size=size,
-            centrality=central,
-            frames=track.frames,
-            boxes=track.boxes,
-            crops=[c for _, _, c in sorted(track.best, key=lambda e: (-e[0], -e[1]))],
-            track=track.id,
-        )
-        for rank, (score, screen, size, central, track) in enumerate(scored[:max_artists])
-    ]
+    artists = _rank_artists(tracks, n_frames=len(records), max_artists=max_artists, max_gap=max_gap)
     return Selection(artists=artists, frames=records, n_tracks=len(tracks))
 
 
@@ -1616,6 +1693,26 @@ def list_frames(source: str | Path) -> list[tuple[int, float | None, Path]]:
     return [(i, None, p) for i, p in enumerate(paths)]
 
 
+def _detect_frames(
+    frames: Iterable[tuple[int, float | None, Path]],
+    *,
+    detector: PersonDetector,
+    skipped: list[tuple[Path, str]],
+) -> Iterator[FrameDetections]:
+    """Read and detect each frame lazily; unreadable ones are logged and added to ``skipped``."""
+    from snaplook.io_utils import read_image
+
+    for number, time_s, path in frames:
+        try:
+            image = read_image(path)
+        except SnaplookError as exc:
+            logger.warning("skipping %s", exc)
+            skipped.append((path, str(exc)))
+            continue
+        dets = detector.detect(image)
+        yield FrameDetections(number, time_s, image, dets, source=str(path), still=True)
+
+
 def crop_artists(
     source: str | Path,
     *,
@@ -1656,8 +1753,6 @@ def crop_artists(
     Raises:
         SnaplookError: no frames, a bad detector, bad ``max_artists`` or ``min_size``.
     """
-    from snaplook.io_utils import read_image
-
     if not 0.0 <= min_size < 1.0:
         raise SnaplookError(
             f"--min-size must be a fraction of the frame height in [0, 1), got {min_size}."
@@ -1675,28 +1770,17 @@ def crop_artists(
     skipped: list[tuple[Path, str]] = []
     if on_start is not None:
         on_start(len(frames))
-
-    def _stream() -> Iterable[FrameDetections]:
-        for number, time_s, path in frames:
-            try:
-                image = read_image(path)
-            except SnaplookError as exc:
-                logger.warning("skipping %s", exc)
-                skipped.append((path, str(exc)))
-                continue
-            dets = person_detector.detect(image)
-            yield FrameDetections(number, time_s, image, dets, source=str(path), still=True)
-
+    stream = _detect_frames(frames, detector=person_detector, skipped=skipped)
     options = {"max_artists": max_artists, "crops_per_artist": crops_per_artist}
     if photos:
         parts = []
-        for done, frame in enumerate(_stream(), start=1):
+        for done, frame in enumerate(stream, start=1):
             parts.append(select_lead_artists([frame], **options))
             if on_progress is not None:
                 on_progress(done + len(skipped))
         selection = combine_selections(parts)
     else:
-        selection = select_lead_artists(_stream(), on_progress=on_progress, **options)
+        selection = select_lead_artists(stream, on_progress=on_progress, **options)
     rows = write_lead_artists(selection, out, clothes=clothes, skipped=skipped)
     return CropSummary(
         out=out, selection=selection, rows=rows, n_frames=len(selection.frames), skipped=skipped
