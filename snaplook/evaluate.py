@@ -661,7 +661,12 @@ def _write_report(
 ) -> None:
     import numpy as np
 
-    from snaplook.io_utils import write_csv_atomic, write_json_atomic, write_text_atomic
+    from snaplook.io_utils import (
+        write_csv_atomic,
+        write_json_atomic,
+        write_skipped,
+        write_text_atomic,
+    )
     from snaplook.plot_utils import plot_recall_curve, plot_retrieval_rows
 
     files: dict[str, Path] = {}
@@ -681,7 +686,7 @@ def _write_report(
     setting = report.config["setting"]
     if report.skipped:
         files["skipped_csv"] = folder / "skipped.csv"
-        write_csv_atomic(files["skipped_csv"], ("path", "reason"), report.skipped)
+        write_skipped(files["skipped_csv"], report.skipped)
     files["per_query_csv"] = folder / "per_query.csv"
     write_csv_atomic(
         files["per_query_csv"],

@@ -614,29 +614,38 @@ def _fuse_artists(summary: LookSummary, index: Index, distances: Any, rows: Any)
 
 
 def _write_results(summary: LookSummary, tmp: Path, extra: Sequence[str]) -> None:
-    """Write ``looks.csv`` and ``looks_fused.csv`` into ``tmp`` (headers only when empty)."""
-    from snaplook.io_utils import write_csv_atomic
+    """Write ``looks.csv`` and ``looks_fused.csv`` into ``tmp`` (headers only when empty),
+    and ``looks.json``, their raw twin."""
+    from snaplook.io_utils import write_csv_atomic, write_json_atomic
 
     header = (*LOOKS_HEADER, *extra)
-    write_csv_atomic(tmp / "looks.csv", header, ([h[c] for c in header] for h in summary.hits))
+    hits = [[h[c] for c in header] for h in summary.hits]
     n_crops = {a: sum(1 for c in summary.crops if c.artist == a) for a in summary.fused}
-    write_csv_atomic(
-        tmp / "looks_fused.csv",
-        (*FUSED_HEADER, *extra),
-        (
-            (
-                artist,
-                f.rank,
-                str(f.path),
-                f.votes,
-                n_crops[artist],
-                f"{f.mean_distance:.6f}",
-                f"{f.best_distance:.6f}",
-                *((f.product or {}).get(c, "") for c in extra),
-            )
-            for artist, ranking in summary.fused.items()
-            for f in ranking
-        ),
+    fused_header = (*FUSED_HEADER, *extra)
+    fused = [
+        [
+            artist,
+            f.rank,
+            str(f.path),
+            f.votes,
+            n_crops[artist],
+            f"{f.mean_distance:.6f}",
+            f"{f.best_distance:.6f}",
+            *((f.product or {}).get(c, "") for c in extra),
+        ]
+        for artist, ranking in summary.fused.items()
+        for f in ranking
+    ]
+    # Catalogue text may start with = + - @: neutralised in the CSVs a person opens in a
+    # spreadsheet; looks.json keeps every value raw.
+    write_csv_atomic(tmp / "looks.csv", header, hits, spreadsheet=True)
+    write_csv_atomic(tmp / "looks_fused.csv", fused_header, fused, spreadsheet=True)
+    write_json_atomic(
+        tmp / "looks.json",
+        {
+            "hits": [dict(zip(header, row, strict=True)) for row in hits],
+            "fused": [dict(zip(fused_header, row, strict=True)) for row in fused],
+        },
     )
 
 

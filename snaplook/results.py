@@ -101,6 +101,7 @@ def _write_tables(summary: QuerySummary, out: Path, index: Index) -> None:
         out / "results.csv",
         (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
         rows,
+        spreadsheet=True,  # catalogue text may start with = + - @; results.json keeps it raw
     )
     write_skipped(out / "skipped.csv", ((_absolute(s.path), s.reason) for s in summary.skipped))
     write_json_atomic(out / "results.json", _results_doc(summary, index, has_products))

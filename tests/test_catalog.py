@@ -404,3 +404,32 @@ def test_read_catalog_absolute_paths_and_blank_lines(tmp_path: Path) -> None:
     catalog = read_catalog(_write(tmp_path / "p.csv", [text]), root=root)
     assert [r["image"] for r in catalog.rows] == ["a.png", "b/c.png"]
     assert catalog.lines == [2, 4]
+
+
+def test_query_results_csv_neutralises_formula_titles(tmp_path: Path) -> None:
+    # Issue 22: catalogue text that a spreadsheet runs as a formula was written as-is into
+    # results.csv; now it gets a leading ' there, and results.json keeps the raw text.
+    root = write_gallery(tmp_path / "g")
+    lines = [HEADER]
+    for line in _rows(root):
+        cells = line.split(",")
+        cells[2] = '=HYPERLINK("https://evil.example")' if cells[1] == "P00" else "-5 off"
+        lines.append(",".join(f'"{c.replace(chr(34), 2 * chr(34))}"' for c in cells))
+    catalog = _write(tmp_path / "p.csv", lines)
+    out = tmp_path / "index"
+    args = ["index", str(root), "-o", str(out), "--catalog", str(catalog), *MODEL]
+    assert runner.invoke(app, args).exit_code == 0
+    query = root / "tops" / "item00_v0.png"
+    res = tmp_path / "res"
+    args = ["query", str(query), "--index", str(out), "-o", str(res), "-k", "12", "--no-plot"]
+    result = runner.invoke(app, [*args, "-q"])
+
+    assert result.exit_code == 0, result.output
+    titles = {r["product_id"]: r["title"] for r in read_csv(res / "results.csv")}
+    assert titles["P00"] == '\'=HYPERLINK("https://evil.example")'
+    assert titles["P01"] == "'-5 off"
+    raw = json.loads((res / "results.json").read_text(encoding="utf-8"))
+    raw_titles = {
+        h["product"]["product_id"]: h["product"]["title"] for r in raw["results"] for h in r["hits"]
+    }
+    assert raw_titles["P00"] == '=HYPERLINK("https://evil.example")'
