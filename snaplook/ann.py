@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,29 +439,106 @@ def _rerank_exact(
     return dist, rows
 
 
+#: What ``meta.json``'s ``ann.file`` may name: a bare file name in the index folder.
+_ANN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.faiss")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def ann_file(folder: str | Path, meta: dict[str, Any]) -> Path:
+    """The FAISS file ``meta.json["ann"]`` names, confined to the index folder.
+
+    Args:
+        folder: the index folder.
+        meta: the ``meta.json["ann"]`` block.
+
+    Returns:
+        The file's path (``folder/<name>``, a regular file whose real path lies in
+        ``folder``).
+
+    Raises:
+        SnaplookError: ``ann.file`` is not a bare ``<name>.faiss`` file name, the file is
+            missing, a symlink out of the folder, or refused by the input gate; the
+            message names the file and the field.
+    """
+    from snaplook.io_utils import check_input, display_path
+
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    name = meta.get("file", ANN_FILE)
+    # The name becomes a path: only a file name of the folder, never "../x" or "/etc/x".
+    if not isinstance(name, str) or not _ANN_NAME.fullmatch(name):
+        raise SnaplookError(
+            f"{meta_path}: field ann.file must be a file name like {ANN_FILE!r} in the index "
+            f"folder, got {_describe(name)}; rebuild the index or query it with --exact."
+        )
+    path = folder / name
+    if not path.is_file():
+        raise SnaplookError(
+            f"{path} is missing but meta.json names it (field ann.file); rebuild the index "
+            f"(`snaplook index DIR --out {folder}`) or query it with --exact."
+        )
+    try:
+        inside = path.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise SnaplookError(
+            f"{display_path(path)} (field ann.file of {meta_path}) leads out of the index "
+            "folder; refusing to read it. Rebuild the index or query it with --exact."
+        )
+    check_input(path, kind="file")
+    return path
+
+
+def _describe(value: Any) -> str:
+    """A field's value for a message: its type, and short text only for short strings."""
+    if isinstance(value, str) and len(value) <= 60 and value.isprintable():
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def load_ann(folder: str | Path, meta: dict[str, Any], features: np.ndarray) -> AnnIndex | None:
     """Load ``ann.faiss`` and check it belongs to ``features``; None for an exact index.
 
-    Raises:
-        SnaplookError: the file is missing or unreadable, its row count or dimension
-            differ from the features', its SHA-256 differs from ``meta.json``'s (a
-            swapped file), or the features are not the ones it was built over.
-    """
-    faiss = _faiss()
+    The file is confined to ``folder`` (:func:`ann_file`) and its SHA-256 is compared with
+    ``meta.json``'s before FAISS parses a byte of it: FAISS only ever reads the file this
+    index was built with.
 
+    Raises:
+        SnaplookError: ``ann.file`` or ``ann.sha256`` is malformed, the file is missing,
+            outside the folder or unreadable, its SHA-256 differs from ``meta.json``'s (a
+            swapped file), its row count or dimension differ from the features', or the
+            features are not the ones it was built over.
+    """
     from snaplook.io_utils import file_sha256
 
+    folder = Path(folder)
+    if meta is not None and not isinstance(meta, dict):
+        raise SnaplookError(
+            f"{folder / 'meta.json'}: field ann must be an object, got {_describe(meta)}; "
+            "rebuild the index or query it with --exact."
+        )
     if not meta or meta.get("kind") in (None, "exact"):
         return None
-    path = Path(folder) / str(meta.get("file", ANN_FILE))
     hint = f"rebuild the index (`snaplook index DIR --out {folder}`) or query it with --exact"
-    if not path.is_file():
-        raise SnaplookError(f"{path} is missing but meta.json names it; {hint}.")
+    want = meta.get("sha256")
+    if not isinstance(want, str) or not _SHA256.fullmatch(want):
+        raise SnaplookError(
+            f"{folder / 'meta.json'}: field ann.sha256 must be 64 hex digits, got "
+            f"{_describe(want)}; {hint}."
+        )
+    path = ann_file(folder, meta)
+    if file_sha256(path) != want:
+        raise SnaplookError(
+            f"{path} is not the file this index was built with (SHA-256 differs from "
+            f"meta.json's ann.sha256): a swapped or changed file; {hint}."
+        )
+    faiss = _faiss()
     try:
         index = faiss.read_index(str(path))
-    except (OSError, RuntimeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc)
-        raise SnaplookError(f"{path}: not a readable FAISS index ({reason}); {hint}.") from exc
+    except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+        # Not FAISS's words: they may quote the file's first bytes.
+        raise SnaplookError(f"{path}: not a readable FAISS index; {hint}.") from exc
     n, d = features.shape
     if index.d != d:
         raise SnaplookError(
@@ -472,14 +550,9 @@ def load_ann(folder: str | Path, meta: dict[str, Any], features: np.ndarray) -> 
             f"{path} holds {index.ntotal} rows but features.npy has {n}: it belongs to "
             f"another index or an older build; {hint}."
         )
-    if file_sha256(path) != meta.get("sha256"):
-        raise SnaplookError(
-            f"{path} is not the file this index was built with (SHA-256 differs from "
-            f"meta.json): a swapped or changed file; {hint}."
-        )
     if _features_fingerprint(features) != meta.get("features_fingerprint"):
         raise SnaplookError(
-            f"{path} was built over other features than {Path(folder) / 'features.npy'} "
+            f"{path} was built over other features than {folder / 'features.npy'} "
             f"(fingerprint differs); {hint}."
         )
     return AnnIndex(meta, index)

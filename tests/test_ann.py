@@ -142,7 +142,17 @@ def _swap_file(tmp_path: Path, built, gallery, what: str) -> Path:
         np.save(out / "features.npy", _clustered(N, D, seed=5), allow_pickle=False)
     else:
         shutil.copy(other / "ann.faiss", out / "ann.faiss")
+    if what in ("rows", "dim"):  # a digest that matches: the structural checks speak
+        meta = json.loads((out / "meta.json").read_text())
+        meta["ann"]["sha256"] = _sha(out)
+        (out / "meta.json").write_text(json.dumps(meta))
     return out
+
+
+def _sha(out: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((out / "ann.faiss").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -278,3 +288,90 @@ def test_cli_query_swapped_faiss_file_one_line_error(tmp_path, built, gallery) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert "not the file this index was built with" in lines[0]
+
+
+# --- issue 22 item 6: ann.file confined to the folder, its digest checked before FAISS --------
+
+
+def _with_ann_field(tmp_path: Path, built, **fields) -> Path:
+    out = tmp_path / "idx"
+    shutil.copytree(built["hnsw"], out)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["ann"].update(fields)
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def _never_read_by_faiss(monkeypatch) -> list[str]:
+    import faiss
+
+    opened: list[str] = []
+    real = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda p, *a: opened.append(p) or real(p, *a))
+    return opened
+
+
+@pytest.mark.parametrize("name", ["../outside.faiss", "/tmp/outside.faiss", "sub/ann.faiss", 7])
+def test_ann_file_outside_the_folder_is_refused_before_faiss(
+    tmp_path, built, monkeypatch, name
+) -> None:
+    # Old code: FAISS read ../outside.faiss (a valid index of other features) and used it.
+    outside = tmp_path / "outside.faiss"
+    shutil.copy(built["hnsw"] / "ann.faiss", outside)
+    out = _with_ann_field(tmp_path, built, file=name)
+    opened = _never_read_by_faiss(monkeypatch)
+
+    with pytest.raises(SnaplookError, match="field ann.file") as info:
+        load_index(out)
+    assert "meta.json" in str(info.value)
+    assert opened == []
+
+
+def test_ann_file_symlinked_out_of_the_folder_is_refused(tmp_path, built, monkeypatch) -> None:
+    outside = tmp_path / "elsewhere.faiss"
+    out = _with_ann_field(tmp_path, built)
+    shutil.move(out / "ann.faiss", outside)
+    (out / "ann.faiss").symlink_to(outside)
+    opened = _never_read_by_faiss(monkeypatch)
+
+    with pytest.raises(SnaplookError, match="leads out of the index folder"):
+        load_index(out)
+    assert opened == []
+
+
+def test_ann_file_digest_checked_before_faiss_and_bytes_never_echoed(
+    tmp_path, built, monkeypatch
+) -> None:
+    # Old code: FAISS parsed the swapped file first, and its error quoted the file's bytes.
+    out = _with_ann_field(tmp_path, built)
+    (out / "ann.faiss").write_bytes(b"SECRETBYTES-not-a-faiss-index" * 4)
+    opened = _never_read_by_faiss(monkeypatch)
+
+    with pytest.raises(SnaplookError, match="SHA-256 differs") as info:
+        load_index(out)
+    assert opened == [] and "SECRET" not in str(info.value)
+
+    # Even with a matching digest (a crafted meta.json) FAISS's words are not repeated.
+    out = _with_ann_field(tmp_path / "b", built)
+    (out / "ann.faiss").write_bytes(b"SECRETBYTES-not-a-faiss-index" * 4)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["ann"]["sha256"] = _sha(out)
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SnaplookError, match="not a readable FAISS index") as info:
+        load_index(out)
+    assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"sha256": None}, "ann.sha256"),
+        ({"sha256": "zz"}, "ann.sha256"),
+        ({"file": None}, "ann.file"),
+    ],
+)
+def test_ann_block_malformed_fields_are_named(tmp_path, built, fields, field) -> None:
+    out = _with_ann_field(tmp_path, built, **fields)
+
+    with pytest.raises(SnaplookError, match=f"field {field}"):
+        load_index(out)
