@@ -804,8 +804,14 @@ def query_cmd(
     ef: EfOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html."""
+    """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html.
+
+    The results folder is replaced whole when the run succeeds; it must be new, empty or
+    an earlier results folder (with results.csv).
+    """
     loaded = _index.load_index(index, ann=not exact)
+    out = out or _opt.DEFAULT_OUTPUT_ROOT / str(loaded.meta.get("backbone"))
+    _results.check_results_dir(out)  # before any query is embedded
     with _progress("Querying", quiet=quiet) as (on_start, on_progress):
         summary = _index.query_index(
             queries,
@@ -833,13 +839,20 @@ def _write_results(
 ) -> None:
     out = out or _opt.DEFAULT_OUTPUT_ROOT / str(loaded.meta.get("backbone"))
     note = " · random weights" if _features.is_random_weights(loaded.meta) else ""
+    view = _results.query_page(summary, index=loaded)
+    # Into the same temporary folder as the results: the page is swapped in with them.
+    write_page = (lambda folder: _page.write_query_page(view, folder)) if page else None
     with _progress("Drawing grids", quiet=quiet, unit="grid") as (on_start, on_progress):
         on_start(len(summary.results))
         _results.write_query_results(
-            summary, out, index=loaded, plot=plot, title_note=note, on_progress=on_progress
+            summary,
+            out,
+            index=loaded,
+            plot=plot,
+            title_note=note,
+            write_page=write_page,
+            on_progress=on_progress,
         )
-    if page:
-        summary.page = _page.write_query_page(_results.query_page(summary, index=loaded), out)
 
 
 def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> None:
@@ -860,9 +873,14 @@ def _print_results(summary: Any, *, quiet: bool = False, final: bool = True) -> 
         _say(f"... and {len(summary.results) - 20} more queries.", quiet=quiet)
     short = sum(1 for r in summary.results if len(r.hits) < summary.k)
     if short:
+        if summary.n_allowed is not None:
+            why = f"only {summary.n_allowed} gallery images match the --where filters"
+        elif summary.restrict != "none":
+            why = f"--restrict {summary.restrict} searched only their predicted category"
+        else:
+            why = "the approximate search found fewer candidates (pass --exact for all)"
         _err(
-            f"{short} of {len(summary.results)} queries have fewer than {summary.k} results: "
-            f"only {summary.n_allowed} gallery images match the --where filters."
+            f"{short} of {len(summary.results)} queries have fewer than {summary.k} results: {why}."
         )
     if not final:
         return

@@ -43,6 +43,25 @@ def product_label(product: dict[str, str] | None, fallback: str) -> str:
     return "\n".join(x for x in (first, product.get("title", "")) if x)
 
 
+#: The file every query results folder holds: a non-empty folder without it is the user's.
+RESULTS_CSV = "results.csv"
+
+
+def check_results_dir(out: str | Path) -> None:
+    """Refuse ``out`` as a query results folder unless it is new, empty or an earlier one.
+
+    The folder is replaced whole (see :func:`write_query_results`), so a folder snaplook
+    did not write, with other files in it, is never taken. Call it before the queries are
+    embedded, so the refusal comes first.
+
+    Raises:
+        SnaplookError: ``out`` is a file, or a non-empty folder without ``results.csv``.
+    """
+    from snaplook.artists import check_output_dir
+
+    check_output_dir(out, RESULTS_CSV)
+
+
 def write_query_results(
     summary: QuerySummary,
     out: str | Path,
@@ -50,34 +69,61 @@ def write_query_results(
     index: Index,
     plot: bool = True,
     title_note: str = "",
+    write_page: Callable[[Path], Path] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
     """Write ``results.csv``, ``results.json``, ``skipped.csv`` and (if ``plot``) one grid
-    PNG per query.
+    PNG per query, replacing the folder ``out`` whole.
 
-    Files are written atomically; grids are named after the query file
-    (``<stem>_grid.png``, with its parent folders joined by ``__`` when queries come from
-    several folders). With a catalogue, results carry each hit's product_id, title and
-    price. The page of the results (``index.html``) is the caller's to write: see
-    :func:`query_page` and :func:`snaplook.page.write_query_page`.
+    All-or-nothing: the files are written into a temporary folder beside ``out``, which
+    then replaces ``out`` in one step; after a failure (or Ctrl-C) ``out`` is as it was,
+    and after success it holds only this run's files (no grid or thumbnail of an earlier
+    run). As for ``look``, ``out`` must be new, empty or an earlier results folder (it
+    holds ``results.csv``); any other folder is refused, never replaced.
+
+    Grids are named after the query file (``<stem>_grid.png``, with its parent folders
+    joined by ``__`` when queries come from several folders). With a catalogue, results
+    carry each hit's product_id, title and price.
+
+    Args:
+        summary: from :func:`~snaplook.index.query_index`.
+        out: the results folder.
+        index: the index searched.
+        plot: draw the grids.
+        title_note: appended to each grid's title.
+        write_page: called with the temporary folder once the results are in it; writes
+            the page (``index.html``, see :func:`query_page` and
+            :func:`snaplook.page.write_query_page`) there and returns its path, so the page
+            is swapped in with the results. None: no page.
+        on_progress: called with the number of grids drawn so far.
 
     Returns:
-        ``summary`` with ``out`` and ``grids`` filled in.
+        ``summary`` with ``out``, ``grids`` and ``page`` filled in (paths under ``out``).
 
     Raises:
-        SnaplookError: ``out`` is a file.
+        SnaplookError: ``out`` is a file, or a folder that is not an earlier results
+            folder (see :func:`check_results_dir`).
     """
+    import shutil
+
+    from snaplook.io_utils import make_temp_dir, replace_dir
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SnaplookError(f"--out {out} is a file, not a folder; pass a folder for the results.")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_tables(summary, out, index)
-    logger.info("wrote %s, results.json and skipped.csv", out / "results.csv")
+    check_results_dir(out)
+    tmp = make_temp_dir(out)
+    try:
+        _write_tables(summary, tmp, index)
+        grids = _draw_grids(summary, tmp, index, title_note, on_progress) if plot else []
+        page = write_page(tmp) if write_page is not None else None
+        replace_dir(tmp, out, marker=RESULTS_CSV)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote results.csv/.json, skipped.csv and %d grid(s) in %s", len(grids), out)
     summary.out = out
-    summary.grids = []
-    if plot:
-        summary.grids = _draw_grids(summary, out, index, title_note, on_progress)
-        logger.info("wrote %d grid(s) in %s", len(summary.grids), out)
+    summary.grids = [out / g.name for g in grids]
+    if page is not None:
+        summary.page = out / Path(page).relative_to(tmp)
     return summary
 
 
@@ -98,7 +144,7 @@ def _write_tables(summary: QuerySummary, out: Path, index: Index) -> None:
         for h in r.hits
     ]
     write_csv_atomic(
-        out / "results.csv",
+        out / RESULTS_CSV,
         (*RESULTS_HEADER[:4], *extra, *RESULTS_HEADER[4:]),
         rows,
         spreadsheet=True,  # catalogue text may start with = + - @; results.json keeps it raw

@@ -278,3 +278,128 @@ def test_spreadsheet_csv_neutralises_formulas_and_keeps_numbers(tmp_path: Path) 
     ]
     with open(tmp_path / "m.csv", newline="", encoding="utf-8") as fh:
         assert list(csv.reader(fh))[1][0] == "=1+1"  # machine-read files stay exact
+
+
+# --- item 4: query's results folder all-or-nothing ----------------------------------------
+
+
+def _query_fixture(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from snaplook.index import Hit, QueryResult, QuerySummary, load_index
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    np.save(idx / "features.npy", np.eye(2, 4, dtype=np.float32), allow_pickle=False)
+    (idx / "manifest.csv").write_text(
+        "row,path,width,height,bytes,mtime,sha1\n"
+        + "".join(f"{i},img{i}.png,10,10,100,1.0,{'0' * 40}\n" for i in range(2))
+    )
+    meta = {"format_version": 1, "backbone": "resnet50", "count": 2, "feature_dim": 4}
+    (idx / "meta.json").write_text(json.dumps(meta))
+    gallery = make_image(tmp_path / "g" / "img0.png", (90, 90, 90))
+
+    def summary(*names: str) -> QuerySummary:
+        queries = [make_image(tmp_path / "q" / n, (200, 30, 30)) for n in names]
+        return QuerySummary([QueryResult(q, [Hit(1, 0, gallery, 0.25)]) for q in queries], 1, [])
+
+    return load_index(idx), summary
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _write(summary, out: Path, index) -> None:  # type: ignore[no-untyped-def]
+    from snaplook.page import write_query_page
+    from snaplook.results import query_page, write_query_results
+
+    view = query_page(summary, index=index)
+    write_query_results(
+        summary, out, index=index, write_page=lambda folder: write_query_page(view, folder)
+    )
+
+
+def test_query_results_failure_keeps_the_old_folder_whole(tmp_path: Path, monkeypatch) -> None:
+    # Old code: results.csv/.json were already new when the grids or the page failed.
+    index, summary = _query_fixture(tmp_path)
+    out = tmp_path / "res"
+    _write(summary("a.png"), out, index)
+    before = _snapshot(out)
+    assert {"results.csv", "results.json", "skipped.csv", "index.html", "a_grid.png"} <= set(before)
+
+    import snaplook.plot_utils
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise SnaplookError("disk full while drawing")
+
+    monkeypatch.setattr(snaplook.plot_utils, "plot_retrieval_grid", broken)
+    with pytest.raises(SnaplookError, match="disk full"):
+        _write(summary("b.png", "c.png"), out, index)
+
+    assert _snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".res.")]  # no temp left
+
+
+def test_query_results_success_leaves_no_file_of_an_earlier_run(tmp_path: Path) -> None:
+    # Old code: a_grid.png and the old thumbnails stayed beside the new results.
+    index, summary = _query_fixture(tmp_path)
+    out = tmp_path / "res"
+    _write(summary("a.png"), out, index)
+    old_thumbs = {p.name for p in (out / "thumbs").iterdir()}
+    (out / "thumbs" / "0000000000000000.jpg").write_bytes(b"old")
+
+    done = summary("b.png")
+    _write(done, out, index)
+
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "results.csv",
+        "results.json",
+        "skipped.csv",
+        "index.html",
+        "b_grid.png",
+        "thumbs",
+    }
+    assert "0000000000000000.jpg" not in {p.name for p in (out / "thumbs").iterdir()}
+    assert (
+        done.out == out and done.grids == [out / "b_grid.png"] and done.page == out / "index.html"
+    )
+    assert old_thumbs  # the first run did write thumbnails
+
+
+def test_query_results_refuse_a_folder_that_is_not_a_results_folder(tmp_path: Path) -> None:
+    index, summary = _query_fixture(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+
+    with pytest.raises(SnaplookError, match="holds files but no results.csv"):
+        _write(summary("a.png"), out, index)
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize(
+    ("n_allowed", "restrict", "said"),
+    [
+        (None, "none", "the approximate search found fewer candidates"),
+        (None, "auto", "--restrict auto searched only their predicted category"),
+        (1, "none", "only 1 gallery images match the --where filters"),
+    ],
+)
+def test_query_short_results_message_names_the_real_cause(
+    tmp_path: Path, capsys, n_allowed, restrict, said
+) -> None:
+    # Old code: "only None gallery images match the --where filters" with no --where given.
+    from snaplook import cli
+    from snaplook.index import QueryResult, QuerySummary
+
+    summary = QuerySummary(
+        [QueryResult(tmp_path / "q.png", [])], 5, [], restrict=restrict, n_allowed=n_allowed
+    )
+    cli._print_results(summary, quiet=True, final=False)
+
+    err = capsys.readouterr().err
+    assert said in err and "None" not in err
