@@ -616,7 +616,15 @@ CatalogOpt = Annotated[
 CatalogImageColumnOpt = Annotated[
     str, typer.Option("--catalog-image-column", help="The catalogue's image column.")
 ]
-ShardRowsOpt = Annotated[int, typer.Option("--shard-rows", min=1, help="Rows per feature shard.")]
+ShardRowsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--shard-rows",
+        min=1,
+        help=f"Rows per feature shard [default: {_opt.DEFAULT_SHARD_ROWS:,}; with --update the "
+        "index's].",
+    ),
+]
 EngineOpt = Annotated[
     _choice(_opt.ENGINES),
     typer.Option("--engine", help="local (this process) or ray (Ray Data actor pool)."),
@@ -659,7 +667,7 @@ def index_cmd(
     ann: AnnOpt = None,
     catalog: CatalogOpt = None,
     catalog_image_column: CatalogImageColumnOpt = _opt.DEFAULT_IMAGE_COLUMN,
-    shard_rows: ShardRowsOpt = _opt.DEFAULT_SHARD_ROWS,
+    shard_rows: ShardRowsOpt = None,
     engine: EngineOpt = _opt.DEFAULT_ENGINE,
     address: AddressOpt = None,
     workers: WorkersOpt = None,

@@ -401,21 +401,137 @@ def _read_meta(path: Path) -> dict[str, Any]:
                 f"DIR --out {path}` or pass --index with an index folder."
             )
         raise SnaplookError(f"{meta_path} is missing: not a complete index; rebuild it.")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SnaplookError(f"{meta_path} is not valid JSON ({exc}); rebuild the index.") from exc
-    if not isinstance(meta, dict):
-        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
+    meta = read_json_object(meta_path, fix="rebuild the index")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise SnaplookError(f"{meta_path} has no format_version; rebuild the index.")
     if version > INDEX_FORMAT_VERSION:
         raise SnaplookError(
             f"{path} has index format {version}, newer than this snaplook understands "
             f"({INDEX_FORMAT_VERSION}); upgrade snaplook or rebuild the index."
         )
+    check_meta(meta, meta_path)
     return meta
+
+
+def read_json_object(path: str | Path, *, fix: str) -> dict[str, Any]:
+    """A JSON object read through the input gate (``kind="json"``, see
+    :func:`snaplook.io_utils.read_input_bytes`).
+
+    Args:
+        path: the file (``meta.json``, ``head.json``).
+        fix: what the user should do, ending every message ("rebuild the index").
+
+    Raises:
+        SnaplookError: the gate refuses the file; it is not UTF-8, not JSON, nested too
+            deeply, holds an integer too long to parse, or is not an object. The message
+            names the file and never quotes it.
+    """
+    from snaplook.io_utils import read_input_bytes
+
+    data = read_input_bytes(path, kind="json")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SnaplookError(f"{path} is not UTF-8 text; {fix}.") from None
+    except RecursionError:
+        raise SnaplookError(f"{path} nests too deeply to be snaplook's JSON; {fix}.") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise SnaplookError(f"{path} is not valid JSON{where}; {fix}.") from None
+    if not isinstance(value, dict):
+        raise SnaplookError(f"{path} is not a JSON object; {fix}.")
+    return value
+
+
+#: The largest count, size or dimension a metadata field may hold (2**53: exact in JSON).
+MAX_JSON_INT = 1 << 53
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    # bool is an int to Python, never to a metadata field.
+    return type(value) is int and low <= value <= MAX_JSON_INT
+
+
+def describe_value(value: Any) -> str:
+    """A metadata field's value for a message: short printable text or a number as it is,
+    else only its type (a crafted file's content is never echoed)."""
+    if isinstance(value, str) and len(value) <= 60 and value.isprintable():
+        return repr(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and len(str(value)) <= 30:
+        return str(value)
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def field_error(path: str | Path, field: str, want: str, value: Any, fix: str) -> SnaplookError:
+    """One line naming the file and the field that is wrong, and what it should be."""
+    return SnaplookError(
+        f"{path}: field {field} must be {want}, got {describe_value(value)}; {fix}."
+    )
+
+
+_META_TEXT = ("backbone", "pooling", "resize", "precision", "preprocessing", "root", "created")
+_META_OBJECTS = ("weights", "head", "ann", "catalog", "calibration")
+_META_INTS = (("count", 0), ("feature_dim", 1), ("shard_rows", 1), ("skipped", 0))
+
+
+def check_meta(meta: dict[str, Any], meta_path: str | Path) -> None:
+    """Check the types of the ``meta.json`` fields snaplook uses (plain checks).
+
+    Raises:
+        SnaplookError: one line naming ``meta_path`` and the first wrong field (a wrong
+            type, null where a value is needed, an integer out of range).
+    """
+    fix = "rebuild the index"
+    if "count" not in meta:
+        raise field_error(meta_path, "count", "the number of rows", None, fix)
+    for name, low in _META_INTS:
+        if name in meta and not _is_int(meta[name], low):
+            raise field_error(meta_path, name, f"an integer from {low} to 2**53", meta[name], fix)
+    for name in _META_TEXT:
+        if name in meta and not isinstance(meta[name], str):
+            raise field_error(meta_path, name, "text", meta[name], fix)
+    for name in _META_OBJECTS:
+        if meta.get(name) is not None and not isinstance(meta[name], dict):
+            raise field_error(meta_path, name, "an object or null", meta[name], fix)
+    weights = meta.get("weights") or {}
+    for name, ok, want in (
+        ("name", lambda v: isinstance(v, str), "text"),
+        ("seed", _is_int, "an integer from 0 to 2**53"),
+        ("path", lambda v: isinstance(v, str), "text"),
+        ("sha256", lambda v: v is None or isinstance(v, str), "text or null"),
+    ):
+        if name in weights and not ok(weights[name]):
+            raise field_error(meta_path, f"weights.{name}", want, weights[name], fix)
+    head = meta.get("head") or {}
+    for name, ok, want in (
+        ("name", lambda v: isinstance(v, str), "text"),
+        ("sha256", lambda v: isinstance(v, str), "text"),
+        ("dim", _is_int, "an integer from 0 to 2**53"),
+    ):
+        if head and not ok(head.get(name)):
+            raise field_error(meta_path, f"head.{name}", want, head.get(name), fix)
+    if "shards" in meta:
+        _check_shard_entries(meta["shards"], meta_path)
+
+
+def _check_shard_entries(entries: Any, meta_path: str | Path) -> None:
+    fix = "rebuild the index"
+    if not isinstance(entries, list) or not entries:
+        raise field_error(meta_path, "shards", "a non-empty list of shards", entries, fix)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise field_error(meta_path, f"shards[{i}]", "an object", entry, fix)
+        name, rows = entry.get("name"), entry.get("rows")
+        # The name becomes a file path: only shard-NNNNN, never "../x".
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+            raise field_error(meta_path, f"shards[{i}].name", "shard-NNNNN", name, fix)
+        if not _is_int(rows, 1):
+            raise field_error(
+                meta_path, f"shards[{i}].rows", "an integer from 1 to 2**53", rows, fix
+            )
+        if "sha256" in entry and not isinstance(entry["sha256"], str):
+            raise field_error(meta_path, f"shards[{i}].sha256", "text", entry["sha256"], fix)
 
 
 def _load_single_file(path: Path, meta: dict[str, Any], *, mmap: bool, ann: bool) -> Index:
@@ -463,27 +579,15 @@ def _load_shards(
 ) -> tuple[ShardedFeatures, list[ManifestRow], list[dict[str, Any]]]:
     from snaplook.io_utils import load_npy, read_manifest
 
-    meta_path = path / "meta.json"
     entries = meta["shards"]
-    if not isinstance(entries, list) or not entries:
-        raise SnaplookError(f"{meta_path}: 'shards' is not a list of shards; rebuild the index.")
+    _check_shard_entries(entries, path / "meta.json")  # names and rows (check_meta did too)
     shards: list[dict[str, Any]] = []
     arrays: list[np.ndarray] = []
     manifest: list[ManifestRow] = []
     dim = meta.get("feature_dim")
     for i, entry in enumerate(entries):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        rows = entry.get("rows") if isinstance(entry, dict) else None
-        # The name becomes a file path: only shard-NNNNN, never "../x".
-        if (
-            not isinstance(name, str)
-            or not _SHARD_NAME.fullmatch(name)
-            or not (isinstance(rows, int) and rows >= 1)
-        ):
-            raise SnaplookError(
-                f"{meta_path}: shard entry {i} ({entry!r}) is malformed; rebuild the index."
-            )
-        npy = path / SHARDS_DIR / f"{name}.npy"
+        name, rows = entry["name"], entry["rows"]
+        npy = _confined(path, path / SHARDS_DIR / f"{name}.npy", f"shards[{i}].name")
         array = load_npy(npy, mmap=mmap)
         if array.dtype.name != "float32" or array.ndim != 2:
             raise SnaplookError(
@@ -496,7 +600,7 @@ def _load_shards(
                 f"{npy} has shape {array.shape}, meta.json says ({rows}, {dim}); the index "
                 "is inconsistent, rebuild it."
             )
-        csv_path = npy.with_suffix(".csv")
+        csv_path = _confined(path, npy.with_suffix(".csv"), f"shards[{i}].name")
         local = read_manifest(csv_path)
         if len(local) != rows or any(r.row != j for j, r in enumerate(local)):
             raise SnaplookError(
@@ -509,10 +613,28 @@ def _load_shards(
         shards.append({**entry, "start": start, "i": i})
     if len(manifest) != meta.get("count"):
         raise SnaplookError(
-            f"{path}: the shards hold {len(manifest)} rows, meta.json says "
-            f"{meta.get('count')}; the index is inconsistent, rebuild it."
+            f"{path}: the shards hold {len(manifest)} rows, meta.json's count says "
+            f"{describe_value(meta.get('count'))}; the index is inconsistent, rebuild it."
         )
     return ShardedFeatures(arrays), manifest, shards
+
+
+def _confined(folder: Path, path: Path, field: str) -> Path:
+    """``path``, a file named by ``meta.json``'s ``field``, if its real path lies in ``folder``.
+
+    A shard that is a symlink out of the index (to ``/dev/zero``, another user's file) is
+    refused before it is opened.
+    """
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise SnaplookError(
+            f"{path} (field {field} of {folder / 'meta.json'}) leads out of the index folder; "
+            "refusing to read it. Rebuild the index."
+        )
+    return path
 
 
 def _check_manifest(path: Path, manifest: Sequence[ManifestRow]) -> None:

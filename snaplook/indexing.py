@@ -37,7 +37,9 @@ from snaplook.index import (
     SHARDS_DIR,
     Index,
     ShardedFeatures,
+    check_meta,
     load_index,
+    read_json_object,
     recorded_settings,
 )
 from snaplook.io_utils import ManifestRow, timestamp
@@ -118,7 +120,7 @@ def build_index(
     ann: str | None = None,
     catalog: str | Path | None = None,
     catalog_image_column: str = DEFAULT_IMAGE_COLUMN,
-    shard_rows: int = DEFAULT_SHARD_ROWS,
+    shard_rows: int | None = None,
     engine: str | RayEngine = "local",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -161,7 +163,8 @@ def build_index(
             to the gallery on the image path and stored as ``catalog.csv``; with
             ``update`` and no ``catalog``, the index's stored catalogue is joined again.
         catalog_image_column: the catalogue column naming the image, default="image".
-        shard_rows: rows per feature shard, default=16384.
+        shard_rows: rows per feature shard; default None: 16384, or with ``update`` the
+            existing index's (``meta.json``'s ``shard_rows``).
         engine: "local" (this process), "ray" (a local Ray cluster) or a
             :class:`~snaplook.distributed.RayEngine` (cluster address, workers, CPUs/GPUs
             per worker). Both give the same rows in the same order and, with the same
@@ -184,6 +187,8 @@ def build_index(
 
     started = time.perf_counter()
     root, out = Path(root), Path(out)
+    if shard_rows is None:
+        shard_rows = _recorded_shard_rows(out) if update else DEFAULT_SHARD_ROWS
     _check_arguments(batch_size=batch_size, shard_rows=shard_rows, engine=engine)
     embedder = embedder or Embedder(
         backbone, weights=weights, pooling=pooling, seed=seed, precision=precision
@@ -192,7 +197,7 @@ def build_index(
         from snaplook.features import with_head
 
         embedder = with_head(embedder, head)
-    paths = _find_gallery(root)
+    paths, listing_skipped = _find_gallery(root)
     root_dir = root if root.is_dir() else root.parent
     _check_out(out)
     if embedder.resolved_precision() == "int8":
@@ -221,6 +226,7 @@ def build_index(
             ann=ann,
             batch_size=batch_size,
         )
+        plan.listing_skipped = listing_skipped
         if on_start is not None:
             on_start(len(paths))
         summary = _run_stages(
@@ -306,15 +312,18 @@ def _check_arguments(*, batch_size: int, shard_rows: int, engine: Any) -> None:
         raise SnaplookError(f"unknown engine {engine!r}; choose local or ray.")
 
 
-def _find_gallery(root: Path) -> list[Path]:
+def _find_gallery(root: Path) -> tuple[list[Path], list[Skipped]]:
+    """The gallery's images, and the files with an image name that listing left out (a
+    FIFO, a device, a name that is not UTF-8), for ``skipped.csv``."""
     from snaplook.io_utils import find_images
 
-    paths = find_images(root)
+    skipped: list[Skipped] = []
+    paths = find_images(root, on_skip=lambda path, why: skipped.append(Skipped(path, why)))
     if not paths:
         raise SnaplookError(
             f"{root}: no images found (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)."
         )
-    return paths
+    return paths, skipped
 
 
 # --- stage 1: plan ------------------------------------------------------------------------
@@ -340,6 +349,8 @@ class _BuildPlan:
     ann: str | None
     checkpoint: Checkpoint
     identity: dict[str, Any]
+    #: Files with an image name that the gallery listing left out (FIFOs, devices, ...).
+    listing_skipped: list[Skipped] = dataclasses.field(default_factory=list)
 
 
 def _plan_build(
@@ -463,7 +474,7 @@ def _collect_rows(
 
     checkpoint, to_embed = plan.checkpoint, plan.to_embed
     embedded_at: dict[Path, tuple[int, int, tuple[int, int]]] = {}
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = list(plan.listing_skipped)
     for b in range(checkpoint.n_batches):
         for j, (pos, w, h) in enumerate(records[b].rows):
             embedded_at[to_embed[pos]] = (b, j, (w, h))
@@ -738,6 +749,7 @@ def _write_shards(
     from snaplook.io_utils import (
         MANIFEST_HEADER,
         atomic_path,
+        load_npy,
         write_csv_atomic,
         write_json_atomic,
     )
@@ -776,7 +788,7 @@ def _write_shards(
                 else:
                     if a not in loaded:
                         loaded.clear()  # chunks are visited in order: keep one in memory
-                        loaded[a] = l2_normalize(np.load(chunk_files[a], allow_pickle=False))
+                        loaded[a] = l2_normalize(load_npy(chunk_files[a]))
                     block[i - plan.start : j - plan.start] = loaded[a][b : b + (j - i)]
             with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
                 hashing = _HashingWriter(fh)
@@ -791,16 +803,18 @@ def _write_shards(
 
 def _finished_shard(record_path: Path, key: str, npy: Path, csv_path: Path) -> str | None:
     """The SHA-256 of a shard a killed run already wrote for the same rows, else None."""
-    from snaplook.io_utils import file_sha256
+    from snaplook.io_utils import file_sha256, read_input_bytes
 
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if not record_path.is_file():
+            return None
+        record = json.loads(read_input_bytes(record_path, kind="json"))
         if record.get("key") != key or not csv_path.is_file():
             return None
         digest = record["sha256"]
-        return digest if file_sha256(npy) == digest else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return digest if file_sha256(npy, kind="array") == digest else None
+    except (SnaplookError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # a damaged record: the shard is written again
 
 
 def _runs(
@@ -977,9 +991,9 @@ def _embed_batches(
 def _old_calibration(out: Path) -> dict[str, Any] | None:
     """The int8 calibration an existing index at ``out`` recorded, if any."""
     try:
-        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        meta = read_json_object(out / "meta.json", fix="rebuild the index")
+    except SnaplookError:
+        return None  # build_index's --update reads it again and says why
     calibration = meta.get("calibration") if meta.get("precision") == "int8" else None
     return calibration if isinstance(calibration, dict) else None
 
@@ -1018,16 +1032,30 @@ def _update_settings(out: str | Path) -> dict[str, Any] | None:
     Raises:
         SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
     """
+    meta = _recorded_meta(out)
+    return None if meta is None else recorded_settings(meta)
+
+
+def _recorded_meta(out: str | Path) -> dict[str, Any] | None:
+    """The checked ``meta.json`` of the index at ``out``, or None when there is none.
+
+    Raises:
+        SnaplookError: it cannot be read, or a field has the wrong type (naming it).
+    """
     meta_path = Path(out) / "meta.json"
     if not meta_path.is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SnaplookError(f"{meta_path} cannot be read ({exc}); rebuild the index.") from exc
-    if not isinstance(meta, dict):
-        raise SnaplookError(f"{meta_path} is not a JSON object; rebuild the index.")
-    return recorded_settings(meta)
+    meta = read_json_object(meta_path, fix="rebuild the index")
+    check_meta(meta, meta_path)
+    return meta
+
+
+def _recorded_shard_rows(out: Path) -> int:
+    """Rows per shard of the index ``--update`` rewrites (the default for a new one)."""
+    meta = _recorded_meta(out)
+    if meta is None:
+        return DEFAULT_SHARD_ROWS
+    return int(meta.get("shard_rows", DEFAULT_SHARD_ROWS))
 
 
 def model_settings(out: str | Path, *, update: bool, **given: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from snaplook.errors import SnaplookError
 from snaplook.features import Embedder
 from snaplook.index import ShardedFeatures, cosine_knn, load_index
 from snaplook.indexing import build_index
-from snaplook.io_utils import write_manifest
+from snaplook.io_utils import read_csv, write_manifest
 
 TESTS = Path(__file__).resolve().parent
 DIM = 16
@@ -234,7 +234,7 @@ def _edit_meta(index_dir: Path, edit) -> None:  # type: ignore[no-untyped-def]
         ),
         (
             lambda p: _edit_meta(p, lambda m: m["shards"][0].update(name="../../etc/x")),
-            "shard entry 0 .* is malformed",
+            r"field shards\[0\].name must be shard-NNNNN",
         ),
         (
             lambda p: (p / "features" / "shard-00000.csv").write_text(
@@ -244,7 +244,7 @@ def _edit_meta(index_dir: Path, edit) -> None:  # type: ignore[no-untyped-def]
         ),
         (
             lambda p: _edit_meta(p, lambda m: m.update(count=11)),
-            "the shards hold 10 rows, meta.json says 11",
+            "the shards hold 10 rows, meta.json's count says 11",
         ),
         (
             lambda p: np.save(
@@ -303,3 +303,111 @@ def test_ann_is_built_over_the_shards_and_checked_at_load(tmp_path: Path) -> Non
     )
     with pytest.raises(SnaplookError, match="was built over other features"):
         load_index(tmp_path / "idx")
+
+
+# --- issue 22: --update keeps shard_rows; typed meta.json; shards confined; FIFOs listed ---
+
+
+def test_update_keeps_the_index_shard_rows_unless_given(tmp_path: Path) -> None:
+    # Old code: --update without --shard-rows reset shard_rows to 16384.
+    root, out = _gallery(tmp_path / "g", 10), tmp_path / "idx"
+    _build(root, out)  # shard_rows=4
+    _image(root / "img_100.png", 100)
+    _image(root / "img_101.png", 101)
+
+    build_index(root, out, embedder=RowEmbedder(), batch_size=3, update=True)
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["shard_rows"] == 4
+    assert max(s["rows"] for s in meta["shards"]) <= 4 and meta["count"] == 12
+    build_index(root, out, embedder=RowEmbedder(), batch_size=3, update=True, shard_rows=6)
+    assert json.loads((out / "meta.json").read_text())["shard_rows"] == 6
+
+
+def test_cli_shard_rows_default_leaves_the_choice_to_the_library() -> None:
+    import inspect
+
+    from snaplook.cli import index_cmd
+
+    assert inspect.signature(index_cmd).parameters["shard_rows"].default is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m.update(count="10"),
+            "field count must be an integer from 0 to 2\\*\\*53, got '10'",
+        ),
+        (lambda m: m.update(count=10**30), "field count must be an integer"),
+        (lambda m: m.update(count=True), "field count must be an integer"),
+        (lambda m: m.update(shard_rows=None), "field shard_rows must be an integer"),
+        (lambda m: m.update(weights=None), None),  # null weights: the default identity
+        (lambda m: m.update(weights=[1]), "field weights must be an object or null, got a list"),
+        (lambda m: m["weights"].update(seed=None), "field weights.seed must be an integer"),
+        (lambda m: m["weights"].update(name=7), "field weights.name must be text, got 7"),
+        (lambda m: m.update(backbone={"a": 1}), "field backbone must be text, got a dict"),
+        (lambda m: m.update(head={"name": "h"}), "field head.sha256 must be text, got null"),
+        (lambda m: m.update(ann=[]), "field ann must be an object or null"),
+        (lambda m: m["shards"].__setitem__(0, "x"), r"field shards\[0\] must be an object"),
+        (lambda m: m["shards"][0].update(rows=2.5), r"field shards\[0\].rows must be an integer"),
+        (lambda m: m.update(shards={}), "field shards must be a non-empty list"),
+    ],
+)
+def test_load_index_malformed_meta_field_is_named(tmp_path: Path, edit, message) -> None:
+    # Old code: TypeError/AttributeError, shown as the catch-all "unexpected ... report it".
+    _build(_gallery(tmp_path / "g", 10), tmp_path / "idx")
+    _edit_meta(tmp_path / "idx", edit)
+
+    if message is None:
+        assert len(load_index(tmp_path / "idx")) == 10
+        return
+    with pytest.raises(SnaplookError, match=message) as info:
+        load_index(tmp_path / "idx")
+    assert "meta.json" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply|not valid JSON"),
+        ('{"format_version": 2, "count": ' + "9" * 5000 + "}", "not valid JSON"),
+        ('{"format_version": 2, "count": 1e999}', "field count must be an integer"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
+def test_load_index_hostile_meta_json_gets_one_line(tmp_path: Path, text, message) -> None:
+    out = tmp_path / "idx"
+    (out / "features").mkdir(parents=True)
+    data = text if isinstance(text, bytes) else text.encode()
+    (out / "meta.json").write_bytes(data)
+
+    with pytest.raises(SnaplookError, match=message) as info:
+        load_index(out)
+    assert len(str(info.value)) < 400
+
+
+def test_load_index_shard_symlinked_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    _build(_gallery(tmp_path / "g", 10), tmp_path / "idx")
+    shard = tmp_path / "idx" / "features" / "shard-00000.npy"
+    shard.rename(tmp_path / "elsewhere.npy")
+    shard.symlink_to(tmp_path / "elsewhere.npy")
+
+    with pytest.raises(SnaplookError, match=r"field shards\[0\].name .* leads out of the index"):
+        load_index(tmp_path / "idx")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_fifo_and_device_in_a_gallery_are_listed_in_skipped_csv(tmp_path: Path) -> None:
+    # Old code: find_images listed them and reading the FIFO hung (now: left out, silently).
+    root = _gallery(tmp_path / "g", 4)
+    os.mkfifo(root / "x.jpg")
+    os.symlink("/dev/zero", root / "y.jpg")
+
+    summary = _build(root, tmp_path / "idx")
+
+    assert summary.n_indexed == 4
+    rows = read_csv(tmp_path / "idx" / "skipped.csv")
+    assert [Path(r["path"]).name for r in rows] == ["x.jpg", "y.jpg"]
+    assert "FIFO" in rows[0]["reason"] and "character device" in rows[1]["reason"]
+    assert [Path(s.path).name for s in summary.skipped] == ["x.jpg", "y.jpg"]
