@@ -116,7 +116,7 @@ def read_catalog(
             price that is not a number; each names the file and line.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a folder: the input gate says what it is
         raise SnaplookError(f"--catalog {path}: no such file; check the path.")
     if path.suffix.lower() in (".parquet", ".pq"):
         header, records = _read_parquet(path)
@@ -175,9 +175,16 @@ def read_catalog(
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    import io
+
+    from snaplook.io_utils import open_input
+
     records: list[tuple[int, dict[str, str]]] = []
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
+        with (
+            open_input(path, kind="table") as raw,
+            io.TextIOWrapper(raw, newline="", encoding="utf-8-sig") as fh,
+        ):
             reader = csv.reader(fh, strict=True)
             header = next(reader, None)
             if header is None:
@@ -212,6 +219,9 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from snaplook.io_utils import check_input
+
+    check_input(path, kind="table")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:

@@ -75,15 +75,15 @@ class Checkpoint:
         """Batches finished by an earlier run with the same plan; start afresh otherwise."""
         import shutil
 
-        from snaplook.io_utils import write_json_atomic
+        from snaplook.io_utils import read_input_bytes, write_json_atomic
 
         plan_path = self.folder / "plan.json"
         shutil.rmtree(self._trash(), ignore_errors=True)  # a removal cut short by a kill
         if self.folder.exists() or self.folder.is_symlink():
             try:
-                old_plan = json.loads(plan_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                old_plan = None
+                old_plan = json.loads(read_input_bytes(plan_path, kind="json"))
+            except (SnaplookError, ValueError, RecursionError):
+                old_plan = None  # missing or damaged: start over
             if old_plan != self.plan:
                 logger.warning(
                     "%s holds an interrupted run with other images or settings; starting over.",
@@ -113,10 +113,12 @@ class Checkpoint:
         return records
 
     def _load(self, b: int) -> BatchRecord | None:
-        from snaplook.io_utils import file_sha256, load_npy
+        from snaplook.io_utils import file_sha256, load_npy, read_input_bytes
 
+        if not self._record_path(b).is_file():
+            return None
         try:
-            doc = json.loads(self._record_path(b).read_text(encoding="utf-8"))
+            doc = json.loads(read_input_bytes(self._record_path(b), kind="json"))
             record = BatchRecord(
                 size=int(doc["size"]),
                 rows=[(int(p), int(w), int(h)) for p, w, h in doc["rows"]],
@@ -126,14 +128,22 @@ class Checkpoint:
             if positions != list(self.batch_positions(b)) or record.size != len(positions):
                 return None
             if record.rows:
-                if file_sha256(self.chunk_path(b)) != doc["sha256"]:
+                if file_sha256(self.chunk_path(b), kind="array") != doc["sha256"]:
                     return None
                 shape = load_npy(self.chunk_path(b), mmap=True).shape
                 if shape != (len(record.rows), self.feature_dim):
                     return None
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, SnaplookError) as exc:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+            SnaplookError,
+        ) as exc:
             logger.info("batch %d in %s is damaged (%s); embedding it again", b, self.folder, exc)
             return None
         return record

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -119,15 +120,15 @@ def _category_of(path: str) -> str:
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
+    from snaplook.io_utils import read_input_bytes
+
+    if not os.path.lexists(path):
+        raise SnaplookError(f"{what} {path} not found; pass its path with --partition.")
     try:
         # utf-8-sig: a file saved by a Windows editor starts with a BOM.
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise SnaplookError(f"{what} {path} not found; pass its path with --partition.") from None
+        return read_input_bytes(path, kind="table").decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise SnaplookError(f"{path}: not a UTF-8 text file ({exc.reason}).") from exc
-    except OSError as exc:
-        raise SnaplookError(f"{path}: cannot read ({exc.strerror or exc}).") from exc
 
 
 def _parse_listing(
@@ -373,9 +374,11 @@ def _drop_missing(split: Split, *, strict: bool) -> Split:
     gallery = query if split.leave_one_out else [s for s in split.gallery if exists(s)]
     missing = sorted(p for p, ok in checked.items() if not ok)
     if missing:
+        # Label folders have no partition file: their images vanished after the listing
+        # (or are dangling symlinks).
+        source = f"listed in {split.partition}" if split.partition else "found in the folders"
         message = (
-            f"{len(missing)} image(s) listed in {split.partition} are missing under "
-            f"{split.root} (first: {missing[0]})"
+            f"{len(missing)} image(s) {source} are missing under {split.root} (first: {missing[0]})"
         )
         if strict:
             raise SnaplookError(message + "; --strict stops here. Check the dataset root.")

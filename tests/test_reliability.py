@@ -403,3 +403,60 @@ def test_query_short_results_message_names_the_real_cause(
 
     err = capsys.readouterr().err
     assert said in err and "None" not in err
+
+
+# --- the input gate in the other readers (catalogue, partition, checkpoint) ---------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("reader", ["catalog", "partition", "checkpoint"])
+def test_readers_refuse_a_fifo_without_hanging(tmp_path: Path, reader: str) -> None:
+    # Old code: reading the partition file or the checkpoint's plan.json blocked for ever;
+    # the catalogue reader said "no such file" of a FIFO.
+    if reader == "catalog":
+        os.mkfifo(tmp_path / "catalog.csv")
+        code = "from snaplook.catalog import read_catalog\nread_catalog('catalog.csv')"
+        expect = "catalog.csv: is a FIFO (named pipe)"
+    elif reader == "partition":
+        os.mkfifo(tmp_path / "list_eval_partition.txt")
+        code = (
+            "from snaplook.datasets import load_split\n"
+            "load_split('.', protocol='inshop', partition='list_eval_partition.txt')"
+        )
+        expect = "list_eval_partition.txt: is a FIFO (named pipe)"
+    else:
+        (tmp_path / "ck").mkdir()
+        os.mkfifo(tmp_path / "ck" / "plan.json")
+        code = (
+            "from pathlib import Path\nfrom snaplook.checkpoint import Checkpoint\n"
+            "c = Checkpoint(Path('ck'), {'batch_size': 2}, n_images=4, feature_dim=3)\n"
+            "print('resumed', c.resume())"
+        )
+        expect = "resumed {}"
+    wrapped = (
+        "from snaplook.errors import SnaplookError\ntry:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except SnaplookError as exc:\n    print(exc)\n"
+    )
+    try:
+        done = _run_guarded(wrapped, tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {reader} reader hung on a FIFO")
+    assert expect in done.stdout, done.stderr[-2000:]
+
+
+def test_folders_protocol_missing_image_message_names_no_partition(tmp_path: Path, caplog) -> None:
+    # Old code: "1 image(s) listed in None are missing under ...".
+    from snaplook.datasets import load_split
+
+    for label in ("a", "b"):
+        for i in range(2):
+            make_image(tmp_path / label / f"{i}.jpg", (10, 20, 30))
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+
+    with caplog.at_level("WARNING", logger="snaplook.datasets"):
+        split = load_split(tmp_path, protocol="folders")
+
+    assert split.missing == ["a/gone.jpg"]
+    assert "1 image(s) found in the folders are missing" in caplog.text
+    assert "None" not in caplog.text
