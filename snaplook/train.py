@@ -8,8 +8,8 @@ batch, validated every epoch on held-out training items by Recall@1.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
 import math
 import time
@@ -446,10 +446,17 @@ class Head:
     def load(cls, path: str | Path) -> Head:
         """Load a head folder (or its ``head.json`` / ``head.weights.h5``).
 
+        ``head.json`` is read through the input gate and its fields are checked;
+        the weights file's declared datasets are checked against the dims in
+        ``head.json`` (:func:`check_head_weights`) before Keras reads a byte of it.
+
         Raises:
-            SnaplookError: missing or malformed files, a newer format, weights that do not
-                fit the recorded architecture or whose digest changed.
+            SnaplookError: missing or malformed files (one line naming the file and the
+                field), a newer format, weights that do not fit the recorded architecture
+                or whose digest changed.
         """
+        from snaplook.io_utils import check_input
+
         path = Path(path)
         folder = path.parent if path.is_file() else path
         meta_path, weights_path = folder / HEAD_JSON, folder / HEAD_WEIGHTS
@@ -459,31 +466,19 @@ class Head:
                     f"{p} not found: --head takes a folder written by `snaplook train` "
                     f"(with {HEAD_JSON} and {HEAD_WEIGHTS})."
                 )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SnaplookError(f"{meta_path} is not valid JSON ({exc}).") from exc
-        if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
-            raise SnaplookError(f"{meta_path} has no format_version; not a snaplook head.")
-        if meta["format_version"] > HEAD_FORMAT_VERSION:
-            raise SnaplookError(
-                f"{meta_path} has head format {meta['format_version']}, newer than this "
-                f"snaplook understands ({HEAD_FORMAT_VERSION}); upgrade snaplook."
-            )
-        try:
-            config = {key: meta[key] for key in _CONFIG_KEYS if key in meta}
-            input_dim, dim, hidden = int(meta["input_dim"]), int(meta["dim"]), int(meta["hidden"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SnaplookError(f"{meta_path} lacks or garbles {exc}; retrain the head.") from exc
+        meta = _read_head_json(meta_path)
+        input_dim, dim, hidden = meta["input_dim"], meta["dim"], meta["hidden"]
+        check_input(weights_path, kind="head")
         model = _build_model(input_dim, dim, hidden, None)
+        check_head_weights(weights_path, [tuple(w.shape) for w in model.weights])
         try:
             model.load_weights(str(weights_path))
         except Exception as exc:
             raise SnaplookError(
                 f"cannot load {weights_path} into the head {meta_path} describes "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "retrain the head."
+                f"({type(exc).__name__}); retrain the head."
             ) from exc
+        config = {key: meta[key] for key in _CONFIG_KEYS if key in meta}
         info = {k: v for k, v in meta.items() if k not in _CONFIG_KEYS and k not in _NOT_INFO}
         history = [EpochRecord(**r) for r in meta.get("history", [])]
         head = cls(config=config, info=info, history=history, name=folder.name, model_=model)
@@ -494,6 +489,94 @@ class Head:
                 "retrain the head or restore both files together."
             )
         return head
+
+
+#: The widest head snaplook loads: backbone features are at most 2048-d, heads narrower;
+#: a larger dim in a crafted head.json would make Keras allocate gigabytes.
+MAX_HEAD_DIM = 65_536
+#: Most datasets a head's weights file may declare (the model has at most 5).
+_MAX_H5_OBJECTS = 256
+
+
+def _read_head_json(meta_path: Path) -> dict[str, Any]:
+    """``head.json``, read through the input gate, with the fields :meth:`Head.load` uses
+    checked (types and ranges).
+
+    Raises:
+        SnaplookError: one line naming the file and the first wrong field.
+    """
+    from snaplook.index import field_error, read_json_object
+
+    fix = "retrain the head"
+    meta = read_json_object(meta_path, fix=fix)
+    version = meta.get("format_version")
+    if type(version) is not int:
+        raise SnaplookError(f"{meta_path} has no format_version; not a snaplook head.")
+    if version > HEAD_FORMAT_VERSION:
+        raise SnaplookError(
+            f"{meta_path} has head format {version}, newer than this snaplook understands "
+            f"({HEAD_FORMAT_VERSION}); upgrade snaplook."
+        )
+    for name, low in (("input_dim", 1), ("dim", 1), ("hidden", 0)):
+        value = meta.get(name)
+        if type(value) is not int or not low <= value <= MAX_HEAD_DIM:
+            want = f"an integer from {low} to {MAX_HEAD_DIM}"
+            raise field_error(meta_path, name, want, value, fix)
+    for name, kind, want in (
+        ("source", dict, "an object"),
+        ("weights_sha256", str, "text"),
+        ("loss", str, "text"),
+        ("history", list, "a list"),
+    ):
+        if meta.get(name) is not None and not isinstance(meta[name], kind):
+            raise field_error(meta_path, name, f"{want} or null", meta[name], fix)
+    fields = {f.name for f in dataclasses.fields(EpochRecord)}
+    for i, record in enumerate(meta.get("history") or []):
+        if not isinstance(record, dict) or not set(record) <= fields or "epoch" not in record:
+            raise field_error(meta_path, f"history[{i}]", "an epoch record", record, fix)
+    return meta
+
+
+def check_head_weights(path: Path, shapes: Sequence[tuple[int, ...]]) -> None:
+    """Refuse a head weights file whose datasets are not exactly the model's weights.
+
+    Reads only the HDF5 metadata (h5py), never the data: a crafted file that declares a
+    huge dataset, or more datasets than the head has, is refused before Keras would read
+    it into memory.
+
+    Args:
+        path: the ``head.weights.h5`` file.
+        shapes: the shapes of the model's weights (from ``head.json``'s dims).
+
+    Raises:
+        SnaplookError: the file is not HDF5, or its datasets (count, shapes, float32
+            dtype) differ from ``shapes``; one line naming the file.
+    """
+    import h5py
+    import numpy as np
+
+    found: list[tuple[int, ...]] = []
+    odd: list[str] = []
+
+    def visit(name: str, obj: Any) -> bool | None:
+        if isinstance(obj, h5py.Dataset):
+            found.append(tuple(int(n) for n in obj.shape))
+            if obj.dtype != np.float32:
+                odd.append(f"{name} holds {obj.dtype}")
+        return True if len(found) > _MAX_H5_OBJECTS else None  # True stops the walk
+
+    try:
+        with h5py.File(path, "r") as fh:
+            fh.visititems(visit)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SnaplookError(f"{path}: not a readable HDF5 weights file; retrain the head.") from exc
+    if odd or sorted(found) != sorted(tuple(s) for s in shapes):
+        got = odd[0] if odd else f"{len(found)} arrays of shapes {sorted(found)[:6]}"
+        raise SnaplookError(
+            f"{path}: its weights ({got[:200]}) do not fit the head its head.json describes "
+            f"({len(shapes)} float32 arrays of shapes {sorted(shapes)}); refusing to load it. "
+            "Retrain the head or restore both files together."
+        )
 
 
 _CONFIG_KEYS = (

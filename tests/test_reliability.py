@@ -460,3 +460,107 @@ def test_folders_protocol_missing_image_message_names_no_partition(tmp_path: Pat
     assert split.missing == ["a/gone.jpg"]
     assert "1 image(s) found in the folders are missing" in caplog.text
     assert "None" not in caplog.text
+
+
+# --- heads: head.json fields typed, the weights file's shapes checked before Keras --------
+
+
+@pytest.fixture(scope="module")
+def saved_head(tmp_path_factory) -> Path:
+    from snaplook import train
+
+    rng = np.random.default_rng(0)
+    x = (np.repeat(rng.normal(size=(6, 16)), 3, axis=0) + rng.normal(size=(18, 16))).astype(
+        np.float32
+    )
+    ids = [f"item{i // 3}" for i in range(18)]
+    folder = tmp_path_factory.mktemp("head") / "h"
+    train.fit_head(x, ids, dim=4, hidden=8, epochs=1, batch=(3, 2)).save(folder)
+    return folder
+
+
+def _head_copy(saved_head: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "h"
+    shutil.copytree(saved_head, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(input_dim="16"), "field input_dim must be an integer from 1 to 65536"),
+        (lambda m: m.update(dim=None), "field dim must be an integer .*, got null"),
+        (lambda m: m.update(hidden=10**12), "field hidden must be an integer"),
+        (lambda m: m.update(source=[1]), "field source must be an object or null, got a list"),
+        (lambda m: m.update(history=[1]), r"field history\[0\] must be an epoch record"),
+        (lambda m: m.update(weights_sha256=5), "field weights_sha256 must be text or null"),
+    ],
+)
+def test_head_json_malformed_field_is_named(saved_head, tmp_path: Path, edit, message) -> None:
+    # Old code: int("16") passed, null dims and bad history gave the catch-all "unexpected
+    # TypeError ... report it", a huge dim made Keras allocate it.
+    from snaplook.train import Head
+
+    folder = _head_copy(saved_head, tmp_path)
+    meta = json.loads((folder / "head.json").read_text())
+    edit(meta)
+    (folder / "head.json").write_text(json.dumps(meta))
+
+    with pytest.raises(SnaplookError, match=message) as info:
+        Head.load(folder)
+    assert "head.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_head_json_nested_too_deeply_is_one_line(saved_head, tmp_path: Path) -> None:
+    from snaplook.train import Head
+
+    folder = _head_copy(saved_head, tmp_path)
+    (folder / "head.json").write_text("[" * 100_000 + "]" * 100_000)
+
+    with pytest.raises(SnaplookError, match="nests too deeply"):
+        Head.load(folder)
+
+
+def test_crafted_head_weights_declaring_a_huge_array_are_refused_before_keras(
+    saved_head, tmp_path: Path
+) -> None:
+    # Old code: Keras read the declared 20000 x 20000 float32 (1.6 GB) dataset from a file
+    # of a few KB (unallocated gzip chunks read as zeros), driving RSS to gigabytes.
+    import h5py
+
+    folder = _head_copy(saved_head, tmp_path)
+    weights = folder / "head.weights.h5"
+    with h5py.File(weights, "r+") as fh:
+        names: list[str] = []
+        fh.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        big = next(n for n in names if fh[n].ndim == 2)
+        del fh[big]
+        fh.create_dataset(
+            big, shape=(20000, 20000), dtype="float32", chunks=(1000, 1000), compression="gzip"
+        )
+    assert weights.stat().st_size < 1 << 20
+    code = f"""
+from snaplook.errors import SnaplookError
+from snaplook.train import Head
+try:
+    Head.load({str(folder)!r})
+except SnaplookError as exc:
+    print(exc)
+"""
+    done = _run_guarded(code, tmp_path)
+
+    assert "do not fit the head its head.json describes" in done.stdout, done.stderr[-2000:]
+    assert "(20000, 20000)" in done.stdout
+
+
+def test_head_weights_with_an_extra_dataset_are_refused(saved_head, tmp_path: Path) -> None:
+    import h5py
+
+    from snaplook.train import Head
+
+    folder = _head_copy(saved_head, tmp_path)
+    with h5py.File(folder / "head.weights.h5", "r+") as fh:
+        fh.create_dataset("extra", data=np.zeros(3, np.float32))
+
+    with pytest.raises(SnaplookError, match="do not fit the head"):
+        Head.load(folder)
