@@ -433,7 +433,7 @@ def read_json_object(path: str | Path, *, fix: str) -> dict[str, Any]:
     try:
         value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise SnaplookError(f"{path} is not UTF-8 text; {fix}.") from None
+        raise SnaplookError(f"{path} is not valid JSON (not UTF-8 text); {fix}.") from None
     except RecursionError:
         raise SnaplookError(f"{path} nests too deeply to be snaplook's JSON; {fix}.") from None
     except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits

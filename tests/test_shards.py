@@ -373,7 +373,7 @@ def test_load_index_malformed_meta_field_is_named(tmp_path: Path, edit, message)
         ("[" * 100_000 + "]" * 100_000, "nests too deeply|not valid JSON"),
         ('{"format_version": 2, "count": ' + "9" * 5000 + "}", "not valid JSON"),
         ('{"format_version": 2, "count": 1e999}', "field count must be an integer"),
-        (b"\xff\xfe{}", "not UTF-8"),
+        (b"\xff\xfe{}", "not valid JSON \\(not UTF-8 text\\)"),
     ],
 )
 def test_load_index_hostile_meta_json_gets_one_line(tmp_path: Path, text, message) -> None:
