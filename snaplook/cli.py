@@ -793,7 +793,12 @@ def query_cmd(
     index: IndexDirOpt = _opt.DEFAULT_INDEX_DIR,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Results folder [default: output/<backbone>]."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Results folder, replaced whole: new, empty or an earlier one "
+            "[default: output/<backbone>].",
+        ),
     ] = None,
     backbone: Annotated[
         _choice(_opt.BACKBONE_NAMES) | None,
