@@ -273,20 +273,16 @@ def _by_refitting(x: np.ndarray, settings: pp.Postprocessing) -> np.ndarray:
 )
 def test_leave_one_out_distances_equal_refitting_without_the_query(features, settings):
     x = features[:60]
-    distances, refitted = pp.leave_one_out_distances(x, settings)
-    assert refitted
+    distances = pp.leave_one_out_distances(x, settings)
     np.testing.assert_allclose(distances, _by_refitting(x, settings), atol=2e-4)
     assert np.all(np.isinf(np.diag(distances)))
 
 
-def test_leave_one_out_distances_above_the_limit_fit_once(features):
-    settings = pp.Postprocessing(whiten=8, qe=1)
-    distances, refitted = pp.leave_one_out_distances(features, settings, refit_max=10)
-    assert not refitted
-    q, g, _ = pp.postprocess_features(features, features, settings, leave_one_out=True)
-    expected = 1.0 - (q @ g.T).astype(np.float64)
-    np.fill_diagonal(expected, np.inf)
-    np.testing.assert_allclose(distances, expected, atol=1e-5)
+def test_refits_per_query():
+    assert pp.refits_per_query(pp.Postprocessing(whiten=None), 200)
+    assert pp.refits_per_query(pp.Postprocessing(dba=1), pp.LEAVE_ONE_OUT_REFIT_MAX)
+    assert not pp.refits_per_query(pp.Postprocessing(qe=2), 200)  # QE alone: nothing fitted
+    assert not pp.refits_per_query(pp.Postprocessing(dba=1), pp.LEAVE_ONE_OUT_REFIT_MAX + 1)
 
 
 def test_leave_one_out_distances_too_small_for_whitening(features):
