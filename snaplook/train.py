@@ -1051,8 +1051,9 @@ def train_head(
         SnaplookError: bad protocol files, no training images, the errors of
             :func:`fit_head`.
     """
-    # Over 80 lines only through its signature and docstring: the keyword parameters are the
-    # public API (the CLI and tests call it with them); the stages are helpers.
+    # Long on purpose: over 80 lines only through its signature and docstring; the keyword
+    # parameters are the public API (the CLI and tests call it with them); the stages are
+    # helpers.
     root = Path(root)
     check_crop(crop)
     embedder = Embedder(
