@@ -563,6 +563,16 @@ def honest_grid(backbones: list[str], pooled_by: dict, sets: dict, seconds_by: d
     return rows
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "output" / "bench_quality")
@@ -662,7 +672,9 @@ def main() -> None:
         "honest": honest,
     }
     path = REPO / "benchmarks" / "results" / f"quality-{now.date()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    # Four decimals and one row a line: the grid has over a thousand rows.
+    text = json.dumps(_rounded(result), separators=(",", ":"))
+    path.write_text(text.replace('},{"setting"', '},\n{"setting"') + "\n")
     print(f"wrote {path}")
 
 
