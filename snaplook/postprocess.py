@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -658,3 +659,33 @@ def _whiten_without(
     dots = q_row - q_row.mean() - row_mean + total  # (x_i - mean) . (x_j - mean)
     query = (dots @ vectors) / np.sqrt(values) / shrunk
     return l2_normalize(query[None]), l2_normalize(gallery)
+
+
+def parse_neighbours(text: str, *, option: str) -> int:
+    """Read a ``--qe`` / ``--dba`` value: a count of neighbours, 0 for none.
+
+    Raises:
+        SnaplookError: not a non-negative integer.
+    """
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()):
+        raise SnaplookError(f"{option}: {text!r} is not a number of neighbours (0, 1, 2, ...).")
+    return int(value)
+
+
+def postprocessing_grid(
+    whitens: Sequence[str] = (), qes: Sequence[str] = (), dbas: Sequence[str] = ()
+) -> list[Postprocessing]:
+    """Every combination of ``--whiten`` x ``--dba`` x ``--qe`` values, in order (empty
+    lists mean none), as :class:`Postprocessing` settings to compare.
+
+    Raises:
+        SnaplookError: a value :func:`parse_whiten` or :func:`parse_neighbours` refuses.
+    """
+    import itertools
+
+    whiten = [parse_whiten(w) for w in whitens or ["none"]]
+    dba = [parse_neighbours(k, option="--dba") for k in dbas or ["0"]]
+    qe = [parse_neighbours(k, option="--qe") for k in qes or ["0"]]
+    grid = [Postprocessing(whiten=w, dba=d, qe=q) for w, d, q in itertools.product(whiten, dba, qe)]
+    return list(dict.fromkeys(grid))
