@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
 
@@ -689,3 +689,39 @@ def postprocessing_grid(
     qe = [parse_neighbours(k, option="--qe") for k in qes or ["0"]]
     grid = [Postprocessing(whiten=w, dba=d, qe=q) for w, d, q in itertools.product(whiten, dba, qe)]
     return list(dict.fromkeys(grid))
+
+
+def expand_queries(
+    queries: np.ndarray,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    gallery: Any,
+    *,
+    k: int,
+    alpha: float = DEFAULT_ALPHA,
+) -> np.ndarray:
+    """alpha-QE through an index's search: each query plus its k nearest gallery rows.
+
+    Args:
+        queries: ndarray of shape (m, d).
+        search: ``search(unit_queries, k) -> (distances, rows)``, cosine distances
+            (1 - cos) nearest first, row -1 where fewer were found (``Index.search``).
+        gallery: the gallery rows, unit vectors; ``gallery[rows]`` for a 1-d int array.
+        k: neighbours added; 0 returns the queries L2-normalised.
+        alpha: weight exponent, default=3.
+
+    Returns:
+        ndarray of shape (m, d), float32, unit rows.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    q = l2_normalize(np.atleast_2d(queries))
+    if k <= 0 or len(q) == 0:
+        return q
+    distances, rows = search(q, k)
+    found = rows >= 0
+    neighbours = np.asarray(gallery[np.where(found, rows, 0).ravel()], dtype=np.float32)
+    neighbours = neighbours.reshape(*rows.shape, q.shape[1])
+    similarities = np.where(found, 1.0 - distances, 0.0)
+    return expand_vectors(q, neighbours, similarities, alpha=alpha)

@@ -288,3 +288,27 @@ def test_refits_per_query():
 def test_leave_one_out_distances_too_small_for_whitening(features):
     with pytest.raises(SnaplookError, match="gallery images"):
         pp.leave_one_out_distances(features[:12], pp.Postprocessing(whiten=None))
+
+
+def test_expand_queries_through_a_search_equals_query_expansion(features):
+    gallery = _unit(features)
+    queries = features[:5] + 0.05
+
+    def search(q, k):
+        rows, sims = pp.nearest_neighbours(q, gallery, k)
+        return 1.0 - sims, rows
+
+    out = pp.expand_queries(queries, search, gallery, k=3)
+    np.testing.assert_allclose(out, pp.query_expansion(_unit(queries), gallery, k=3), atol=1e-6)
+    np.testing.assert_allclose(pp.expand_queries(queries, search, gallery, k=0), _unit(queries))
+
+
+def test_expand_queries_ignores_missing_rows():
+    gallery = _unit([[1, 0], [0, 1]])
+
+    def search(q, k):  # one row found, one missing (a filter kept fewer than k)
+        return np.array([[0.0, np.inf]]), np.array([[0, -1]])
+
+    out = pp.expand_queries(_unit([[1, 0.2]]), search, gallery, k=2)
+    by_hand = _unit([[1, 0.2]])[0] + gallery[0]
+    np.testing.assert_allclose(out[0], by_hand / np.linalg.norm(by_hand), rtol=1e-6)
