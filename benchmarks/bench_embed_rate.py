@@ -17,6 +17,9 @@ With ``--tree`` the commands run in subprocesses importing snaplook from each co
 (e.g. ``git archive <commit> snaplook | tar -x -C DIR``), interleaved in the same rounds:
 a before/after comparison on a busy machine.
 
+Then, without ``--tree``, the two pipelines alone (``embed_images``, which ``index`` runs,
+and ``embed_cached``, which ``evaluate`` runs) in this process with one loaded model.
+
 Prints a table and writes benchmarks/results/embed-rate-<date>[-<label>].json with the CPU
 model and flags. Converted models are cached in benchmarks/data/model-cache (set
 ``SNAPLOOK_CACHE_DIR`` to override), so only the first run converts.
@@ -171,6 +174,45 @@ def _row(rates: dict, seconds: dict, name: str, precision: str) -> dict:
     }
 
 
+def measure_library(args: argparse.Namespace, photos: list[Path]) -> list[dict]:
+    """The two pipelines alone, in this process, with one loaded model per precision.
+
+    ``embed_images`` (``iter_embeddings``, which ``build_index`` runs) against
+    ``embed_cached`` (which ``evaluate`` and ``train`` run; a fresh cache folder each time)
+    on the ``--large`` photos, alternating, median img/s over ``--rounds``: no command
+    start-up, report or index writing, so less noise than the slopes above.
+    """
+    from snaplook.features import Embedder, embed_cached, embed_images
+
+    paths = photos[: args.large]
+    rows = []
+    for precision in args.precisions.split(","):
+        embedder = Embedder("resnet50", weights="random", precision=precision)
+        embed_images(paths[:32], embedder)  # load and compile
+        rates: dict[str, list[float]] = {"embed_images": [], "embed_cached": []}
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            embed_images(paths, embedder)
+            rates["embed_images"].append(len(paths) / (time.perf_counter() - started))
+            with tempfile.TemporaryDirectory() as cache:
+                started = time.perf_counter()
+                embed_cached([(p, None) for p in paths], embedder, cache_dir=cache)
+                rates["embed_cached"].append(len(paths) / (time.perf_counter() - started))
+        index, evaluate = (statistics.median(rates[k]) for k in ("embed_images", "embed_cached"))
+        rows.append(
+            {
+                "precision": precision,
+                "resolved_precision": embedder.resolved_precision(),
+                "embed_images_img_s": index,
+                "embed_cached_img_s": evaluate,
+                "ratio": evaluate / index,
+                "rounds": rates,
+            }
+        )
+        print(f"library {precision}: {rates}", flush=True)
+    return rows
+
+
 def resolved(precision: str) -> str:
     from snaplook.runtime import resolve_precision
 
@@ -232,6 +274,10 @@ def main() -> None:
             "trees": {n: str(d) if d else "this process" for n, d in trees.items()},
             "rows": measure(args, trees, galleries, work / "runs"),
         }
+        if args.tree:
+            result["library"] = []  # one snaplook per process: compare trees by the rows
+        else:
+            result["library"] = measure_library(args, photos)
     result["machine"]["load_average_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(
@@ -248,6 +294,12 @@ def main() -> None:
             f"{row['tree']:7s} {name:10s} {row['index_img_s']:12.1f} "
             f"{row['evaluate_img_s']:15.1f} {row['ratio']:6.2f}  >= 0.9 "
             f"{'PASS' if row['ok'] else 'FAIL'}"
+        )
+    for row in result["library"]:
+        name = f"{row['precision']}({row['resolved_precision']})"
+        print(
+            f"library {name:10s} embed_images {row['embed_images_img_s']:.1f} img/s, "
+            f"embed_cached {row['embed_cached_img_s']:.1f} img/s: ratio {row['ratio']:.2f}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = f"-{args.label}" if args.label else ""

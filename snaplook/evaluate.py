@@ -219,8 +219,9 @@ def evaluate(
         SnaplookError: bad protocol files, missing images with ``strict``, unknown
             settings, unloadable weights, no query with a same-item gallery image.
     """
-    # Over 80 lines only through its signature and docstring: the keyword parameters are the
-    # public API (the CLI, notebooks and tests call it with them); the stages are helpers.
+    # Long on purpose: over 80 lines only through its signature and docstring; the keyword
+    # parameters are the public API (the CLI, notebooks and tests call it with them); the
+    # stages are helpers.
     import time
 
     ks = check_ks(ks)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
 
@@ -28,12 +29,19 @@ WHITEN_FILE = "whiten.npz"
 WHITEN_FORMAT_VERSION = 1
 #: Dimension rule: the whitened dimension is at most n_fit // WHITEN_SAMPLES_PER_DIM. PCA
 #: directions estimated from fewer samples are mostly noise, and whitening divides by their
-#: small eigenvalues, so it amplifies that noise (measured: benchmarks/bench_quality.py).
+#: small eigenvalues, so it amplifies that noise. Measured (benchmarks/bench_quality.py,
+#: results/quality-2026-12-06.json, lite0 GeM): a fixed 128 dimensions drop R@1 on 106
+#: images from 0.67 to 0.04 (0.43 to 0.00 on harder copies), on 212 from 0.81 to 0.69;
+#: by the rule they gain 0.01-0.02. Honest leave-one-out R@1 by samples per dimension,
+#: 2: 0.625, 3: 0.603, 4: 0.579, 6: 0.552, 8: 0.521 (no whitening 0.600); issue 24's
+#: catalogue set (199 images) gained with 64 dimensions (n/3) and lost with 128 (n/1.6).
+#: 3 keeps to the catalogue evidence; 2 is within noise of it on the photo sets.
 WHITEN_SAMPLES_PER_DIM = 3
 #: Below this many dimensions whitening is not worth fitting (the gallery is too small).
 MIN_WHITEN_DIM = 8
 #: Eigenvalue shrinkage towards their mean: lambda' = (1 - s) lambda + s mean(lambda);
-#: 0 is full whitening, 1 a plain PCA projection (measured: benchmarks/bench_quality.py).
+#: 0 is full whitening, 1 a plain PCA projection. Measured: s = 0.1 / 0.25 / 0.5 / 1 move
+#: leave-one-out R@1 by -0.01 to +0.01 (noise at these sizes), so none by default.
 DEFAULT_SHRINKAGE = 0.0
 #: Rows of the query x gallery similarity computed at once by the exact neighbour search.
 NEIGHBOUR_BLOCK_ROWS = 1024
@@ -568,29 +576,33 @@ def postprocess_features(
 
 
 #: Leave-one-out evaluation refits whitening and DBA without each query (O(n^4) for
-#: whitening): up to this many images; above it they are fitted once on all images.
+#: whitening) up to this many images; above it, they are fitted once on all images.
 LEAVE_ONE_OUT_REFIT_MAX = 1000
 
 
-def leave_one_out_distances(
-    features: np.ndarray, settings: Postprocessing, *, refit_max: int = LEAVE_ONE_OUT_REFIT_MAX
-) -> tuple[np.ndarray, bool]:
+def refits_per_query(settings: Postprocessing, n_images: int) -> bool:
+    """Whether leave-one-out evaluation of ``settings`` on ``n_images`` refits per query
+    (:func:`leave_one_out_distances`), or fits once on all images, each query included
+    (:func:`postprocess_features` with ``leave_one_out=True``; transductive)."""
+    fitted = settings.whiten is not False or settings.dba > 0
+    return fitted and n_images <= LEAVE_ONE_OUT_REFIT_MAX
+
+
+def leave_one_out_distances(features: np.ndarray, settings: Postprocessing) -> np.ndarray:
     """Cosine distances for leave-one-out evaluation of ``settings`` on ``features``.
 
     Each image queries all the others. A real query is not in the gallery, so whitening
-    and DBA are fitted, for each query, on the other n - 1 images only (the whitening in
-    the (n - 1) x (n - 1) Gram space: the transform :func:`fit_whitening` gives on them,
-    without fitting on the features n times). Above ``refit_max`` images that costs too
-    much, and they are fitted once on all images, the query included (transductive).
+    and DBA are fitted, for each query, on the other n - 1 images only: the whitening in
+    the (n - 1) x (n - 1) Gram space, which gives the transform :func:`fit_whitening` fits
+    on them without fitting on the features n times. O(n^4): meant for up to
+    :data:`LEAVE_ONE_OUT_REFIT_MAX` images (see :func:`refits_per_query`).
 
     Args:
         features: ndarray of shape (n, d).
         settings: :class:`Postprocessing`.
-        refit_max: the most images refitted per query, default=1000.
 
     Returns:
-        (distances, refitted): ndarray of shape (n, n), float64, inf on the diagonal;
-        whether whitening and DBA were refitted per query.
+        ndarray of shape (n, n), float64, inf on the diagonal.
 
     Raises:
         SnaplookError: the dimension rule leaves fewer than :data:`MIN_WHITEN_DIM`
@@ -602,12 +614,6 @@ def leave_one_out_distances(
 
     x = l2_normalize(features)
     n = len(x)
-    refit = n <= refit_max and (settings.whiten is not False or settings.dba > 0)
-    if not refit:
-        q, g, _ = postprocess_features(x, x, settings, leave_one_out=True)
-        distances = 1.0 - (q @ g.T).astype(np.float64)
-        np.fill_diagonal(distances, np.inf)
-        return distances, False
     gram = x.astype(np.float64) @ x.astype(np.float64).T
     distances = np.full((n, n), np.inf)
     for i in range(n):
@@ -619,7 +625,7 @@ def leave_one_out_distances(
         g = database_augmentation(g, k=settings.dba, alpha=settings.alpha)
         q = query_expansion(q, g, k=settings.qe, alpha=settings.alpha)
         distances[i, keep] = 1.0 - (q @ g.T)[0]
-    return distances, True
+    return distances
 
 
 def _whiten_without(
@@ -653,3 +659,69 @@ def _whiten_without(
     dots = q_row - q_row.mean() - row_mean + total  # (x_i - mean) . (x_j - mean)
     query = (dots @ vectors) / np.sqrt(values) / shrunk
     return l2_normalize(query[None]), l2_normalize(gallery)
+
+
+def parse_neighbours(text: str, *, option: str) -> int:
+    """Read a ``--qe`` / ``--dba`` value: a count of neighbours, 0 for none.
+
+    Raises:
+        SnaplookError: not a non-negative integer.
+    """
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()):
+        raise SnaplookError(f"{option}: {text!r} is not a number of neighbours (0, 1, 2, ...).")
+    return int(value)
+
+
+def postprocessing_grid(
+    whitens: Sequence[str] = (), qes: Sequence[str] = (), dbas: Sequence[str] = ()
+) -> list[Postprocessing]:
+    """Every combination of ``--whiten`` x ``--dba`` x ``--qe`` values, in order (empty
+    lists mean none), as :class:`Postprocessing` settings to compare.
+
+    Raises:
+        SnaplookError: a value :func:`parse_whiten` or :func:`parse_neighbours` refuses.
+    """
+    import itertools
+
+    whiten = [parse_whiten(w) for w in whitens or ["none"]]
+    dba = [parse_neighbours(k, option="--dba") for k in dbas or ["0"]]
+    qe = [parse_neighbours(k, option="--qe") for k in qes or ["0"]]
+    grid = [Postprocessing(whiten=w, dba=d, qe=q) for w, d, q in itertools.product(whiten, dba, qe)]
+    return list(dict.fromkeys(grid))
+
+
+def expand_queries(
+    queries: np.ndarray,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    gallery: Any,
+    *,
+    k: int,
+    alpha: float = DEFAULT_ALPHA,
+) -> np.ndarray:
+    """alpha-QE through an index's search: each query plus its k nearest gallery rows.
+
+    Args:
+        queries: ndarray of shape (m, d).
+        search: ``search(unit_queries, k) -> (distances, rows)``, cosine distances
+            (1 - cos) nearest first, row -1 where fewer were found (``Index.search``).
+        gallery: the gallery rows, unit vectors; ``gallery[rows]`` for a 1-d int array.
+        k: neighbours added; 0 returns the queries L2-normalised.
+        alpha: weight exponent, default=3.
+
+    Returns:
+        ndarray of shape (m, d), float32, unit rows.
+    """
+    import numpy as np
+
+    from snaplook.transform_utils import l2_normalize
+
+    q = l2_normalize(np.atleast_2d(queries))
+    if k <= 0 or len(q) == 0:
+        return q
+    distances, rows = search(q, k)
+    found = rows >= 0
+    neighbours = np.asarray(gallery[np.where(found, rows, 0).ravel()], dtype=np.float32)
+    neighbours = neighbours.reshape(*rows.shape, q.shape[1])
+    similarities = np.where(found, 1.0 - distances, 0.0)
+    return expand_vectors(q, neighbours, similarities, alpha=alpha)

@@ -273,22 +273,42 @@ def _by_refitting(x: np.ndarray, settings: pp.Postprocessing) -> np.ndarray:
 )
 def test_leave_one_out_distances_equal_refitting_without_the_query(features, settings):
     x = features[:60]
-    distances, refitted = pp.leave_one_out_distances(x, settings)
-    assert refitted
+    distances = pp.leave_one_out_distances(x, settings)
     np.testing.assert_allclose(distances, _by_refitting(x, settings), atol=2e-4)
     assert np.all(np.isinf(np.diag(distances)))
 
 
-def test_leave_one_out_distances_above_the_limit_fit_once(features):
-    settings = pp.Postprocessing(whiten=8, qe=1)
-    distances, refitted = pp.leave_one_out_distances(features, settings, refit_max=10)
-    assert not refitted
-    q, g, _ = pp.postprocess_features(features, features, settings, leave_one_out=True)
-    expected = 1.0 - (q @ g.T).astype(np.float64)
-    np.fill_diagonal(expected, np.inf)
-    np.testing.assert_allclose(distances, expected, atol=1e-5)
+def test_refits_per_query():
+    assert pp.refits_per_query(pp.Postprocessing(whiten=None), 200)
+    assert pp.refits_per_query(pp.Postprocessing(dba=1), pp.LEAVE_ONE_OUT_REFIT_MAX)
+    assert not pp.refits_per_query(pp.Postprocessing(qe=2), 200)  # QE alone: nothing fitted
+    assert not pp.refits_per_query(pp.Postprocessing(dba=1), pp.LEAVE_ONE_OUT_REFIT_MAX + 1)
 
 
 def test_leave_one_out_distances_too_small_for_whitening(features):
     with pytest.raises(SnaplookError, match="gallery images"):
         pp.leave_one_out_distances(features[:12], pp.Postprocessing(whiten=None))
+
+
+def test_expand_queries_through_a_search_equals_query_expansion(features):
+    gallery = _unit(features)
+    queries = features[:5] + 0.05
+
+    def search(q, k):
+        rows, sims = pp.nearest_neighbours(q, gallery, k)
+        return 1.0 - sims, rows
+
+    out = pp.expand_queries(queries, search, gallery, k=3)
+    np.testing.assert_allclose(out, pp.query_expansion(_unit(queries), gallery, k=3), atol=1e-6)
+    np.testing.assert_allclose(pp.expand_queries(queries, search, gallery, k=0), _unit(queries))
+
+
+def test_expand_queries_ignores_missing_rows():
+    gallery = _unit([[1, 0], [0, 1]])
+
+    def search(q, k):  # one row found, one missing (a filter kept fewer than k)
+        return np.array([[0.0, np.inf]]), np.array([[0, -1]])
+
+    out = pp.expand_queries(_unit([[1, 0.2]]), search, gallery, k=2)
+    by_hand = _unit([[1, 0.2]])[0] + gallery[0]
+    np.testing.assert_allclose(out[0], by_hand / np.linalg.norm(by_hand), rtol=1e-6)

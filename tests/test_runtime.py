@@ -378,7 +378,11 @@ def test_gem_pooling_in_openvino_equals_numpy_gem():
 def test_gem_embedder_openvino_matches_keras_and_records_p(
     photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setenv(features.CACHE_DIR_ENV, str(tmp_path))  # the real build_model: GeM
+    import shared_model
+
+    # The real build_model (the module's stand-in knows no gem_p), and a cache of its own.
+    monkeypatch.setattr(features, "build_model", shared_model._REAL_BUILD_MODEL)
+    monkeypatch.setenv(features.CACHE_DIR_ENV, str(tmp_path))
     keras_gem = Embedder(BACKBONE, weights="random", pooling="gem", runtime="keras")
     ov_gem = Embedder(BACKBONE, weights="random", pooling="gem", runtime="openvino")
 
