@@ -856,11 +856,11 @@ def query_index(
     allowed = filter_mask(products, where, index.path)
     n_allowed = None if allowed is None else int(allowed.sum())
     warn_if_few(allowed, k, where)
-    paths = _query_paths(queries)
+    paths, skipped = _query_paths(queries)
     embedder = _query_embedder(index, embedder, head)
     if on_start is not None:
         on_start(len(paths))
-    features, kept, skipped = _embed_queries(paths, embedder, batch_size, on_progress)
+    features, kept = _embed_queries(paths, embedder, batch_size, on_progress, skipped)
     search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
     distances, rows, guesses = restricted_search(
         search, features, k, products=products, allowed=allowed, restrict=restrict
@@ -900,15 +900,18 @@ def _query_embedder(index: Index, embedder: Embedder | None, head: Any) -> Embed
     return index.embedder(head=head)
 
 
-def _query_paths(queries: str | Path | Sequence[str | Path]) -> list[Path]:
+def _query_paths(queries: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
+    """The query images, and the files with an image name that the listing left out (a
+    FIFO, a device, a name that is not UTF-8), for ``skipped.csv``."""
     from snaplook.io_utils import find_images
 
+    skipped: list[Skipped] = []
     if not isinstance(queries, (str, Path)):
-        return [Path(p) for p in queries]
-    paths = find_images(queries)
+        return [Path(p) for p in queries], skipped
+    paths = find_images(queries, on_skip=lambda path, why: skipped.append(Skipped(path, why)))
     if not paths:
         raise SnaplookError(f"{queries}: no query images found.")
-    return paths
+    return paths, skipped
 
 
 def _embed_queries(
@@ -916,19 +919,21 @@ def _embed_queries(
     embedder: Embedder,
     batch_size: int,
     on_progress: Callable[[int], None] | None,
-) -> tuple[np.ndarray, list[Path], list[Skipped]]:
+    skipped: list[Skipped],
+) -> tuple[np.ndarray, list[Path]]:
+    """Embed the queries; the unreadable ones are appended to ``skipped``."""
     from snaplook.features import embed_images
 
-    skipped: list[Skipped] = []
+    before = len(skipped)
     features, kept = embed_images(
         paths, embedder, batch_size=batch_size, on_skip=skipped.append, on_progress=on_progress
     )
     if paths and not kept:
         # Nothing was queried: an empty results.csv with exit 0 would look like success.
         raise SnaplookError(
-            f"none of the {len(paths)} query images could be read ({skipped[0].reason})."
+            f"none of the {len(paths)} query images could be read ({skipped[before].reason})."
         )
-    return features, kept, skipped
+    return features, kept
 
 
 def hits_of(index: Index, rows: np.ndarray, distances: np.ndarray) -> list[Hit]:

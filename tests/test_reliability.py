@@ -564,3 +564,35 @@ def test_head_weights_with_an_extra_dataset_are_refused(saved_head, tmp_path: Pa
 
     with pytest.raises(SnaplookError, match="do not fit the head"):
         Head.load(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_query_folder_fifo_is_listed_as_skipped(tmp_path: Path) -> None:
+    # Old code: the FIFO was listed as a query and reading it blocked for ever.
+    from snaplook.features import Embedder
+    from snaplook.index import query_index
+
+    class TinyEmbedder(Embedder):
+        def __init__(self) -> None:
+            super().__init__("resnet50", weights="random")
+
+        @property
+        def feature_dim(self) -> int:
+            return 4
+
+        def prepare(self, image: np.ndarray) -> np.ndarray:
+            return image[:2, :2].astype(np.float32)
+
+        def embed(self, images: np.ndarray) -> np.ndarray:
+            return images.reshape(len(images), -1)[:, :4] + 1.0
+
+    index, _ = _query_fixture(tmp_path)
+    queries = tmp_path / "queries"
+    make_image(queries / "a.png", (200, 30, 30))
+    os.mkfifo(queries / "x.jpg")
+
+    summary = query_index(queries, index, k=1, embedder=TinyEmbedder())
+
+    assert [r.query.name for r in summary.results] == ["a.png"]
+    assert [Path(s.path).name for s in summary.skipped] == ["x.jpg"]
+    assert "is a FIFO (named pipe)" in summary.skipped[0].reason
