@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from snaplook.artists import DEFAULT_CROPS_PER_ARTIST, ArtistRow, PersonDetector, Selection
 from snaplook.errors import SnaplookError
+from snaplook.features import is_random_weights
 from snaplook.options import (
     DEFAULT_BACKBONE,
     DEFAULT_DEMO_DATA,
@@ -655,7 +656,7 @@ def _draw_grids(
     from snaplook.plot_utils import plot_retrieval_grid
     from snaplook.results import product_label
 
-    note = " · random weights" if index.meta.get("weights", {}).get("name") == "random" else ""
+    note = " · random weights" if is_random_weights(index.meta) else ""
     has_products = index.products() is not None
     drawn: list[tuple[str, Any]] = []
     k = summary.k
@@ -733,7 +734,7 @@ def _look_page(
         fused=fused,
         where=summary.where,
         restrict=summary.restrict,
-        random_weights=index.meta.get("weights", {}).get("name") == "random",
+        random_weights=is_random_weights(index.meta),
     )
 
 
@@ -820,7 +821,7 @@ def run_demo(
         on_start=lambda total: stage("Querying", total),
         on_progress=on_progress,
     )
-    note = " · random weights" if weights == "random" else " · ImageNet weights"
+    note = " · random weights" if is_random_weights(weights) else " · ImageNet weights"
     write_query_results(queries, out / str(loaded.meta["backbone"]), index=loaded, title_note=note)
     queries.page = write_query_page(query_page(queries, index=loaded), queries.out)
     return DemoSummary(built, queries)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from snaplook.errors import SnaplookError
+from snaplook.features import is_random_weights
 from snaplook.index import (
     Hit,
     Index,
@@ -234,7 +235,7 @@ def query_page(summary: QuerySummary, *, index: Index) -> QueryPage:
         where=list(summary.where),
         restrict=summary.restrict,
         n_allowed=summary.n_allowed,
-        random_weights=(index.meta.get("weights") or {}).get("name") == "random",
+        random_weights=is_random_weights(index.meta),
     )
 
 
@@ -259,7 +260,7 @@ def describe_weights(
     if form == "label":
         if not weights:
             return "unknown weights"
-        if weights.get("name") == "random":
+        if is_random_weights(weights):
             return (
                 f"random weights (seed {weights.get('seed')}): a pipeline test, not retrieval "
                 "quality"
@@ -341,7 +342,7 @@ def map_index(
         f"t-SNE of {len(rows)} of {n} gallery images · {index.meta.get('backbone')}, "
         f"{describe_weights(index.meta.get('weights'))} weights"
     )
-    if (index.meta.get("weights") or {}).get("name") == "random":
+    if is_random_weights(index.meta):
         title += ": shows the pipeline, not retrieval quality"
     logger.info("t-SNE of %d gallery images of %s", len(rows), index.path)
     plot_tsne(
