@@ -120,7 +120,8 @@ def write_query_results(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote results.csv/.json, skipped.csv and %d grid(s) in %s", len(grids), out)
+    logger.info("wrote %s, results.json and skipped.csv", out / RESULTS_CSV)
+    logger.info("wrote %d grid(s) in %s", len(grids), out)
     summary.out = out
     summary.grids = [out / g.name for g in grids]
     if page is not None:
