@@ -33,6 +33,7 @@ from snaplook import metrics as _metrics
 from snaplook import models as _models
 from snaplook import options as _opt
 from snaplook import page as _page
+from snaplook import postprocess as _postprocess
 from snaplook import results as _results
 from snaplook import train as _train
 from snaplook import video as _video
@@ -815,6 +816,12 @@ def query_cmd(
     exact: ExactOpt = False,
     nprobe: NprobeOpt = None,
     ef: EfOpt = None,
+    qe: Annotated[
+        int,
+        typer.Option(
+            "--qe", min=0, help="alpha-query expansion: add the K nearest gallery images first."
+        ),
+    ] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html.
@@ -838,6 +845,7 @@ def query_cmd(
             ef=ef,
             where=where,
             restrict=restrict,
+            qe=qe,
             on_start=on_start,
             on_progress=on_progress,
         )
@@ -1282,6 +1290,31 @@ NormsOpt = Annotated[
         help="l2 (cosine), centered, none (Euclidean); repeat to compare (default: l2).",
     ),
 ]
+WhitenOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--whiten",
+        metavar="none|pca|pca:DIM[,...]",
+        help="PCA-whitening fitted on the gallery: pca (at most one dimension per 3 "
+        "gallery images), pca:DIM, none; repeat to compare (default: none).",
+    ),
+]
+QeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--qe",
+        metavar="K[,...]",
+        help="alpha-query expansion with K gallery neighbours (0: none); repeat to compare.",
+    ),
+]
+DbaOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dba",
+        metavar="K[,...]",
+        help="alpha-database-side augmentation with K neighbours (0: none); repeat to compare.",
+    ),
+]
 KsOpt = Annotated[
     str,
     typer.Option(
@@ -1323,6 +1356,9 @@ def evaluate_cmd(
     weights: WeightsOpt = _opt.DEFAULT_WEIGHTS,
     pooling: PoolingsOpt = None,
     norm: NormsOpt = None,
+    whiten: WhitenOpt = None,
+    qe: QeOpt = None,
+    dba: DbaOpt = None,
     k: KsOpt = ",".join(map(str, _opt.DEFAULT_KS)),
     ties: TiesOpt = _opt.DEFAULT_TIES,
     out: EvalOutOpt = None,
@@ -1342,6 +1378,9 @@ def evaluate_cmd(
     Writes report.json, per_query.csv, figures and report.md; several settings: compare.md.
     """
     ks = _metrics.parse_ks(k)
+    posts = _postprocess.postprocessing_grid(
+        _split_values(whiten), _split_values(qe), _split_values(dba)
+    )
     with _stage_progress(quiet=quiet) as (on_stage, on_progress):
         result = _evaluate.evaluate_settings(
             root,
@@ -1353,6 +1392,7 @@ def evaluate_cmd(
             weights=weights,
             poolings=_split_values(pooling),
             normalizations=_split_values(norm),
+            postprocessings=posts,
             ks=ks,
             ties=ties,
             out=out,

@@ -30,6 +30,7 @@ from snaplook.metrics import (
     check_normalization,
     check_ties,
     evaluate_embeddings,
+    rank_metrics,
 )
 from snaplook.options import (
     DEFAULT_BACKBONE,
@@ -49,6 +50,12 @@ from snaplook.options import (
     DEFAULT_TIES,
     DEFAULT_WEIGHTS,
     POOLINGS,
+)
+from snaplook.postprocess import (
+    Postprocessing,
+    leave_one_out_distances,
+    postprocess_features,
+    refits_per_query,
 )
 
 if TYPE_CHECKING:
@@ -153,6 +160,7 @@ def evaluate(
     weights: str | Path | None = None,
     pooling: str | None = None,
     normalization: str = DEFAULT_NORMALIZATION,
+    postprocessing: Postprocessing | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     ties: str = DEFAULT_TIES,
     out: str | Path | None = None,
@@ -189,6 +197,11 @@ def evaluate(
         backbone, weights, pooling, seed: the embedder (ignored when ``embedder`` is
             given); defaults: resnet50, imagenet, avg, 0.
         normalization: "l2" (cosine, default), "centered" or "none" (Euclidean).
+        postprocessing: training-free steps after the embedding (PCA-whitening fitted on
+            the gallery, alpha-DBA, alpha-QE; see :mod:`snaplook.postprocess`); they rank
+            by cosine and need ``normalization="l2"``. In leave-one-out, whitening and DBA
+            are refitted without each query (up to 1,000 images). The setting's name gets
+            ``+<steps>``, e.g. ``+pca-qe1``. Default none.
         ks: Recall@K cut-offs, default=(1, 5, 10, 20, 30, 50).
         ties: tie rule, default="pessimistic" (see :data:`~snaplook.options.TIE_RULES`).
         out: report folder (replaced atomically when complete); default
@@ -228,6 +241,7 @@ def evaluate(
     check_ties(ties)
     check_crop(crop)
     check_normalization(normalization)
+    post = _check_postprocessing(postprocessing, normalization)
     root = Path(root)
     if split is None:
         split = load_split(
@@ -244,6 +258,7 @@ def evaluate(
     if getattr(embedder, "calibrate_on", None) and embedder.resolved_precision() == "int8":
         embedder.calibrate_on([split.root / s.path for s in split.gallery])
     identity, name = _identity_and_name(embedder, normalization, head)
+    name += f"+{post.name()}" if post.active else ""
     out = (
         Path(out) if out is not None else DEFAULT_EVAL_ROOT / f"{root.name}-{split.protocol}-{name}"
     )
@@ -260,7 +275,7 @@ def evaluate(
     )
     if on_stage is not None:
         on_stage(f"Ranking ({name})", len(embedded.q_rows))
-    ranking = _Ranking(ks=ks, ties=ties, normalization=normalization)
+    ranking = _Ranking(ks=ks, ties=ties, normalization=normalization, post=post)
     started = time.perf_counter()
     metrics = _rank_split(
         split, embedded, ranking, on_progress=on_progress if on_stage is not None else None
@@ -279,11 +294,24 @@ def evaluate(
 
 @dataclass(frozen=True)
 class _Ranking:
-    """How the gallery is ranked and scored: cut-offs, tie rule, normalisation (checked)."""
+    """How the gallery is ranked and scored: cut-offs, tie rule, normalisation, training-free
+    post-processing (checked)."""
 
     ks: tuple[int, ...]
     ties: str
     normalization: str
+    post: Postprocessing = field(default_factory=Postprocessing)
+
+
+def _check_postprocessing(post: Postprocessing | None, normalization: str) -> Postprocessing:
+    """``post`` (none: inactive); post-processing ranks unit vectors by cosine only."""
+    post = post or Postprocessing()
+    if post.active and normalization != "l2":
+        raise SnaplookError(
+            f"--whiten/--dba/--qe rank by cosine on unit vectors; they do not combine with "
+            f"--norm {normalization} (use --norm l2)."
+        )
+    return post
 
 
 @dataclass(frozen=True)
@@ -436,23 +464,49 @@ def _rank_split(
 ) -> QueryMetrics:
     """Rank the readable gallery for every readable query; raise if no query has a match."""
     q_rows, g_rows = embedded.q_rows, embedded.g_rows
-    metrics = evaluate_embeddings(
-        embedded.q_feats[q_rows],
-        [split.query[i].item for i in q_rows],
-        embedded.g_feats[g_rows],
-        [split.gallery[i].item for i in g_rows],
-        ks=ranking.ks,
-        ties=ranking.ties,
-        normalization=ranking.normalization,
-        leave_one_out=split.leave_one_out,
-        on_progress=on_progress,
-    )
+    q_ids = [split.query[i].item for i in q_rows]
+    g_ids = [split.gallery[i].item for i in g_rows]
+    q_feats, g_feats = embedded.q_feats[q_rows], embedded.g_feats[g_rows]
+    post = ranking.post
+    loo_refit = split.leave_one_out and len(q_rows) == len(g_rows)
+    if post.active and loo_refit and refits_per_query(post, len(g_rows)):
+        # Each query's own gallery: whitening and DBA fitted without it, as for a real query.
+        metrics = rank_metrics(
+            leave_one_out_distances(g_feats, post),
+            q_ids,
+            g_ids,
+            ks=ranking.ks,
+            ties=ranking.ties,
+            exclude=_own_rows(len(g_rows)),
+        )
+    else:
+        if post.active:
+            q_feats, g_feats, _ = postprocess_features(
+                q_feats, g_feats, post, leave_one_out=split.leave_one_out
+            )
+        metrics = evaluate_embeddings(
+            q_feats,
+            q_ids,
+            g_feats,
+            g_ids,
+            ks=ranking.ks,
+            ties=ranking.ties,
+            normalization=ranking.normalization,
+            leave_one_out=split.leave_one_out,
+            on_progress=on_progress,
+        )
     if not metrics.evaluated.any():
         raise SnaplookError(
             f"none of the {len(q_rows)} readable queries has an image of its item in the "
             "gallery; check the partition file and --protocol."
         )
     return metrics
+
+
+def _own_rows(n: int) -> np.ndarray:
+    import numpy as np
+
+    return np.eye(n, dtype=bool)
 
 
 def _make_report(
@@ -528,6 +582,7 @@ def _report_config(
             "images_embedded": embedded.n_embedded,
         },
         "normalization": ranking.normalization,
+        **_postprocessing_config(ranking.post, split),
         "distance": "euclidean" if ranking.normalization == "none" else "cosine",
         "ks": list(ranking.ks),
         "ties": ranking.ties,
@@ -536,6 +591,21 @@ def _report_config(
         "snaplook_version": _version(),
         "created": timestamp(),
     }
+
+
+def _postprocessing_config(post: Postprocessing, split: Split) -> dict[str, Any]:
+    """The report's ``postprocessing`` record; absent without post-processing, so reports
+    of plain settings stay as they were."""
+    if not post.active:
+        return {}
+    fitted = post.whiten is not False or post.dba > 0
+    if not (split.leave_one_out and fitted):
+        fit = "gallery" if fitted else None
+    elif refits_per_query(post, len(split.gallery)):
+        fit = "gallery without each query"
+    else:
+        fit = "gallery, each query included (over 1,000 images)"
+    return {"postprocessing": {**post.describe(), "fitted_on": fit}}
 
 
 def _write_report_folder(
@@ -761,9 +831,19 @@ def _md_configuration(c: dict[str, Any]) -> list[str]:
         f"preprocessing {c['preprocessing']}, {c['pooling']} pooling, {c['feature_dim']}-d |",
         f"| weights | {wtext} |",
         f"| normalisation / distance | {c['normalization']} / {c['distance']} |",
+        *_md_postprocessing(c),
         f"| tie rule | {c['ties']} |",
         "",
     ]
+
+
+def _md_postprocessing(c: dict[str, Any]) -> list[str]:
+    post = c.get("postprocessing")
+    if not post:
+        return []
+    steps = f"whitening {post['whiten']}, DBA {post['dba']}, QE {post['qe']}"
+    where = f"; fitted on the {post['fitted_on']}" if post.get("fitted_on") else ""
+    return [f"| post-processing | {steps} (alpha {post['alpha']}){where} |"]
 
 
 def _md_counts(report: Report) -> list[str]:
@@ -887,6 +967,7 @@ def evaluate_settings(
     backbones: Sequence[str] = (),
     poolings: Sequence[str] = (),
     normalizations: Sequence[str] = (),
+    postprocessings: Sequence[Postprocessing] = (),
     weights: str | Path | None = None,
     partition: str | Path | None = None,
     bbox: str | Path | None = None,
@@ -911,6 +992,7 @@ def evaluate_settings(
         backbones: default=("resnet50",).
         poolings: default=("avg",).
         normalizations: default=("l2",).
+        postprocessings: post-processing settings compared (see :func:`evaluate`).
         weights: "imagenet", "random" or a weights file (a file fits one backbone only).
         partition, bbox, crop, strict, subset: see :func:`evaluate`.
         out: output folder; default ``output/eval/<root name>-<protocol>``.
@@ -938,7 +1020,8 @@ def evaluate_settings(
     warn_ks_over_gallery(split, kwargs.get("ks", DEFAULT_KS))
     out = Path(out) if out is not None else DEFAULT_EVAL_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
-    combos = list(itertools.product(backbones, poolings, normalizations, heads))
+    posts = list(dict.fromkeys(postprocessings or [Postprocessing()]))
+    combos = list(itertools.product(backbones, poolings, normalizations, heads, posts))
     reports = [
         _evaluate_setting(
             root,
@@ -979,7 +1062,7 @@ def _setting_lists(
 def _evaluate_setting(
     root: Path,
     split: Split,
-    combo: tuple[str, str, str, Any],
+    combo: tuple[str, str, str, Any, Postprocessing],
     index: int,
     total: int,
     *,
@@ -988,10 +1071,12 @@ def _evaluate_setting(
     on_setting: Callable[[str, int, int], None] | None,
     evaluate_kwargs: dict[str, Any],
 ) -> Report:
-    """Evaluate one (backbone, pooling, normalisation, head) of :func:`evaluate_settings`."""
-    backbone, pooling, normalization, head = combo
+    """Evaluate one (backbone, pooling, normalisation, head, post-processing) of
+    :func:`evaluate_settings`."""
+    backbone, pooling, normalization, head, post = combo
     name = _setting_name(backbone, pooling, normalization)
     name += f"+{head.name}" if head is not None else ""
+    name += f"+{post.name()}" if post.active else ""
     if on_setting is not None:
         on_setting(name, index, total)
     embedder = _make_embedder(
@@ -1008,6 +1093,7 @@ def _evaluate_setting(
         embedder=embedder,
         head=head,
         normalization=normalization,
+        postprocessing=post,
         out=out if total == 1 else out / name,
         **evaluate_kwargs,
     )

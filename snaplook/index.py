@@ -815,6 +815,7 @@ def query_index(
     ef: int | None = None,
     where: Sequence[str] | None = None,
     restrict: str = "none",
+    qe: int = 0,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> QuerySummary:
@@ -836,6 +837,8 @@ def query_index(
         exact, nprobe, ef: search settings, see :meth:`Index.search`.
         restrict: "none" (default) or "auto": search within each query's category as
             predicted by its nearest catalogue neighbours (recorded in the results).
+        qe: alpha-query expansion: each query plus its ``qe`` nearest allowed gallery rows
+            first (``snaplook.postprocess.expand_queries``); default 0 (none).
 
     Returns:
         :class:`QuerySummary` with one :class:`QueryResult` per readable query; a query
@@ -846,7 +849,10 @@ def query_index(
             index, a bad or unknown ``where`` column, ``where``/``restrict`` without a
             catalogue.
     """
+    # Long on purpose: over 80 lines only through its signature and docstring (the keyword
+    # parameters are the public API); the steps are helpers.
     from snaplook.catalog import filter_mask, restricted_search, warn_if_few
+    from snaplook.postprocess import expand_queries
 
     if not isinstance(index, Index):
         index = load_index(index, ann=not exact)
@@ -862,6 +868,9 @@ def query_index(
         on_start(len(paths))
     features, kept = _embed_queries(paths, embedder, batch_size, on_progress, skipped)
     search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
+    if qe > 0:
+        near = functools.partial(search, allowed=allowed)
+        features = expand_queries(features, near, index.features, k=min(qe, len(index)))
     distances, rows, guesses = restricted_search(
         search, features, k, products=products, allowed=allowed, restrict=restrict
     )
