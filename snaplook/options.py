@@ -28,6 +28,8 @@ BACKBONE_NAMES = (
     "densenet121",
     "efficientnet_b0",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
 )
 DEFAULT_BACKBONE = "resnet50"
 #: ``--weights`` names besides a weights file path: ImageNet, or seeded random (tests only).
