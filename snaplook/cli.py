@@ -1277,8 +1277,8 @@ PoolingsOpt = Annotated[
     typer.Option(
         "--pooling",
         callback=_each_in(_opt.POOLINGS),
-        metavar="avg|max[,...]",
-        help="avg and/or max; repeat to compare (default: avg).",
+        metavar="avg|max|gem[,...]",
+        help="avg, max and/or gem (GeM, p=3); repeat to compare (default: avg).",
     ),
 ]
 NormsOpt = Annotated[

@@ -1053,7 +1053,7 @@ def _setting_lists(
         get_backbone(b)
     for p in poolings:
         if p not in POOLINGS:
-            raise SnaplookError(f"unknown pooling {p!r}; choose avg or max.")
+            raise SnaplookError(f"unknown pooling {p!r}; choose one of: {', '.join(POOLINGS)}.")
     for nz in normalizations:
         check_normalization(nz)
     return backbones, poolings, normalizations
