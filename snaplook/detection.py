@@ -236,19 +236,10 @@ class NanoDetDetector:
         Raises:
             SnaplookError: the model is not fetched, or OpenVINO cannot read it.
         """
-        if self.compiled_ is not None:
-            return
-        import openvino as ov
-
-        path = Path(self.model) if self.model is not None else models.require_model("nanodet")
-        config = {} if self.threads is None else {"INFERENCE_NUM_THREADS": self.threads}
-        try:
-            self.compiled_ = ov.Core().compile_model(str(path), "CPU", config)
-        except RuntimeError as exc:
-            raise SnaplookError(
-                f"{path}: OpenVINO cannot load the NanoDet model ({exc}); run "
-                "`snaplook models fetch nanodet --force`."
-            ) from exc
+        if self.compiled_ is None:
+            self.compiled_ = models.compile_model(
+                "nanodet", self.model, label="NanoDet", threads=self.threads
+            )
 
     def _run(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (x1, y1, x2, y2) in canvas pixels and scores for one RGB 416x416 canvas."""

@@ -179,6 +179,33 @@ def require_model(name: str, *, cache_dir: str | Path | None = None) -> Path:
     return path
 
 
+def compile_model(
+    name: str, model: str | Path | None = None, *, label: str, threads: int | None = None
+) -> Any:
+    """Compile a fetched model (or the OpenVINO IR at ``model``) for the CPU.
+
+    Args:
+        name: the model's name in the cache (``nanodet``, ``pose``).
+        model: an IR ``.xml`` to use instead of the fetched one.
+        label: what the model is called in the error message.
+        threads: OpenVINO inference threads; None lets OpenVINO choose.
+
+    Raises:
+        SnaplookError: the model is not fetched, or OpenVINO cannot read it.
+    """
+    import openvino as ov
+
+    path = Path(model) if model is not None else require_model(name)
+    config = {} if threads is None else {"INFERENCE_NUM_THREADS": threads}
+    try:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    except RuntimeError as exc:
+        raise SnaplookError(
+            f"{path}: OpenVINO cannot load the {label} model ({exc}); run "
+            f"`snaplook models fetch {name} --force`."
+        ) from exc
+
+
 def list_models(*, cache_dir: str | Path | None = None) -> list[ModelStatus]:
     """Every known model and whether it is fetched."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

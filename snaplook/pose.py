@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook import models
-from snaplook.errors import SnaplookError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,19 +80,10 @@ class PoseLandmarker:
         Raises:
             SnaplookError: the model is not fetched, or OpenVINO cannot read it.
         """
-        if self.compiled_ is not None:
-            return
-        import openvino as ov
-
-        path = Path(self.model) if self.model is not None else models.require_model("pose")
-        config = {} if self.threads is None else {"INFERENCE_NUM_THREADS": self.threads}
-        try:
-            self.compiled_ = ov.Core().compile_model(str(path), "CPU", config)
-        except RuntimeError as exc:
-            raise SnaplookError(
-                f"{path}: OpenVINO cannot load the pose model ({exc}); run "
-                "`snaplook models fetch pose --force`."
-            ) from exc
+        if self.compiled_ is None:
+            self.compiled_ = models.compile_model(
+                "pose", self.model, label="pose", threads=self.threads
+            )
 
     def estimate(self, image: np.ndarray, box: Sequence[float]) -> Pose:
         """Landmarks of the person in ``box``.
