@@ -12,7 +12,10 @@ false-people filter; ``min_size`` 0 so small people count).
     snaplook models fetch nanodet    # once
     .venv/bin/python benchmarks/bench_detect.py [--rounds 3] [--threshold 0.35]
 
-Prints a table and writes benchmarks/results/detect-<date>.json.
+Prints a table and writes benchmarks/results/detect-<date>.json, with the CPU and a sweep of
+NanoDet's two-pass merge settings (score threshold per pass, NMS IoU, the part-of-a-person
+rule), one varied at a time around the defaults, on the same photos: the labelled set is 7
+photos, so the sweep shows how far each chosen value is from where results change.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import datetime as dt
 import io
 import json
 import os
+import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,7 +119,7 @@ def coco_ap50(labels: dict[str, list[dict]], detections: dict[str, list[tuple]])
     return float(evaluation.stats[1])  # AP at IoU 0.5, all areas, 100 detections
 
 
-def detectors(threshold: float) -> dict[str, Callable]:
+def detectors(thresholds: dict[str, float]) -> dict[str, Callable]:
     from snaplook.artists import PersonDetector
     from snaplook.detection import HogDetector, NanoDetDetector, nms
     from snaplook.models import model_path
@@ -142,33 +147,27 @@ def detectors(threshold: float) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     xml = model_path("nanodet")
     if xml is None:
-        print("NanoDet is not fetched (snaplook models fetch nanodet): HOG rows only.")
+        print("NanoDet is not fetched (snaplook models fetch nanodet): no NanoDet rows.")
     else:
-        for label, passes in (
-            ("nanodet two-pass", ("stretch", "letterbox")),
-            ("nanodet stretched only", ("stretch",)),
-            ("nanodet letterboxed only", ("letterbox",)),
-        ):
-            out[label] = engine(NanoDetDetector(xml, score_threshold=threshold, passes=passes))
+        det = NanoDetDetector(xml, score_thresholds=thresholds)
+        out["nanodet two-pass"] = engine(det)
+        # Each pass alone, at the letterboxed pass's threshold (a one-pass detector).
+        single = thresholds["letterbox"]
+        for name in ("stretch", "letterbox"):
+            det = NanoDetDetector(xml, score_thresholds={name: single}, passes=(name,))
+            out[f"nanodet {name} pass only ({single:g})"] = engine(det)
         out["PersonDetector('nanodet')"] = pipeline("nanodet")
     out["hog"] = engine(HogDetector())
     out["PersonDetector('hog') (HOG + Haar)"] = pipeline("hog")
     return out
 
 
-def bench(name: str, run: Callable, images: dict, labels: dict, rounds: int) -> dict:
-    detections, per_photo, times = {}, {}, []
+def score(detections: dict[str, list[tuple]], labels: dict[str, list[dict]]) -> dict:
+    """AP@0.5, recall (all, taller than TALL), false boxes per image, found/labelled per photo."""
+    per_photo = {}
     n_all = n_tall = found_all = found_tall = false = 0
-    for photo, image in images.items():
-        best = float("inf")
-        for _ in range(rounds):
-            start = time.perf_counter()
-            dets = run(image)
-            best = min(best, time.perf_counter() - start)
-        times.append(best)
-        detections[photo] = dets
-        people = labels[photo]
-        found, n_false = match(dets, people)
+    for photo, people in labels.items():
+        found, n_false = match(detections.get(photo, []), people)
         counted = [i for i, p in enumerate(people) if not p["ignore"]]
         tall = [i for i in counted if people[i]["box"][3] > TALL]
         n_all, n_tall = n_all + len(counted), n_tall + len(tall)
@@ -177,33 +176,94 @@ def bench(name: str, run: Callable, images: dict, labels: dict, rounds: int) -> 
         false += n_false
         per_photo[photo] = f"{len(found)}/{len(counted)}, {n_false} false"
     return {
-        "detector": name,
         "ap50": coco_ap50(labels, detections),
         "recall": found_all / max(n_all, 1),
         "recall_tall": found_tall / max(n_tall, 1),
-        "false_per_image": false / len(images),
-        "ms_per_image": 1000 * float(np.mean(times)),
+        "false_per_image": false / max(len(labels), 1),
         "people": n_all,
         "tall_people": n_tall,
         "per_photo": per_photo,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threshold", type=float, default=None, help="NanoDet score threshold")
-    args = parser.parse_args()
+def bench(name: str, run: Callable, images: dict, labels: dict, rounds: int) -> dict:
+    detections, times = {}, []
+    for photo, image in images.items():
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            dets = run(image)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
+        detections[photo] = dets
+    result = score(detections, labels)
+    per_photo = result.pop("per_photo")
+    ms = 1000 * float(np.mean(times))
+    return {"detector": name, **result, "ms_per_image": ms, "per_photo": per_photo}
 
-    from snaplook.detection import DEFAULT_NANODET_SCORE
-    from snaplook.io_utils import read_image
 
-    threshold = DEFAULT_NANODET_SCORE if args.threshold is None else args.threshold
-    labels = load_labels()
-    images = {name: read_image(PEOPLE / name) for name in labels}
-    rows = [
-        bench(name, run, images, labels, args.rounds) for name, run in detectors(threshold).items()
-    ]
+#: The NanoDet merge settings before this sweep (one threshold for both passes, NMS 0.5,
+#: parts 0.8 inside / 0.6 of the height): the reference row of the sweep.
+OLD_MERGE = {"stretch": 0.35, "letterbox": 0.35, "nms_iou": 0.5, "inside": 0.8, "height": 0.6}
+#: One setting varied at a time around the defaults (part "inside" 1.01: no part removal).
+SWEEP = {
+    "stretch": [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
+    "letterbox": [0.25, 0.3, 0.32, 0.35, 0.37, 0.39, 0.4, 0.45, 0.5],
+    "nms_iou": [0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6],
+    "inside": [0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.01],
+    "height": [0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7],
+}
+
+
+def sweep_merge(images: dict, labels: dict) -> list[dict]:
+    """NanoDet's two-pass merge scored over :data:`SWEEP` (the passes run once per photo)."""
+    from snaplook import detection
+    from snaplook.models import model_path
+
+    xml = model_path("nanodet")
+    if xml is None:
+        return []
+    det = detection.NanoDetDetector(xml)
+    found = {photo: det.detect_passes(image, floor=0.2) for photo, image in images.items()}
+    default = {
+        **detection.DEFAULT_PASS_SCORES,
+        "nms_iou": detection.DEFAULT_NMS_IOU,
+        "inside": detection.PART_INSIDE,
+        "height": detection.PART_MAX_HEIGHT,
+    }
+    settings = [("old merge", OLD_MERGE), ("default", default)]
+    settings += [(key, {**default, key: v}) for key, values in SWEEP.items() for v in values]
+    rows = []
+    for varied, setting in settings:
+        detections = {}
+        for photo, passes in found.items():
+            boxes, scores = detection.merge_passes(
+                passes,
+                score_thresholds={"stretch": setting["stretch"], "letterbox": setting["letterbox"]},
+                nms_iou=setting["nms_iou"],
+                part_inside=setting["inside"],
+                part_max_height=setting["height"],
+            )
+            boxes[:, 2:] -= boxes[:, :2]
+            detections[photo] = [(tuple(map(float, b)), float(s)) for b, s in zip(boxes, scores)]
+        result = score(detections, labels)
+        del result["per_photo"], result["people"], result["tall_people"]
+        rows.append({"varied": varied, **setting, **result})
+    return rows
+
+
+def _cpu() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _print_rows(rows: list[dict], images: dict) -> None:
     header = f"{'detector':38} {'AP@0.5':>7} {'recall':>7} {'>100px':>7} {'false/img':>9} {'ms':>6}"
     print(header)
     for r in rows:
@@ -214,10 +274,62 @@ def main() -> None:
     print(f"\n{rows[0]['people']} people labelled ({rows[0]['tall_people']} taller than {TALL} px)")
     for photo in images:
         print(f"{photo[:30]:30} " + " | ".join(f"{r['per_photo'][photo]:>12}" for r in rows))
+
+
+def _print_sweep(sweep: list[dict]) -> None:
+    print("\nNanoDet two-pass merge, one setting varied at a time (7 photos: a small set)")
+    print(f"{'varied':10} {'stretch':>7} {'letterb':>7} {'nms':>5} {'inside':>6} {'height':>6} "
+          f"{'AP@0.5':>7} {'recall':>7} {'>100px':>7} {'false/img':>9}")  # fmt: skip
+    for r in sweep:
+        print(
+            f"{r['varied']:10} {r['stretch']:7.2f} {r['letterbox']:7.2f} {r['nms_iou']:5.2f} "
+            f"{r['inside']:6.2f} {r['height']:6.2f} {r['ap50']:7.3f} {r['recall']:7.3f} "
+            f"{r['recall_tall']:7.3f} {r['false_per_image']:9.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="NanoDet letterboxed-pass score threshold"
+    )
+    parser.add_argument(
+        "--stretch-threshold", type=float, default=None, help="NanoDet stretched-pass threshold"
+    )
+    args = parser.parse_args()
+
+    import openvino
+
+    from snaplook.detection import DEFAULT_PASS_SCORES
+    from snaplook.io_utils import read_image
+
+    thresholds = dict(DEFAULT_PASS_SCORES)
+    if args.threshold is not None:
+        thresholds["letterbox"] = args.threshold
+    if args.stretch_threshold is not None:
+        thresholds["stretch"] = args.stretch_threshold
+    labels = load_labels()
+    images = {name: read_image(PEOPLE / name) for name in labels}
+    rows = [
+        bench(name, run, images, labels, args.rounds) for name, run in detectors(thresholds).items()
+    ]
+    _print_rows(rows, images)
+    sweep = sweep_merge(images, labels)
+    _print_sweep(sweep)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"detect-{dt.date.today().isoformat()}.json"
-    payload = {"threshold": threshold, "rounds": args.rounds, "cpu_count": os.cpu_count()}
-    out.write_text(json.dumps({**payload, "rows": rows}, indent=2) + "\n")
+    payload = {
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python benchmarks/bench_detect.py " + " ".join(sys.argv[1:]),
+        "thresholds": thresholds,
+        "rounds": args.rounds,
+        "cpu": _cpu(),
+        "cpu_count": os.cpu_count(),
+        "openvino": openvino.__version__,
+        "labelled": "7 photos, tests/data/people_all_boxes.csv: a small set",
+    }
+    out.write_text(json.dumps({**payload, "rows": rows, "merge_sweep": sweep}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

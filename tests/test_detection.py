@@ -22,6 +22,7 @@ from snaplook.detection import (
     NanoDetDetector,
     decode_nanodet,
     drop_parts,
+    merge_passes,
     nms,
     resolve_detector,
 )
@@ -95,6 +96,73 @@ def test_drop_parts_drops_a_head_keeps_a_person_behind():
     behind = [120, 120, 190, 400]  # inside too, but as tall
     boxes = np.array([person, head, behind], np.float32)
     assert drop_parts(boxes, np.array([0.9, 0.8, 0.6])).tolist() == [0, 2]
+
+
+def test_drop_parts_drops_a_head_poking_out_of_a_leaning_persons_box():
+    # Measured on the tricycle photo: the head and shoulders of a leaning man, 0.74 inside
+    # his box and a third of its height; the old rule (0.8 inside) kept it as a false box.
+    person = [369, 214, 483, 490]
+    head = [446, 207, 492, 299]
+    boxes = np.array([person, head], np.float32)
+    assert drop_parts(boxes, np.array([0.64, 0.47])).tolist() == [0]
+    assert drop_parts(boxes, np.array([0.64, 0.47]), inside=0.8, max_height=0.6).tolist() == [
+        0,
+        1,
+    ]
+
+
+def test_drop_parts_keeps_a_whole_person_further_back():
+    # A person behind a near one: mostly inside the near box, 0.45 of its height. The old
+    # rule (under 0.6 of the height is a part) dropped them.
+    near = [155, 241, 367, 595]
+    behind = [330, 246, 380, 404]  # 0.74 inside, 158 / 354 = 0.45 of the height
+    boxes = np.array([near, behind], np.float32)
+    assert drop_parts(boxes, np.array([0.76, 0.51])).tolist() == [0, 1]
+    assert drop_parts(boxes, np.array([0.76, 0.51]), inside=0.7, max_height=0.6).tolist() == [0]
+
+
+def test_merge_passes_thresholds_each_pass_on_its_own():
+    # Two neighbours found by the letterboxed pass; the stretched pass (people squeezed
+    # sideways) sees them as one person between them, at 0.43: under its threshold.
+    left, right = [100, 100, 130, 200], [135, 100, 165, 200]
+    merged_pair = [110, 100, 155, 200]  # IoU 0.38 / 0.38 with each: NMS keeps it
+    found = {
+        "letterbox": (np.array([left, right], np.float32), np.array([0.6, 0.55], np.float32)),
+        "stretch": (np.array([merged_pair], np.float32), np.array([0.43], np.float32)),
+    }
+    boxes, scores = merge_passes(found)
+    assert boxes.tolist() == [left, right] and scores.tolist() == pytest.approx([0.6, 0.55])
+    old = {"stretch": 0.35, "letterbox": 0.35}
+    boxes, _ = merge_passes(found, score_thresholds=old, nms_iou=0.5)
+    assert len(boxes) == 3  # the single threshold kept the merged pair
+
+
+def test_merge_passes_one_person_from_both_passes_is_one_box():
+    # The two passes' boxes of one person overlap at IoU 0.56 or more on the labelled
+    # photos, neighbours at 0.25 or less; these two overlap at 0.45.
+    a = [100, 100, 160, 300]
+    b = [123, 100, 183, 300]
+    found = {
+        "stretch": (np.array([a], np.float32), np.array([0.7], np.float32)),
+        "letterbox": (np.array([b], np.float32), np.array([0.6], np.float32)),
+    }
+    assert 0.4 < iou((100, 100, 60, 200), (123, 100, 60, 200)) < 0.5
+    boxes, scores = merge_passes(found)
+    assert boxes.tolist() == [a] and scores.tolist() == pytest.approx([0.7])
+    assert len(merge_passes(found, nms_iou=0.5)[0]) == 2  # the old NMS IoU kept both
+
+
+def test_merge_passes_nothing_found_gives_empty_arrays():
+    empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+    boxes, scores = merge_passes({"stretch": empty, "letterbox": empty})
+    assert boxes.shape == (0, 4) and scores.shape == (0,)
+
+
+def test_nanodet_detector_unknown_pass_raises():
+    detector = NanoDetDetector("unused.xml", passes=("tiled",))
+    detector.compiled_ = _FakeCompiled(*_outputs({}))
+    with pytest.raises(SnaplookError, match="Unknown NanoDet pass 'tiled'"):
+        detector.detect(np.zeros((64, 64, 3), np.uint8))
 
 
 class _FakeCompiled:
@@ -209,6 +277,42 @@ def test_nanodet_finds_tall_people_in_the_labelled_photos(nanodet_xml, people_di
             found += any(iou(box, b) >= 0.5 for b in boxes.tolist())
     # The issue's bar; measured 18 of 20 (benchmarks/bench_detect.py).
     assert found / tall >= 0.9, f"found {found} of {tall} people taller than 100 px"
+
+
+def _inside(box, region) -> float:
+    """Fraction of ``box`` (x, y, w, h) inside ``region``."""
+    ix = max(0, min(box[0] + box[2], region[0] + region[2]) - max(box[0], region[0]))
+    iy = max(0, min(box[1] + box[3], region[1] + region[3]) - max(box[1], region[1]))
+    return ix * iy / max(box[2] * box[3], 1e-9)
+
+
+def _false_boxes(boxes: list[list[float]], people: list[tuple[tuple[int, ...], bool]]) -> int:
+    """Boxes (strongest first) matching no labelled person (IoU >= 0.5, greedy) and not
+    mostly in an ignored region: benchmarks/bench_detect.py's rule."""
+    free = [box for box, ignore in people if not ignore]
+    ignored = [box for box, ignore in people if ignore]
+    false = 0
+    for box in boxes:
+        best = max(free, key=lambda p: iou(box, p), default=None)
+        if best is not None and iou(box, best) >= 0.5:
+            free.remove(best)
+        elif not any(_inside(box, region) >= 0.5 for region in ignored):
+            false += 1
+    return false
+
+
+def test_nanodet_false_boxes_no_more_than_the_hog_pipeline(nanodet_xml, people_dir):
+    from snaplook.io_utils import read_image
+
+    detector = NanoDetDetector(nanodet_xml)
+    labels = _labels()
+    false = sum(
+        _false_boxes(detector.detect(read_image(people_dir / name))[0].tolist(), people)
+        for name, people in labels.items()
+    )
+    # The issue's bar: HOG + Haar + the false-people filter made 2 false boxes on these 7
+    # photos (0.29 per photo); the old merge made 7, heads and merged pairs. Measured 0.
+    assert false <= 2, f"{false} false boxes on {len(labels)} photos"
 
 
 def test_person_detector_auto_uses_nanodet_when_fetched(nanodet_xml, people_dir, monkeypatch):
