@@ -5,11 +5,11 @@ Every person in ../shared/testdata/people is labelled in tests/data/people_all_b
 neither found nor false). Per detector: AP@0.5 (pycocotools' COCOeval), recall at IoU >= 0.5
 of all people and of people taller than 100 px, false boxes per image (matching no person
 and no ignored region), found/labelled per photo, and milliseconds per photo (best of
-``--rounds``). Detectors: NanoDet two-pass (the default), each of its passes alone, OpenCV
-HOG alone, and snaplook's whole ``PersonDetector`` for both (HOG + Haar cascades, and the
-false-people filter; ``min_size`` 0 so small people count).
+``--rounds``). Detectors: NanoDet two-pass (the default), each of its passes alone, SSDLite,
+OpenCV HOG alone, and snaplook's whole ``PersonDetector`` for each (for HOG: + Haar cascades
+and the false-people filter; ``min_size`` 0 so small people count).
 
-    snaplook models fetch nanodet    # once
+    snaplook models fetch nanodet ssdlite    # once
     .venv/bin/python benchmarks/bench_detect.py [--rounds 3] [--threshold 0.35]
 
 Prints a table and writes benchmarks/results/detect-<date>.json, with the CPU and a sweep of
@@ -121,7 +121,7 @@ def coco_ap50(labels: dict[str, list[dict]], detections: dict[str, list[tuple]])
 
 def detectors(thresholds: dict[str, float]) -> dict[str, Callable]:
     from snaplook.artists import PersonDetector
-    from snaplook.detection import HogDetector, NanoDetDetector, nms
+    from snaplook.detection import HogDetector, NanoDetDetector, SSDLiteDetector, nms
     from snaplook.models import model_path
 
     def engine(det):
@@ -157,6 +157,11 @@ def detectors(thresholds: dict[str, float]) -> dict[str, Callable]:
             det = NanoDetDetector(xml, score_thresholds={name: single}, passes=(name,))
             out[f"nanodet {name} pass only ({single:g})"] = engine(det)
         out["PersonDetector('nanodet')"] = pipeline("nanodet")
+    if model_path("ssdlite") is None:
+        print("SSDLite is not fetched (snaplook models fetch ssdlite): no SSDLite rows.")
+    else:
+        out["ssdlite"] = engine(SSDLiteDetector(model_path("ssdlite")))
+        out["PersonDetector('ssdlite')"] = pipeline("ssdlite")
     out["hog"] = engine(HogDetector())
     out["PersonDetector('hog') (HOG + Haar)"] = pipeline("hog")
     return out
@@ -288,6 +293,31 @@ def _print_sweep(sweep: list[dict]) -> None:
         )
 
 
+#: SSDLite score thresholds scored by :func:`sweep_ssdlite`.
+SSDLITE_SWEEP = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7]
+
+
+def sweep_ssdlite(images: dict, labels: dict) -> list[dict]:
+    """SSDLite scored at each of :data:`SSDLITE_SWEEP` (the model runs once per photo)."""
+    from snaplook.detection import SSDLiteDetector
+    from snaplook.models import model_path
+
+    if model_path("ssdlite") is None:
+        return []
+    det = SSDLiteDetector(model_path("ssdlite"), score_threshold=min(SSDLITE_SWEEP))
+    found = {photo: det.detect(image) for photo, image in images.items()}
+    rows = []
+    for threshold in SSDLITE_SWEEP:
+        detections = {
+            photo: [(tuple(map(float, b)), float(s)) for b, s in zip(*dets) if s >= threshold]
+            for photo, dets in found.items()
+        }
+        result = score(detections, labels)
+        del result["per_photo"], result["people"], result["tall_people"]
+        rows.append({"threshold": threshold, **result})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -317,6 +347,14 @@ def main() -> None:
     _print_rows(rows, images)
     sweep = sweep_merge(images, labels)
     _print_sweep(sweep)
+    ssd_sweep = sweep_ssdlite(images, labels)
+    if ssd_sweep:
+        print("\nSSDLite score threshold")
+        for r in ssd_sweep:
+            print(
+                f"{r['threshold']:10.2f} {r['ap50']:7.3f} {r['recall']:7.3f} "
+                f"{r['recall_tall']:7.3f} {r['false_per_image']:9.2f}"
+            )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"detect-{dt.date.today().isoformat()}.json"
     payload = {
@@ -329,7 +367,8 @@ def main() -> None:
         "openvino": openvino.__version__,
         "labelled": "7 photos, tests/data/people_all_boxes.csv: a small set",
     }
-    out.write_text(json.dumps({**payload, "rows": rows, "merge_sweep": sweep}, indent=2) + "\n")
+    sweeps = {"merge_sweep": sweep, "ssdlite_sweep": ssd_sweep}
+    out.write_text(json.dumps({**payload, "rows": rows, **sweeps}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from snaplook import detection as _detection
 from snaplook.errors import SnaplookError
-from snaplook.models import require_model
 from snaplook.options import (
     DEFAULT_DETECTOR,
     DEFAULT_LEAD_ARTIST_ROOT,
@@ -301,9 +300,10 @@ def _nms(dets: list[Detection], iou_threshold: float) -> list[Detection]:
 class PersonDetector:
     """Finds people in an RGB frame.
 
-    ``auto`` (the default) runs NanoDet when ``snaplook models fetch nanodet`` has run and
-    the built-in detector otherwise, saying so once in the log. ``nanodet`` runs
-    :class:`snaplook.detection.NanoDetDetector` (two passes merged by NMS). The built-in
+    ``auto`` (the default) runs NanoDet when ``snaplook models fetch nanodet`` has run,
+    else SSDLite when fetched, else the built-in detector, saying so once in the log.
+    ``nanodet`` runs :class:`snaplook.detection.NanoDetDetector` (two passes merged by
+    NMS), ``ssdlite`` :class:`snaplook.detection.SSDLiteDetector`. The built-in
     detector (``hog``, formerly ``builtin``) runs OpenCV's HOG people detector for whole
     bodies and the Haar frontal-face and upper-body cascades for close and half shots; face
     and shoulder boxes are extended to body boxes by human proportions, and all boxes are
@@ -312,7 +312,8 @@ class PersonDetector:
     the first :meth:`detect`.
 
     Args:
-        model: "auto", "nanodet", "hog" ("builtin"), or the path of a YOLO-style ONNX model.
+        model: "auto", "nanodet", "ssdlite", "hog" ("builtin"), or the path of a YOLO-style
+            ONNX model.
         min_size: people shorter than this fraction of the frame height are dropped.
         detect_width: frames wider than this are downscaled before HOG.
         confidence: minimum detector confidence in [0, 1].
@@ -354,7 +355,7 @@ class PersonDetector:
 
     @property
     def label(self) -> str:
-        """What ``artists.csv`` names this detector: nanodet, hog (fallback) or onnx."""
+        """What ``artists.csv`` names this detector: nanodet, ssdlite, hog (fallback), onnx."""
         self._resolve()
         return _detection.HOG_FALLBACK if self.resolved_ == "hog" else str(self.resolved_)
 
@@ -374,9 +375,8 @@ class PersonDetector:
         if self.resolved_ == "onnx":
             if self.net_ is None:
                 self.net_ = load_onnx_detector(self.model)
-        elif self.engine_ is None and self.resolved_ == "nanodet":
-            self.engine_ = _detection.NanoDetDetector(require_model("nanodet"))
-            self.engine_.load()
+        elif self.engine_ is None and self.resolved_ in _detection.NEURAL_DETECTORS:
+            self.engine_ = _detection.make_detector(str(self.resolved_))
         elif self.engine_ is None:
             self.engine_ = _detection.HogDetector(detect_width=self.detect_width)
             self.engine_.load()
@@ -401,8 +401,8 @@ class PersonDetector:
         if self.resolved_ == "hog":
             found = self._detect_engine(image) + self._detect_cascades(image)
             merged = _merge_parts(found, self.nms_iou)
-        elif self.resolved_ == "nanodet":
-            merged = self._detect_engine(image)  # NMS and parts of people done there
+        elif self.resolved_ in _detection.NEURAL_DETECTORS:
+            merged = self._detect_engine(image)  # NMS (and NanoDet's parts) done there
         else:
             merged = _nms(self._detect_onnx(image), self.nms_iou)
         height = image.shape[0]
@@ -412,7 +412,8 @@ class PersonDetector:
         # The foreground test catches HOG on floorboards and poles; NanoDet does not fire
         # there, and in crowds the test rejects real people whose surroundings are people
         # too (foreground 0.00-0.03 for 7 of 24 found, benchmarks/bench_detect.py).
-        min_foreground = 0.0 if self.resolved_ == "nanodet" else self.min_foreground
+        neural = self.resolved_ in _detection.NEURAL_DETECTORS
+        min_foreground = 0.0 if neural else self.min_foreground
         kept = drop_false_people(image, kept, min_foreground=min_foreground)
         return sorted(kept, key=lambda d: -d.score)
 
@@ -611,7 +612,7 @@ def load_onnx_detector(path: str | Path) -> Any:
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise SnaplookError(
-            f"--detector {path}: expected auto, nanodet, hog or the path of a YOLO-style "
+            f"--detector {path}: expected auto, nanodet, ssdlite, hog or the path of a YOLO-style "
             ".onnx model."
         )
     if not path.is_file():

