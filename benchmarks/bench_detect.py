@@ -49,7 +49,8 @@ def load_labels(path: Path = LABELS) -> dict[str, list[dict]]:
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             box = tuple(float(row[c]) for c in "xywh")
-            labels.setdefault(row["image"], []).append({"box": box, "ignore": row["ignore"] == "1"})
+            person = {"box": box, "ignore": row["ignore"] == "1", "note": row["note"]}
+            labels.setdefault(row["image"], []).append(person)
     return labels
 
 
@@ -169,7 +170,7 @@ def detectors(thresholds: dict[str, float]) -> dict[str, Callable]:
 
 def score(detections: dict[str, list[tuple]], labels: dict[str, list[dict]]) -> dict:
     """AP@0.5, recall (all, taller than TALL), false boxes per image, found/labelled per photo."""
-    per_photo = {}
+    per_photo, missed = {}, {}
     n_all = n_tall = found_all = found_tall = false = 0
     for photo, people in labels.items():
         found, n_false = match(detections.get(photo, []), people)
@@ -180,6 +181,8 @@ def score(detections: dict[str, list[tuple]], labels: dict[str, list[dict]]) -> 
         found_tall += len(found & set(tall))
         false += n_false
         per_photo[photo] = f"{len(found)}/{len(counted)}, {n_false} false"
+        missed[photo] = [f"{people[i]['note']} ({people[i]['box'][3]:g} px)"
+                         for i in counted if i not in found]  # fmt: skip
     return {
         "ap50": coco_ap50(labels, detections),
         "recall": found_all / max(n_all, 1),
@@ -188,6 +191,7 @@ def score(detections: dict[str, list[tuple]], labels: dict[str, list[dict]]) -> 
         "people": n_all,
         "tall_people": n_tall,
         "per_photo": per_photo,
+        "missed": missed,
     }
 
 
@@ -202,9 +206,10 @@ def bench(name: str, run: Callable, images: dict, labels: dict, rounds: int) -> 
         times.append(best)
         detections[photo] = dets
     result = score(detections, labels)
-    per_photo = result.pop("per_photo")
+    per_photo, missed = result.pop("per_photo"), result.pop("missed")
     ms = 1000 * float(np.mean(times))
-    return {"detector": name, **result, "ms_per_image": ms, "per_photo": per_photo}
+    row = {"detector": name, **result, "ms_per_image": ms}
+    return {**row, "per_photo": per_photo, "missed": missed}
 
 
 #: The NanoDet merge settings before this sweep (one threshold for both passes, NMS 0.5,
@@ -252,7 +257,8 @@ def sweep_merge(images: dict, labels: dict) -> list[dict]:
             boxes[:, 2:] -= boxes[:, :2]
             detections[photo] = [(tuple(map(float, b)), float(s)) for b, s in zip(boxes, scores)]
         result = score(detections, labels)
-        del result["per_photo"], result["people"], result["tall_people"]
+        for key in ("per_photo", "missed", "people", "tall_people"):
+            del result[key]
         rows.append({"varied": varied, **setting, **result})
     return rows
 
@@ -313,7 +319,8 @@ def sweep_ssdlite(images: dict, labels: dict) -> list[dict]:
             for photo, dets in found.items()
         }
         result = score(detections, labels)
-        del result["per_photo"], result["people"], result["tall_people"]
+        for key in ("per_photo", "missed", "people", "tall_people"):
+            del result[key]
         rows.append({"threshold": threshold, **result})
     return rows
 
