@@ -41,9 +41,9 @@ NANODET_STD = (57.375, 57.12, 58.395)
 # photos (tests/data/people_all_boxes.csv, 34 people, 20 taller than 100 px): a small set,
 # so the benchmark JSON keeps the sweep around each value, not only the chosen point.
 #: Person score threshold of the letterboxed pass (aspect kept, the reliable pass). Five of
-#: the 18 tall people found are found by this pass alone, at 0.385-0.43 (the man on the
-#: tricycle, the officer in the jeep, three people in the cycling crowd): 0.39 loses one;
-#: 0.30 lets in three more boxes on parts of people and merged pairs.
+#: the 18 tall people found score under 0.5 in both passes, 0.385-0.43 in this one (the man
+#: on the tricycle, the officer in the jeep, three people in the cycling crowd): 0.39 loses
+#: one; 0.30 lets in three more boxes on parts of people and merged pairs.
 DEFAULT_NANODET_SCORE = 0.35
 #: Person score threshold of the stretched pass. Stretching the 3:2 and wider street photos
 #: to a square squeezes people 1.5-1.9x sideways, so two neighbours look like one person of
