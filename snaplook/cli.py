@@ -532,6 +532,59 @@ IndexPrecisionOpt = Annotated[
         show_default=False,
     ),
 ]
+IndexPoolingOpt = Annotated[
+    _choice(_opt.POOLINGS) | None,
+    typer.Option(
+        "--pooling",
+        help="Global pooling of the backbone's feature maps: avg, max or gem (generalised "
+        "mean, Radenovic et al.)." + _AS_INDEXED.format(_opt.DEFAULT_POOLING),
+        show_default=False,
+    ),
+]
+IndexGemPOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gem-p",
+        help="GeM's exponent (1: average, large: max), with --pooling gem."
+        + _AS_INDEXED.format(_opt.DEFAULT_GEM_P),
+        show_default=False,
+    ),
+]
+IndexTtaOpt = Annotated[
+    _choice(_opt.TTAS) | None,
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: flip averages each image's descriptor with its mirror "
+        "image's (queries too; half the speed)." + _AS_INDEXED.format(_opt.DEFAULT_TTA),
+        show_default=False,
+    ),
+]
+IndexWhitenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--whiten",
+        metavar="none|pca|pca:DIM",
+        help="PCA-whitening fitted on the gallery (at most one dimension per 3 images), "
+        "stored in the index and applied to queries; the index then searches whitened "
+        "vectors. --update keeps the fitted whitening unless --refit."
+        + _AS_INDEXED.format(_opt.DEFAULT_WHITEN),
+        show_default=False,
+    ),
+]
+IndexDbaOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--dba",
+        min=0,
+        help="alpha-database-side augmentation: each gallery vector plus its K nearest "
+        "(0: none); recomputed on every build." + _AS_INDEXED.format(_opt.DEFAULT_DBA),
+        show_default=False,
+    ),
+]
+RefitOpt = Annotated[
+    bool,
+    typer.Option("--refit", help="With --update: fit the whitening again on this gallery."),
+]
 HeadOpt = Annotated[
     Path | None,
     typer.Option(
@@ -664,6 +717,12 @@ def index_cmd(
     seed: IndexSeedOpt = None,
     runtime: RuntimeOpt = _opt.DEFAULT_RUNTIME,
     precision: IndexPrecisionOpt = None,
+    pooling: IndexPoolingOpt = None,
+    gem_p: IndexGemPOpt = None,
+    tta: IndexTtaOpt = None,
+    whiten: IndexWhitenOpt = None,
+    dba: IndexDbaOpt = None,
+    refit: RefitOpt = False,
     head: HeadOpt = None,
     ann: AnnOpt = None,
     catalog: CatalogOpt = None,
@@ -687,10 +746,16 @@ def index_cmd(
             weights=weights,
             seed=seed,
             precision=precision,
+            pooling=pooling,
+            gem_p=gem_p,
+            tta=tta,
             runtime=runtime,
             batch_size=batch_size,
             update=update,
             strict=strict,
+            whiten=whiten,
+            dba=dba,
+            refit=refit,
             head=_load_head(head),
             ann=ann,
             catalog=catalog,

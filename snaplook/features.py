@@ -28,10 +28,12 @@ from snaplook.options import (
     DEFAULT_PRECISION,
     DEFAULT_RUNTIME,
     DEFAULT_SEED,
+    DEFAULT_TTA,
     DEFAULT_WEIGHTS,
     POOLINGS,
     PRECISIONS,
     RUNTIMES,
+    TTAS,
 )
 from snaplook.postprocess import DEFAULT_GEM_P, GEM_EPS
 
@@ -294,6 +296,9 @@ class Embedder:
             used; see :meth:`calibrate_on`). Needed for ``precision="int8"`` only.
         gem_p: GeM's exponent for ``pooling="gem"``, default=3.0 (1 is average pooling,
             large values tend to max). Part of :meth:`identity` with GeM only.
+        tta: test-time augmentation, "none" (default) or "flip": each image and its mirror
+            image go through the model and their pooled descriptors are averaged (before
+            any normalisation); twice the compute. Part of :meth:`identity` unless "none".
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -305,6 +310,7 @@ class Embedder:
     precision: str = DEFAULT_PRECISION
     calibration: Sequence[str | Path] | None = None
     gem_p: float = DEFAULT_GEM_P
+    tta: str = DEFAULT_TTA
     spec_: Backbone = field(init=False, repr=False)
     weights_: WeightsSpec = field(init=False, repr=False)
     model_: Any = field(init=False, default=None, repr=False)
@@ -322,6 +328,8 @@ class Embedder:
             raise SnaplookError(
                 f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}."
             )
+        if self.tta not in TTAS:
+            raise SnaplookError(f"unknown --tta {self.tta!r}; choose one of: {', '.join(TTAS)}.")
         if self.pooling == "gem" and not 0 < self.gem_p < float("inf"):
             raise SnaplookError(f"--gem-p must be a positive number, got {self.gem_p}.")
         if self.resize_mode not in RESIZE_MODES:
@@ -383,6 +391,8 @@ class Embedder:
         }
         if self.pooling == "gem":  # absent for avg and max: their identities stay as they were
             identity["gem_p"] = float(self.gem_p)
+        if self.tta != "none":  # absent without TTA, likewise
+            identity["tta"] = self.tta
         if identity["precision"] == "int8":
             identity["calibration"] = self._calibration()
         return identity
@@ -594,10 +604,20 @@ class Embedder:
     def _embed_start(self, images: np.ndarray) -> Any:
         import numpy as np
 
-        from snaplook.transform_utils import PREPROCESSORS
-
         if len(images) == 0:
             return _Ready(np.zeros((0, self.feature_dim), dtype=np.float32))
+        if self.tta == "flip":  # one batch of the images and their mirror images, averaged
+            n = len(images)
+            both = self._run(np.concatenate([images, np.asarray(images)[:, :, ::-1]]))
+            return _Mapped(both, lambda f: (f[:n] + f[n:]) * np.float32(0.5))
+        return self._run(images)
+
+    def _run(self, images: np.ndarray) -> Any:
+        """Start the model on a batch of prepared images (no augmentation)."""
+        import numpy as np
+
+        from snaplook.transform_utils import PREPROCESSORS
+
         if self.resolved_runtime() == "openvino":
             # The compiled model takes the uint8 pixels and preprocesses them itself.
             return self.load_compiled().start(_as_pixels(images))

@@ -28,6 +28,7 @@ from snaplook.io_utils import ManifestRow
 from snaplook.options import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_GEM_P,
     DEFAULT_INDEX_DIR,
     DEFAULT_K,
     DEFAULT_POOLING,
@@ -36,6 +37,8 @@ from snaplook.options import (
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from snaplook.postprocess import Whitening
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +174,36 @@ class Index:
     #: The checked FAISS index when the folder has one (see :mod:`snaplook.ann`).
     ann_: AnnIndex | None = None
     products_: Products | None = field(init=False, default=None, repr=False)
+    #: The whitened and/or database-augmented gallery (``search.npy``, memory-mapped) when
+    #: the index was built with ``--whiten`` or ``--dba``; None: it searches ``features``.
+    search_vectors_: np.ndarray | None = None
+    #: The whitening queries go through (``whiten.npz``), when the index has one.
+    whitening_: Whitening | None = None
 
     def __post_init__(self) -> None:
         self.root_ = Path(self.meta.get("root", self.path))
 
     def __len__(self) -> int:
         return len(self.manifest)
+
+    @property
+    def vectors(self) -> np.ndarray | ShardedFeatures:
+        """The (n, k) unit rows :meth:`search` compares queries with: ``features``, or the
+        whitened and/or augmented gallery of an index built with ``--whiten``/``--dba``."""
+        return self.features if self.search_vectors_ is None else self.search_vectors_
+
+    def prepare(self, queries: np.ndarray) -> np.ndarray:
+        """Map embedder features of queries into the space :attr:`vectors` live in:
+        L2-normalised, then whitened when the index is.
+
+        Returns:
+            ndarray of shape (m, k), float32, unit rows.
+        """
+        from snaplook.transform_utils import l2_normalize
+
+        if self.whitening_ is not None:
+            return self.whitening_.transform(queries)
+        return l2_normalize(queries)
 
     def gallery_path(self, row: int) -> Path:
         """Absolute path of the gallery image in ``row`` (resolved under the indexed root)."""
@@ -211,8 +238,9 @@ class Index:
         exact: bool = False,
         nprobe: int | None = None,
         ef: int | None = None,
+        prepared: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine k-NN of ``queries`` against the gallery.
+        """Cosine k-NN of ``queries`` against the gallery (:attr:`vectors`).
 
         Exact (:func:`cosine_knn`) when the index has no FAISS index, with ``exact``, or
         when ``allowed`` leaves fewer than ``snaplook.ann.AUTO_EXACT_BELOW`` rows;
@@ -220,13 +248,15 @@ class Index:
         Distances are 1 - cos either way.
 
         Args:
-            queries: ndarray of shape (m, d).
+            queries: ndarray of shape (m, d): embedder features, mapped by :meth:`prepare`
+                here (whitened, if the index is), or already prepared with ``prepared``.
             k: neighbours per query, clamped to the gallery size n.
             allowed: optional bool ndarray of shape (n,): only these rows may be returned
                 (a catalogue filter).
             exact: force exact search.
             nprobe: IVF lists visited per query (IVF indexes only).
             ef: HNSW search breadth (HNSW indexes only).
+            prepared: ``queries`` come from :meth:`prepare` (e.g. expanded there by QE).
 
         Returns:
             (distances, rows) of shape (m, min(k, n)), nearest first, ties by row. Where
@@ -241,7 +271,10 @@ class Index:
         from snaplook.ann import AUTO_EXACT_BELOW
         from snaplook.transform_utils import l2_normalize
 
-        n = self.features.shape[0]
+        vectors = self.vectors
+        if not prepared:
+            queries = self.prepare(queries)
+        n = vectors.shape[0]
         k = min(int(k), n)
         if allowed is not None:
             allowed = np.asarray(allowed)
@@ -253,13 +286,11 @@ class Index:
             allowed = allowed.astype(bool, copy=False)
             n_allowed = int(allowed.sum())
             if exact or self.ann_ is None or n_allowed < AUTO_EXACT_BELOW:
-                return cosine_knn(
-                    queries, self.features, k=k, normalized_gallery=True, allowed=allowed
-                )
+                return cosine_knn(queries, vectors, k=k, normalized_gallery=True, allowed=allowed)
         if exact or self.ann_ is None or k < 1:
-            return cosine_knn(queries, self.features, k=k, normalized_gallery=True)
+            return cosine_knn(queries, vectors, k=k, normalized_gallery=True)
         q = l2_normalize(np.atleast_2d(queries))
-        return self.ann_.search(q, k, features=self.features, allowed=allowed, nprobe=nprobe, ef=ef)
+        return self.ann_.search(q, k, features=vectors, allowed=allowed, nprobe=nprobe, ef=ef)
 
     def products(self) -> Products | None:
         """The catalogue joined to the gallery rows, or None (loaded on first use)."""
@@ -305,7 +336,8 @@ def check_head(meta: dict[str, Any], head: Any, where: str | Path) -> None:
 
 def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The :class:`Embedder` arguments an index or cache recorded: backbone, weights (name
-    or file path), pooling, seed, resize mode and precision."""
+    or file path), pooling (and GeM's exponent), test-time augmentation, seed, resize mode
+    and precision."""
     weights_meta = meta.get("weights", {})
     kind = weights_meta.get("name", "imagenet")
     weights: str | Path = kind if kind in ("imagenet", "random") else weights_meta.get("path", "")
@@ -313,6 +345,8 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
         backbone=meta.get("backbone", DEFAULT_BACKBONE),
         weights=weights,
         pooling=meta.get("pooling", DEFAULT_POOLING),
+        gem_p=float(meta.get("gem_p", DEFAULT_GEM_P)),
+        tta=meta.get("tta", "none"),  # indexes from before issue 24 had no TTA
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),
         resize_mode=meta.get("resize", "pad"),
         # Indexes from before issue 12 carry no precision: they were computed in fp32.
@@ -375,15 +409,52 @@ def load_index(
         _check_manifest(path, manifest)
         for shard in shards:
             _check_finite(path / SHARDS_DIR / f"{shard['name']}.npy", features.shards[shard["i"]])
+        vectors, whitening = _load_search(path, meta, len(manifest), mmap=mmap)
         return Index(
             path=path,
             features=features,
             manifest=manifest,
             meta=meta,
             shards_=shards,
-            ann_=_load_ann(path, meta, features, ann),
+            ann_=_load_ann(path, meta, features if vectors is None else vectors, ann),
+            search_vectors_=vectors,
+            whitening_=whitening,
         )
     return _load_single_file(path, meta, mmap=mmap, ann=ann)
+
+
+def _load_search(
+    path: Path, meta: dict[str, Any], n: int, *, mmap: bool
+) -> tuple[np.ndarray | None, Whitening | None]:
+    """The search vectors and whitening of an index built with ``--whiten``/``--dba``
+    (``meta.json["postprocess"]``), checked; (None, None) for any other index."""
+    from snaplook.io_utils import load_npy
+    from snaplook.postprocess import load_whitening
+
+    record = meta.get("postprocess")
+    if record is None:
+        return None, None
+    fix = "rebuild the index (or run index --update)"
+    if not isinstance(record, dict) or not _is_int(record.get("dim"), 1):
+        raise field_error(path / "meta.json", "postprocess", "an object with dim", record, fix)
+    file = _confined(path, path / str(record.get("file", "")), "postprocess.file")
+    vectors = load_npy(file, mmap=mmap)
+    if vectors.dtype != "float32" or vectors.shape != (n, record["dim"]):
+        raise SnaplookError(
+            f"{file}: {vectors.dtype} of shape {vectors.shape}, expected float32 of shape "
+            f"({n}, {record['dim']}) (one row per gallery image); {fix}."
+        )
+    _check_finite(file, vectors)
+    whitening = None
+    if record.get("whitening"):
+        stored = record["whitening"]
+        file = _confined(path, path / str(stored.get("file", "")), "postprocess.whitening.file")
+        whitening = load_whitening(file, sha256=stored.get("sha256"))
+        if whitening.dim != record["dim"]:
+            raise SnaplookError(
+                f"{path}: whiten.npz and search.npy disagree on the dimension; {fix}."
+            )
+    return vectors, whitening
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -867,10 +938,11 @@ def query_index(
     if on_start is not None:
         on_start(len(paths))
     features, kept = _embed_queries(paths, embedder, batch_size, on_progress, skipped)
-    search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef)
+    features = index.prepare(features)
+    search = functools.partial(index.search, exact=exact, nprobe=nprobe, ef=ef, prepared=True)
     if qe > 0:
         near = functools.partial(search, allowed=allowed)
-        features = expand_queries(features, near, index.features, k=min(qe, len(index)))
+        features = expand_queries(features, near, index.vectors, k=min(qe, len(index)))
     distances, rows, guesses = restricted_search(
         search, features, k, products=products, allowed=allowed, restrict=restrict
     )

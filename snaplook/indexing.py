@@ -47,7 +47,9 @@ from snaplook.options import (
     DEFAULT_ANN,
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DBA,
     DEFAULT_ENGINE,
+    DEFAULT_GEM_P,
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_INDEX_DIR,
     DEFAULT_POOLING,
@@ -55,8 +57,16 @@ from snaplook.options import (
     DEFAULT_RUNTIME,
     DEFAULT_SEED,
     DEFAULT_SHARD_ROWS,
+    DEFAULT_TTA,
     DEFAULT_WEIGHTS,
     RayOptions,
+)
+from snaplook.postprocess import (
+    SEARCH_FILE,
+    WHITEN_FILE,
+    WHITEN_FIT_MAX_ROWS,
+    Postprocessing,
+    Whitening,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +132,9 @@ def build_index(
     catalog_image_column: str = DEFAULT_IMAGE_COLUMN,
     shard_rows: int | None = None,
     engine: str | RayEngine = "local",
+    whiten: str | None = None,
+    dba: int | None = None,
+    refit: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BuildSummary:
@@ -169,6 +182,16 @@ def build_index(
             :class:`~snaplook.distributed.RayEngine` (cluster address, workers, CPUs/GPUs
             per worker). Both give the same rows in the same order and, with the same
             runtime, the same features (to 1e-6); batches are checkpointed alike.
+        whiten: "none", "pca" or "pca:DIM": centring + PCA-whitening fitted on the gallery
+            (at most one dimension per 3 images; see :mod:`snaplook.postprocess`), stored as
+            ``whiten.npz`` and applied to queries. The features stay as embedded; the index
+            searches ``search.npy``, the whitened (and augmented) gallery. Default None:
+            none, or with ``update`` the index's own (whose fitted transform is kept).
+        dba: alpha-database-side augmentation with this many neighbours (0: none),
+            recomputed over the whole gallery on every build; default None: 0, or with
+            ``update`` the index's own.
+        refit: with ``update``, fit the whitening again on this gallery instead of keeping
+            the index's.
         on_start: called once with the number of images found.
         on_progress: called with the number of images handled so far.
 
@@ -225,6 +248,7 @@ def build_index(
             update=update,
             ann=ann,
             batch_size=batch_size,
+            search=_SearchRequest(whiten, dba, refit),
         )
         plan.listing_skipped = listing_skipped
         if on_start is not None:
@@ -351,6 +375,10 @@ class _BuildPlan:
     identity: dict[str, Any]
     #: Files with an image name that the gallery listing left out (FIFOs, devices, ...).
     listing_skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    #: Whitening and DBA of the search vectors (inactive: the index searches its features).
+    postprocess: Postprocessing = dataclasses.field(default_factory=Postprocessing)
+    #: The old index's whitening, kept by ``--update`` without ``--refit``.
+    whitening: Whitening | None = None
 
 
 def _plan_build(
@@ -364,6 +392,7 @@ def _plan_build(
     update: bool,
     ann: str | None,
     batch_size: int,
+    search: _SearchRequest,
 ) -> _BuildPlan:
     """Read the old index (``update``), decide per image: reuse its row or embed it."""
     reuse: dict[str, tuple[ManifestRow, int]] = {}
@@ -376,6 +405,9 @@ def _plan_build(
             ann = (old.meta.get("ann") or {}).get("requested")
         old_stamp = [old.meta.get("created"), len(old.manifest)]
         reuse = {row.path: (row, i) for i, row in enumerate(old.manifest)}
+    postprocess, whitening = _search_settings(
+        search, old, n_images=len(paths), dim=embedder.feature_dim
+    )
 
     # Rows are written in gallery order; each is either copied from the old index
     # or embedded now, so --update gives the same file as a full rebuild.
@@ -403,7 +435,71 @@ def _plan_build(
         n_images=len(to_embed),
         feature_dim=embedder.feature_dim,
     )
-    return _BuildPlan(root, root_dir, out, paths, plan, to_embed, old, ann, checkpoint, identity)
+    return _BuildPlan(
+        root,
+        root_dir,
+        out,
+        paths,
+        plan,
+        to_embed,
+        old,
+        ann,
+        checkpoint,
+        identity,
+        postprocess=postprocess,
+        whitening=whitening,
+    )
+
+
+@dataclass(frozen=True)
+class _SearchRequest:
+    """``index --whiten/--dba/--refit`` as given: None is the index's own on ``--update``."""
+
+    whiten: str | None = None
+    dba: int | None = None
+    refit: bool = False
+
+
+def _search_settings(
+    request: _SearchRequest, old: Index | None, *, n_images: int, dim: int
+) -> tuple[Postprocessing, Whitening | None]:
+    """The whitening/DBA settings of this build, and the old whitening it keeps, if any.
+
+    On ``--update`` a setting left None is the index's; the fitted whitening is kept when
+    the whitening asked for is the index's, unless ``refit``.
+    """
+    from snaplook.postprocess import check_fit_size, load_whitening, parse_whiten
+
+    recorded = (old.meta.get("postprocess") or {}) if old is not None else {}
+    whiten = parse_whiten(request.whiten if request.whiten is not None else recorded.get("whiten"))
+    dba = request.dba if request.dba is not None else int(recorded.get("dba", DEFAULT_DBA))
+    if dba < 0:
+        raise SnaplookError(f"--dba must be 0 or more neighbours, got {dba}.")
+    settings = Postprocessing(whiten=whiten, dba=dba)
+    stored = recorded.get("whitening")
+    if request.refit and (old is None or whiten is False):
+        raise SnaplookError(
+            "--refit fits an index's whitening again: it needs --update of an index built "
+            "with --whiten (or --whiten given now)."
+            if old is None
+            else f"--refit: {old.path} is not whitened and --whiten is none; nothing to refit."
+        )
+    if whiten is False:
+        return settings, None
+    keep = stored and parse_whiten(recorded.get("whiten")) == whiten and not request.refit
+    if keep:
+        whitening = load_whitening(old.path / WHITEN_FILE, sha256=stored.get("sha256"))
+        logger.warning(
+            "--update keeps the whitening of %s, fitted on %d images; --refit fits it again "
+            "on this gallery.",
+            old.path,
+            whitening.n_fit,
+        )
+        return settings, whitening
+    check_fit_size(whiten, min(n_images, WHITEN_FIT_MAX_ROWS), dim)
+    if stored:
+        logger.warning("fitting the whitening of %s again (--refit or a new --whiten).", old.path)
+    return settings, None
 
 
 # --- stage 2: embed -----------------------------------------------------------------------
@@ -518,6 +614,8 @@ class _Written:
     shards: list[dict[str, Any]]
     bytes_written: int
     ann: dict[str, Any]
+    #: ``meta.json["postprocess"]``: the search vectors' record, None without whitening/DBA.
+    search: dict[str, Any] | None = None
 
 
 def _write_shard_stage(
@@ -533,8 +631,8 @@ def _write_shard_stage(
     checkpoint = plan.checkpoint
     # Kept across a kill: shards finished in it are reused by the rerun.
     tmp = checkpoint.folder / "assembling"
-    for stale in (tmp / "manifest.csv", tmp / "features.npy"):
-        stale.unlink(missing_ok=True)
+    for stale in ("manifest.csv", "features.npy", SEARCH_FILE, "search.plain.npy", WHITEN_FILE):
+        (tmp / stale).unlink(missing_ok=True)
     old = plan.old
     plans = _plan_shards(sources, old.shards_ if old is not None else [], shard_rows)
     shards, written = _write_shards(
@@ -547,8 +645,30 @@ def _write_shard_stage(
         dim,
         checkpoint.folder / "shards",
     )
-    ann_meta = _build_ann(tmp, shards, plan.ann or DEFAULT_ANN, seed=seed)
-    return _Written(tmp, plans, shards, written, ann_meta)
+    search = _search_stage(plan, tmp, shards, seed=seed)
+    ann_meta = _build_ann(tmp, shards, plan.ann or DEFAULT_ANN, seed=seed, search=search)
+    return _Written(tmp, plans, shards, written, ann_meta, search)
+
+
+def _search_stage(
+    plan: _BuildPlan, folder: Path, shards: Sequence[dict[str, Any]], *, seed: int
+) -> dict[str, Any] | None:
+    """Whiten and/or augment the shards just written into ``search.npy`` (see
+    :func:`snaplook.postprocess.write_search_vectors`); None when the index has neither."""
+    from snaplook.io_utils import load_npy
+    from snaplook.postprocess import write_search_vectors
+
+    if not (plan.postprocess.whiten is not False or plan.postprocess.dba > 0):
+        return None
+    features = ShardedFeatures(
+        [load_npy(folder / SHARDS_DIR / f"{s['name']}.npy", mmap=True) for s in shards]
+    )
+    try:
+        return write_search_vectors(
+            features, folder, plan.postprocess, whitening=plan.whitening, seed=seed
+        )
+    finally:
+        del features
 
 
 # --- stage 4: commit ----------------------------------------------------------------------
@@ -585,6 +705,8 @@ def _commit(
         "shards": written.shards,
         "ann": written.ann,
     }
+    if written.search is not None:  # absent without whitening/DBA: such metas stay as they were
+        meta["postprocess"] = written.search
     if products is not None:
         join = join_catalog(products, [row.path for row in rows])
         log_join(join, products)
@@ -600,14 +722,24 @@ def _commit(
 
 
 def _build_ann(
-    folder: Path, shards: Sequence[dict[str, Any]], spec: str, *, seed: int
+    folder: Path,
+    shards: Sequence[dict[str, Any]],
+    spec: str,
+    *,
+    seed: int,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ANN hook: build ``spec`` over the feature shards just written to ``folder``."""
+    """The ANN hook: build ``spec`` over the vectors the index searches, the feature shards
+    just written to ``folder`` or, with ``search``, its ``search.npy``."""
     from snaplook.ann import build_ann
     from snaplook.io_utils import load_npy
 
-    features = ShardedFeatures(
-        [load_npy(folder / SHARDS_DIR / f"{s['name']}.npy", mmap=True) for s in shards]
+    features = (
+        load_npy(folder / search["file"], mmap=True)
+        if search is not None
+        else ShardedFeatures(
+            [load_npy(folder / SHARDS_DIR / f"{s['name']}.npy", mmap=True) for s in shards]
+        )
     )
     try:
         return build_ann(features, folder, spec=spec, seed=seed)
@@ -1013,7 +1145,8 @@ def _check_same_model(meta: dict[str, Any], identity: dict[str, Any], out: Path)
             f"{out} was built with an int8 model calibrated on other images; --update "
             "cannot mix the two. Rebuild without --update."
         )
-    for key in ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling", "head"):
+    keys = ("backbone", "weights", "input_size", "preprocessing", "resize", "pooling", "gem_p")
+    for key in (*keys, "tta", "head"):
         if meta.get(key) != identity.get(key):
             raise SnaplookError(
                 f"{out} was built with {key}={meta.get(key)!r}, not {identity.get(key)!r}; "
@@ -1059,11 +1192,12 @@ def _recorded_shard_rows(out: Path) -> int:
 
 
 def model_settings(out: str | Path, *, update: bool, **given: Any) -> dict[str, Any]:
-    """The model settings (backbone, weights, seed, precision) ``snaplook index`` builds with.
+    """The model settings (backbone, weights, seed, precision, pooling, gem_p, tta)
+    ``snaplook index`` builds with.
 
-    A setting given (not None) is used as given; with ``update``, build_index then refuses it
-    unless it equals the index's. A setting left None is the index's own on ``update`` (and
-    pooling and resize mode always are), else the library default.
+    A setting given (not None) is used as given; with ``update``, it is refused unless it
+    equals the index's. A setting left None is the index's own on ``update`` (and the resize
+    mode always is), else the library default.
 
     Raises:
         SnaplookError: ``out`` holds a ``meta.json`` that cannot be read.
@@ -1073,13 +1207,16 @@ def model_settings(out: str | Path, *, update: bool, **given: Any) -> dict[str, 
         weights=DEFAULT_WEIGHTS,
         seed=DEFAULT_SEED,
         precision=DEFAULT_PRECISION,
+        pooling=DEFAULT_POOLING,
+        gem_p=DEFAULT_GEM_P,
+        tta=DEFAULT_TTA,
     )
     recorded = _update_settings(out) if update else None
     base = recorded or defaults
     chosen = {name: base[name] if value is None else value for name, value in given.items()}
     if recorded:
         _refuse_other_model(out, recorded, chosen)
-        chosen.update(pooling=recorded["pooling"], resize_mode=recorded["resize_mode"])
+        chosen.update(resize_mode=recorded["resize_mode"])
         logger.info("--update of %s: %s", out, chosen)
     return chosen
 
@@ -1089,9 +1226,10 @@ def _refuse_other_model(out: str | Path, recorded: dict[str, Any], chosen: dict[
     # Two weights files, or precision auto, are compared by build_index once resolved.
     differ = [
         name
-        for name in ("backbone", "weights", "seed")
+        for name in ("backbone", "weights", "seed", "pooling", "gem_p", "tta")
         if name in chosen
         and str(chosen[name]) != str(recorded[name])
+        and (name != "gem_p" or recorded["pooling"] == "gem")
         and (name != "weights" or {"imagenet", "random"} & {chosen[name], recorded[name]})
         and (name != "seed" or recorded["weights"] == "random")
     ]
@@ -1111,6 +1249,9 @@ def index_gallery(
     weights: str | Path | None = None,
     seed: int | None = None,
     precision: str | None = None,
+    pooling: str | None = None,
+    gem_p: float | None = None,
+    tta: str | None = None,
     runtime: str = DEFAULT_RUNTIME,
     update: bool = False,
     engine: str = DEFAULT_ENGINE,
@@ -1122,16 +1263,17 @@ def index_gallery(
     Args:
         root: gallery folder (searched recursively) or one image.
         out: index folder to write, default="output/index".
-        backbone, weights, seed, precision: the model; one left None is the index's own
-            with ``update`` (see :func:`model_settings`), else the library default.
+        backbone, weights, seed, precision, pooling, gem_p, tta: the model; one left None is
+            the index's own with ``update`` (see :func:`model_settings`), else the library
+            default.
         runtime: "auto", "openvino" or "keras" (see :class:`~snaplook.features.Embedder`).
         update: re-embed only new or changed files (see :func:`build_index`).
         engine: "local" (this process) or "ray" (a Ray Data actor pool placed by ``ray``;
             default: a local cluster, one single-CPU actor per CPU).
         ray: where ``engine="ray"`` runs; only with that engine.
         **build_options: the other keyword arguments of :func:`build_index` (batch_size,
-            strict, head, ann, catalog, catalog_image_column, shard_rows, on_start,
-            on_progress).
+            strict, head, ann, catalog, catalog_image_column, shard_rows, whiten, dba,
+            refit, on_start, on_progress).
 
     Returns:
         :class:`BuildSummary`.
@@ -1145,8 +1287,21 @@ def index_gallery(
             "engine='ray' or leave the Ray options out."
         )
     model = model_settings(
-        out, update=update, backbone=backbone, weights=weights, seed=seed, precision=precision
+        out,
+        update=update,
+        backbone=backbone,
+        weights=weights,
+        seed=seed,
+        precision=precision,
+        pooling=pooling,
+        gem_p=gem_p,
+        tta=tta,
     )
+    if gem_p is not None and model["pooling"] != "gem":
+        raise SnaplookError(
+            f"--gem-p sets GeM's exponent, but the pooling is {model['pooling']}; pass "
+            "--pooling gem or leave --gem-p out."
+        )
     embedder = Embedder(runtime=runtime, **model)
     chosen: str | RayEngine = engine
     if engine == "ray":

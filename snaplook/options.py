@@ -37,6 +37,17 @@ WEIGHTS_NAMES = ("imagenet", "random")
 DEFAULT_WEIGHTS = "imagenet"
 POOLINGS = ("avg", "max", "gem")
 DEFAULT_POOLING = "avg"
+#: GeM's exponent (Radenovic et al. 2018): 1 is average pooling, large p tends to max.
+DEFAULT_GEM_P = 3.0
+#: ``index --whiten``: none, pca (the dimension rule's size) or pca:DIM.
+DEFAULT_WHITEN = "none"
+#: ``index --dba`` / ``query --qe``: gallery neighbours added (0: none).
+DEFAULT_DBA = 0
+DEFAULT_QE = 0
+#: ``--tta``: test-time augmentation of each image: none, or flip (the image and its
+#: mirror image, descriptors averaged before normalisation; twice the compute).
+TTAS = ("none", "flip")
+DEFAULT_TTA = "none"
 DEFAULT_BATCH_SIZE = 32
 #: Seeds random weights, samples and training unless a seed is given.
 DEFAULT_SEED = 0

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snaplook.errors import SnaplookError
+from snaplook.options import DEFAULT_GEM_P
 
 if TYPE_CHECKING:
     import numpy as np
 
-#: GeM's exponent (Radenovic et al. 2018): 1 is average pooling, large p tends to max.
-DEFAULT_GEM_P = 3.0
 #: Activations are clamped to at least this before the power (GeM's epsilon).
 GEM_EPS = 1e-6
 #: Exponent on the similarity weights of alpha-QE and alpha-DBA (Radenovic et al. 2018).
@@ -45,6 +44,12 @@ MIN_WHITEN_DIM = 8
 DEFAULT_SHRINKAGE = 0.0
 #: Rows of the query x gallery similarity computed at once by the exact neighbour search.
 NEIGHBOUR_BLOCK_ROWS = 1024
+#: An index fits its whitening on at most this many gallery rows (a seeded sample, in row
+#: order): the covariance of 2,048-d features is well estimated long before, and the fit
+#: then holds (rows x d) floats in memory whatever the gallery size.
+WHITEN_FIT_MAX_ROWS = 65536
+#: The search vectors (whitened and/or database-augmented gallery) in an index folder.
+SEARCH_FILE = "search.npy"
 
 
 # --- pooling ---
@@ -177,6 +182,25 @@ def whitening_dim(
     return max(0, cap if requested is None else min(requested, cap))
 
 
+def check_fit_size(
+    dim: int | None, n_fit: int, n_features: int, *, samples_per_dim: int = WHITEN_SAMPLES_PER_DIM
+) -> int:
+    """The whitened dimension for ``n_fit`` images (see :func:`whitening_dim`).
+
+    Raises:
+        SnaplookError: fewer than :data:`MIN_WHITEN_DIM` dimensions (or than ``dim``, if
+            smaller) under the rule: the gallery is too small to whiten.
+    """
+    k = whitening_dim(dim, n_fit, n_features, samples_per_dim=samples_per_dim)
+    if k < min(MIN_WHITEN_DIM, dim or MIN_WHITEN_DIM):
+        raise SnaplookError(
+            f"whitening needs at least {samples_per_dim * MIN_WHITEN_DIM + 1} gallery images "
+            f"for {MIN_WHITEN_DIM} dimensions ({samples_per_dim} per dimension); this gallery "
+            f"has {n_fit}. Index without --whiten, or add images."
+        )
+    return k
+
+
 def fit_whitening(
     features: np.ndarray,
     *,
@@ -217,14 +241,7 @@ def fit_whitening(
         raise SnaplookError(f"whitening shrinkage must lie in [0, 1], got {shrinkage}.")
     if not np.isfinite(x).all():
         raise SnaplookError("cannot fit whitening: the features contain NaN or infinity.")
-    per_dim = samples_per_dim or 1
-    k = whitening_dim(dim, n, d, samples_per_dim=per_dim)
-    if k < min(MIN_WHITEN_DIM, dim or MIN_WHITEN_DIM):
-        raise SnaplookError(
-            f"whitening needs at least {per_dim * MIN_WHITEN_DIM + 1} gallery images for "
-            f"{MIN_WHITEN_DIM} dimensions ({per_dim} per dimension); this gallery has {n}. "
-            "Index without --whiten, or add images."
-        )
+    k = check_fit_size(dim, n, d, samples_per_dim=samples_per_dim or 1)
     unit = l2_normalize(x).astype(np.float64)
     mean = unit.mean(axis=0)
     eigenvalues, vectors = _principal_axes(unit - mean, k)
@@ -465,28 +482,45 @@ def query_expansion(
 
 
 def database_augmentation(
-    gallery: np.ndarray, *, k: int, alpha: float = DEFAULT_ALPHA
+    gallery: np.ndarray,
+    *,
+    k: int,
+    alpha: float = DEFAULT_ALPHA,
+    out: np.ndarray | None = None,
+    block_rows: int = NEIGHBOUR_BLOCK_ROWS,
 ) -> np.ndarray:
     """alpha-database-side augmentation (alpha-DBA): each gallery vector plus its k nearest
     other gallery vectors (its own row always weighs 1, duplicates or not).
 
-    Exact: O(n^2 d) in blocks of :data:`NEIGHBOUR_BLOCK_ROWS` rows.
+    Exact: O(n^2 d) in blocks of ``block_rows`` rows, so the memory beyond ``gallery`` and
+    ``out`` is one block's similarities and neighbours whatever n is.
 
     Args:
-        gallery: ndarray of shape (n, d), unit rows.
+        gallery: ndarray of shape (n, d), unit rows (may be memory-mapped).
         k: neighbours added; 0 returns the gallery unchanged.
         alpha: weight exponent, default=3.
+        out: ndarray of shape (n, d), float32, to write into (e.g. a memory-mapped file);
+            default None: a new array.
 
     Returns:
-        ndarray of shape (n, d), float32, unit rows.
+        ``out`` (or a new ndarray) of shape (n, d), float32, unit rows.
     """
     import numpy as np
 
     g = np.atleast_2d(np.asarray(gallery, dtype=np.float32))
-    if k <= 0:
-        return g.copy()
-    rows, sims = nearest_neighbours(g, g, k, exclude_self=True)
-    return expand_vectors(g, g[rows], sims, alpha=alpha)
+    out = np.empty(g.shape, dtype=np.float32) if out is None else out
+    k = min(k, len(g) - 1)
+    for start in range(0, len(g), block_rows):
+        block = np.asarray(g[start : start + block_rows])
+        if k <= 0:
+            out[start : start + len(block)] = block
+            continue
+        sims = block @ g.T
+        sims[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        near = np.take_along_axis(sims, order, axis=1)
+        out[start : start + len(block)] = expand_vectors(block, g[order], near, alpha=alpha)
+    return out
 
 
 # --- one call for evaluate and query ---
@@ -725,3 +759,86 @@ def expand_queries(
     neighbours = neighbours.reshape(*rows.shape, q.shape[1])
     similarities = np.where(found, 1.0 - distances, 0.0)
     return expand_vectors(q, neighbours, similarities, alpha=alpha)
+
+
+# --- an index's search vectors ---
+
+
+def fit_rows(n: int, *, seed: int, max_rows: int = WHITEN_FIT_MAX_ROWS) -> np.ndarray:
+    """The gallery rows an index fits its whitening on: all of them up to ``max_rows``,
+    else a sample of ``max_rows`` drawn with ``seed``, in row order (deterministic)."""
+    import numpy as np
+
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+
+
+def write_search_vectors(
+    features: Any,
+    folder: str | Path,
+    settings: Postprocessing,
+    *,
+    whitening: Whitening | None = None,
+    seed: int = 0,
+    block_rows: int = NEIGHBOUR_BLOCK_ROWS,
+) -> dict[str, Any]:
+    """Write an index's search vectors: its features whitened and/or database-augmented.
+
+    Writes ``folder/search.npy`` ((n, k) float32, unit rows) and, when ``settings``
+    whitens, ``folder/whiten.npz``. The features are read in blocks (they may be memory-
+    mapped shards); the whitening is fitted on :func:`fit_rows` of them unless given.
+
+    Args:
+        features: (n, d) array-like of unit rows (an ndarray or ``ShardedFeatures``).
+        folder: the index folder being assembled.
+        settings: :class:`Postprocessing` (its ``qe`` is a query setting and is ignored).
+        whitening: a fitted whitening to keep (``index --update`` without ``--refit``).
+        seed: seeds the fit sample of galleries over :data:`WHITEN_FIT_MAX_ROWS` rows.
+
+    Returns:
+        the ``meta.json["postprocess"]`` record: settings, the whitening's record (or
+        None), the search file, its dimension and SHA-256.
+
+    Raises:
+        SnaplookError: see :func:`fit_whitening`; a kept whitening of another dimension.
+    """
+    import numpy as np
+
+    from snaplook.io_utils import file_sha256
+    from snaplook.transform_utils import l2_normalize
+
+    folder = Path(folder)
+    n = features.shape[0]
+    if settings.whiten is not False and whitening is None:
+        sample = np.asarray(features[fit_rows(n, seed=seed)], dtype=np.float32)
+        whitening = fit_whitening(sample, dim=settings.whiten, shrinkage=settings.shrinkage)
+        del sample
+    if settings.whiten is False:
+        whitening = None
+    dim = whitening.dim if whitening is not None else features.shape[1]
+    plain = folder / ("search.plain.npy" if settings.dba > 0 else SEARCH_FILE)
+    vectors = np.lib.format.open_memmap(plain, mode="w+", dtype=np.float32, shape=(n, dim))
+    for start in range(0, n, block_rows):
+        block = np.asarray(features[start : start + block_rows], dtype=np.float32)
+        vectors[start : start + len(block)] = (
+            whitening.transform(block) if whitening is not None else l2_normalize(block)
+        )
+    if settings.dba > 0:
+        out = np.lib.format.open_memmap(
+            folder / SEARCH_FILE, mode="w+", dtype=np.float32, shape=(n, dim)
+        )
+        database_augmentation(vectors, k=settings.dba, alpha=settings.alpha, out=out)
+        out.flush()
+        del out, vectors
+        plain.unlink()
+    else:
+        vectors.flush()
+        del vectors
+    record: dict[str, Any] = {**settings.describe(), "whitening": None}
+    record.pop("qe")
+    if whitening is not None:
+        save_whitening(whitening, folder / WHITEN_FILE)
+        record["whitening"] = whitening.describe()
+    record.update(file=SEARCH_FILE, dim=int(dim), sha256=file_sha256(folder / SEARCH_FILE))
+    return record

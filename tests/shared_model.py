@@ -15,17 +15,19 @@ import pytest
 
 from snaplook import features
 
-_MODELS: dict[tuple[str, int, str], Any] = {}
+_MODELS: dict[tuple[str, int, str, Any], Any] = {}
 _REAL_BUILD_MODEL = features.build_model
 
 
-def build_model_shared(backbone: str, weights: features.WeightsSpec, *, pooling: str = "avg"):
+def build_model_shared(
+    backbone: str, weights: features.WeightsSpec, *, pooling: str = "avg", **gem: Any
+):
     """``features.build_model``, but random-weight models are built once and reused."""
     if weights.kind != "random":
-        return _REAL_BUILD_MODEL(backbone, weights, pooling=pooling)
-    key = (backbone, weights.seed, pooling)
+        return _REAL_BUILD_MODEL(backbone, weights, pooling=pooling, **gem)
+    key = (backbone, weights.seed, pooling, gem.get("gem_p"))
     if key not in _MODELS:
-        _MODELS[key] = _REAL_BUILD_MODEL(backbone, weights, pooling=pooling)
+        _MODELS[key] = _REAL_BUILD_MODEL(backbone, weights, pooling=pooling, **gem)
     return _MODELS[key]
 
 
