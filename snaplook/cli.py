@@ -1347,6 +1347,16 @@ PoolingsOpt = Annotated[
         help="avg, max and/or gem (GeM, p=3); repeat to compare (default: avg).",
     ),
 ]
+TtasOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tta",
+        callback=_each_in(_opt.TTAS),
+        metavar="none|flip[,...]",
+        help="Test-time augmentation: none, flip (image and mirror image averaged); repeat "
+        "to compare (default: none).",
+    ),
+]
 NormsOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -1421,6 +1431,7 @@ def evaluate_cmd(
     backbone: EvalBackbonesOpt = None,
     weights: WeightsOpt = _opt.DEFAULT_WEIGHTS,
     pooling: PoolingsOpt = None,
+    tta: TtasOpt = None,
     norm: NormsOpt = None,
     whiten: WhitenOpt = None,
     qe: QeOpt = None,
@@ -1457,6 +1468,7 @@ def evaluate_cmd(
             backbones=_split_values(backbone),
             weights=weights,
             poolings=_split_values(pooling),
+            ttas=_split_values(tta),
             normalizations=_split_values(norm),
             postprocessings=posts,
             ks=ks,

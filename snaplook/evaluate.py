@@ -48,8 +48,10 @@ from snaplook.options import (
     DEFAULT_RUNTIME,
     DEFAULT_SEED,
     DEFAULT_TIES,
+    DEFAULT_TTA,
     DEFAULT_WEIGHTS,
     POOLINGS,
+    TTAS,
 )
 from snaplook.postprocess import (
     Postprocessing,
@@ -145,8 +147,9 @@ class Comparison:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _setting_name(backbone: str, pooling: str, normalization: str) -> str:
-    return f"{backbone}-{pooling}-{normalization}"
+def _setting_name(backbone: str, pooling: str, normalization: str, tta: str = "none") -> str:
+    name = f"{backbone}-{pooling}-{normalization}"
+    return name if tta == "none" else f"{name}+{tta}"
 
 
 def evaluate(
@@ -353,6 +356,7 @@ def _make_embedder(
     seed: int,
     runtime: str,
     precision: str,
+    tta: str = DEFAULT_TTA,
 ) -> Any:
     return Embedder(
         backbone or DEFAULT_BACKBONE,
@@ -361,13 +365,16 @@ def _make_embedder(
         seed=seed,
         runtime=runtime,
         precision=precision,
+        tta=tta,
     )
 
 
 def _identity_and_name(embedder: Any, normalization: str, head: Any) -> tuple[dict, str]:
     """The features' identity (with the head's, if any) and the setting's name."""
     identity = embedder.identity()
-    name = _setting_name(identity["backbone"], identity["pooling"], normalization)
+    name = _setting_name(
+        identity["backbone"], identity["pooling"], normalization, identity.get("tta", "none")
+    )
     if head is not None:
         # The cache holds backbone features; the head is applied after it, so raw and
         # head settings share one embedding.
@@ -574,6 +581,7 @@ def _report_config(
         "preprocessing": identity.get("preprocessing"),
         "resize": identity.get("resize"),
         "pooling": identity["pooling"],
+        "tta": identity.get("tta", "none"),
         "feature_dim": identity.get("feature_dim"),
         "head": identity.get("head"),
         "runtime": embedder_runtime(embedder),
@@ -968,6 +976,7 @@ def evaluate_settings(
     poolings: Sequence[str] = (),
     normalizations: Sequence[str] = (),
     postprocessings: Sequence[Postprocessing] = (),
+    ttas: Sequence[str] = (),
     weights: str | Path | None = None,
     partition: str | Path | None = None,
     bbox: str | Path | None = None,
@@ -979,7 +988,8 @@ def evaluate_settings(
     on_setting: Callable[[str, int, int], None] | None = None,
     **kwargs: Any,
 ) -> Comparison:
-    """Evaluate every combination of backbones x poolings x normalisations on one split.
+    """Evaluate every combination of backbones x poolings x TTAs x normalisations x
+    post-processings on one split.
 
     With one combination this is :func:`evaluate` writing into ``out``. With several,
     each report goes to ``out/<backbone>-<pooling>-<normalization>/`` and ``out`` gets
@@ -993,6 +1003,7 @@ def evaluate_settings(
         poolings: default=("avg",).
         normalizations: default=("l2",).
         postprocessings: post-processing settings compared (see :func:`evaluate`).
+        ttas: test-time augmentations compared, "none" and/or "flip"; default=("none",).
         weights: "imagenet", "random" or a weights file (a file fits one backbone only).
         partition, bbox, crop, strict, subset: see :func:`evaluate`.
         out: output folder; default ``output/eval/<root name>-<protocol>``.
@@ -1021,7 +1032,16 @@ def evaluate_settings(
     out = Path(out) if out is not None else DEFAULT_EVAL_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
     posts = list(dict.fromkeys(postprocessings or [Postprocessing()]))
-    combos = list(itertools.product(backbones, poolings, normalizations, heads, posts))
+    ttas = list(dict.fromkeys(ttas or [DEFAULT_TTA]))
+    for tta in ttas:
+        if tta not in TTAS:
+            raise SnaplookError(f"unknown --tta {tta!r}; choose one of: {', '.join(TTAS)}.")
+    combos = [
+        (b, p, nz, h, post, tta)
+        for b, p, tta, nz, h, post in itertools.product(
+            backbones, poolings, ttas, normalizations, heads, posts
+        )
+    ]
     reports = [
         _evaluate_setting(
             root,
@@ -1062,7 +1082,7 @@ def _setting_lists(
 def _evaluate_setting(
     root: Path,
     split: Split,
-    combo: tuple[str, str, str, Any, Postprocessing],
+    combo: tuple[str, str, str, Any, Postprocessing, str],
     index: int,
     total: int,
     *,
@@ -1071,10 +1091,10 @@ def _evaluate_setting(
     on_setting: Callable[[str, int, int], None] | None,
     evaluate_kwargs: dict[str, Any],
 ) -> Report:
-    """Evaluate one (backbone, pooling, normalisation, head, post-processing) of
+    """Evaluate one (backbone, pooling, normalisation, head, post-processing, TTA) of
     :func:`evaluate_settings`."""
-    backbone, pooling, normalization, head, post = combo
-    name = _setting_name(backbone, pooling, normalization)
+    backbone, pooling, normalization, head, post, tta = combo
+    name = _setting_name(backbone, pooling, normalization, tta)
     name += f"+{head.name}" if head is not None else ""
     name += f"+{post.name()}" if post.active else ""
     if on_setting is not None:
@@ -1086,6 +1106,7 @@ def _evaluate_setting(
         evaluate_kwargs.get("seed", DEFAULT_SEED),
         evaluate_kwargs.get("runtime", DEFAULT_RUNTIME),
         evaluate_kwargs.get("precision", DEFAULT_PRECISION),
+        tta,
     )
     return evaluate(
         root,
@@ -1137,6 +1158,7 @@ def compare_reports(reports: Sequence[Report]) -> dict[str, Any]:
                 "backbone": r.config["backbone"],
                 "weights": r.config["weights"],
                 "pooling": r.config["pooling"],
+                "tta": r.config.get("tta", "none"),
                 "normalization": r.config["normalization"],
                 "recall_at_k": {str(k): v for k, v in r.metrics["recall_at_k"].items()},
                 "map": r.metrics["map"],

@@ -168,3 +168,30 @@ def test_evaluate_cli_bad_postprocessing_value_exits_1(folders_root, tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert "--dba: 'two' is not a number of neighbours" in result.output
+
+
+def test_evaluate_compares_tta_in_one_table(folders_root, tmp_path, monkeypatch):
+    from shared_model import build_model_shared
+
+    from snaplook import features
+
+    monkeypatch.setattr(features, "build_model", build_model_shared)
+    comparison = ev.evaluate_settings(
+        folders_root,
+        protocol="folders",
+        backbones=["mobilenet_v2"],
+        ttas=["none", "flip"],
+        weights="random",
+        out=tmp_path / "eval",
+        cache_dir=tmp_path / "cache",
+        ks=(1,),
+        n_examples=0,
+    )
+    table = json.loads(comparison.files["compare_json"].read_text())
+    settings = [(row["setting"], row["tta"]) for row in table["settings"]]
+    assert settings == [("mobilenet_v2-avg-l2", "none"), ("mobilenet_v2-avg-l2+flip", "flip")]
+    # The flip row ranks flip features: the cache holds one embedding per TTA.
+    plain, flip = (r.config["feature_cache"]["images_embedded"] for r in comparison.reports)
+    assert plain == flip == 36
+    with pytest.raises(SnaplookError, match="unknown --tta 'blur'"):
+        ev.evaluate_settings(folders_root, protocol="folders", ttas=["blur"], weights="random")
