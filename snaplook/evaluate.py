@@ -1016,10 +1016,13 @@ def evaluate_settings(
     Returns:
         :class:`Comparison`.
     """
+    # Long on purpose: over 80 lines only through its signature and documented arguments.
     import itertools
 
     root = Path(root)
-    backbones, poolings, normalizations = _setting_lists(backbones, poolings, normalizations)
+    backbones, poolings, normalizations, ttas = _setting_lists(
+        backbones, poolings, normalizations, ttas
+    )
     split = load_split(
         root,
         protocol=protocol,
@@ -1032,16 +1035,7 @@ def evaluate_settings(
     out = Path(out) if out is not None else DEFAULT_EVAL_ROOT / f"{root.name}-{split.protocol}"
     heads = [None, head] if head is not None else [None]
     posts = list(dict.fromkeys(postprocessings or [Postprocessing()]))
-    ttas = list(dict.fromkeys(ttas or [DEFAULT_TTA]))
-    for tta in ttas:
-        if tta not in TTAS:
-            raise SnaplookError(f"unknown --tta {tta!r}; choose one of: {', '.join(TTAS)}.")
-    combos = [
-        (b, p, nz, h, post, tta)
-        for b, p, tta, nz, h, post in itertools.product(
-            backbones, poolings, ttas, normalizations, heads, posts
-        )
-    ]
+    combos = list(itertools.product(backbones, poolings, normalizations, heads, posts, ttas))
     reports = [
         _evaluate_setting(
             root,
@@ -1063,9 +1057,16 @@ def evaluate_settings(
 
 
 def _setting_lists(
-    backbones: Sequence[str], poolings: Sequence[str], normalizations: Sequence[str]
-) -> tuple[list[str], list[str], list[str]]:
+    backbones: Sequence[str],
+    poolings: Sequence[str],
+    normalizations: Sequence[str],
+    ttas: Sequence[str],
+) -> tuple[list[str], list[str], list[str], list[str]]:
     """Distinct settings in order (defaults for empty lists); raise on an unknown one."""
+    ttas = list(dict.fromkeys(ttas or [DEFAULT_TTA]))
+    for tta in ttas:
+        if tta not in TTAS:
+            raise SnaplookError(f"unknown --tta {tta!r}; choose one of: {', '.join(TTAS)}.")
     backbones = list(dict.fromkeys(backbones or [DEFAULT_BACKBONE]))
     poolings = list(dict.fromkeys(poolings or [DEFAULT_POOLING]))
     normalizations = list(dict.fromkeys(normalizations or [DEFAULT_NORMALIZATION]))
@@ -1076,7 +1077,7 @@ def _setting_lists(
             raise SnaplookError(f"unknown pooling {p!r}; choose one of: {', '.join(POOLINGS)}.")
     for nz in normalizations:
         check_normalization(nz)
-    return backbones, poolings, normalizations
+    return backbones, poolings, normalizations, ttas
 
 
 def _evaluate_setting(
