@@ -31,8 +31,8 @@ from snaplook.options import (
     DEFAULT_GEM_P,
     DEFAULT_INDEX_DIR,
     DEFAULT_K,
-    DEFAULT_POOLING,
     DEFAULT_SEED,
+    LEGACY_POOLING,
 )
 
 if TYPE_CHECKING:
@@ -344,7 +344,7 @@ def recorded_settings(meta: dict[str, Any]) -> dict[str, Any]:
     return dict(
         backbone=meta.get("backbone", DEFAULT_BACKBONE),
         weights=weights,
-        pooling=meta.get("pooling", DEFAULT_POOLING),
+        pooling=meta.get("pooling", LEGACY_POOLING),  # before pooling was recorded: avg
         gem_p=float(meta.get("gem_p", DEFAULT_GEM_P)),
         tta=meta.get("tta", "none"),  # indexes from before issue 24 had no TTA
         seed=int(weights_meta.get("seed", DEFAULT_SEED)),

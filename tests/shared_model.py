@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 from snaplook import features
+from snaplook.options import DEFAULT_POOLING
 
 _MODELS: dict[tuple[str, int, str, Any], Any] = {}
 _REAL_BUILD_MODEL = features.build_model
 
 
 def build_model_shared(
-    backbone: str, weights: features.WeightsSpec, *, pooling: str = "avg", **gem: Any
+    backbone: str, weights: features.WeightsSpec, *, pooling: str = DEFAULT_POOLING, **gem: Any
 ):
     """``features.build_model``, but random-weight models are built once and reused."""
     if weights.kind != "random":
@@ -31,9 +32,11 @@ def build_model_shared(
     return _MODELS[key]
 
 
-def build_model_fresh(backbone: str, weights: features.WeightsSpec, *, pooling: str = "avg"):
+def build_model_fresh(
+    backbone: str, weights: features.WeightsSpec, *, pooling: str = DEFAULT_POOLING, **gem: Any
+):
     """The real ``features.build_model`` (a new network every call)."""
-    return _REAL_BUILD_MODEL(backbone, weights, pooling=pooling)
+    return _REAL_BUILD_MODEL(backbone, weights, pooling=pooling, **gem)
 
 
 @pytest.fixture

@@ -151,7 +151,8 @@ def test_evaluate_cli_compares_postprocessing_settings(folders_root, tmp_path, m
     monkeypatch.setenv("SNAPLOOK_RUNTIME", "keras")
     out = tmp_path / "cmp"
     args = ["evaluate", str(folders_root), "--protocol", "folders", "--backbone", "mobilenet_v2"]
-    args += ["--weights", "random", "--whiten", "none,pca", "--qe", "1", "--k", "1,5"]
+    args += ["--weights", "random", "--pooling", "avg"]  # random MobileNetV2: GeM is constant
+    args += ["--whiten", "none,pca", "--qe", "1", "--k", "1,5"]
     args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--examples", "0"]
 
     result = CliRunner().invoke(app, args)
@@ -180,6 +181,7 @@ def test_evaluate_compares_tta_in_one_table(folders_root, tmp_path, monkeypatch)
         folders_root,
         protocol="folders",
         backbones=["mobilenet_v2"],
+        poolings=["avg"],  # a random MobileNetV2's GeM features are constant
         ttas=["none", "flip"],
         weights="random",
         out=tmp_path / "eval",

@@ -169,7 +169,7 @@ def test_index_pooling_gem_recorded_and_update_refuses_another(model_patch, gall
     with pytest.raises(SnaplookError, match="gem_p=4.0, not 3.0"):
         index_gallery(gallery, out, update=True, gem_p=3.0)
     with pytest.raises(SnaplookError, match="--gem-p sets GeM's exponent"):
-        index_gallery(gallery, tmp_path / "avg", weights="random", gem_p=2.0)
+        index_gallery(gallery, tmp_path / "avg", weights="random", pooling="avg", gem_p=2.0)
 
 
 def test_cli_index_whiten_dba_then_query_qe(model_patch, gallery, tmp_path):

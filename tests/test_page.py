@@ -24,7 +24,8 @@ from snaplook.cli import app
 from snaplook.io_utils import read_csv
 
 runner = CliRunner()
-MODEL = ["--backbone", "mobilenet_v2", "--weights", "random", "-q"]
+# avg: a random MobileNetV2's activations fall under GeM's clamp (constant features).
+MODEL = ["--backbone", "mobilenet_v2", "--weights", "random", "--pooling", "avg", "-q"]
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

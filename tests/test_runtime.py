@@ -157,12 +157,13 @@ def test_bf16_features_close_to_fp32_when_simulated_support(
 ):
     # Where the CPU really lacks bf16, OpenVINO emulates it: still close, only slower.
     monkeypatch.setenv(runtime.CPU_FLAGS_ENV, WITH_BF16)
-    exact, _ = embed_images(photos, Embedder(BACKBONE, weights="random"))
-    half = Embedder(BACKBONE, weights="random", precision="bf16")
+    # Average pooling: a random MobileNetV2's GeM features are constant (see below).
+    exact, _ = embed_images(photos, Embedder(BACKBONE, weights="random", pooling="avg"))
+    half = Embedder(BACKBONE, weights="random", precision="bf16", pooling="avg")
     approx, _ = embed_images(photos, half)
 
     assert half.identity()["precision"] == "bf16"
-    assert half.ir_path() == Embedder(BACKBONE, weights="random").ir_path()  # one fp32 IR
+    assert half.ir_path() == Embedder(BACKBONE, weights="random", pooling="avg").ir_path()
     err = _max_relative_diff(approx, exact)
     assert 0 < err.max() < 0.05  # bf16 really ran (not exact), and stayed close
 
@@ -383,19 +384,24 @@ def test_gem_embedder_openvino_matches_keras_and_records_p(
     # The real build_model (the module's stand-in knows no gem_p), and a cache of its own.
     monkeypatch.setattr(features, "build_model", shared_model._REAL_BUILD_MODEL)
     monkeypatch.setenv(features.CACHE_DIR_ENV, str(tmp_path))
-    keras_gem = Embedder(BACKBONE, weights="random", pooling="gem", runtime="keras")
-    ov_gem = Embedder(BACKBONE, weights="random", pooling="gem", runtime="openvino")
+    # ResNet50: a random MobileNetV2's activations (~1e-11) all fall under GeM's clamp, so
+    # its GeM features are constant and would compare nothing.
+    backbone = "resnet50"
+    keras_gem = Embedder(backbone, weights="random", pooling="gem", runtime="keras")
+    ov_gem = Embedder(backbone, weights="random", pooling="gem", runtime="openvino")
 
     reference, _ = embed_images(photos, keras_gem)
     fast, _ = embed_images(photos, ov_gem)
-    avg, _ = embed_images(photos[:1], Embedder(BACKBONE, weights="random", runtime="keras"))
+    keras_avg = Embedder(backbone, weights="random", pooling="avg", runtime="keras")
+    avg, _ = embed_images(photos[:1], keras_avg)
 
-    assert fast.shape == (3, 1280)
+    assert fast.shape == (3, 2048)
+    assert _max_relative_diff(fast[:1], fast[1:2]).max() > 1e-2  # not constant features
     assert _max_relative_diff(fast, reference).max() <= 1e-4
     assert _max_relative_diff(fast[:1], avg).max() > 1e-2  # GeM is not average pooling
     assert ov_gem.identity()["pooling"] == "gem" and ov_gem.identity()["gem_p"] == 3.0
-    assert "gem_p" not in Embedder(weights="random").identity()
-    assert f"{BACKBONE}-random0-" in ov_gem.ir_path().name
+    assert "gem_p" not in Embedder(weights="random", pooling="avg").identity()
+    assert f"{backbone}-random0-" in ov_gem.ir_path().name
     assert "-224-gem3-" in ov_gem.ir_path().name
     with pytest.raises(SnaplookError, match="--gem-p must be a positive number"):
         Embedder(weights="random", pooling="gem", gem_p=0)
