@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     slopes: dict[str, list[float]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, settings in SETTINGS.items():  # warm-up: convert and cache every model
+        for settings in SETTINGS.values():  # warm-up: convert and cache every model
             index_seconds(photos[: args.small], work, args.backbone, settings)
         for r in range(args.rounds):
             for name, settings in SETTINGS.items():
