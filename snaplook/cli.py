@@ -23,7 +23,6 @@ from snaplook import __version__
 from snaplook import ann as _ann
 from snaplook import artists as _artists
 from snaplook import catalog as _catalog
-from snaplook import detect_eval as _detect_eval
 from snaplook import detection as _detection
 from snaplook import evaluate as _evaluate
 from snaplook import features as _features
@@ -1589,8 +1588,11 @@ def evaluate_detector_cmd(
 
     Writes report.json and report.md (found / labelled people per photo).
     """
+    # Imported here: only this command needs it (its dataclasses cost --help ~10 ms).
+    from snaplook.detect_eval import evaluate_detectors
+
     with _progress("Detecting", quiet=quiet) as (on_start, on_progress):
-        result = _detect_eval.evaluate_detectors(
+        result = evaluate_detectors(
             root,
             boxes=boxes,
             detectors=_split_values(detector) or [_opt.DEFAULT_DETECTOR],
@@ -1603,7 +1605,8 @@ def evaluate_detector_cmd(
 
 
 def _print_detector_scores(result: Any, *, quiet: bool = False) -> None:
-    fmt = _detect_eval.format_score
+    from snaplook.detect_eval import format_score as fmt
+
     first = result.results[0].score
     rows = [
         [r.title, fmt(r.score.ap50), fmt(r.score.recall), fmt(r.score.recall_tall),
