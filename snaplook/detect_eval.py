@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +180,8 @@ def _read_csv(path: Path) -> dict[str, list[LabelBox]]:
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="").read()
         except UnicodeDecodeError as exc:
             raise SnaplookError(f"{name}: not UTF-8 text ({exc}); save it as UTF-8 CSV.") from exc
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip().lower() for h in next(reader, [])]
+    rows = _csv_rows(text, name)
+    header = [h.strip().lower() for h in next(rows, (1, []))[1]]
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
         raise SnaplookError(
@@ -189,23 +189,35 @@ def _read_csv(path: Path) -> dict[str, list[LabelBox]]:
             f"image,x,y,w,h (then optional ignore, note), or use COCO JSON (a .json file)."
         )
     labels: dict[str, list[LabelBox]] = {}
-    try:
-        for row in reader:
-            where = f"{name} line {reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise SnaplookError(
-                    f"{where}: {len(row)} fields where the header has {len(header)}; "
-                    "quote cells that hold commas."
-                )
-            image, label = _csv_label(dict(zip(header, row)), where)
-            people = labels.setdefault(image, [])
-            if label is not None:
-                people.append(label)
-    except csv.Error as exc:
-        raise SnaplookError(f"{name} line {reader.line_num}: {exc}; fix the quoting.") from exc
+    for line, row in rows:
+        where = f"{name} line {line}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise SnaplookError(
+                f"{where}: {len(row)} fields where the header has {len(header)}; "
+                "quote cells that hold commas."
+            )
+        image, label = _csv_label(dict(zip(header, row)), where)
+        people = labels.setdefault(image, [])
+        if label is not None:
+            people.append(label)
     return labels
+
+
+def _csv_rows(text: str, name: str) -> Iterator[tuple[int, list[str]]]:
+    """(line the row starts on, its cells); bad quoting is an error naming that line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise SnaplookError(f"{name} line {start}: {exc}; fix the quoting.") from exc
+        yield start, row
+        start = reader.line_num + 1
 
 
 def _csv_label(row: dict[str, str], where: str) -> tuple[str, LabelBox | None]:
