@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_image
+from test_detection import nanodet_xml  # noqa: F401  (a fixture, for nanodet_cache)
 from typer.testing import CliRunner
 
 from snaplook import detect_eval, models
@@ -29,7 +29,6 @@ from snaplook.detect_eval import (
 from snaplook.errors import SnaplookError
 
 LABELS = Path(__file__).parent / "data" / "people_all_boxes.csv"
-REQUIRE_MODELS = os.environ.get("SNAPLOOK_REQUIRE_MODELS") == "1"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -426,21 +425,12 @@ def test_cli_evaluate_detector_unknown_detector_is_a_usage_error(tmp_path):
 
 
 @pytest.fixture
-def nanodet_cache(monkeypatch) -> Path:
-    """The models cache holding NanoDet, as SNAPLOOK_CACHE_DIR (skips when not fetched)."""
-    xml = models.model_path("nanodet") or models.model_path(
-        "nanodet", cache_dir=Path.home() / ".cache" / "snaplook" / "models"
-    )
-    if xml is None:
-        message = (
-            "NanoDet is not fetched (run `snaplook models fetch nanodet`; cache "
-            f"{models.default_cache_dir()})"
-        )
-        if REQUIRE_MODELS:
-            pytest.fail(message + "; SNAPLOOK_REQUIRE_MODELS=1 requires it")
-        pytest.skip(message)
-    monkeypatch.setenv(models.CACHE_ENV, str(xml.parents[2]))
-    return xml.parents[2]
+def nanodet_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """SNAPLOOK_CACHE_DIR pointed at the cache holding NanoDet (so ``auto`` finds it); skips
+    (fails with SNAPLOOK_REQUIRE_MODELS=1) when it is not fetched, as test_detection does."""
+    cache = request.getfixturevalue("nanodet_xml").parents[2]
+    monkeypatch.setenv(models.CACHE_ENV, str(cache))
+    return cache
 
 
 def test_cli_evaluate_detector_nanodet_meets_the_issue_bar(nanodet_cache, people_dir, tmp_path):
