@@ -2,7 +2,9 @@
 
 Every person in ../shared/testdata/people is labelled in tests/data/people_all_boxes.csv
 (``ignore`` 1: occluded people and crowds too small to box one by one; a detection there is
-neither found nor false). Per detector: AP@0.5 (pycocotools' COCOeval), recall at IoU >= 0.5
+neither found nor false). Per detector, scored by ``snaplook.detect_eval`` (what ``snaplook
+evaluate-detector`` reports on a user's own labelled photos): AP@0.5 (pycocotools'
+COCOeval), recall at IoU >= 0.5
 of all people and of people taller than 100 px, false boxes per image (matching no person
 and no ignored region), found/labelled per photo, and milliseconds per photo (best of
 ``--rounds``). Detectors: NanoDet two-pass (the default), each of its passes alone, SSDLite,
@@ -21,10 +23,7 @@ photos, so the sweep shows how far each chosen value is from where results chang
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -32,8 +31,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from snaplook.detect_eval import LabelBox
 
 REPO = Path(__file__).resolve().parents[1]
 PEOPLE = REPO.parent / "shared" / "testdata" / "people"
@@ -44,80 +47,11 @@ TALL = 100  # px: the issue's "people taller than 100 px"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def load_labels(path: Path = LABELS) -> dict[str, list[dict]]:
-    labels: dict[str, list[dict]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            box = tuple(float(row[c]) for c in "xywh")
-            person = {"box": box, "ignore": row["ignore"] == "1", "note": row["note"]}
-            labels.setdefault(row["image"], []).append(person)
-    return labels
+def load_labels(path: Path = LABELS) -> dict[str, list[LabelBox]]:
+    """The labelled people per photo (snaplook.detect_eval.read_boxes)."""
+    from snaplook.detect_eval import read_boxes
 
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _inside(det, region) -> float:
-    """Fraction of ``det`` inside ``region`` (COCO's rule for crowd / ignored regions)."""
-    ix = max(0.0, min(det[0] + det[2], region[0] + region[2]) - max(det[0], region[0]))
-    iy = max(0.0, min(det[1] + det[3], region[1] + region[3]) - max(det[1], region[1]))
-    return ix * iy / max(det[2] * det[3], 1e-9)
-
-
-def match(dets: list[tuple], people: list[dict]) -> tuple[set[int], int]:
-    """Greedy matching, strongest first: (indices of found people, number of false boxes)."""
-    found: set[int] = set()
-    false = 0
-    for box, _ in sorted(dets, key=lambda d: -d[1]):
-        best, best_iou = None, 0.5
-        for i, person in enumerate(people):
-            if i in found or person["ignore"]:
-                continue
-            value = _iou(box, person["box"])
-            if value >= best_iou:
-                best, best_iou = i, value
-        if best is not None:
-            found.add(best)
-        elif not any(p["ignore"] and _inside(box, p["box"]) >= 0.5 for p in people):
-            false += 1
-    return found, false
-
-
-def coco_ap50(labels: dict[str, list[dict]], detections: dict[str, list[tuple]]) -> float:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    images = [{"id": i, "file_name": name} for i, name in enumerate(labels, start=1)]
-    ids = {img["file_name"]: img["id"] for img in images}
-    annotations, results = [], []
-    for name, people in labels.items():
-        for person in people:
-            x, y, w, h = person["box"]
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": ids[name], "category_id": 1,
-                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(person["ignore"])}
-            )  # fmt: skip
-        for box, score in detections.get(name, []):
-            results.append(
-                {"image_id": ids[name], "category_id": 1, "bbox": list(box), "score": score}
-            )
-    if not results:
-        return 0.0
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": 1, "name": "person"}]}  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return float(evaluation.stats[1])  # AP at IoU 0.5, all areas, 100 detections
+    return read_boxes(path)
 
 
 def detectors(thresholds: dict[str, float]) -> dict[str, Callable]:
@@ -168,28 +102,24 @@ def detectors(thresholds: dict[str, float]) -> dict[str, Callable]:
     return out
 
 
-def score(detections: dict[str, list[tuple]], labels: dict[str, list[dict]]) -> dict:
-    """AP@0.5, recall (all, taller than TALL), false boxes per image, found/labelled per photo."""
+def score(detections: dict[str, list[tuple]], labels: dict[str, list[LabelBox]]) -> dict:
+    """AP@0.5, recall (all, taller than TALL), false boxes per image, found/labelled per photo,
+    scored by snaplook.detect_eval (what `snaplook evaluate-detector` reports)."""
+    from snaplook.detect_eval import score_detections
+
+    result = score_detections(detections, labels, tall_px=TALL)
     per_photo, missed = {}, {}
-    n_all = n_tall = found_all = found_tall = false = 0
-    for photo, people in labels.items():
-        found, n_false = match(detections.get(photo, []), people)
-        counted = [i for i, p in enumerate(people) if not p["ignore"]]
-        tall = [i for i in counted if people[i]["box"][3] > TALL]
-        n_all, n_tall = n_all + len(counted), n_tall + len(tall)
-        found_all += len(found)
-        found_tall += len(found & set(tall))
-        false += n_false
-        per_photo[photo] = f"{len(found)}/{len(counted)}, {n_false} false"
-        missed[photo] = [f"{people[i]['note']} ({people[i]['box'][3]:g} px)"
-                         for i in counted if i not in found]  # fmt: skip
+    for p in result.per_image:
+        per_photo[p.image] = f"{p.found}/{p.labelled}, {p.false_boxes} false"
+        people = labels[p.image]
+        missed[p.image] = [f"{people[i].note} ({people[i].box[3]:g} px)" for i in p.missed]
     return {
-        "ap50": coco_ap50(labels, detections),
-        "recall": found_all / max(n_all, 1),
-        "recall_tall": found_tall / max(n_tall, 1),
-        "false_per_image": false / max(len(labels), 1),
-        "people": n_all,
-        "tall_people": n_tall,
+        "ap50": result.ap50 or 0.0,
+        "recall": result.recall or 0.0,
+        "recall_tall": result.recall_tall or 0.0,
+        "false_per_image": result.false_per_image or 0.0,
+        "people": result.people,
+        "tall_people": result.tall_people,
         "per_photo": per_photo,
         "missed": missed,
     }

@@ -1532,6 +1532,97 @@ def _evaluation_notes(report: Any) -> str:
     return "; ".join(notes) + "."
 
 
+# --- evaluate-detector (issue 23) ---
+
+
+def _check_detectors(values: list[str] | None) -> list[str] | None:
+    """Callback of ``--detector a,b``: each value a detector name or an existing .onnx."""
+    for value in _split_values(values):
+        _check_detector(value)
+    return values
+
+
+DetectorsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--detector",
+        callback=_check_detectors,
+        metavar="NAME[,NAME...]",
+        help="Detector(s) to score, as `crop --detector` runs them: auto, nanodet, ssdlite, "
+        "hog or a YOLO-style .onnx file; repeat or comma-separate to compare (default: auto).",
+    ),
+]
+
+
+@app.command("evaluate-detector")
+def evaluate_detector_cmd(
+    root: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            help="Folder of the labelled photos (unlabelled ones are left out).",
+        ),
+    ],
+    boxes: Annotated[
+        Path,
+        typer.Option(
+            "--boxes",
+            exists=True,
+            dir_okay=False,
+            help="Labelled people: COCO JSON (category person; iscrowd: ignored region) or a "
+            "CSV image,x,y,w,h[,ignore,note] (image relative to ROOT, box in pixels).",
+        ),
+    ],
+    detector: DetectorsOpt = None,
+    tall_px: Annotated[
+        int, typer.Option("--tall-px", min=1, help="Recall of people taller than this (px).")
+    ] = _opt.DEFAULT_TALL_PX,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report folder (default: output/eval/<root>-detection)."),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score person detectors on your labelled photos: AP@0.5, recall, false boxes per image.
+
+    Writes report.json and report.md (found / labelled people per photo).
+    """
+    # Imported here: only this command needs it (its dataclasses cost --help ~10 ms).
+    from snaplook.detect_eval import evaluate_detectors
+
+    with _progress("Detecting", quiet=quiet) as (on_start, on_progress):
+        result = evaluate_detectors(
+            root,
+            boxes=boxes,
+            detectors=_split_values(detector) or [_opt.DEFAULT_DETECTOR],
+            tall_px=tall_px,
+            out=out,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
+    _print_detector_scores(result, quiet=quiet)
+
+
+def _print_detector_scores(result: Any, *, quiet: bool = False) -> None:
+    from snaplook.detect_eval import format_score as fmt
+
+    first = result.results[0].score
+    rows = [
+        [r.title, fmt(r.score.ap50), fmt(r.score.recall), fmt(r.score.recall_tall),
+         fmt(r.score.false_per_image, 2), fmt(r.ms_per_image, 0)]
+        for r in result.results
+    ]  # fmt: skip
+    tall = f"recall >{first.tall_px:g}px"
+    headers = ["detector", "AP@0.5", "recall", tall, "false/img", "ms/img"]
+    title = (
+        f"Person detection ({first.images} images, {first.people} people, "
+        f"{first.tall_people} taller than {first.tall_px:g} px; IoU >= 0.5)"
+    )
+    _print_table(title, headers, rows, right=[False] + [True] * 5, quiet=quiet)
+    typer.echo(f"Wrote report.md and report.json (found / labelled per image) in {result.out}.")
+
+
 # --- train (issue 8) ---
 
 TrainProtocolOpt = Annotated[

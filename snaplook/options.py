@@ -164,6 +164,9 @@ DEFAULT_NORMALIZATION = "l2"
 DEFAULT_EVAL_ROOT = Path("output/eval")
 #: Queries drawn in each of the worst and random grids.
 DEFAULT_N_EXAMPLES = 8
+#: ``evaluate-detector``: people taller than this (pixels) get a recall of their own (issue
+#: 23's "recall for people taller than 100 px": smaller people are hard for every detector).
+DEFAULT_TALL_PX = 100
 
 # --- train ---
 
