@@ -537,7 +537,8 @@ IndexPoolingOpt = Annotated[
     typer.Option(
         "--pooling",
         help="Global pooling of the backbone's feature maps: avg, max or gem (generalised "
-        "mean, Radenovic et al.)." + _AS_INDEXED.format(_opt.DEFAULT_POOLING),
+        "mean, Radenovic et al.)."
+        + _AS_INDEXED.format("the backbone's: gem for efficientnet_lite0, else avg"),
         show_default=False,
     ),
 ]
@@ -1344,7 +1345,8 @@ PoolingsOpt = Annotated[
         "--pooling",
         callback=_each_in(_opt.POOLINGS),
         metavar="avg|max|gem[,...]",
-        help="avg, max and/or gem (GeM, p=3); repeat to compare (default: avg).",
+        help="avg, max and/or gem (GeM, p=3); repeat to compare (default: the backbone's: "
+        "gem for efficientnet_lite0, else avg).",
     ),
 ]
 TtasOpt = Annotated[

@@ -42,7 +42,6 @@ from snaplook.options import (
     DEFAULT_KS,
     DEFAULT_N_EXAMPLES,
     DEFAULT_NORMALIZATION,
-    DEFAULT_POOLING,
     DEFAULT_PRECISION,
     DEFAULT_PROTOCOL,
     DEFAULT_RUNTIME,
@@ -361,7 +360,7 @@ def _make_embedder(
     return Embedder(
         backbone or DEFAULT_BACKBONE,
         weights=weights if weights is not None else DEFAULT_WEIGHTS,
-        pooling=pooling or DEFAULT_POOLING,
+        pooling=pooling,  # None: the backbone's own
         seed=seed,
         runtime=runtime,
         precision=precision,
@@ -1068,12 +1067,12 @@ def _setting_lists(
         if tta not in TTAS:
             raise SnaplookError(f"unknown --tta {tta!r}; choose one of: {', '.join(TTAS)}.")
     backbones = list(dict.fromkeys(backbones or [DEFAULT_BACKBONE]))
-    poolings = list(dict.fromkeys(poolings or [DEFAULT_POOLING]))
+    poolings = list(dict.fromkeys(poolings or [None]))  # None: each backbone's own
     normalizations = list(dict.fromkeys(normalizations or [DEFAULT_NORMALIZATION]))
     for b in backbones:
         get_backbone(b)
     for p in poolings:
-        if p not in POOLINGS:
+        if p is not None and p not in POOLINGS:
             raise SnaplookError(f"unknown pooling {p!r}; choose one of: {', '.join(POOLINGS)}.")
     for nz in normalizations:
         check_normalization(nz)
@@ -1095,6 +1094,7 @@ def _evaluate_setting(
     """Evaluate one (backbone, pooling, normalisation, head, post-processing, TTA) of
     :func:`evaluate_settings`."""
     backbone, pooling, normalization, head, post, tta = combo
+    pooling = pooling or get_backbone(backbone).pooling
     name = _setting_name(backbone, pooling, normalization, tta)
     name += f"+{head.name}" if head is not None else ""
     name += f"+{post.name()}" if post.active else ""

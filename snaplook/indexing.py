@@ -52,7 +52,6 @@ from snaplook.options import (
     DEFAULT_GEM_P,
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_INDEX_DIR,
-    DEFAULT_POOLING,
     DEFAULT_PRECISION,
     DEFAULT_RUNTIME,
     DEFAULT_SEED,
@@ -119,7 +118,7 @@ def build_index(
     *,
     backbone: str = DEFAULT_BACKBONE,
     weights: str | Path = DEFAULT_WEIGHTS,
-    pooling: str = DEFAULT_POOLING,
+    pooling: str | None = None,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
     update: bool = False,
@@ -154,7 +153,7 @@ def build_index(
         root: gallery folder (searched recursively) or one image.
         out: index folder to write, default="output/index".
         backbone, weights, pooling, seed: the :class:`~snaplook.features.Embedder` to use
-            (ignored when ``embedder`` is given).
+            (ignored when ``embedder`` is given); pooling None is the backbone's own.
         batch_size: images per forward pass, default=32.
         precision: "fp32", "bf16", "int8" or "auto" (ignored when ``embedder`` is given);
             recorded in ``meta.json``: queries and ``update`` must use the same. int8 is
@@ -1207,7 +1206,7 @@ def model_settings(out: str | Path, *, update: bool, **given: Any) -> dict[str, 
         weights=DEFAULT_WEIGHTS,
         seed=DEFAULT_SEED,
         precision=DEFAULT_PRECISION,
-        pooling=DEFAULT_POOLING,
+        pooling=None,  # the backbone's own (see Embedder)
         gem_p=DEFAULT_GEM_P,
         tta=DEFAULT_TTA,
     )
@@ -1297,12 +1296,12 @@ def index_gallery(
         gem_p=gem_p,
         tta=tta,
     )
-    if gem_p is not None and model["pooling"] != "gem":
+    embedder = Embedder(runtime=runtime, **model)
+    if gem_p is not None and embedder.pooling != "gem":
         raise SnaplookError(
-            f"--gem-p sets GeM's exponent, but the pooling is {model['pooling']}; pass "
+            f"--gem-p sets GeM's exponent, but the pooling is {embedder.pooling}; pass "
             "--pooling gem or leave --gem-p out."
         )
-    embedder = Embedder(runtime=runtime, **model)
     chosen: str | RayEngine = engine
     if engine == "ray":
         from snaplook.distributed import RayEngine

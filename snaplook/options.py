@@ -36,10 +36,11 @@ DEFAULT_BACKBONE = "resnet50"
 WEIGHTS_NAMES = ("imagenet", "random")
 DEFAULT_WEIGHTS = "imagenet"
 POOLINGS = ("avg", "max", "gem")
-#: GeM (p = 3) since issue 24: the best setting of benchmarks/bench_quality.py that keeps
-#: the speed (real photos, ImageNet weights; see the README). Indexes and feature caches
-#: that recorded no pooling were built with avg (:data:`LEGACY_POOLING`).
-DEFAULT_POOLING = "gem"
+#: The pooling of a backbone without a measured default of its own. A backbone may carry one
+#: (``features.Backbone.pooling``): GeM for efficientnet_lite0, measured best there by
+#: benchmarks/bench_quality.py (real photos, ImageNet weights; see the README).
+DEFAULT_POOLING = "avg"
+#: What indexes and feature caches that recorded no pooling were built with.
 LEGACY_POOLING = "avg"
 #: GeM's exponent (Radenovic et al. 2018): 1 is average pooling, large p tends to max.
 DEFAULT_GEM_P = 3.0

@@ -35,7 +35,6 @@ from snaplook.options import (
     DEFAULT_LOSS,
     DEFAULT_LR,
     DEFAULT_PATIENCE,
-    DEFAULT_POOLING,
     DEFAULT_SEED,
     DEFAULT_VAL_FRACTION,
     DEFAULT_WEIGHTS,
@@ -1141,7 +1140,7 @@ def train_head(
     embedder = Embedder(
         backbone or DEFAULT_BACKBONE,
         weights=weights if weights is not None else DEFAULT_WEIGHTS,
-        pooling=pooling or DEFAULT_POOLING,
+        pooling=pooling,  # None: the backbone's own
         seed=seed,
     )
     images = _training_images(

@@ -329,8 +329,8 @@ def cli_run(inshop_root, tmp_path_factory):
         "mobilenet_v2",
         "--weights",
         "random",
-        # avg: a random MobileNetV2's activations (~1e-11) fall under GeM's clamp, so its
-        # GeM features (the default pooling) are all equal and every rank would tie.
+        # avg, pinned: a random MobileNetV2's activations (~1e-11) fall under GeM's clamp,
+        # so its GeM features would all be equal and every rank would tie.
         "--pooling",
         "avg",
         "--out",

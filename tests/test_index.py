@@ -77,8 +77,7 @@ def test_build_index_writes_features_manifest_meta(gallery_index) -> None:
     assert meta["backbone"] == "resnet50"
     assert meta["weights"] == {"name": "random", "seed": 0}
     assert (meta["input_size"], meta["preprocessing"], meta["resize"]) == (224, "caffe", "pad")
-    assert (meta["pooling"], meta["feature_dim"], meta["count"]) == ("gem", 2048, 12)
-    assert meta["gem_p"] == 3.0  # the default since issue 24, recorded
+    assert (meta["pooling"], meta["feature_dim"], meta["count"]) == ("avg", 2048, 12)
     assert (meta["metric"], meta["l2_normalized"], meta["skipped"]) == ("cosine", True, 0)
     assert meta["root"] == str(root.resolve())
     assert read_csv(out / "skipped.csv") == []

@@ -205,3 +205,58 @@ def test_tta_flip_averages_the_image_and_its_mirror(model_patch, gallery, tmp_pa
     assert hits[0].path == paths[0] and hits[0].distance < 1e-5  # the query flips too
     with pytest.raises(SnaplookError, match="tta='flip', not 'none'"):
         index_gallery(gallery, out, update=True, tta="none")
+
+
+def test_default_pooling_is_the_backbones_measured_one():
+    # GeM where bench_quality measured it best (efficientnet_lite0), avg elsewhere.
+    assert features.Embedder("efficientnet_lite0").pooling == "gem"
+    assert features.Embedder("efficientnet_lite1").pooling == "avg"
+    assert features.Embedder("resnet50").pooling == "avg"
+    assert features.Embedder("efficientnet_lite0", pooling="avg").pooling == "avg"
+    # An index that recorded no pooling was built with avg, whatever the backbone.
+    from snaplook.index import recorded_settings
+
+    assert recorded_settings({"backbone": "efficientnet_lite0"})["pooling"] == "avg"
+
+
+def test_evaluate_uses_and_names_the_backbones_default_pooling(tmp_path):
+    from snaplook import evaluate as ev
+
+    root = tmp_path / "folders"
+    for label in range(2):
+        _write_images(root / f"label{label}", 2, first=10 * label)
+    comparison = ev.evaluate_settings(
+        root,
+        protocol="folders",
+        backbones=["efficientnet_lite0", "mobilenet_v2"],
+        weights="random",
+        out=tmp_path / "eval",
+        cache_dir=tmp_path / "cache",
+        ks=(1,),
+        n_examples=0,
+    )
+    assert [(r.config["setting"], r.config["pooling"]) for r in comparison.reports] == [
+        ("efficientnet_lite0-gem-l2", "gem"),
+        ("mobilenet_v2-avg-l2", "avg"),
+    ]
+    with pytest.raises(SnaplookError, match="unknown pooling 'sum'"):
+        ev.evaluate_settings(root, protocol="folders", poolings=["sum"], weights="random")
+
+
+def test_index_from_before_issue_24_loads_and_queries_unchanged(model_patch, gallery, tmp_path):
+    out = tmp_path / "index"
+    _build(gallery, out, pooling="avg")
+    query = [gallery / "img007.png"]
+    before = query_index(query, out, k=4, exact=True).results[0].hits
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert not {"gem_p", "tta", "postprocess"} & set(meta)  # avg, no TTA: nothing new recorded
+    del meta["pooling"]  # the oldest indexes recorded no pooling: avg
+    meta_path.write_text(json.dumps(meta))
+
+    index = load_index(out)
+    assert index.vectors is index.features and index.whitening_ is None
+    embedder = index.embedder()
+    assert (embedder.pooling, embedder.tta) == ("avg", "none")
+    after = query_index(query, index, k=4, exact=True).results[0].hits
+    assert [(h.row, h.distance) for h in after] == [(h.row, h.distance) for h in before]
