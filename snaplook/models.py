@@ -224,6 +224,28 @@ def compile_model(
         ) from exc
 
 
+class CompiledModel:
+    """A fetched model compiled on first use: subclasses name it (``model_name`` in the
+    cache, ``label`` in messages) and set ``model`` (an IR path or None) and ``threads``."""
+
+    model_name: str
+    label: str
+    model: str | Path | None = None
+    threads: int | None = None
+    compiled_: Any = None
+
+    def load(self) -> None:
+        """Compile the model now (it loads on first use otherwise).
+
+        Raises:
+            SnaplookError: the model is not fetched, or OpenVINO cannot read it.
+        """
+        if self.compiled_ is None:
+            self.compiled_ = compile_model(
+                self.model_name, self.model, label=self.label, threads=self.threads
+            )
+
+
 def list_models(*, cache_dir: str | Path | None = None) -> list[ModelStatus]:
     """Every known model and whether it is fetched."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -61,7 +61,7 @@ class Pose:
     mask_box: tuple[int, int, int, int]
 
 
-class PoseLandmarker:
+class PoseLandmarker(models.CompiledModel):
     """BlazePose GHUM full (33 landmarks and a segmentation mask) on a person box.
 
     Args:
@@ -69,21 +69,12 @@ class PoseLandmarker:
         threads: OpenVINO inference threads; None lets OpenVINO choose.
     """
 
+    model_name, label = "pose", "pose"
+
     def __init__(self, model: str | Path | None = None, *, threads: int | None = None) -> None:
         self.model = model
         self.threads = threads
         self.compiled_: Any = None
-
-    def load(self) -> None:
-        """Compile the model now (it loads on the first :meth:`estimate` otherwise).
-
-        Raises:
-            SnaplookError: the model is not fetched, or OpenVINO cannot read it.
-        """
-        if self.compiled_ is None:
-            self.compiled_ = models.compile_model(
-                "pose", self.model, label="pose", threads=self.threads
-            )
 
     def estimate(self, image: np.ndarray, box: Sequence[float]) -> Pose:
         """Landmarks of the person in ``box``.
