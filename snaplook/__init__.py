@@ -62,6 +62,10 @@ _EXPORTS = {
     "parse_where": "snaplook.catalog",
     "write_query_page": "snaplook.page",
     "write_look_page": "snaplook.page",
+    "index_gallery": "snaplook.indexing",
+    "fit_whitening": "snaplook.postprocess",
+    "Postprocessing": "snaplook.postprocess",
+    "evaluate_detectors": "snaplook.detect_eval",
 }
 
 __all__ = ["__version__", *_EXPORTS]
