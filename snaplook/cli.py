@@ -887,7 +887,7 @@ def query_cmd(
         typer.Option(
             "--qe", min=0, help="alpha-query expansion: add the K nearest gallery images first."
         ),
-    ] = 0,
+    ] = _opt.DEFAULT_QE,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the k nearest gallery images of each query; grids, results.csv/.json, index.html.

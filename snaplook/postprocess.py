@@ -389,6 +389,7 @@ def nearest_neighbours(
     k: int,
     *,
     exclude_self: bool = False,
+    first_row: int = 0,
     block_rows: int = NEIGHBOUR_BLOCK_ROWS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar gallery rows (dot product) of each query, exactly.
@@ -398,7 +399,9 @@ def nearest_neighbours(
     Args:
         queries: ndarray of shape (m, d); gallery: ndarray of shape (n, d).
         k: neighbours per query (at most n, or n - 1 with ``exclude_self``).
-        exclude_self: queries are the gallery (same rows): leave each row's own out.
+        exclude_self: queries are gallery rows (query i is row ``first_row + i``): leave
+            each one's own row out.
+        first_row: with ``exclude_self``, the gallery row of the first query.
         block_rows: queries per block of the similarity matrix.
 
     Returns:
@@ -417,7 +420,7 @@ def nearest_neighbours(
         block = q[start : start + block_rows] @ g.T
         if exclude_self:
             own = np.arange(start, start + len(block))
-            block[own - start, own] = -np.inf
+            block[own - start, first_row + own] = -np.inf
         order = np.argsort(-block, axis=1, kind="stable")[:, :k]
         rows[start : start + len(block)] = order
         sims[start : start + len(block)] = np.take_along_axis(block, order, axis=1)
@@ -509,17 +512,13 @@ def database_augmentation(
 
     g = np.atleast_2d(np.asarray(gallery, dtype=np.float32))
     out = np.empty(g.shape, dtype=np.float32) if out is None else out
-    k = min(k, len(g) - 1)
     for start in range(0, len(g), block_rows):
         block = np.asarray(g[start : start + block_rows])
         if k <= 0:
             out[start : start + len(block)] = block
             continue
-        sims = block @ g.T
-        sims[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        near = np.take_along_axis(sims, order, axis=1)
-        out[start : start + len(block)] = expand_vectors(block, g[order], near, alpha=alpha)
+        rows, sims = nearest_neighbours(block, g, k, exclude_self=True, first_row=start)
+        out[start : start + len(block)] = expand_vectors(block, g[rows], sims, alpha=alpha)
     return out
 
 

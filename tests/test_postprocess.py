@@ -182,6 +182,8 @@ def test_database_augmentation_equals_hand_computation_and_is_deterministic():
         np.testing.assert_allclose(out[row], by_hand / np.linalg.norm(by_hand), rtol=1e-6)
     np.testing.assert_array_equal(out, pp.database_augmentation(gallery.copy(), k=1))
     np.testing.assert_array_equal(pp.database_augmentation(gallery, k=0), gallery)
+    # In blocks (each block's own rows left out at their offset): the same rows.
+    np.testing.assert_allclose(pp.database_augmentation(gallery, k=1, block_rows=3), out)
 
 
 def test_expansion_ignores_negative_similarities():
